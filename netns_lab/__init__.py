@@ -1,0 +1,36 @@
+"""Network-namespace labs that stand for a small Kubernetes cluster.
+
+Every piece of a lab is a network namespace named ``<lab>-<thing>``; nothing
+is created in the root network namespace. The default lab (``hr``, 2 nodes x
+2 pods) looks like this::
+
+      hr-node1-pod1   hr-node1-pod2          hr-node2-pod1   hr-node2-pod2
+      eth0 198.18.1.10 eth0 198.18.1.11      eth0 198.18.2.10 eth0 198.18.2.11
+           |  veth         |                      |                |
+      hr-node1-pod1   hr-node1-pod2          hr-node2-pod1   hr-node2-pod2
+      +--- netns hr-node1 ------------+      +--- netns hr-node2 ------------+
+      | gateway 198.18.1.1/32 on each |      | gateway 198.18.2.1/32 on each |
+      | host-side veth; /32 route per |      | host-side veth; /32 route per |
+      | pod; 198.18.2.0/24 via node2  |      | pod; 198.18.1.0/24 via node1  |
+      +--------- hr-uplink -----------+      +--------- hr-uplink -----------+
+                 198.19.0.1 |  veth                     | 198.19.0.2
+                    +-------+---- netns hr-fabric ------+-------+
+                    |  bridge br0 198.19.0.254/24 (the underlay) |
+                    |  router: forwards underlay <-> external    |
+                    +------------------ hr-ext ------------------+
+                                  203.0.113.1 |  veth
+                                 +---- netns hr-ext ----+
+                                 | eth0 203.0.113.10/24 |  the "internet":
+                                 | default via .1       |  no route to pods
+                                 +----------------------+
+
+The underlay is a bridge in a fabric namespace, so any number of nodes share
+one L2 segment as VMs on a cloud subnet do; the fabric namespace also routes
+to the external host, which has no route to pod CIDRs, so pods reach it only
+when their traffic is masqueraded to a node IP.
+
+Modules: ``topology`` (the declarative description and its validation),
+``state`` (what a lab created, written before it is created), ``netns``
+(running things inside a namespace), ``builder`` (lab up/down), ``legacy``
+(kernel routing + iptables MASQUERADE + conntrack, the baseline).
+"""

@@ -82,7 +82,7 @@ link_headers_for_bcc() {
 }
 
 packages=(python3-bpfcc bpfcc-tools libbpf1 clang llvm iproute2 iptables nftables
-	conntrack netperf python3-venv python3-pip procps ethtool tcpdump)
+	conntrack netperf iputils-ping python3-venv python3-pip procps ethtool tcpdump)
 
 missing_packages() {
 	local p

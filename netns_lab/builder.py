@@ -1,0 +1,146 @@
+"""Bring a lab up and down (see the drawing in netns_lab/__init__.py).
+
+``lab_up`` records every namespace before creating any, and on any failure,
+Ctrl-C included, removes what it made before re-raising. ``lab_down`` and
+``lab_down_all`` remove everything a record names, however far it got.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable
+
+from . import netns
+from .state import LabState, LabStateError, lab_lock, lab_names, load_state
+from .topology import Topology
+
+BRIDGE = "br0"
+POD_IFNAME = "eth0"
+
+# IPv4-only labs: IPv6 would add router solicitations and DAD to every veth.
+_NS_SYSCTLS = {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1}
+_ROUTER_SYSCTLS = {"net.ipv4.ip_forward": 1, "net.ipv4.conf.all.rp_filter": 0,
+                   "net.ipv4.conf.default.rp_filter": 0}
+
+
+def _up(ipr, ifname: str, mtu: int | None = None) -> int:
+    index = netns.ifindex(ipr, ifname)
+    if mtu:
+        ipr.link("set", index=index, mtu=mtu)
+    ipr.link("set", index=index, state="up")
+    return index
+
+
+def _veth(ipr, ifname: str, peer_ns: str, peer_ifname: str) -> None:
+    ipr.link("add", ifname=ifname, kind="veth",
+             peer={"ifname": peer_ifname, "net_ns_fd": peer_ns})
+
+
+def _build_fabric(topo: Topology, socks: dict) -> None:
+    fab = socks[topo.fabric_netns]
+    fab.link("add", ifname=BRIDGE, kind="bridge")
+    br = _up(fab, BRIDGE, topo.underlay_mtu)
+    prefix = ipaddress.IPv4Network(topo.underlay_cidr).prefixlen
+    fab.addr("add", index=br, address=topo.router_ip, prefixlen=prefix)
+
+    ext = topo.external
+    ext_link = f"{topo.lab}-ext"
+    _veth(fab, ext_link, ext.netns, POD_IFNAME)
+    idx = _up(fab, ext_link, topo.external_mtu)
+    ext_prefix = ipaddress.IPv4Network(ext.cidr).prefixlen
+    fab.addr("add", index=idx, address=ext.router_ip, prefixlen=ext_prefix)
+    esock = socks[ext.netns]
+    idx = _up(esock, POD_IFNAME, topo.external_mtu)
+    esock.addr("add", index=idx, address=ext.ip, prefixlen=ext_prefix)
+    esock.route("add", dst="0.0.0.0/0", gateway=ext.router_ip)
+
+
+def _build_node(topo: Topology, node, socks: dict) -> None:
+    fab, nsock = socks[topo.fabric_netns], socks[node.netns]
+    port = f"{topo.lab}-{node.name}"
+    _veth(nsock, topo.uplink_ifname, topo.fabric_netns, port)
+    pidx = _up(fab, port, topo.underlay_mtu)
+    fab.link("set", index=pidx, master=netns.ifindex(fab, BRIDGE))
+
+    up = _up(nsock, topo.uplink_ifname, topo.underlay_mtu)
+    prefix = ipaddress.IPv4Network(topo.underlay_cidr).prefixlen
+    nsock.addr("add", index=up, address=node.ip, prefixlen=prefix)
+    nsock.route("add", dst="0.0.0.0/0", gateway=topo.router_ip)
+    for other in topo.nodes:
+        if other is not node:
+            nsock.route("add", dst=other.pod_cidr, gateway=other.ip)
+
+    for pod in node.pods:
+        psock = socks[pod.netns]
+        _veth(nsock, pod.host_ifname, pod.netns, POD_IFNAME)
+        hidx = _up(nsock, pod.host_ifname)
+        nsock.addr("add", index=hidx, address=node.gateway, prefixlen=32)
+        nsock.route("add", dst=f"{pod.ip}/32", oif=hidx, scope=253, prefsrc=node.gateway)
+        eidx = _up(psock, POD_IFNAME)
+        psock.addr("add", index=eidx, address=pod.ip, prefixlen=32)
+        psock.route("add", dst=f"{node.gateway}/32", oif=eidx, scope=253)
+        psock.route("add", dst="0.0.0.0/0", gateway=node.gateway, oif=eidx)
+
+
+def _build(topo: Topology) -> None:
+    for name in topo.namespaces:
+        netns.create(name)
+    socks = {name: netns.ipr(name) for name in topo.namespaces}
+    try:
+        for name, sock in socks.items():
+            _up(sock, "lo")
+            netns.sysctl(name, _NS_SYSCTLS)
+        netns.sysctl(topo.fabric_netns, _ROUTER_SYSCTLS)
+        for node in topo.nodes:
+            netns.sysctl(node.netns, _ROUTER_SYSCTLS)
+        _build_fabric(topo, socks)
+        for node in topo.nodes:
+            _build_node(topo, node, socks)
+    finally:
+        for sock in socks.values():
+            sock.close()
+
+
+def lab_up(topo: Topology, configure: Callable[[LabState, Topology], None] | None = None
+           ) -> tuple[LabState, float]:
+    """Create the lab, then ``configure`` it (a mode); returns state and seconds taken.
+
+    Nothing is created when a namespace of the lab exists already. Whatever
+    happens after the first namespace is made, including Ctrl-C, the lab is
+    either complete or removed again.
+    """
+    started = time.monotonic()
+    with lab_lock(topo.lab):
+        if (netns_exists := [n for n in topo.namespaces if netns.exists(n)]) or \
+                topo.lab in lab_names():
+            raise LabStateError(f"lab {topo.lab!r} exists already ({', '.join(netns_exists) or 'state file'})"
+                                f"; remove it with: hostrouting lab down --lab {topo.lab}")
+        state = LabState(name=topo.lab, topology=topo.to_dict(), namespaces=topo.namespaces)
+        state.save()
+        try:
+            _build(topo)
+            if configure:
+                configure(state, topo)
+            state.phase = "ready"
+            state.save()
+        except BaseException:
+            _remove(state)
+            raise
+    return state, time.monotonic() - started
+
+
+def _remove(state: LabState) -> list[str]:
+    removed = [name for name in state.namespaces if netns.remove(name)]
+    state.remove()
+    return removed
+
+
+def lab_down(name: str) -> list[str]:
+    """Remove a lab; returns the namespaces that were removed."""
+    with lab_lock(name):
+        return _remove(load_state(name))
+
+
+def lab_down_all() -> dict[str, list[str]]:
+    return {name: lab_down(name) for name in lab_names()}

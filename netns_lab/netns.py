@@ -1,0 +1,96 @@
+"""Running things inside a named network namespace.
+
+Everything here acts only inside the namespace it is given; nothing touches
+the namespace of the calling process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from pyroute2 import IPRoute, netns as pr_netns
+
+NETNS_DIR = "/run/netns"
+
+
+class NetnsError(RuntimeError):
+    """A command inside a namespace failed; the message carries its stderr."""
+
+
+def exists(name: str) -> bool:
+    return os.path.exists(os.path.join(NETNS_DIR, name))
+
+
+def create(name: str) -> None:
+    if exists(name):
+        raise NetnsError(f"network namespace {name!r} exists already "
+                         "(a crashed lab? run: hostrouting lab down --all)")
+    pr_netns.create(name)
+
+
+def ipr(name: str) -> IPRoute:
+    """A netlink socket inside the namespace; flags=0 so a missing one is an error."""
+    return IPRoute(netns=name, flags=0)
+
+
+def run(name: str, argv: list[str], check: bool = True, timeout: float = 30,
+        input: str | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["ip", "netns", "exec", name, *argv], capture_output=True,
+                          text=True, timeout=timeout, input=input)
+    if check and proc.returncode != 0:
+        raise NetnsError(f"in netns {name}: {' '.join(argv)}: exit {proc.returncode}: "
+                         f"{proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+def sysctl(name: str, settings: dict[str, str | int]) -> None:
+    run(name, ["sysctl", "-qw", *[f"{k}={v}" for k, v in settings.items()]])
+
+
+def read_sysctl(name: str, key: str) -> str:
+    return run(name, ["sysctl", "-n", key]).stdout.strip()
+
+
+def pids(name: str) -> list[int]:
+    proc = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+    return [int(p) for p in proc.stdout.split()]
+
+
+def kill_all(name: str, timeout: float = 2.0) -> None:
+    """Stop every process inside the namespace (SIGTERM, then SIGKILL)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        left = [p for p in pids(name) if p != os.getpid()]
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(p in pids(name) for p in left):
+            time.sleep(0.02)
+
+
+def remove(name: str) -> bool:
+    """Remove the namespace and everything in it; False when it was not there."""
+    if not exists(name):
+        return False
+    kill_all(name)
+    pr_netns.remove(name)
+    return True
+
+
+def ifindex(ipr_sock: IPRoute, ifname: str) -> int:
+    found = ipr_sock.link_lookup(ifname=ifname)
+    if not found:
+        raise NetnsError(f"no interface {ifname!r}")
+    return found[0]
+
+
+def link_mac(ipr_sock: IPRoute, index: int) -> str:
+    link = ipr_sock.get_links(index)[0]
+    return link.get_attr("IFLA_ADDRESS")

@@ -1,0 +1,357 @@
+"""The declarative lab description: nodes, pods, underlay, external host.
+
+A topology comes from a TOML file, from command-line defaults, or both (the
+command line fills what the file leaves out). ``Topology.build`` validates
+everything before anything is created, and a ``TopologyError`` names the field
+and, for a file, the line.
+
+File format::
+
+    [lab]
+    underlay_cidr = "198.19.0.0/24"   # node IPs are .1, .2, ...; the router .254
+    underlay_mtu = 1500
+    external_mtu = 1500               # the router <-> external link
+
+    [external]
+    cidr = "203.0.113.0/24"           # router .1, external host .10
+    ip = "203.0.113.10"
+
+    [[nodes]]
+    name = "node1"
+    pod_cidr = "198.18.1.0/24"        # gateway .1, pods from .10
+    pods = 2                          # a count, or a list of pod names
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IFNAMSIZ = 15  # usable characters in a Linux interface name
+LAB_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]*$")
+RESERVED_NAMES = {"fabric", "ext", "uplink", "br0"}
+DEFAULT_UNDERLAY = "198.19.0.0/24"
+DEFAULT_EXTERNAL_CIDR = "203.0.113.0/24"
+DEFAULT_EXTERNAL_IP = "203.0.113.10"
+FIRST_POD_HOST = 10
+MAX_NODES = 64
+MAX_PODS_PER_NODE = 64
+
+
+class TopologyError(ValueError):
+    """A topology that cannot be built; the message names the field (and line)."""
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    ip: str
+    netns: str
+    host_ifname: str  # the host-side veth, in the node's namespace
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    index: int
+    ip: str  # on the underlay
+    pod_cidr: str
+    gateway: str  # the pods' default gateway, on every host-side veth
+    netns: str
+    pods: tuple[Pod, ...]
+
+
+@dataclass(frozen=True)
+class External:
+    netns: str
+    ip: str
+    cidr: str
+    router_ip: str  # the fabric's address on the external link
+
+
+@dataclass(frozen=True)
+class Topology:
+    lab: str
+    nodes: tuple[Node, ...]
+    external: External
+    underlay_cidr: str
+    router_ip: str  # the fabric's address on the underlay
+    underlay_mtu: int = 1500
+    external_mtu: int = 1500
+    fabric_netns: str = ""
+    uplink_ifname: str = ""
+
+    @property
+    def cluster_cidrs(self) -> list[str]:
+        """Destinations that are inside the cluster: never masqueraded."""
+        return [n.pod_cidr for n in self.nodes] + [self.underlay_cidr]
+
+    @property
+    def namespaces(self) -> list[str]:
+        names = [self.fabric_netns, self.external.netns]
+        for node in self.nodes:
+            names.append(node.netns)
+            names.extend(p.netns for p in node.pods)
+        return names
+
+    def find_pod(self, name: str) -> tuple[Node, Pod]:
+        for node in self.nodes:
+            for pod in node.pods:
+                if pod.name == name:
+                    return node, pod
+        raise KeyError(name)
+
+    def netns_of(self, name: str) -> str:
+        """The namespace of a pod, a node, 'external' or 'fabric', by name."""
+        if name in ("external", "ext"):
+            return self.external.netns
+        if name == "fabric":
+            return self.fabric_netns
+        for node in self.nodes:
+            if node.name == name:
+                return node.netns
+        try:
+            return self.find_pod(name)[1].netns
+        except KeyError:
+            known = [n.name for n in self.nodes] + [p.name for n in self.nodes for p in n.pods]
+            raise KeyError(f"no pod or node named {name!r} in lab {self.lab!r} "
+                           f"(known: {', '.join(known)}, external, fabric)") from None
+
+    def to_dict(self) -> dict:
+        return {
+            "lab": self.lab,
+            "underlay_cidr": self.underlay_cidr,
+            "router_ip": self.router_ip,
+            "underlay_mtu": self.underlay_mtu,
+            "external_mtu": self.external_mtu,
+            "external": {"cidr": self.external.cidr, "ip": self.external.ip},
+            "nodes": [{"name": n.name, "pod_cidr": n.pod_cidr,
+                       "pods": [p.name for p in n.pods]} for n in self.nodes],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Topology":
+        return build_topology(data["lab"], data, _Locator(None))
+
+
+class _Locator:
+    """Finds the line of a key in a TOML file, to name it in errors."""
+
+    def __init__(self, text: str | None, path: str | None = None):
+        self.path = path
+        self.lines: dict[tuple[str, int, str], int] = {}
+        self.tables: dict[tuple[str, int], int] = {}
+        if text is None:
+            return
+        table, counts = "", {}
+        for lineno, raw in enumerate(text.splitlines(), 1):
+            line = raw.split("#", 1)[0].strip()
+            if m := re.match(r"^\[\[\s*([\w.-]+)\s*\]\]$", line):
+                table = m.group(1)
+                counts[table] = counts.get(table, -1) + 1
+                self.tables[(table, counts[table])] = lineno
+            elif m := re.match(r"^\[\s*([\w.-]+)\s*\]$", line):
+                table = m.group(1)
+                counts[table] = 0
+                self.tables[(table, 0)] = lineno
+            elif m := re.match(r"^([\w-]+)\s*=", line):
+                self.lines[(table, counts.get(table, 0), m.group(1))] = lineno
+
+    def where(self, table: str, index: int, key: str | None) -> str:
+        label = table if table else "(top level)"
+        if table == "nodes":
+            label = f"nodes[{index}]"
+        label = f"{label}.{key}" if key else label
+        if self.path is None:
+            return label
+        lineno = self.lines.get((table, index, key)) if key else None
+        lineno = lineno or self.tables.get((table, index))
+        return f"{self.path}:{lineno}: {label}" if lineno else f"{self.path}: {label}"
+
+
+def _net(value, where: str) -> ipaddress.IPv4Network:
+    try:
+        net = ipaddress.IPv4Network(str(value), strict=True)
+    except ValueError as e:
+        raise TopologyError(f"{where}: {value!r} is not an IPv4 network ({e})") from None
+    if net.prefixlen > 29:
+        raise TopologyError(f"{where}: {value} is too small (at most /29)")
+    return net
+
+
+def _addr(value, where: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(str(value))
+    except ValueError:
+        raise TopologyError(f"{where}: {value!r} is not an IPv4 address") from None
+
+
+def _int(value, where: str, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise TopologyError(f"{where}: {value!r} must be an integer from {lo} to {hi}")
+    return value
+
+
+def _name(value, where: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise TopologyError(f"{where}: {value!r} must be lowercase letters, digits and '-', "
+                            "starting with a letter")
+    if value in RESERVED_NAMES:
+        raise TopologyError(f"{where}: {value!r} is reserved for the lab itself")
+    return value
+
+
+def _claim(names: dict[str, str], name: str, what: str, where: str) -> None:
+    """Node and pod names share one namespace: each becomes a netns name."""
+    if name in names:
+        raise TopologyError(f"{where}: duplicate name {name!r} (already a {names[name]})")
+    names[name] = what
+
+
+def default_nodes(count: int, pods_per_node: int) -> list[dict]:
+    return [{"name": f"node{i}", "pod_cidr": f"198.18.{i}.0/24", "pods": pods_per_node}
+            for i in range(1, count + 1)]
+
+
+def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
+    """Validate a topology description and derive every name and address."""
+    if not isinstance(lab, str) or not LAB_NAME_RE.match(lab):
+        raise TopologyError(f"lab name {lab!r}: 1 to 8 lowercase letters and digits, "
+                            "starting with a letter")
+    known_top = {"lab", "external", "nodes", "underlay_cidr", "router_ip", "underlay_mtu",
+                 "external_mtu"}
+    for key in data:
+        if key not in known_top:
+            raise TopologyError(f"{loc.where('', 0, key)}: unknown key {key!r}")
+    labsec = data.get("lab", {}) if isinstance(data.get("lab", {}), dict) else {}
+    for key in labsec:
+        if key not in ("underlay_cidr", "underlay_mtu", "external_mtu"):
+            raise TopologyError(f"{loc.where('lab', 0, key)}: unknown key {key!r}")
+
+    def lab_value(key, default):
+        if key in labsec:
+            return labsec[key], loc.where("lab", 0, key)
+        return data.get(key, default), loc.where("", 0, key)
+
+    value, where = lab_value("underlay_cidr", DEFAULT_UNDERLAY)
+    underlay = _net(value, where)
+    value, where = lab_value("underlay_mtu", 1500)
+    underlay_mtu = _int(value, where, 576, 9000)
+    value, where = lab_value("external_mtu", 1500)
+    external_mtu = _int(value, where, 576, 9000)
+
+    ext = data.get("external", {})
+    if not isinstance(ext, dict):
+        raise TopologyError(f"{loc.where('external', 0, None)}: must be a table")
+    for key in ext:
+        if key not in ("cidr", "ip"):
+            raise TopologyError(f"{loc.where('external', 0, key)}: unknown key {key!r}")
+    ext_net = _net(ext.get("cidr", DEFAULT_EXTERNAL_CIDR), loc.where("external", 0, "cidr"))
+    ext_ip = _addr(ext.get("ip", DEFAULT_EXTERNAL_IP), loc.where("external", 0, "ip"))
+    if ext_ip not in ext_net or ext_ip in (ext_net.network_address, ext_net.broadcast_address,
+                                           ext_net.network_address + 1):
+        raise TopologyError(f"{loc.where('external', 0, 'ip')}: {ext_ip} must be a host "
+                            f"address of {ext_net} other than its first (the router's)")
+
+    raw_nodes = data.get("nodes")
+    if not isinstance(raw_nodes, list) or not raw_nodes:
+        raise TopologyError(f"{loc.where('nodes', 0, None)}: at least one [[nodes]] table is needed")
+    if len(raw_nodes) > MAX_NODES:
+        raise TopologyError(f"nodes: {len(raw_nodes)} nodes, at most {MAX_NODES}")
+    if len(raw_nodes) > underlay.num_addresses - 3:
+        raise TopologyError(f"{loc.where('', 0, 'underlay_cidr')}: {underlay} has no room "
+                            f"for {len(raw_nodes)} nodes and the router")
+
+    names: dict[str, str] = {}
+    cidrs: list[tuple[ipaddress.IPv4Network, str]] = [(underlay, "underlay_cidr"),
+                                                      (ext_net, "external.cidr")]
+    nodes = []
+    for i, raw in enumerate(raw_nodes):
+        if not isinstance(raw, dict):
+            raise TopologyError(f"{loc.where('nodes', i, None)}: must be a table")
+        for key in raw:
+            if key not in ("name", "pod_cidr", "pods"):
+                raise TopologyError(f"{loc.where('nodes', i, key)}: unknown key {key!r}")
+        for key in ("name", "pod_cidr"):
+            if key not in raw:
+                raise TopologyError(f"{loc.where('nodes', i, None)}: missing {key!r}")
+        node_name = _name(raw["name"], loc.where("nodes", i, "name"))
+        pod_net = _net(raw["pod_cidr"], loc.where("nodes", i, "pod_cidr"))
+        pods_raw = raw.get("pods", 2)
+        where = loc.where("nodes", i, "pods")
+        if isinstance(pods_raw, list):
+            pod_names = [_name(p, where) for p in pods_raw]
+        else:
+            count = _int(pods_raw, where, 0, MAX_PODS_PER_NODE)
+            pod_names = [f"{node_name}-pod{j}" for j in range(1, count + 1)]
+        if len(pod_names) > pod_net.num_addresses - FIRST_POD_HOST - 1:
+            raise TopologyError(f"{where}: {len(pod_names)} pods do not fit in {pod_net} "
+                                f"(pods start at host .{FIRST_POD_HOST})")
+        for net, owner in cidrs:
+            if pod_net.overlaps(net):
+                raise TopologyError(f"{loc.where('nodes', i, 'pod_cidr')}: {pod_net} overlaps "
+                                    f"{owner} ({net})")
+        cidrs.append((pod_net, f"nodes[{i}].pod_cidr"))
+        _claim(names, node_name, "node", loc.where("nodes", i, "name"))
+        node_ns = f"{lab}-{node_name}"
+        pods = []
+        for j, pod_name in enumerate(pod_names):
+            _claim(names, pod_name, "pod", where)
+            host_if = f"{lab}-{pod_name}"
+            if len(host_if) > IFNAMSIZ:
+                raise TopologyError(f"{where}: interface name {host_if!r} (lab + '-' + pod) is "
+                                    f"{len(host_if)} characters, Linux allows {IFNAMSIZ}; "
+                                    "use shorter pod or lab names")
+            pods.append(Pod(pod_name, str(pod_net.network_address + FIRST_POD_HOST + j),
+                            f"{lab}-{pod_name}", host_if))
+        fabric_port = f"{lab}-{node_name}"
+        if len(fabric_port) > IFNAMSIZ:
+            raise TopologyError(f"{loc.where('nodes', i, 'name')}: interface name {fabric_port!r} "
+                                f"is {len(fabric_port)} characters, Linux allows {IFNAMSIZ}")
+        nodes.append(Node(node_name, i + 1, str(underlay.network_address + i + 1), str(pod_net),
+                          str(pod_net.network_address + 1), node_ns, tuple(pods)))
+
+    return Topology(
+        lab=lab,
+        nodes=tuple(nodes),
+        external=External(f"{lab}-ext", str(ext_ip), str(ext_net), str(ext_net.network_address + 1)),
+        underlay_cidr=str(underlay),
+        router_ip=str(underlay.broadcast_address - 1),
+        underlay_mtu=underlay_mtu,
+        external_mtu=external_mtu,
+        fabric_netns=f"{lab}-fabric",
+        uplink_ifname=f"{lab}-uplink",
+    )
+
+
+def load_topology(lab: str, path: str | Path | None = None, nodes: int | None = None,
+                  pods_per_node: int | None = None) -> Topology:
+    """A topology from a file and/or the command line's node and pod counts."""
+    data: dict = {}
+    loc = _Locator(None)
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise TopologyError(f"{path}: cannot read ({e.strerror})") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise TopologyError(f"{path}: not valid TOML: {e}") from None
+        loc = _Locator(text, str(path))
+        if (nodes is not None or pods_per_node is not None) and "nodes" in data:
+            raise TopologyError(f"{path}: defines [[nodes]]; --nodes/--pods-per-node "
+                                "cannot be combined with it")
+    if "nodes" not in data:
+        n = 2 if nodes is None else nodes
+        p = 2 if pods_per_node is None else pods_per_node
+        if not 1 <= n <= MAX_NODES:
+            raise TopologyError(f"--nodes: {n} must be from 1 to {MAX_NODES}")
+        if not 0 <= p <= MAX_PODS_PER_NODE:
+            raise TopologyError(f"--pods-per-node: {p} must be from 0 to {MAX_PODS_PER_NODE}")
+        data["nodes"] = default_nodes(n, p)
+    return build_topology(lab, data, loc)
