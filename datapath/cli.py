@@ -1,0 +1,264 @@
+"""The ``hostrouting`` command: labs, the datapath switch, status and checks.
+
+Every error reaches the user as one line, ``hostrouting: error: ...``, and a
+non-zero exit; Ctrl-C and SIGTERM unwind through the same clean-up paths as
+an error, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+from netns_lab.builder import lab_down, lab_down_all, lab_up
+from netns_lab.state import LabStateError, lab_lock, lab_names, load_state
+from netns_lab.topology import Topology, TopologyError, load_topology
+
+EPILOG = """examples:
+  hostrouting doctor
+  hostrouting lab up                          # 2 nodes x 2 pods, legacy routing
+  hostrouting lab up --mode ebpf --nodes 3 --pods-per-node 4
+  hostrouting lab exec node1-pod1 -- ping -c1 198.18.2.10
+  hostrouting enable                          # switch the lab to eBPF host routing
+  hostrouting status; hostrouting stats
+  hostrouting lab down --all
+"""
+
+
+class CliError(Exception):
+    """An error for the user: printed as one line, exit status 1."""
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise CliError("must run as root (network namespaces and BPF need CAP_SYS_ADMIN and "
+                       "CAP_NET_ADMIN): try sudo")
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _topology_of(lab: str) -> tuple:
+    state = load_state(lab)
+    return state, Topology.from_dict(state.topology)
+
+
+def lab_json(state, topo: Topology) -> dict:
+    return {
+        "name": topo.lab,
+        "mode": state.mode,
+        "phase": state.phase,
+        "underlay_cidr": topo.underlay_cidr,
+        "nodes": [{"name": n.name, "netns": n.netns, "ip": n.ip, "pod_cidr": n.pod_cidr,
+                   "gateway": n.gateway,
+                   "pods": [{"name": p.name, "netns": p.netns, "ip": p.ip,
+                             "host_ifname": p.host_ifname} for p in n.pods]}
+                  for n in topo.nodes],
+        "external": {"netns": topo.external.netns, "ip": topo.external.ip},
+        "fabric": {"netns": topo.fabric_netns, "router_ip": topo.router_ip},
+    }
+
+
+def _configure_mode(mode: str):
+    from netns_lab import legacy
+
+    def configure(state, topo):
+        legacy.enable_legacy(topo)
+        state.mode = "legacy"
+        if mode == "ebpf":
+            from datapath import switch
+            switch.enable_ebpf(state, topo, force=True)
+    return configure
+
+
+def cmd_lab_up(args) -> int:
+    _require_root()
+    topo = load_topology(args.lab, args.topology, args.nodes, args.pods_per_node)
+    state, seconds = lab_up(topo, _configure_mode(args.mode))
+    pods = sum(len(n.pods) for n in topo.nodes)
+    print(f"lab {topo.lab}: {len(topo.nodes)} nodes, {pods} pods, mode {state.mode}, "
+          f"{len(topo.namespaces)} namespaces, up in {seconds:.2f}s")
+    return 0
+
+
+def cmd_lab_down(args) -> int:
+    _require_root()
+    if args.all:
+        removed = lab_down_all()
+        for name, namespaces in removed.items():
+            print(f"lab {name}: removed {len(namespaces)} namespaces")
+        if not removed:
+            print("no labs")
+        return 0
+    namespaces = lab_down(args.lab)
+    print(f"lab {args.lab}: removed {len(namespaces)} namespaces")
+    return 0
+
+
+def cmd_lab_show(args) -> int:
+    names = lab_names() if args.all else [args.lab]
+    labs = [lab_json(*_topology_of(name)) for name in names]
+    if args.json:
+        _print_json(labs if args.all else labs[0])
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+    console = Console()
+    if not labs:
+        console.print("no labs")
+    for lab in labs:
+        table = Table(title=f"lab {lab['name']} (mode {lab['mode']}, {lab['phase']})")
+        for col in ("node", "netns", "ip", "pod", "pod netns", "pod ip"):
+            table.add_column(col)
+        for node in lab["nodes"]:
+            first = True
+            for pod in node["pods"] or [{"name": "", "netns": "", "ip": ""}]:
+                table.add_row(*(node["name"], node["netns"], node["ip"]) if first else ("", "", ""),
+                              pod["name"], pod["netns"], pod["ip"])
+                first = False
+        table.add_row("external", lab["external"]["netns"], lab["external"]["ip"], "", "", "")
+        console.print(table)
+    return 0
+
+
+def cmd_lab_exec(args) -> int:
+    _require_root()
+    _, topo = _topology_of(args.lab)
+    try:
+        ns = topo.netns_of(args.target)
+    except KeyError as e:
+        raise CliError(e.args[0]) from None
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise CliError("lab exec: no command given (hostrouting lab exec POD -- CMD...)")
+    os.execvp("ip", ["ip", "netns", "exec", ns, *command])
+    return 127  # not reached
+
+
+def cmd_doctor(args) -> int:
+    from datapath.doctor import run_doctor
+    return run_doctor(args.json)
+
+
+def cmd_enable(args) -> int:
+    _require_root()
+    from datapath import switch
+    with lab_lock(args.lab):
+        state, topo = _topology_of(args.lab)
+        switch.enable_ebpf(state, topo, force=args.force)
+    print(f"lab {args.lab}: eBPF host routing enabled on {len(topo.nodes)} nodes")
+    return 0
+
+
+def cmd_disable(args) -> int:
+    _require_root()
+    from datapath import switch
+    with lab_lock(args.lab):
+        state, topo = _topology_of(args.lab)
+        switch.disable_ebpf(state, topo)
+    print(f"lab {args.lab}: back to legacy routing on {len(topo.nodes)} nodes")
+    return 0
+
+
+def cmd_status(args) -> int:
+    _require_root()
+    from datapath import switch
+    state, topo = _topology_of(args.lab)
+    status = switch.status(state, topo)
+    if args.json:
+        _print_json(status)
+    else:
+        switch.print_status(status)
+    return 0
+
+
+def cmd_stats(args) -> int:
+    _require_root()
+    from datapath import switch
+    state, topo = _topology_of(args.lab)
+    stats = switch.stats(state, topo)
+    if args.json:
+        _print_json(stats)
+    else:
+        switch.print_stats(stats)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hostrouting", description="eBPF host routing in network-namespace labs, "
+        "measured against legacy routing (iptables + conntrack).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_lab(p):
+        p.add_argument("--lab", default="hr", help="lab name (default: hr)")
+        return p
+
+    p = sub.add_parser("doctor", help="check the kernel and tools this needs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
+    lab = sub.add_parser("lab", help="build, show, use and remove labs")
+    labsub = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
+    p = with_lab(labsub.add_parser("up", help="create a lab"))
+    p.add_argument("--topology", metavar="FILE", help="TOML topology (see netns_lab/topology.py)")
+    p.add_argument("--nodes", type=int, help="number of nodes (default 2)")
+    p.add_argument("--pods-per-node", type=int, help="pods per node (default 2)")
+    p.add_argument("--mode", choices=("legacy", "ebpf"), default="legacy")
+    p.set_defaults(func=cmd_lab_up)
+    p = with_lab(labsub.add_parser("down", help="remove a lab (or --all)"))
+    p.add_argument("--all", action="store_true", help="every lab, including crashed ones")
+    p.set_defaults(func=cmd_lab_down)
+    p = with_lab(labsub.add_parser("show", help="describe a lab"))
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--all", action="store_true", help="every lab")
+    p.set_defaults(func=cmd_lab_show)
+    p = with_lab(labsub.add_parser("exec", help="run a command in a pod, node or 'external'"))
+    p.add_argument("target", metavar="POD")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD")
+    p.set_defaults(func=cmd_lab_exec)
+
+    p = with_lab(sub.add_parser("enable", help="switch a lab to eBPF host routing"))
+    p.add_argument("--force", action="store_true",
+                   help="enable even though user iptables rules would be bypassed")
+    p.set_defaults(func=cmd_enable)
+    p = with_lab(sub.add_parser("disable", help="switch a lab back to legacy routing"))
+    p.set_defaults(func=cmd_disable)
+    p = with_lab(sub.add_parser("status", help="mode, programs and attach points per node"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = with_lab(sub.add_parser("stats", help="datapath counters per node"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
+    return parser
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("hostrouting: interrupted; cleaned up", file=sys.stderr)
+        return 130
+    except (CliError, TopologyError, LabStateError) as e:
+        print(f"hostrouting: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # the remaining known failure types name themselves
+        if type(e).__module__.startswith(("datapath", "netns_lab")):
+            print(f"hostrouting: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":  # python -m datapath.cli
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Driving real traffic in a lab: ping, servers and clients inside namespaces."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+
+from netns_lab import netns
+
+
+def ping(ns: str, dst: str, count: int = 1, size: int | None = None, df: bool = False,
+         timeout: float = 2) -> subprocess.CompletedProcess:
+    argv = ["ping", "-n", "-c", str(count), "-W", str(timeout), "-i", "0.2"]
+    if size is not None:
+        argv += ["-s", str(size)]
+    if df:
+        argv += ["-M", "do"]
+    return netns.run(ns, argv + [dst], check=False, timeout=timeout * count + 5)
+
+
+def assert_ping(ns: str, dst: str, **kw) -> None:
+    proc = ping(ns, dst, **kw)
+    assert proc.returncode == 0, f"ping {dst} from {ns} failed:\n{proc.stdout}{proc.stderr}"
+
+
+def wait_port(ns: str, port: int, proto: str = "tcp", timeout: float = 5) -> None:
+    flag = "-ltn" if proto == "tcp" else "-lun"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = netns.run(ns, ["ss", "-H", flag, f"sport = :{port}"], check=False).stdout
+        if out.strip():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {proto}/{port} in {ns} after {timeout}s")
+
+
+@contextlib.contextmanager
+def background(ns: str, argv: list[str], port: int | None = None, proto: str = "tcp"):
+    """A process in a namespace for the duration of the block (output kept)."""
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        if port is not None:
+            wait_port(ns, port, proto)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def netserver(ns: str, port: int = 12865):
+    with background(ns, ["netserver", "-D", "-4", "-p", str(port)], port=port) as proc:
+        yield proc
+
+
+def netperf(ns: str, host: str, test: str = "TCP_RR", seconds: float = 1, port: int = 12865,
+            extra: list[str] | None = None) -> subprocess.CompletedProcess:
+    argv = ["netperf", "-H", host, "-p", str(port), "-t", test, "-l", str(seconds), "-P", "0"]
+    if extra:
+        argv += ["--", *extra]
+    return netns.run(ns, argv, check=False, timeout=seconds + 20)
+
+
+UDP_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+while True:
+    data, addr = s.recvfrom(65535)
+    s.sendto(data + (" from %s" % addr[0]).encode(), addr)
+"""
+
+UDP_CLIENT = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.sendto(b"hello", (sys.argv[1], int(sys.argv[2])))
+print(s.recvfrom(65535)[0].decode())
+"""
+
+
+@contextlib.contextmanager
+def udp_echo(ns: str, port: int = 5353):
+    with background(ns, [sys.executable, "-c", UDP_ECHO, str(port)], port=port, proto="udp") as p:
+        yield p
+
+
+def udp_request(ns: str, host: str, port: int = 5353) -> str:
+    """Send one datagram, return the reply, which names the source the server saw."""
+    proc = netns.run(ns, [sys.executable, "-c", UDP_CLIENT, host, str(port)], check=False)
+    assert proc.returncode == 0, f"UDP {host}:{port} from {ns}: {proc.stderr}"
+    return proc.stdout.strip()
+
+
+def conntrack_entries(ns: str, *filters: str) -> list[str]:
+    proc = netns.run(ns, ["conntrack", "-L", *filters], check=False)
+    return [line for line in proc.stdout.splitlines() if line.strip()]

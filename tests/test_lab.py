@@ -1,0 +1,141 @@
+"""The lab: built fast, described as promised, removed completely, root netns untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from netns_lab import netns
+from netns_lab.builder import lab_down, lab_down_all, lab_up
+from netns_lab.state import load_state
+from netns_lab.topology import TopologyError, load_topology
+from tests import rootns
+from tests.conftest import fresh_lab_name
+
+HOSTROUTING = [sys.executable, "-m", "datapath.cli"]
+
+
+def lab_namespaces(prefix: str) -> list[str]:
+    return [n for n in os.listdir(netns.NETNS_DIR) if n.startswith(prefix + "-")]
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*HOSTROUTING, *args], capture_output=True, text=True,
+                          timeout=timeout, env=os.environ.copy())
+
+
+def test_root_namespace_is_identical_after_lab_up_and_down(lab_name):
+    before = rootns.snapshot()
+    topo = load_topology(lab_name)
+    from datapath.cli import _configure_mode
+    lab_up(topo, _configure_mode("legacy"))
+    during = rootns.snapshot()
+    lab_down(lab_name)
+    after = rootns.snapshot()
+    assert rootns.diff(before, during) == []
+    assert rootns.diff(before, after) == []
+    assert lab_namespaces(lab_name) == []
+
+
+def test_lab_up_builds_every_namespace_quickly_and_down_removes_them(lab_name):
+    topo = load_topology(lab_name)
+    state, seconds = lab_up(topo)
+    print(f"\n2x2 lab up in {seconds:.3f}s")
+    assert sorted(lab_namespaces(lab_name)) == sorted(topo.namespaces)
+    assert load_state(lab_name).phase == "ready"
+    removed = lab_down(lab_name)
+    assert sorted(removed) == sorted(topo.namespaces)
+    assert lab_namespaces(lab_name) == []
+
+
+def test_invalid_topology_creates_nothing(tmp_path, lab_name):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[nodes]]\nname = "a"\npod_cidr = "198.18.1.0/24"\n'
+                   '[[nodes]]\nname = "b"\npod_cidr = "198.18.1.0/24"\n')
+    proc = cli("lab", "up", "--lab", lab_name, "--topology", str(bad))
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("hostrouting: error: ")
+    assert f"{bad}:6: nodes[1].pod_cidr" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert lab_namespaces(lab_name) == []
+
+
+def test_lab_up_refuses_an_existing_lab_and_keeps_it(legacy_lab):
+    _, topo = legacy_lab
+    with pytest.raises(Exception, match="exists already"):
+        lab_up(load_topology(topo.lab))
+    assert sorted(lab_namespaces(topo.lab)) == sorted(topo.namespaces)
+
+
+def test_failure_midway_removes_what_was_made(lab_name):
+    topo = load_topology(lab_name)
+
+    def explode(state, topo):
+        raise RuntimeError("configure failed")
+
+    with pytest.raises(RuntimeError, match="configure failed"):
+        lab_up(topo, explode)
+    assert lab_namespaces(lab_name) == []
+
+
+def test_show_json_has_the_documented_fields(legacy_lab):
+    _, topo = legacy_lab
+    proc = cli("lab", "show", "--lab", topo.lab, "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["name"] == topo.lab and data["mode"] == "legacy"
+    assert data["external"] == {"netns": f"{topo.lab}-ext", "ip": "203.0.113.10"}
+    node = data["nodes"][0]
+    assert {"name", "netns", "ip", "pod_cidr", "pods"} <= set(node)
+    assert (node["name"], node["ip"], node["pod_cidr"]) == ("node1", "198.19.0.1", "198.18.1.0/24")
+    assert {"name", "netns", "ip"} <= set(node["pods"][0])
+    assert node["pods"][0]["ip"] == "198.18.1.10"
+
+
+def test_lab_exec_runs_in_the_pod(legacy_lab):
+    _, topo = legacy_lab
+    proc = cli("lab", "exec", "--lab", topo.lab, "node2-pod1", "--", "ip", "-4", "-o", "addr",
+               "show", "dev", "eth0")
+    assert proc.returncode == 0, proc.stderr
+    assert "198.18.2.10/32" in proc.stdout
+
+
+def test_two_labs_coexist_with_the_same_addresses(make_lab):
+    from tests.labtools import assert_ping
+    _, a = make_lab()
+    _, b = make_lab()
+    lab_down(a.lab)
+    assert_ping(b.nodes[0].pods[0].netns, b.nodes[1].pods[0].ip)
+    assert sorted(lab_namespaces(b.lab)) == sorted(b.namespaces)
+
+
+def test_down_all_after_sigkill_during_lab_up(lab_name):
+    """SIGKILL at random points of `lab up`; `lab down --all` leaves nothing."""
+    rng = random.Random(1234)
+    for _ in range(5):
+        proc = subprocess.Popen([*HOSTROUTING, "lab", "up", "--lab", lab_name],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.05, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        down = cli("lab", "down", "--all")
+        assert down.returncode == 0, down.stderr
+        assert lab_namespaces(lab_name) == []
+
+
+def test_cli_errors_are_one_line(lab_name):
+    for args in (["lab", "down", "--lab", lab_name], ["lab", "up", "--lab", "Bad!"],
+                 ["lab", "up", "--lab", lab_name, "--nodes", "0"],
+                 ["lab", "up", "--lab", lab_name, "--topology", "/nonexistent.toml"]):
+        proc = cli(*args)
+        assert proc.returncode == 1, args
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("hostrouting: error:"), \
+            proc.stderr
+    assert lab_namespaces(lab_name) == []

@@ -1,0 +1,84 @@
+"""Topology validation: every bad description is refused with the field (and line) named."""
+
+import pytest
+
+from netns_lab.topology import TopologyError, load_topology
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "lab.toml"
+    path.write_text(text)
+    return path
+
+
+def test_default_topology_is_two_by_two_in_reserved_ranges():
+    topo = load_topology("hr")
+    assert [n.name for n in topo.nodes] == ["node1", "node2"]
+    assert [len(n.pods) for n in topo.nodes] == [2, 2]
+    addresses = [n.ip for n in topo.nodes] + [p.ip for n in topo.nodes for p in n.pods]
+    assert all(a.startswith(("198.18.", "198.19.")) for a in addresses)
+    assert topo.external.ip.startswith("203.0.113.")
+    assert all(ns.startswith("hr-") for ns in topo.namespaces)
+    assert len(set(topo.namespaces)) == len(topo.namespaces) == 8
+
+
+def test_file_and_round_trip(tmp_path):
+    path = write(tmp_path, """
+[lab]
+underlay_mtu = 1400
+[[nodes]]
+name = "a"
+pod_cidr = "198.18.10.0/24"
+pods = ["web", "db"]
+""")
+    topo = load_topology("lab1", path)
+    assert topo.underlay_mtu == 1400
+    assert [p.name for p in topo.nodes[0].pods] == ["web", "db"]
+    assert topo.nodes[0].pods[0].ip == "198.18.10.10"
+    from netns_lab.topology import Topology
+    assert Topology.from_dict(topo.to_dict()) == topo
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('[[nodes]]\nname = "a"\npod_cidr = "198.18.1.0/24"\n[[nodes]]\nname = "b"\n'
+     'pod_cidr = "198.18.1.128/25"\n', "lab.toml:6: nodes[1].pod_cidr: 198.18.1.128/25 overlaps"),
+    ('[[nodes]]\nname = "a"\npod_cidr = "198.18.1.0/24"\n[[nodes]]\nname = "a"\n'
+     'pod_cidr = "198.18.2.0/24"\n', "lab.toml:5: nodes[1].name: duplicate name 'a'"),
+    ('[[nodes]]\nname = "a"\npod_cidr = "198.18.1.0/24"\npods = ["p", "p"]\n',
+     "lab.toml:4: nodes[0].pods: duplicate name 'p'"),
+    ('[[nodes]]\nname = "a"\npod_cidr = "198.18.1.0/24"\npods = ["averyverylongpodname"]\n',
+     "interface name 'lab1-averyverylongpodname'"),
+    ('[[nodes]]\nname = "a"\npod_cidr = "198.18.1.300/24"\n',
+     "lab.toml:3: nodes[0].pod_cidr: '198.18.1.300/24' is not an IPv4 network"),
+    ('[[nodes]]\nname = "a"\npod_cidr = "198.18.1.1/24"\n',
+     "lab.toml:3: nodes[0].pod_cidr: '198.18.1.1/24' is not an IPv4 network"),
+    ('[external]\nip = "203.0.113.999"\n[[nodes]]\nname = "a"\npod_cidr = "198.18.1.0/24"\n',
+     "lab.toml:2: external.ip: '203.0.113.999' is not an IPv4 address"),
+    ('[[nodes]]\nname = "a"\npod_cidr = "198.19.0.0/25"\n',
+     "lab.toml:3: nodes[0].pod_cidr: 198.19.0.0/25 overlaps underlay_cidr"),
+    ('[[nodes]]\nname = "Bad_Name"\npod_cidr = "198.18.1.0/24"\n', "lab.toml:2: nodes[0].name"),
+    ('[[nodes]]\nname = "a"\npod_cidr = "198.18.1.0/24"\ncolour = "red"\n',
+     "lab.toml:4: nodes[0].colour: unknown key"),
+    ('[[nodes]]\nname = "a"\npod_cidr = "198.18.1.0/24"\npods = 1000\n',
+     "lab.toml:4: nodes[0].pods: 1000 must be an integer from 0 to 64"),
+    ('[lab]\nunderlay_mtu = 100\n[[nodes]]\nname = "a"\npod_cidr = "198.18.1.0/24"\n',
+     "lab.toml:2: lab.underlay_mtu: 100 must be an integer"),
+    ('[[nodes]\nname = "a"\n', "lab.toml: not valid TOML"),
+    ('nodes = []\n', "lab.toml:1: nodes[0]: at least one [[nodes]] table is needed"),
+])
+def test_bad_topology_names_field_and_line(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(TopologyError) as err:
+        load_topology("lab1", path)
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("lab, nodes, pods, expected", [
+    ("Bad", None, None, "lab name 'Bad'"),
+    ("waytoolongname", None, None, "lab name"),
+    ("hr", 0, None, "--nodes: 0 must be from 1 to 64"),
+    ("hr", 2, -1, "--pods-per-node: -1"),
+])
+def test_bad_command_line_values(lab, nodes, pods, expected):
+    with pytest.raises(TopologyError, match=expected.replace("(", r"\(")):
+        load_topology(lab, None, nodes, pods)
