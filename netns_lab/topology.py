@@ -169,7 +169,7 @@ class _Locator:
         if self.path is None:
             return label
         lineno = self.lines.get((table, index, key)) if key else None
-        lineno = lineno or self.tables.get((table, index))
+        lineno = lineno or self.tables.get((table, index)) or self.lines.get(("", 0, table))
         return f"{self.path}:{lineno}: {label}" if lineno else f"{self.path}: {label}"
 
 
