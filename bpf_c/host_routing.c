@@ -1,0 +1,304 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * eBPF host routing: two TC (clsact, direct-action) programs that forward pod
+ * traffic in the node namespace without the IPv4 forwarding path of the
+ * stack (netfilter hooks, conntrack, the qdisc of the host-side veth).
+ *
+ *   from_pod       ingress of each pod's host-side veth (traffic leaving a pod)
+ *   from_underlay  ingress of the node's underlay device (traffic from other nodes)
+ *
+ * A packet for a pod of this node goes straight into the pod's eth0 with
+ * bpf_redirect_peer(); anything else a pod sends is routed with
+ * bpf_fib_lookup() and bpf_redirect_neigh(). Whatever the programs do not
+ * handle goes to the stack unchanged (TC_ACT_OK), so the legacy path is the
+ * fallback. Every verdict is counted per reason (enum hr_reason) and, while
+ * a monitor asks for it, traced to the `trace_events` ring buffer.
+ *
+ * Built with bcc (datapath/bpf_build.py): maps use bcc's macros.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/icmp.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "hostrouting_shared.h"
+#include "parse.h"
+#include "csum.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef EINVAL
+#define EINVAL 22
+#endif
+
+#define HR_ICMP_TTL	64
+/* IP precedence "internetwork control", as the kernel's own ICMP errors use. */
+#define HR_ICMP_TOS	0xc0
+/* RFC 792: the offending header plus the first 64 bits of its payload. */
+#define HR_ICMP_QUOTE	8
+#define HR_IP_MAX_HLEN	60
+
+/*
+ * Linux 6.3+: find the route and next hop but leave the neighbour alone
+ * (the 6.1 uapi headers bcc compiles against do not have it yet).
+ * bpf_redirect_neigh() resolves the next hop itself, queueing the packet
+ * meanwhile, so the first packets towards a next hop not yet in the
+ * neighbour table need not take the stack's path (and its conntrack).
+ */
+#ifndef BPF_FIB_LOOKUP_SKIP_NEIGH
+#define BPF_FIB_LOOKUP_SKIP_NEIGH	(1U << 2)
+#endif
+
+/*
+ * bcc 0.26 declares these two helpers with the wrong prototype: the kernel's
+ * bpf_redirect_neigh() takes (ifindex, params, plen, flags), and
+ * bpf_csum_diff() returns a 64-bit value whose low 32 bits are the sum (an
+ * int would turn sums >= 2^31 into "errors"). Declare them as the kernel does.
+ */
+static long (*hr_redirect_neigh)(__u32 ifindex, struct bpf_redir_neigh *params, int plen,
+				 __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
+static __s64 (*hr_csum_diff)(void *from, __u32 from_size, void *to, __u32 to_size,
+			     __u32 seed) = (void *)BPF_FUNC_csum_diff;
+
+BPF_HASH(endpoints, __u32, struct hr_endpoint, 1024);
+BPF_ARRAY(config, struct hr_config, 1);
+BPF_PERCPU_ARRAY(counters, struct hr_counter, HR_REASON_MAX);
+BPF_RINGBUF_OUTPUT(trace_events, 16);
+
+/*
+ * Count the verdict and, while tracing is on, record it. `len` is the length
+ * of the packet as it arrived (the ICMP reply is shorter than what it answers).
+ */
+static __always_inline int verdict(struct __sk_buff *skb, __u32 hook, struct hr_pkt *pkt,
+				   __u32 len, __u32 reason, __u32 ifindex_out, int action)
+{
+	struct hr_trace_event *ev;
+	struct hr_counter *cnt;
+	struct hr_config *cfg;
+	__u32 zero = 0;
+
+	cnt = counters.lookup(&reason);
+	if (cnt) {
+		cnt->packets++;
+		cnt->bytes += len;
+	}
+
+	cfg = config.lookup(&zero);
+	if (!cfg || cfg->trace != 1)
+		return action;
+	ev = trace_events.ringbuf_reserve(sizeof(*ev));
+	if (!ev)
+		return action;
+	ev->ts_ns = bpf_ktime_get_ns();
+	ev->hook = hook;
+	ev->reason = reason;
+	ev->ifindex_in = skb->ifindex;
+	ev->ifindex_out = ifindex_out;
+	ev->saddr = pkt ? pkt->saddr : 0;
+	ev->daddr = pkt ? pkt->daddr : 0;
+	ev->sport = pkt ? pkt->sport : 0;
+	ev->dport = pkt ? pkt->dport : 0;
+	ev->protocol = pkt ? pkt->protocol : 0;
+	ev->pad[0] = 0;
+	ev->pad[1] = 0;
+	ev->pad[2] = 0;
+	ev->len = len;
+	trace_events.ringbuf_submit(ev, 0);
+	return action;
+}
+
+/*
+ * Hand the packet to a pod of this node: MACs as if the node had routed it
+ * out of the pod's host-side veth, TTL decremented, then straight into the
+ * ingress of the pod's eth0 (the veth peer of ep->ifindex).
+ */
+static __always_inline int to_local_pod(struct __sk_buff *skb, __u32 hook, struct hr_pkt *pkt,
+					__u32 len, struct hr_endpoint *ep)
+{
+	__u32 ifindex = ep->ifindex;
+
+	__builtin_memcpy(pkt->eth->h_dest, ep->mac, ETH_ALEN);
+	__builtin_memcpy(pkt->eth->h_source, ep->node_mac, ETH_ALEN);
+	ip_decrease_ttl(pkt->ip);
+	/* With flags 0 this always answers TC_ACT_REDIRECT. */
+	return verdict(skb, hook, pkt, len, HR_REDIRECT_PEER, ifindex,
+		       (int)bpf_redirect_peer(ifindex, 0));
+}
+
+/*
+ * Answer a packet too big for the egress device (DF set) with an ICMP
+ * Destination Unreachable / Fragmentation Needed built from the packet:
+ *
+ *   before: eth | IPv4 (ihl_len) | payload ...
+ *   after:  eth (MACs swapped) | IPv4 (20) | ICMP (8) | IPv4 (ihl_len) | 8 bytes payload
+ *
+ * and send it back into the pod it came from. Returns 0, or -1 when a helper
+ * failed (the packet may then be half rewritten: the caller drops it).
+ */
+static __always_inline int icmp_frag_needed(struct __sk_buff *skb, struct hr_pkt *pkt, __u32 mtu)
+{
+	__u8 quote[HR_IP_MAX_HLEN + HR_ICMP_QUOTE] = {};
+	__u8 macs[2 * ETH_ALEN];
+	struct icmphdr icmp = {};
+	struct iphdr ip = {};
+	struct hr_config *cfg;
+	__u32 quote_len, zero = 0;
+	__s64 sum;
+
+	cfg = config.lookup(&zero);
+	if (!cfg)
+		return -1;
+
+	/* ihl_len is 20..60 and a multiple of 4; the mask tells the verifier so. */
+	quote_len = (pkt->ihl_len & 0x3c) + HR_ICMP_QUOTE;
+	if (skb->len < sizeof(struct ethhdr) + quote_len)
+		return -1;
+
+	/* Everything the reply needs from the packet, read before it changes. */
+	__builtin_memcpy(macs, pkt->eth->h_source, ETH_ALEN);
+	__builtin_memcpy(macs + ETH_ALEN, pkt->eth->h_dest, ETH_ALEN);
+	if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), quote, quote_len) < 0)
+		return -1;
+
+	ip.version = 4;
+	ip.ihl = 5;
+	ip.tos = HR_ICMP_TOS;
+	ip.tot_len = bpf_htons(sizeof(ip) + sizeof(icmp) + quote_len);
+	ip.ttl = HR_ICMP_TTL;
+	ip.protocol = IPPROTO_ICMP;
+	ip.saddr = cfg->router_ip;
+	ip.daddr = pkt->saddr;
+	sum = hr_csum_diff(0, 0, (void *)&ip, sizeof(ip), 0);
+	if (sum < 0)
+		return -1;
+	ip.check = csum_fold32((__u32)sum);
+
+	icmp.type = ICMP_DEST_UNREACH;
+	icmp.code = ICMP_FRAG_NEEDED;
+	icmp.un.frag.mtu = bpf_htons((__u16)mtu);
+	sum = hr_csum_diff(0, 0, (void *)&icmp, sizeof(icmp), 0);
+	if (sum < 0)
+		return -1;
+	sum = hr_csum_diff(0, 0, (void *)quote, quote_len, (__u32)sum);
+	if (sum < 0)
+		return -1;
+	icmp.checksum = csum_fold32((__u32)sum);
+
+	/* Trim to eth + quoted header + 8 bytes, then open room behind eth. */
+	if (bpf_skb_change_tail(skb, sizeof(struct ethhdr) + quote_len, 0) < 0)
+		return -1;
+	if (bpf_skb_adjust_room(skb, sizeof(ip) + sizeof(icmp), BPF_ADJ_ROOM_MAC, 0) < 0)
+		return -1;
+
+	if (bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0) < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &ip, sizeof(ip), 0) < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr) + sizeof(ip), &icmp, sizeof(icmp), 0) < 0)
+		return -1;
+	return 0;
+}
+
+/* Traffic leaving a pod, at ingress of its host-side veth. */
+int from_pod(struct __sk_buff *skb)
+{
+	struct bpf_fib_lookup fib = {};
+	struct bpf_redir_neigh nh = {};
+	struct hr_endpoint *ep;
+	struct hr_pkt pkt = {};
+	__u32 len = skb->len;
+	__u32 ifindex;
+	int rc;
+
+	rc = parse_ipv4(skb, &pkt);
+	if (rc == HR_PARSE_NOT_IPV4)
+		return verdict(skb, HR_HOOK_FROM_POD, 0, len, HR_PASS_NOT_IPV4, 0, TC_ACT_OK);
+	if (rc != HR_PARSE_OK)
+		return verdict(skb, HR_HOOK_FROM_POD, 0, len, HR_DROP_MALFORMED, 0, TC_ACT_SHOT);
+	parse_ports(skb, &pkt);
+	if (pkt.fragment)
+		return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FRAGMENT, 0, TC_ACT_OK);
+
+	ep = endpoints.lookup(&pkt.daddr);
+	if (ep) {
+		if (pkt.ip->ttl <= 1)
+			return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_TTL, 0, TC_ACT_OK);
+		return to_local_pod(skb, HR_HOOK_FROM_POD, &pkt, len, ep);
+	}
+
+	fib.family = AF_INET;
+	fib.tos = pkt.ip->tos;
+	fib.l4_protocol = pkt.protocol;
+	fib.sport = pkt.sport;
+	fib.dport = pkt.dport;
+	fib.tot_len = 0;	/* 0: the kernel checks skb against the egress MTU, GSO-aware */
+	fib.ifindex = skb->ifindex;
+	fib.ipv4_src = pkt.saddr;
+	fib.ipv4_dst = pkt.daddr;
+
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+	if (rc == -EINVAL) {
+		/* a kernel without SKIP_NEIGH: NO_NEIGH goes to the stack, which resolves it */
+		fib.tot_len = 0;
+		rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
+		return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_LOCAL, 0, TC_ACT_OK);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FIB_MISS, 0, TC_ACT_OK);
+	/* The stack checks the TTL before the MTU: so do we. */
+	if (pkt.ip->ttl <= 1)
+		return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_TTL, 0, TC_ACT_OK);
+
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		if (!(pkt.ip->frag_off & HR_HTONS(HR_IP_DF)))
+			return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FRAG_NEEDED, 0,
+				       TC_ACT_OK);
+		ifindex = skb->ifindex;
+		if (icmp_frag_needed(skb, &pkt, fib.mtu_result) < 0)
+			return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_DROP_ICMP_FAILED, 0,
+				       TC_ACT_SHOT);
+		/* Back into the pod it came from: the peer of this very veth. */
+		return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_ICMP_FRAG_NEEDED, ifindex,
+			       (int)bpf_redirect_peer(ifindex, 0));
+	}
+
+	ip_decrease_ttl(pkt.ip);
+	nh.nh_family = AF_INET;
+	nh.ipv4_nh = fib.ipv4_dst;	/* the next hop: the gateway, or the destination itself */
+	ifindex = fib.ifindex;
+	/* The neighbour subsystem fills in the MACs (resolving if it must) on egress. */
+	return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_REDIRECT_NEIGH, ifindex,
+		       (int)hr_redirect_neigh(ifindex, &nh, sizeof(nh), 0));
+}
+
+/* Traffic from other nodes, at ingress of the node's underlay device. */
+int from_underlay(struct __sk_buff *skb)
+{
+	struct hr_endpoint *ep;
+	struct hr_pkt pkt = {};
+	__u32 len = skb->len;
+	int rc;
+
+	rc = parse_ipv4(skb, &pkt);
+	if (rc == HR_PARSE_NOT_IPV4)
+		return verdict(skb, HR_HOOK_FROM_UNDERLAY, 0, len, HR_PASS_NOT_IPV4, 0, TC_ACT_OK);
+	if (rc != HR_PARSE_OK)
+		return verdict(skb, HR_HOOK_FROM_UNDERLAY, 0, len, HR_DROP_MALFORMED, 0,
+			       TC_ACT_SHOT);
+	parse_ports(skb, &pkt);
+	if (pkt.fragment)
+		return verdict(skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_PASS_FRAGMENT, 0,
+			       TC_ACT_OK);
+
+	ep = endpoints.lookup(&pkt.daddr);
+	if (!ep)
+		return verdict(skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_PASS_NOT_ENDPOINT, 0,
+			       TC_ACT_OK);
+	if (pkt.ip->ttl <= 1)
+		return verdict(skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_PASS_TTL, 0, TC_ACT_OK);
+	return to_local_pod(skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, ep);
+}

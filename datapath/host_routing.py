@@ -1,0 +1,246 @@
+"""Loader and map access for bpf_c/host_routing.c.
+
+`load(router_ip)` compiles the C file with bcc, loads `from_pod` and
+`from_underlay` as sched_cls programs and writes the config. Nothing is pinned:
+the programs (and through them the maps) live as long as a TC filter or an
+open fd refers to them. A later process gets at the maps of an attached
+program with `DatapathMaps.from_prog_id(prog_id)` (program id -> its map ids
+-> map fds, matched by name).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from datapath import libbpf, shared_types as st
+from datapath.bpf_build import BPF_DIR, compile_bpf, load_program
+
+SOURCE = BPF_DIR / "host_routing.c"
+PROGRAMS = ("from_pod", "from_underlay")
+MAP_NAMES = ("endpoints", "config", "counters", "trace_events")
+
+# what each map must look like (checked when reopening an attached program's maps)
+_EXPECTED = {
+    "endpoints": (libbpf.BPF_MAP_TYPE_HASH, 4, st.SIZEOF_ENDPOINT),
+    "config": (libbpf.BPF_MAP_TYPE_ARRAY, 4, st.SIZEOF_CONFIG),
+    "counters": (libbpf.BPF_MAP_TYPE_PERCPU_ARRAY, 4, st.SIZEOF_COUNTER),
+    "trace_events": (libbpf.BPF_MAP_TYPE_RINGBUF, 0, 0),
+}
+
+
+class DatapathError(RuntimeError):
+    """The loaded objects are not what this module expects (stale build, wrong program)."""
+
+
+class _BorrowedFd:
+    """An fd owned by someone else (bcc): usable like libbpf.Fd, never closed here."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        pass
+
+
+class DatapathMaps:
+    """The four maps of a loaded datapath, by fd."""
+
+    def __init__(self, fds: dict[str, object], ids: dict[str, int]):
+        missing = [n for n in MAP_NAMES if n not in fds]
+        if missing:
+            raise DatapathError(f"datapath maps missing: {', '.join(missing)}")
+        self._fds = fds
+        self.ids = dict(ids)
+        for name, (mtype, ksz, vsz) in _EXPECTED.items():
+            info = libbpf.map_info(fds[name])
+            if info.type != mtype or (ksz and (info.key_size, info.value_size) != (ksz, vsz)):
+                raise DatapathError(
+                    f"map {name!r} (id {info.id}) has type {info.type}, key {info.key_size} B, "
+                    f"value {info.value_size} B; expected type {mtype}, key {ksz} B, "
+                    f"value {vsz} B: was it built from another hostrouting_shared.h?")
+        self.counter_entries = libbpf.map_info(fds["counters"]).max_entries
+
+    # construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_prog_id(cls, prog_id: int) -> "DatapathMaps":
+        """Reopen the maps of a loaded (e.g. TC-attached) program by its id."""
+        fds: dict[str, object] = {}
+        ids: dict[str, int] = {}
+        try:
+            with libbpf.prog_fd_by_id(prog_id) as pfd:
+                pinfo = libbpf.prog_info(pfd)
+            for map_id in pinfo.map_ids:
+                mfd = libbpf.map_fd_by_id(map_id)
+                name = libbpf.map_info(mfd).name
+                if name in MAP_NAMES and name not in fds:
+                    fds[name] = mfd
+                    ids[name] = map_id
+                else:
+                    mfd.close()
+            if set(fds) != set(MAP_NAMES):
+                raise DatapathError(
+                    f"program {prog_id} ({pinfo.name}) does not use the datapath maps "
+                    f"(found {sorted(fds)}, need {list(MAP_NAMES)})")
+            return cls(fds, ids)
+        except BaseException:
+            for fd in fds.values():
+                fd.close()
+            raise
+
+    @classmethod
+    def from_bcc(cls, bpf) -> "DatapathMaps":
+        fds = {n: _BorrowedFd(bpf.get_table(n.encode()).map_fd) for n in MAP_NAMES}
+        ids = {n: libbpf.map_info(fd).id for n, fd in fds.items()}
+        return cls(fds, ids)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            fd.close()
+
+    def __enter__(self) -> "DatapathMaps":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def fd(self, name: str) -> int:
+        return self._fds[name].fileno()
+
+    # endpoints ------------------------------------------------------------------------------
+
+    def set_endpoint(self, ip: str, ifindex: int, mac: str | bytes, node_mac: str | bytes) -> None:
+        libbpf.map_update(self.fd("endpoints"), st.ip_to_key(ip),
+                          st.pack_endpoint(ifindex, mac, node_mac))
+
+    def delete_endpoint(self, ip: str) -> bool:
+        return libbpf.map_delete(self.fd("endpoints"), st.ip_to_key(ip))
+
+    def endpoints(self) -> dict[str, st.Endpoint]:
+        return {st.key_to_ip(k): st.unpack_endpoint(v)
+                for k, v in libbpf.map_items(self.fd("endpoints"), 4, st.SIZEOF_ENDPOINT)}
+
+    # config ---------------------------------------------------------------------------------
+
+    def config(self) -> st.Config:
+        raw = libbpf.map_lookup(self.fd("config"), (0).to_bytes(4, "little"), st.SIZEOF_CONFIG)
+        return st.unpack_config(raw)
+
+    def set_config(self, router_ip: str, trace: bool = False) -> None:
+        libbpf.map_update(self.fd("config"), (0).to_bytes(4, "little"),
+                          st.pack_config(router_ip, trace))
+
+    def set_trace(self, on: bool) -> None:
+        cfg = self.config()
+        self.set_config(cfg.router_ip, on)
+
+    # counters -------------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, tuple[int, int]]:
+        """reason name -> (packets, bytes), summed over all CPUs; every reason present."""
+        stride = (st.SIZEOF_COUNTER + 7) // 8 * 8
+        size = libbpf.percpu_value_size(st.SIZEOF_COUNTER)
+        out: dict[str, tuple[int, int]] = {}
+        for value in range(min(st.REASON_MAX, self.counter_entries)):
+            raw = libbpf.map_lookup(self.fd("counters"), value.to_bytes(4, "little"), size)
+            pk = by = 0
+            for off in range(0, len(raw or b""), stride):
+                p, b = st.unpack_counter(raw[off:off + st.SIZEOF_COUNTER])
+                pk += p
+                by += b
+            out[st.reason_name(value)] = (pk, by)
+        return out
+
+    def reset_counters(self) -> None:
+        size = libbpf.percpu_value_size(st.SIZEOF_COUNTER)
+        for value in range(min(st.REASON_MAX, self.counter_entries)):
+            libbpf.map_update(self.fd("counters"), value.to_bytes(4, "little"), bytes(size))
+
+    # trace events ---------------------------------------------------------------------------
+
+    def trace_reader(self, callback: Callable[[st.TraceEvent], None]) -> libbpf.RingBuffer:
+        """A ring-buffer reader calling `callback(TraceEvent)`; poll() it, close() it.
+
+        Events are only produced while set_trace(True) is in effect.
+        """
+        return libbpf.RingBuffer(self.fd("trace_events"),
+                                 lambda raw: callback(st.unpack_trace_event(raw)))
+
+    def read_trace_events(self, timeout_ms: int = 0) -> list[st.TraceEvent]:
+        """Drain what is in the ring buffer now (waiting up to timeout_ms for a first one)."""
+        events: list[st.TraceEvent] = []
+        with self.trace_reader(events.append) as rb:
+            if timeout_ms > 0:
+                deadline = time.monotonic() + timeout_ms / 1000
+                while not events:
+                    left = int((deadline - time.monotonic()) * 1000)
+                    if left <= 0:
+                        break
+                    rb.poll(left)
+            rb.consume()
+        return events
+
+
+@dataclass
+class Program:
+    name: str
+    fd: int         # owned by the bcc module of the LoadedDatapath
+    id: int
+
+
+@dataclass
+class LoadedDatapath:
+    """Programs and maps of one load; keep it alive until the programs are attached."""
+
+    bpf: object                          # bcc.BPF: owns the program and map fds
+    programs: dict[str, Program]
+    maps: DatapathMaps
+    map_ids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def from_pod(self) -> Program:
+        return self.programs["from_pod"]
+
+    @property
+    def from_underlay(self) -> Program:
+        return self.programs["from_underlay"]
+
+    @property
+    def prog_ids(self) -> dict[str, int]:
+        return {n: p.id for n, p in self.programs.items()}
+
+    def close(self) -> None:
+        """Drop this process's fds (attached programs stay loaded through their filters)."""
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+    def __enter__(self) -> "LoadedDatapath":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load(router_ip: str, source: Path = SOURCE, cflags: list[str] | None = None,
+         trace: bool = False) -> LoadedDatapath:
+    """Compile and load both programs, write config (router_ip = the pods' gateway)."""
+    st.ip_to_key(router_ip)  # validate before spending a compile on it
+    bpf = compile_bpf(source, cflags)
+    try:
+        programs = {}
+        for name in PROGRAMS:
+            fd = load_program(bpf, name)
+            programs[name] = Program(name=name, fd=fd, id=libbpf.prog_info(fd).id)
+        maps = DatapathMaps.from_bcc(bpf)
+        maps.set_config(router_ip, trace)
+    except BaseException:
+        bpf.cleanup()
+        raise
+    return LoadedDatapath(bpf=bpf, programs=programs, maps=maps, map_ids=dict(maps.ids))

@@ -1,0 +1,196 @@
+"""The C layouts shared with the BPF programs, read from bpf_c/include/hostrouting_shared.h.
+
+The header is the single source of truth: it is fed to cffi's cdef (include
+guard stripped, the __u* types typedef'd first), so Python never restates a
+layout. Helpers here pack and unpack the structs to and from the raw bytes
+that map operations and ring-buffer records deal in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import cffi
+
+HEADER = Path(__file__).resolve().parent.parent / "bpf_c" / "include" / "hostrouting_shared.h"
+
+_PRELUDE = """
+typedef unsigned char __u8;
+typedef unsigned short __u16;
+typedef unsigned int __u32;
+typedef unsigned long long __u64;
+"""
+
+_GUARD = re.compile(r"^\s*#\s*(ifndef|define|endif)\b.*$", re.M)
+
+
+def _header_cdef(path: Path = HEADER) -> str:
+    text = path.read_text()
+    stripped = _GUARD.sub("", text)
+    if re.search(r"^\s*#", stripped, re.M):
+        raise ValueError(f"{path}: only the include guard may use the preprocessor "
+                         "(cffi reads this file)")
+    return stripped
+
+
+ffi = cffi.FFI()
+ffi.cdef(_PRELUDE + _header_cdef())
+
+
+def _enum_members(prefix: str) -> dict[str, int]:
+    enum = ffi.typeof(f"enum {prefix}")
+    return {name: value for value, name in enum.elements.items()}
+
+
+#: enum hr_reason, name -> value (HR_REASON_MAX excluded).
+REASONS: dict[str, int] = {n: v for n, v in sorted(_enum_members("hr_reason").items(),
+                                                     key=lambda kv: kv[1])
+                           if n != "HR_REASON_MAX"}
+REASON_MAX: int = _enum_members("hr_reason")["HR_REASON_MAX"]
+#: value -> pretty lowercase name ("redirect_peer").
+REASON_NAMES: dict[int, str] = {v: n.removeprefix("HR_").lower() for n, v in REASONS.items()}
+#: pretty name -> value.
+REASON_BY_NAME: dict[str, int] = {p: v for v, p in REASON_NAMES.items()}
+
+HOOKS: dict[str, int] = _enum_members("hr_hook")
+HOOK_NAMES: dict[int, str] = {v: n.removeprefix("HR_HOOK_").lower() for n, v in HOOKS.items()}
+
+SIZEOF_ENDPOINT = ffi.sizeof("struct hr_endpoint")
+SIZEOF_CONFIG = ffi.sizeof("struct hr_config")
+SIZEOF_COUNTER = ffi.sizeof("struct hr_counter")
+SIZEOF_TRACE_EVENT = ffi.sizeof("struct hr_trace_event")
+
+
+def reason_name(value: int) -> str:
+    return REASON_NAMES.get(value, f"reason_{value}")
+
+
+# -- addresses and MACs -------------------------------------------------------------------
+
+def ip_to_key(ip: str | ipaddress.IPv4Address) -> bytes:
+    """IPv4 address -> the 4 key bytes (network order) of the `endpoints` map."""
+    return ipaddress.IPv4Address(ip).packed
+
+
+def key_to_ip(key: bytes) -> str:
+    return str(ipaddress.IPv4Address(bytes(key[:4])))
+
+
+def be32_to_ip(value: int) -> str:
+    """A __u32 holding an address in network order, as read natively from a struct."""
+    return socket.inet_ntoa(value.to_bytes(4, "little"))
+
+
+def ip_to_be32(ip: str) -> int:
+    return int.from_bytes(ipaddress.IPv4Address(ip).packed, "little")
+
+
+def mac_to_bytes(mac: str | bytes) -> bytes:
+    if isinstance(mac, (bytes, bytearray)):
+        if len(mac) != 6:
+            raise ValueError(f"a MAC has 6 bytes, not {len(mac)}")
+        return bytes(mac)
+    parts = mac.split(":")
+    if len(parts) != 6:
+        raise ValueError(f"bad MAC address {mac!r}")
+    return bytes(int(p, 16) for p in parts)
+
+
+def mac_to_str(raw) -> str:
+    return ":".join(f"{b:02x}" for b in bytes(raw))
+
+
+def _ntohs(v: int) -> int:
+    return socket.ntohs(v)
+
+
+# -- structs ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Endpoint:
+    ifindex: int
+    mac: str
+    node_mac: str
+    flags: int = 0
+
+
+def pack_endpoint(ifindex: int, mac: str | bytes, node_mac: str | bytes, flags: int = 0) -> bytes:
+    ep = ffi.new("struct hr_endpoint *")
+    ep.ifindex = ifindex
+    ep.flags = flags
+    ffi.memmove(ep.mac, mac_to_bytes(mac), 6)
+    ffi.memmove(ep.node_mac, mac_to_bytes(node_mac), 6)
+    return bytes(ffi.buffer(ep))
+
+
+def unpack_endpoint(raw: bytes) -> Endpoint:
+    ep = _from_bytes("struct hr_endpoint", raw)
+    return Endpoint(ifindex=ep.ifindex, mac=mac_to_str(ffi.buffer(ep.mac)),
+                    node_mac=mac_to_str(ffi.buffer(ep.node_mac)), flags=ep.flags)
+
+
+@dataclass(frozen=True)
+class Config:
+    router_ip: str
+    trace: bool
+
+
+def pack_config(router_ip: str, trace: bool = False) -> bytes:
+    cfg = ffi.new("struct hr_config *")
+    cfg.router_ip = ip_to_be32(router_ip)
+    cfg.trace = 1 if trace else 0
+    return bytes(ffi.buffer(cfg))
+
+
+def unpack_config(raw: bytes) -> Config:
+    cfg = _from_bytes("struct hr_config", raw)
+    return Config(router_ip=be32_to_ip(cfg.router_ip), trace=cfg.trace == 1)
+
+
+def pack_counter(packets: int, bytes_: int) -> bytes:
+    c = ffi.new("struct hr_counter *")
+    c.packets = packets
+    c.bytes = bytes_
+    return bytes(ffi.buffer(c))
+
+
+def unpack_counter(raw: bytes) -> tuple[int, int]:
+    c = _from_bytes("struct hr_counter", raw)
+    return c.packets, c.bytes
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    ts_ns: int
+    hook: str
+    reason: str
+    ifindex_in: int
+    ifindex_out: int
+    saddr: str
+    daddr: str
+    sport: int          # host order
+    dport: int
+    protocol: int
+    len: int
+
+
+def unpack_trace_event(raw: bytes) -> TraceEvent:
+    ev = _from_bytes("struct hr_trace_event", raw)
+    return TraceEvent(ts_ns=ev.ts_ns, hook=HOOK_NAMES.get(ev.hook, str(ev.hook)),
+                      reason=reason_name(ev.reason), ifindex_in=ev.ifindex_in,
+                      ifindex_out=ev.ifindex_out, saddr=be32_to_ip(ev.saddr),
+                      daddr=be32_to_ip(ev.daddr), sport=_ntohs(ev.sport),
+                      dport=_ntohs(ev.dport), protocol=ev.protocol, len=ev.len)
+
+
+def _from_bytes(ctype: str, raw: bytes):
+    size = ffi.sizeof(ctype)
+    if len(raw) < size:
+        raise ValueError(f"{ctype} needs {size} bytes, got {len(raw)}")
+    obj = ffi.new(ctype + " *")
+    ffi.memmove(obj, bytes(raw[:size]), size)
+    return obj
