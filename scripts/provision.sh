@@ -5,17 +5,32 @@
 # Vagrantfile, GitHub CI and .ci/run. Idempotent: a second run installs nothing
 # and takes a few seconds. Must run as root (it uses apt-get).
 #
-# USAGE: sudo scripts/provision.sh [--no-venv]
+# USAGE: sudo scripts/provision.sh [--no-venv] [--test-tools]
+#   --no-venv     system packages only (no .venv)
+#   --test-tools  also what only the test suite uses: vagrant, for
+#                 tests/test_vagrantfile.py (`vagrant validate`). `make test`
+#                 passes it, `make demo` does not, so a demo machine gets no
+#                 Ruby stack. Best effort: where the distro has no vagrant
+#                 package it says so and that one test skips.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="$repo/.venv"
 stamp="$venv/.provisioned"
 make_venv=1
-[ "${1:-}" = "--no-venv" ] && make_venv=0
+test_tools=0
 
 say() { printf 'provision: %s\n' "$*"; }
 die() { printf 'provision: error: %s\n' "$*" >&2; exit 1; }
+
+for arg in "$@"; do
+	case "$arg" in
+	--no-venv) make_venv=0 ;;
+	--test-tools) test_tools=1 ;;
+	-h | --help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d'; exit 0 ;;
+	*) die "unknown option '$arg' (options: --no-venv --test-tools)" ;;
+	esac
+done
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (try: sudo $0)"
 [ -r /etc/os-release ] || die "/etc/os-release missing: unsupported distribution"
@@ -82,7 +97,17 @@ link_headers_for_bcc() {
 }
 
 packages=(python3-bpfcc bpfcc-tools libbpf1 clang llvm iproute2 iptables nftables
-	conntrack netperf iputils-ping python3-venv python3-pip procps ethtool tcpdump)
+	conntrack netperf iputils-ping python3-venv python3-pip procps ethtool tcpdump make)
+
+# Test-only tools are added only where the archive has them (apt-cache policy
+# is local and fast, so a machine without them stays quick on every run).
+add_test_tools() {
+	if apt-cache policy vagrant 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+		packages+=(vagrant)
+	elif ! command -v vagrant >/dev/null; then
+		say "vagrant: no package in this distribution's archives; tests/test_vagrantfile.py will skip"
+	fi
+}
 
 missing_packages() {
 	local p
@@ -98,6 +123,7 @@ if [ "$added_component" = 1 ] || [ ! -d /var/lib/apt/lists ] || [ -z "$(ls /var/
 	say "apt-get update"
 	apt-get update -qq
 fi
+[ "$test_tools" = 1 ] && add_test_tools
 mapfile -t todo < <(missing_packages)
 if [ "${#todo[@]}" -gt 0 ]; then
 	say "apt-get update (to install: ${todo[*]})"

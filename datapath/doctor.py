@@ -1,0 +1,476 @@
+"""``hostrouting doctor``: is this machine fit for eBPF host routing? One line per check.
+
+Each check is a small function returning a :class:`Check`; ``run_doctor`` runs
+them all and prints one table (rich) or, with ``json_output``, a JSON list of
+``{check, ok, required, detail}``. The exit code is 1 when a required check
+failed; a failed check that is not required is a warning and does not fail.
+
+Kernel features are probed for real, not guessed from the version: a trivial
+sched_cls program and one per helper (bpf_redirect_peer, bpf_redirect_neigh,
+bpf_fib_lookup) are compiled with bcc and loaded, so the verifier itself says
+yes or no. Helpers are called by number, not by name, so the answer does not
+depend on how old the kernel headers are. bcc and the verifier print to fd 2;
+that is captured while probing and only the reason reaches the output.
+
+The clsact check works in a throwaway namespace ``hrdoctor-<random>`` holding
+a veth pair, removed however the check ends: the root network namespace is
+never modified. (veth, not dummy: loading the dummy module creates dummy0 in
+the root namespace.)
+
+Run it directly with ``python -m datapath.doctor [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
+NETNS_PREFIX = "hrdoctor-"
+CMD_TIMEOUT = 15
+
+# __NR_bpf per architecture (x86_64 has its own table; the generic one is 280).
+NR_BPF = {"x86_64": 321, "i686": 357, "armv7l": 386, "ppc64le": 361, "s390x": 351,
+          "aarch64": 280, "riscv64": 280, "loongarch64": 280}
+BPF_MAP_CREATE = 0
+BPF_MAP_TYPE_ARRAY = 2
+
+# Helper ids from include/uapi/linux/bpf.h, and the release that added each.
+HELPERS = {
+    "bpf_redirect_peer": (155, "5.10"),
+    "bpf_redirect_neigh": (152, "5.10"),
+    "bpf_fib_lookup": (69, "4.18"),
+}
+
+PROBE_SOURCE = r"""
+int hr_probe_ok(struct __sk_buff *skb)
+{
+	return 0;
+}
+
+int hr_probe_redirect_peer(struct __sk_buff *skb)
+{
+	long (*redirect_peer)(__u32 ifindex, __u64 flags) = (void *)155;
+
+	return redirect_peer(skb->ifindex, 0);
+}
+
+int hr_probe_redirect_neigh(struct __sk_buff *skb)
+{
+	long (*redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) = (void *)152;
+
+	return redirect_neigh(skb->ifindex, 0, 0, 0);
+}
+
+int hr_probe_fib_lookup(struct __sk_buff *skb)
+{
+	long (*fib_lookup)(void *ctx, void *params, int plen, __u32 flags) = (void *)69;
+	struct bpf_fib_lookup params;
+
+	__builtin_memset(&params, 0, sizeof(params));
+	params.family = 2;	/* AF_INET */
+	params.ifindex = skb->ifindex;
+	return fib_lookup(skb, &params, sizeof(params), 0) == 0 ? 0 : 2;
+}
+"""
+PROBE_FUNCS = {
+    "sched_cls": "hr_probe_ok",
+    "bpf_redirect_peer": "hr_probe_redirect_peer",
+    "bpf_redirect_neigh": "hr_probe_redirect_neigh",
+    "bpf_fib_lookup": "hr_probe_fib_lookup",
+}
+
+
+@dataclass
+class Check:
+    check: str
+    ok: bool
+    required: bool
+    detail: str
+
+
+# ---------------------------------------------------------------- helpers
+
+@contextlib.contextmanager
+def captured_fd2():
+    """Send fd 2 to a temporary file for the block; the text is in the yielded list after."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    captured: list[str] = []
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            captured.append(tmp.read().decode(errors="replace"))
+
+
+def which(tool: str) -> str | None:
+    path = os.environ.get("PATH", "") + os.pathsep + SBIN_PATH
+    return shutil.which(tool, path=path)
+
+
+def run(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=CMD_TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+
+
+def first_line(text: str) -> str:
+    return next((l.strip() for l in text.splitlines() if l.strip()), "")
+
+
+def last_line(text: str) -> str:
+    lines = [l.strip() for l in text.splitlines()
+             if l.strip() and not l.startswith("processed ")]
+    return lines[-1] if lines else ""
+
+
+def release_numbers(release: str) -> tuple[int, ...]:
+    m = re.match(r"(\d+)\.(\d+)", release)
+    return (int(m.group(1)), int(m.group(2))) if m else ()
+
+
+# ---------------------------------------------------------------- BPF probes
+
+class Probes:
+    """The probe programs, compiled once with bcc; ``load`` loads one as sched_cls."""
+
+    def __init__(self) -> None:
+        self.bpf = None
+        self.import_error = ""
+        self.compile_error = ""
+        self.fds: dict[str, int] = {}
+        try:
+            from bcc import BPF
+        except Exception as e:  # ImportError, or bcc's own failure to find libbcc
+            self.import_error = f"{type(e).__name__}: {e}"
+            return
+        self.BPF = BPF
+        with captured_fd2() as err:
+            try:
+                self.bpf = BPF(text=PROBE_SOURCE.encode(), cflags=["-w"])
+            except Exception as e:
+                self.compile_error = str(e)
+        if self.bpf is None:
+            self.compile_error = first_error(err[0]) or self.compile_error
+
+    def not_checked(self) -> str | None:
+        if self.import_error:
+            return f"not checked: bcc is not importable ({self.import_error})"
+        if self.bpf is None:
+            return f"not checked: bcc could not compile the probe programs: {self.compile_error}"
+        return None
+
+    def load(self, func: str) -> tuple[int | None, str, str]:
+        """(fd or None, exception text, verifier log)."""
+        with captured_fd2() as err:
+            try:
+                fn = self.bpf.load_func(func.encode(), self.BPF.SCHED_CLS)
+            except Exception as e:
+                fd, exc = None, str(e)
+            else:
+                fd, exc = fn.fd, ""
+        if fd is not None:
+            self.fds[func] = fd
+        return fd, exc, err[0]
+
+    def close(self) -> None:
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+
+def first_error(text: str) -> str:
+    for line in text.splitlines():
+        if "error:" in line or "fatal" in line:
+            return line.strip()
+    return first_line(text)
+
+
+def explain_rejection(exc: str, log: str, min_kernel: str | None = None) -> str:
+    if re.search(r"Operation not permitted|Permission denied", exc + log):
+        return "not permitted to load BPF programs (needs root: CAP_BPF and CAP_NET_ADMIN)"
+    if re.search(r"invalid func unknown#\d+|unknown func", log):
+        need = f", needs Linux >= {min_kernel}" if min_kernel else ""
+        return f"rejected by the verifier (helper unknown{need})"
+    m = re.search(r"program of this type cannot use helper (\S+)", log)
+    if m:
+        return f"rejected by the verifier ({m.group(1)} is not allowed in sched_cls programs)"
+    reason = last_line(log)
+    return f"rejected: {reason}" if reason else f"load failed: {exc}"
+
+
+# ---------------------------------------------------------------- checks
+
+def check_root() -> Check:
+    euid = os.geteuid()
+    if euid == 0:
+        return Check("running as root", True, True, "euid 0")
+    return Check("running as root", False, True,
+                 f"euid {euid}: namespaces and BPF need root (try sudo)")
+
+
+def check_bpf_syscall() -> Check:
+    name = "bpf() syscall"
+    nr = NR_BPF.get(platform.machine())
+    if nr is None:
+        return Check(name, False, True, f"unknown syscall number on {platform.machine()}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    attr = ctypes.create_string_buffer(64)   # union bpf_attr, map_create part; rest zero
+    ctypes.memmove(attr, (ctypes.c_uint32 * 4)(BPF_MAP_TYPE_ARRAY, 4, 4, 1), 16)
+    fd = libc.syscall(ctypes.c_long(nr), ctypes.c_int(BPF_MAP_CREATE), attr,
+                      ctypes.c_uint(ctypes.sizeof(attr)))
+    if fd >= 0:
+        os.close(fd)
+        return Check(name, True, True, "created and closed a 1-entry array map")
+    err = ctypes.get_errno()
+    why = {errno.ENOSYS: "kernel built without CONFIG_BPF_SYSCALL",
+           errno.EPERM: "not permitted (not root, or kernel lockdown)"}.get(err, os.strerror(err))
+    return Check(name, False, True, f"BPF_MAP_CREATE failed: {errno.errorcode.get(err, err)}: "
+                                    f"{why}")
+
+
+def check_bcc(probes: Probes) -> Check:
+    name = "bcc (python3-bpfcc)"
+    if probes.import_error:
+        return Check(name, False, True, f"cannot import bcc: {probes.import_error} (install "
+                     "python3-bpfcc; a venv needs --system-site-packages: scripts/provision.sh)")
+    import bcc
+    version = getattr(bcc, "__version__", "?")
+    return Check(name, True, True, f"bcc {version} from {os.path.dirname(bcc.__file__)}")
+
+
+def header_release(build: str) -> str | None:
+    """The kernel release the headers in ``build`` are for (what uname -r would say)."""
+    uts = os.path.join(build, "include/generated/utsrelease.h")
+    with contextlib.suppress(OSError):
+        m = re.search(r'UTS_RELEASE\s+"([^"]+)"', open(uts).read())
+        if m:
+            return m.group(1)
+    with contextlib.suppress(OSError):
+        return open(os.path.join(build, "include/config/kernel.release")).read().strip()
+    return None
+
+
+def kernel_headers_dir() -> tuple[str, str | None]:
+    """(how bcc finds the headers, the directory) the way bcc looks for them."""
+    env = os.environ.get("BCC_KERNEL_SOURCE")
+    if env:
+        return f"BCC_KERNEL_SOURCE={env}", env if os.path.isdir(env) else None
+    build = f"/lib/modules/{platform.release()}/build"
+    if os.path.isdir(os.path.join(build, "include")):
+        return build, os.path.realpath(build)
+    return build, None
+
+
+def check_kernel_headers() -> Check:
+    name = "kernel headers for bcc"
+    where, found = kernel_headers_dir()
+    if found:
+        shown = where if os.path.realpath(where) == where else f"{where} -> {found}"
+        return Check(name, True, True, shown)
+    if os.path.exists("/sys/kernel/kheaders.tar.xz"):
+        return Check(name, True, True, f"{where} missing; bcc uses /sys/kernel/kheaders.tar.xz")
+    return Check(name, False, True, f"{where} missing and no /sys/kernel/kheaders.tar.xz: bcc "
+                 "cannot compile (install linux-headers: scripts/provision.sh)")
+
+
+def check_headers_version() -> Check:
+    name = "kernel headers version"
+    running = platform.release()
+    _, found = kernel_headers_dir()
+    release = header_release(found) if found else None
+    if release is None:
+        return Check(name, False, False, f"unknown (running {running}); programs that use "
+                     "only uapi headers compile fine")
+    if release == running:
+        return Check(name, True, False, f"{release}, matches the running kernel")
+    return Check(name, False, False, f"headers {release} but running {running}: a warning only, "
+                 "programs that use only uapi headers compile fine")
+
+
+def check_sched_cls(probes: Probes) -> Check:
+    name = "sched_cls program loads"
+    skipped = probes.not_checked()
+    if skipped:
+        return Check(name, False, True, skipped)
+    fd, exc, log = probes.load(PROBE_FUNCS["sched_cls"])
+    if fd is not None:
+        return Check(name, True, True, "a trivial BPF_PROG_TYPE_SCHED_CLS program loaded")
+    return Check(name, False, True, explain_rejection(exc, log))
+
+
+def check_helper(probes: Probes, helper: str) -> Check:
+    skipped = probes.not_checked()
+    if skipped:
+        return Check(helper, False, True, skipped)
+    number, min_kernel = HELPERS[helper]
+    fd, exc, log = probes.load(PROBE_FUNCS[helper])
+    if fd is not None:
+        return Check(helper, True, True, f"helper #{number} accepted by the verifier in sched_cls")
+    return Check(helper, False, True, f"{helper}: {explain_rejection(exc, log, min_kernel)}")
+
+
+def check_clsact(probes: Probes) -> list[Check]:
+    """clsact on a veth in a throwaway netns, and a direct-action attach of the trivial program."""
+    qdisc, attach = "clsact qdisc", "sched_cls attach (clsact ingress)"
+    missing = [t for t in ("ip", "tc") if not which(t)]
+    if missing:
+        why = f"{' and '.join(missing)} not found (install iproute2)"
+        return [Check(qdisc, False, True, why), Check(attach, False, True, f"not checked: {why}")]
+    ns = NETNS_PREFIX + secrets.token_hex(3)
+    made = run([which("ip"), "netns", "add", ns])
+    if made.returncode != 0:
+        why = f"cannot create netns {ns}: {first_line(made.stderr)}"
+        return [Check(qdisc, False, True, why), Check(attach, False, True, f"not checked: {why}")]
+    try:
+        qdisc_check = clsact_in(ns, qdisc)
+        return [qdisc_check, attach_in(ns, attach, probes, qdisc_check)]
+    finally:
+        run([which("ip"), "netns", "del", ns])
+
+
+def clsact_in(ns: str, name: str) -> Check:
+    steps = [[which("ip"), "-n", ns, "link", "add", "hrd0", "type", "veth", "peer", "name", "hrd1"],
+             [which("tc"), "-n", ns, "qdisc", "add", "dev", "hrd0", "clsact"]]
+    for argv in steps:
+        proc = run(argv)
+        if proc.returncode != 0:
+            return Check(name, False, True, f"`{' '.join(argv[1:])}` failed: "
+                                            f"{first_line(proc.stderr)} (needs CONFIG_NET_SCH_INGRESS)")
+    shown = run([which("tc"), "-n", ns, "qdisc", "show", "dev", "hrd0"]).stdout
+    if "clsact" not in shown:
+        return Check(name, False, True, f"added but not listed: {first_line(shown)}")
+    return Check(name, True, True, f"added to a veth in throwaway netns {ns} (removed)")
+
+
+def attach_in(ns: str, name: str, probes: Probes, qdisc: Check) -> Check:
+    fd = probes.fds.get(PROBE_FUNCS["sched_cls"])
+    if not qdisc.ok or fd is None:
+        return Check(name, False, True, "not checked: needs the clsact qdisc and the sched_cls "
+                                        "program")
+    from pyroute2 import IPRoute
+    try:
+        with IPRoute(netns=ns, flags=0) as ipr:
+            idx = ipr.link_lookup(ifname="hrd0")[0]
+            ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name=PROBE_FUNCS["sched_cls"],
+                   parent=0xFFFFFFF2, classid=1, direct_action=True)
+    except Exception as e:
+        return Check(name, False, True, f"direct-action bpf filter refused: {e}")
+    shown = run([which("tc"), "-n", ns, "filter", "show", "dev", "hrd0", "ingress"]).stdout
+    if "direct-action" not in shown:
+        return Check(name, False, True, f"attached but not listed: {first_line(shown)}")
+    return Check(name, True, True, "direct-action bpf filter attached with pyroute2")
+
+
+def check_tool(name: str, tool: str, required: bool, why: str,
+               version_args: list[str] | None = None, expect: str | None = None) -> Check:
+    path = which(tool)
+    if path is None:
+        return Check(name, False, required, f"{tool} not found ({why})")
+    if version_args is None:
+        return Check(name, True, required, path)
+    proc = run([path, *version_args])
+    version = first_line(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or (expect and expect not in version):
+        return Check(name, False, required, f"{path} {' '.join(version_args)}: {version or 'no output'}"
+                                            f" ({why})")
+    return Check(name, True, required, f"{path}: {version}")
+
+
+def tool_checks() -> list[Check]:
+    return [
+        check_tool("netperf", "netperf", True, "hostrouting bench; Debian non-free, "
+                   "Ubuntu multiverse", ["-V"]),
+        check_tool("netserver", "netserver", True, "hostrouting bench; package netperf"),
+        check_tool("iptables-nft backend", "iptables-nft", True,
+                   "legacy routing's MASQUERADE; package iptables", ["--version"], "nf_tables"),
+        check_tool("iptables-legacy backend", "iptables-legacy", False,
+                   "comparisons with the legacy backend; package iptables", ["--version"], "legacy"),
+        check_tool("conntrack tool", "conntrack", False,
+                   "inspecting conntrack entries; package conntrack", ["--version"]),
+        check_tool("nft", "nft", False, "inspecting the nf_tables ruleset; package nftables",
+                   ["--version"]),
+    ]
+
+
+def run_checks() -> list[Check]:
+    checks = [check_root(), check_bpf_syscall()]
+    probes = Probes()
+    try:
+        checks += [check_bcc(probes), check_kernel_headers(), check_headers_version(),
+                   check_sched_cls(probes)]
+        checks += [check_helper(probes, helper) for helper in HELPERS]
+        checks += check_clsact(probes)
+    finally:
+        probes.close()
+    return checks + tool_checks()
+
+
+# ---------------------------------------------------------------- output
+
+def print_table(checks: list[Check]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    table = Table(title="hostrouting doctor", title_justify="left")
+    table.add_column("check", no_wrap=True)
+    table.add_column("result", no_wrap=True)
+    table.add_column("detail")
+    for c in checks:
+        if c.ok:
+            result = Text("pass", style="green")
+        elif c.required:
+            result = Text("FAIL", style="bold red")
+        else:
+            result = Text("warn", style="yellow")
+        table.add_row(c.check, result, Text(c.detail))
+    console.print(table)
+    failed = [c.check for c in checks if c.required and not c.ok]
+    warned = sum(1 for c in checks if not c.required and not c.ok)
+    if failed:
+        console.print(Text(f"not fit: {len(failed)} required check(s) failed: "
+                           f"{', '.join(failed)}", style="bold red"))
+    else:
+        console.print(Text(f"fit for eBPF host routing ({len(checks)} checks, "
+                           f"{warned} warning(s))", style="green"))
+
+
+def run_doctor(json_output: bool = False) -> int:
+    """Run every check, print a table (or JSON); 1 when a required check failed, else 0."""
+    checks = run_checks()
+    if json_output:
+        print(json.dumps([asdict(c) for c in checks], indent=2))
+    else:
+        print_table(checks)
+    return 1 if any(c.required and not c.ok for c in checks) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m datapath.doctor", description=__doc__.split(
+        "\n")[0])
+    parser.add_argument("--json", action="store_true", help="print a JSON list of checks")
+    return run_doctor(parser.parse_args(argv).json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""`hostrouting doctor`: its JSON shape, that this machine passes the required checks,
+that a missing feature is named precisely, and that the root netns is left alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from datapath import doctor
+from tests import rootns
+
+REQUIRED = {"running as root", "bpf() syscall", "bcc (python3-bpfcc)", "kernel headers for bcc",
+            "sched_cls program loads", "bpf_redirect_peer", "bpf_redirect_neigh",
+            "bpf_fib_lookup", "clsact qdisc", "sched_cls attach (clsact ingress)", "netperf",
+            "netserver", "iptables-nft backend"}
+WARNINGS = {"kernel headers version", "iptables-legacy backend", "conntrack tool", "nft"}
+
+
+def doctor_netns() -> list[str]:
+    return [n for n in os.listdir("/run/netns") if n.startswith(doctor.NETNS_PREFIX)] \
+        if os.path.isdir("/run/netns") else []
+
+
+@pytest.fixture(scope="module")
+def json_run():
+    """One JSON run for the module, with the root netns snapshotted around it."""
+    before = rootns.snapshot()
+    proc = subprocess.run([sys.executable, "-m", "datapath.doctor", "--json"],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    after = rootns.snapshot()
+    return proc, before, after
+
+
+def test_json_shape(json_run):
+    proc, _, _ = json_run
+    checks = json.loads(proc.stdout)
+    assert isinstance(checks, list) and checks
+    for c in checks:
+        assert set(c) == {"check", "ok", "required", "detail"}, c
+        assert isinstance(c["check"], str) and c["check"]
+        assert isinstance(c["ok"], bool) and isinstance(c["required"], bool)
+        assert isinstance(c["detail"], str) and c["detail"]
+    names = [c["check"] for c in checks]
+    assert len(names) == len(set(names))
+    assert {c["check"] for c in checks if c["required"]} == REQUIRED
+    assert {c["check"] for c in checks if not c["required"]} == WARNINGS
+
+
+def test_required_checks_pass_here(json_run):
+    proc, _, _ = json_run
+    checks = json.loads(proc.stdout)
+    failed = [c for c in checks if c["required"] and not c["ok"]]
+    assert failed == [], failed
+    assert proc.returncode == 0
+    assert proc.stderr == "", "bcc or the verifier leaked onto stderr"
+
+
+def test_root_netns_untouched(json_run):
+    _, before, after = json_run
+    assert rootns.diff(before, after) == []
+    assert doctor_netns() == []
+
+
+def test_table_output_and_exit_code(capsys):
+    links = rootns.snapshot()["links"]
+    assert doctor.run_doctor() == 0
+    out = capsys.readouterr().out
+    assert "hostrouting doctor" in out
+    assert "bpf_redirect_peer" in out and "pass" in out
+    assert "fit for eBPF host routing" in out
+    assert rootns.snapshot()["links"] == links
+    assert doctor_netns() == []
+
+
+def test_headers_check_names_the_directory():
+    check = doctor.check_kernel_headers()
+    assert check.ok, check.detail
+    assert f"/lib/modules/{os.uname().release}/build" in check.detail
+    version = doctor.check_headers_version()
+    assert not version.required
+    if not version.ok:
+        assert "uapi" in version.detail and os.uname().release in version.detail
+
+
+def test_unknown_helper_is_named_with_the_kernel_it_needs():
+    log = "0: R1=ctx() R10=fp0\n1: (85) call unknown#155\ninvalid func unknown#155\n"
+    assert doctor.explain_rejection("Invalid argument", log, "5.10") == \
+        "rejected by the verifier (helper unknown, needs Linux >= 5.10)"
+
+
+def test_a_helper_the_verifier_rejects_fails_the_doctor(monkeypatch, capsys):
+    """A helper number no kernel knows stands in for a kernel without bpf_redirect_peer."""
+    monkeypatch.setattr(doctor, "PROBE_SOURCE",
+                        doctor.PROBE_SOURCE.replace("(void *)155", "(void *)9999"))
+    assert doctor.run_doctor(json_output=True) == 1
+    checks = {c["check"]: c for c in json.loads(capsys.readouterr().out)}
+    peer = checks["bpf_redirect_peer"]
+    assert not peer["ok"] and peer["required"]
+    assert peer["detail"] == ("bpf_redirect_peer: rejected by the verifier "
+                              "(helper unknown, needs Linux >= 5.10)")
+    assert checks["bpf_redirect_neigh"]["ok"]
+
+
+def test_a_missing_optional_tool_is_a_warning(monkeypatch, capsys):
+    real_which = doctor.which
+    monkeypatch.setattr(doctor, "which", lambda t: None if t == "nft" else real_which(t))
+    assert doctor.run_doctor(json_output=True) == 0
+    checks = {c["check"]: c for c in json.loads(capsys.readouterr().out)}
+    assert checks["nft"] == {"check": "nft", "ok": False, "required": False,
+                             "detail": "nft not found (inspecting the nf_tables ruleset; "
+                                       "package nftables)"}
