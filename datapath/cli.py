@@ -71,7 +71,7 @@ def _configure_mode(mode: str):
         state.mode = "legacy"
         if mode == "ebpf":
             from datapath import switch
-            switch.enable_ebpf(state, topo, force=True)
+            switch.enable_ebpf(state, topo)
     return configure
 
 
@@ -149,7 +149,7 @@ def cmd_enable(args) -> int:
     from datapath import switch
     with lab_lock(args.lab):
         state, topo = _topology_of(args.lab)
-        switch.enable_ebpf(state, topo, force=args.force)
+        switch.enable_ebpf(state, topo)
     print(f"lab {args.lab}: eBPF host routing enabled on {len(topo.nodes)} nodes")
     return 0
 
@@ -185,6 +185,60 @@ def cmd_stats(args) -> int:
         _print_json(stats)
     else:
         switch.print_stats(stats)
+    return 0
+
+
+def _csv(kind, choices=None):
+    def parse(text: str):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        try:
+            items = [kind(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of "
+                                             f"{kind.__name__}") from None
+        bad = [t for t in items if choices and t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(map(str, choices))}"
+                                             if bad else "empty list")
+        if kind is int and any(t < 0 for t in items):
+            raise argparse.ArgumentTypeError(f"{text!r}: numbers must not be negative")
+        return tuple(items)
+    return parse
+
+
+def cmd_bench(args) -> int:
+    from datapath import bench_report
+    if args.bench_command == "compare":
+        try:
+            a, b = bench_report.load_result(args.a), bench_report.load_result(args.b)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+        bench_report.print_compare(bench_report.compare(a, b))
+        return 0
+    _require_root()
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from datapath.bench import QUICK, BenchConfig, run_bench
+    cfg = BenchConfig(quick=args.quick, lab_prefix=args.lab_prefix)
+    if args.quick:
+        cfg.duration, cfg.repeat, cfg.sizes = QUICK["duration"], QUICK["repeat"], QUICK["sizes"]
+    for name in ("duration", "repeat", "sizes", "tests", "scenarios", "iptables_rules"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if cfg.duration <= 0 or cfg.repeat < 1:
+        raise CliError("--duration must be positive and --repeat at least 1")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()) as progress:
+        result = run_bench(cfg, progress=progress)
+    bench_report.with_summary(result)
+    bench_report.print_tables(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"samples and summary written to {args.json}")
+    if args.plot:
+        bench_report.plot(result, args.plot)
+        print(f"plot written to {args.plot}")
     return 0
 
 
@@ -224,8 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_lab_exec)
 
     p = with_lab(sub.add_parser("enable", help="switch a lab to eBPF host routing"))
-    p.add_argument("--force", action="store_true",
-                   help="enable even though user iptables rules would be bypassed")
     p.set_defaults(func=cmd_enable)
     p = with_lab(sub.add_parser("disable", help="switch a lab back to legacy routing"))
     p.set_defaults(func=cmd_disable)
@@ -235,6 +287,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_lab(sub.add_parser("stats", help="datapath counters per node"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
+
+    from datapath.bench import MODES, SCENARIOS, TESTS
+    p = sub.add_parser("bench", help="legacy vs eBPF vs the limit, with netperf",
+                       description="Builds two labs (legacy and eBPF) and a single-veth pair, "
+                       f"runs netperf over scenarios x modes ({', '.join(MODES)}) interleaved, "
+                       "and prints medians and ratios.")
+    p.add_argument("--quick", action="store_true", help="about two minutes: 1s tests, 2 "
+                   "repetitions, sizes 64 and 16384")
+    p.add_argument("--duration", type=float, help="seconds per test (default 5)")
+    p.add_argument("--repeat", type=int, help="repetitions of every point (default 3)")
+    p.add_argument("--sizes", type=_csv(int), help="TCP_STREAM message sizes, e.g. 64,1024")
+    p.add_argument("--tests", type=_csv(str, TESTS), help=f"from {','.join(TESTS)}")
+    p.add_argument("--scenarios", type=_csv(str, SCENARIOS), help=f"from {','.join(SCENARIOS)}")
+    p.add_argument("--iptables-rules", type=_csv(int), metavar="N[,N...]",
+                   help="fill node namespaces with N kube-proxy-like rules, for each N")
+    p.add_argument("--json", metavar="FILE", help="write every sample and the summary")
+    p.add_argument("--plot", metavar="FILE.png", help="throughput and latency plot")
+    p.add_argument("--lab-prefix", default="hrb", help="labs PREFIXl and PREFIXe (default hrb)")
+    p.set_defaults(func=cmd_bench, bench_command=None)
+    bsub = p.add_subparsers(dest="bench_command", metavar="[compare A.json B.json]")
+    c = bsub.add_parser("compare", help="what changed between two bench results")
+    c.add_argument("a", metavar="A.json")
+    c.add_argument("b", metavar="B.json")
     return parser
 
 

@@ -144,3 +144,30 @@ def lab_down(name: str) -> list[str]:
 
 def lab_down_all() -> dict[str, list[str]]:
     return {name: lab_down(name) for name in lab_names()}
+
+
+def add_veth_pair(lab: str, name_a: str, name_b: str, ip_a: str, ip_b: str,
+                  prefixlen: int = 30) -> tuple[str, str]:
+    """Two more namespaces in a lab, joined by one veth pair (``eth0`` on each side).
+
+    The benchmark uses this as the same-node limit: a pod-to-pod path can be
+    no faster than one veth between two namespaces. Recorded in the lab's
+    state before it is created, and removed with the lab.
+    """
+    with lab_lock(lab):
+        state = load_state(lab)
+        names = (f"{lab}-{name_a}", f"{lab}-{name_b}")
+        state.namespaces += [n for n in names if n not in state.namespaces]
+        state.save()
+        for name in names:
+            netns.create(name)
+        with netns.ipr(names[0]) as a, netns.ipr(names[1]) as b:
+            _veth(a, POD_IFNAME, names[1], "peer0")
+            b.link("set", index=netns.ifindex(b, "peer0"), ifname=POD_IFNAME)
+            for sock, ip in ((a, ip_a), (b, ip_b)):
+                _up(sock, "lo")
+                idx = _up(sock, POD_IFNAME)
+                sock.addr("add", index=idx, address=ip, prefixlen=prefixlen)
+        for name in names:
+            netns.sysctl(name, _NS_SYSCTLS)
+    return names

@@ -1,0 +1,220 @@
+"""eBPF host routing with real packets: it carries the traffic, and takes the BPF path.
+
+Connectivity alone proves little (the kernel could be routing), so these
+tests also switch the kernel's routing off (FORWARD DROP, nft drop, forwarding
+disabled), check that conntrack saw nothing, and put a drop-everything
+checker where only the slow path would pass.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from datapath import switch, tc_attach
+from netns_lab import netns
+from netns_lab.state import load_state
+from netns_lab.topology import Topology
+from tests.labtools import (assert_ping, background, conntrack_entries, netperf, netserver,
+                            ping, udp_echo, udp_request)
+
+DROP_ALL = r"""
+#include <uapi/linux/pkt_cls.h>
+int drop_all(struct __sk_buff *skb) { return TC_ACT_SHOT; }
+"""
+
+
+def pods(topo):
+    (a1, a2), (b1, b2) = topo.nodes[0].pods, topo.nodes[1].pods
+    return a1, a2, b1, b2
+
+
+@pytest.fixture
+def ebpf_lab(make_lab):
+    return make_lab("ebpf")
+
+
+def counters(topo) -> dict[str, dict[str, int]]:
+    stats = switch.stats(load_state(topo.lab), topo)
+    return {n["name"]: {k: v["packets"] for k, v in n["counters"].items()} for n in stats["nodes"]}
+
+
+def kernel_routing_off(topo) -> None:
+    """FORWARD DROP in both iptables backends and nft, forwarding off: no slow path left."""
+    for node in topo.nodes:
+        netns.run(node.netns, ["iptables-nft", "-P", "FORWARD", "DROP"])
+        netns.run(node.netns, ["iptables-legacy", "-P", "FORWARD", "DROP"])
+        netns.run(node.netns, ["nft", "add table inet hrtest; "
+                               "add chain inet hrtest forward_drop { type filter hook forward priority 0; "
+                               "policy drop; }"])
+        netns.sysctl(node.netns, {"net.ipv4.ip_forward": 0})
+
+
+def test_lab_up_mode_ebpf_attaches_to_every_pod_and_uplink(ebpf_lab):
+    state, topo = ebpf_lab
+    assert state.mode == "ebpf"
+    status = switch.status(load_state(topo.lab), topo)
+    for node, topo_node in zip(status["nodes"], topo.nodes):
+        names = {att["ifname"]: [p["name"] for p in att["programs"]] for att in node["attached"]}
+        assert names[topo.uplink_ifname] == ["from_underlay"]
+        assert all(names[p.host_ifname] == ["from_pod"] for p in topo_node.pods)
+        assert len(names) == len(topo_node.pods) + 1
+
+
+def test_ping_tcp_udp_both_ways_with_kernel_routing_off(ebpf_lab):
+    _, topo = ebpf_lab
+    a1, a2, b1, b2 = pods(topo)
+    kernel_routing_off(topo)
+    for src, dst in ((a1, a2), (a2, a1), (a1, b1), (b1, a1), (b2, a2)):
+        assert_ping(src.netns, dst.ip)
+    for server, client in ((a2, a1), (b1, a1), (a1, b2)):
+        with netserver(server.netns):
+            for test in ("TCP_RR", "TCP_STREAM"):
+                proc = netperf(client.netns, server.ip, test, seconds=1)
+                assert proc.returncode == 0, proc.stderr
+                assert float(proc.stdout.split()[-1]) > 0, proc.stdout
+        with udp_echo(server.netns):
+            assert udp_request(client.netns, server.ip) == f"hello from {client.ip}"
+
+
+def test_legacy_traffic_stops_when_kernel_routing_is_off(legacy_lab):
+    """The control for the test above: the same blocks do stop the slow path."""
+    _, topo = legacy_lab
+    a1, a2, b1, _ = pods(topo)
+    kernel_routing_off(topo)
+    assert ping(a1.netns, a2.ip).returncode != 0
+    assert ping(a1.netns, b1.ip).returncode != 0
+
+
+def test_conntrack_sees_no_pod_to_pod_flow(ebpf_lab):
+    _, topo = ebpf_lab
+    a1, a2, b1, _ = pods(topo)
+    for dst in (a2, b1):
+        with udp_echo(dst.netns):
+            udp_request(a1.netns, dst.ip)
+        assert_ping(a1.netns, dst.ip)
+    for node in topo.nodes:
+        assert conntrack_entries(node.netns, "--orig-src", a1.ip) == []
+        assert conntrack_entries(node.netns, "--reply-src", a1.ip) == []
+
+
+def test_counters_show_peer_for_same_node_and_neigh_for_cross_node(ebpf_lab):
+    _, topo = ebpf_lab
+    a1, a2, b1, _ = pods(topo)
+    before = counters(topo)
+    assert_ping(a1.netns, a2.ip, count=3)
+    mid = counters(topo)
+    # 3 requests and 3 replies, each redirected to the peer on node1; nothing on node2.
+    assert mid["node1"]["redirect_peer"] - before["node1"]["redirect_peer"] == 6
+    assert mid["node1"]["redirect_neigh"] == before["node1"]["redirect_neigh"]
+    assert mid["node2"] == before["node2"]
+    assert_ping(a1.netns, b1.ip, count=3)
+    after = counters(topo)
+    for node in ("node1", "node2"):  # out by neigh, in by peer, on each side
+        assert after[node]["redirect_neigh"] - mid[node]["redirect_neigh"] == 3
+        assert after[node]["redirect_peer"] - mid[node]["redirect_peer"] == 3
+
+
+@pytest.mark.parametrize("where", ["same-node", "cross-node"])
+def test_path_skips_the_destination_host_veth(make_lab, where):
+    """A drop-all checker on the destination's host-side veth egress: only the slow path meets it."""
+    from bcc import BPF
+    checker = BPF(text=DROP_ALL)
+    fn = checker.load_func("drop_all", BPF.SCHED_CLS)
+    for mode in ("legacy", "ebpf"):
+        _, topo = make_lab(mode)
+        a1, a2, b1, _ = pods(topo)
+        dst = a2 if where == "same-node" else b1
+        dst_node = topo.nodes[0] if where == "same-node" else topo.nodes[1]
+        assert_ping(a1.netns, dst.ip)
+        tc_attach.attach(dst_node.netns, dst.host_ifname, fn.fd, "drop_all", "egress")
+        reached = ping(a1.netns, dst.ip).returncode == 0
+        assert reached == (mode == "ebpf"), f"{mode}: ping reached={reached}"
+
+
+CHATTER = textwrap.dedent("""
+    import socket, sys, time
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+    for i in range(int(sys.argv[3])):
+        s.sendall(b"x" * 100)
+        assert len(s.recv(100)) > 0
+        time.sleep(0.02)
+    print("done", flush=True)
+""")
+
+ECHO_SERVER = textwrap.dedent("""
+    import socket, sys
+    srv = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+    conn, _ = srv.accept()
+    while data := conn.recv(65536):
+        conn.sendall(data)
+""")
+
+
+def test_open_tcp_connection_survives_enable_and_disable(make_lab):
+    state, topo = make_lab("legacy")
+    a1, _, b1, _ = pods(topo)
+    with background(b1.netns, [sys.executable, "-c", ECHO_SERVER, "7000"], port=7000):
+        client = subprocess.Popen(["ip", "netns", "exec", a1.netns, sys.executable, "-c", CHATTER,
+                                   b1.ip, "7000", "300"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        switch.enable_ebpf(load_state(topo.lab), topo)
+        time.sleep(0.5)
+        switch.disable_ebpf(load_state(topo.lab), topo)
+        time.sleep(0.3)
+        switch.enable_ebpf(load_state(topo.lab), topo)
+        time.sleep(0.3)
+        assert client.poll() is None, "the chatter ended before the last switch: make it longer"
+        assert counters(topo)["node1"]["redirect_neigh"] > 0
+        out, err = client.communicate(timeout=30)
+    assert client.returncode == 0 and out.strip() == "done", err
+
+
+def qdiscs(ns: str) -> str:
+    return netns.run(ns, ["tc", "qdisc", "show"]).stdout
+
+
+def test_disable_restores_every_device_exactly(legacy_lab):
+    state, topo = legacy_lab
+    node = topo.nodes[0]
+    # A clsact the user had before must survive; the ones we add must go.
+    netns.run(node.netns, ["tc", "qdisc", "add", "dev", node.pods[0].host_ifname, "clsact"])
+    before = {n.netns: qdiscs(n.netns) for n in topo.nodes}
+    switch.enable_ebpf(load_state(topo.lab), topo)
+    assert "clsact" in qdiscs(topo.nodes[1].netns)
+    switch.disable_ebpf(load_state(topo.lab), topo)
+    assert {n.netns: qdiscs(n.netns) for n in topo.nodes} == before
+    for n in topo.nodes:
+        for ifname in [p.host_ifname for p in n.pods] + [topo.uplink_ifname]:
+            assert tc_attach.attached_programs(n.netns, ifname, "ingress") == []
+
+
+def test_switch_errors_are_clear(legacy_lab):
+    state, topo = legacy_lab
+    with pytest.raises(switch.SwitchError, match="not enabled"):
+        switch.disable_ebpf(load_state(topo.lab), topo)
+    switch.enable_ebpf(load_state(topo.lab), topo)
+    with pytest.raises(switch.SwitchError, match="enabled already"):
+        switch.enable_ebpf(load_state(topo.lab), topo)
+
+
+def test_path_mtu_frag_needed_and_tcp_completes(make_lab, tmp_path):
+    topo_file = tmp_path / "mtu.toml"
+    topo_file.write_text("[lab]\nunderlay_mtu = 1300\n")
+    _, topo = make_lab("ebpf", topology=str(topo_file))
+    a1, _, b1, _ = pods(topo)
+    proc = ping(a1.netns, b1.ip, size=1400, df=True)
+    assert proc.returncode != 0
+    assert "mtu = 1300" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert counters(topo)["node1"]["icmp_frag_needed"] >= 1
+    assert_ping(a1.netns, b1.ip, size=1200, df=True)
+    with netserver(b1.netns):
+        proc = netperf(a1.netns, b1.ip, "TCP_STREAM", seconds=1)
+        assert proc.returncode == 0, proc.stderr
+        assert float(proc.stdout.split()[-1]) > 0
