@@ -153,12 +153,22 @@ class Bench:
                 "pod-to-external": (a1.netns, topo.external.ip)}[scenario]
 
     def fill_iptables(self, count: int) -> None:
-        """kube-proxy-like rule chains in every node namespace of both labs."""
+        """kube-proxy-like rule chains in every node namespace of both labs.
+
+        The eBPF lab blocks new rules while enabled (as AKS does), so it goes
+        back to legacy for the fill and is enabled again with --force, which
+        is what an operator who accepts the bypass does.
+        """
+        from datapath import switch
         rules = iptables_rules(count)
-        for topo in self.topos.values():
+        for mode, topo in self.topos.items():
+            if mode == "ebpf":
+                switch.disable_ebpf(load_state(topo.lab), topo)
             for node in topo.nodes:
                 netns.run(node.netns, ["iptables-nft-restore", "--noflush"], input=rules,
                           timeout=120)
+            if mode == "ebpf":
+                switch.enable_ebpf(load_state(topo.lab), topo, force=True)
 
     def measure(self, rules, scenario, mode, test, size, rep) -> Sample:
         ns, host = self.target(scenario, mode)

@@ -149,7 +149,7 @@ def cmd_enable(args) -> int:
     from datapath import switch
     with lab_lock(args.lab):
         state, topo = _topology_of(args.lab)
-        switch.enable_ebpf(state, topo)
+        switch.enable_ebpf(state, topo, force=args.force)
     print(f"lab {args.lab}: eBPF host routing enabled on {len(topo.nodes)} nodes")
     return 0
 
@@ -242,6 +242,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_events(args) -> int:
+    from datapath import events
+    load_state(args.lab)  # a clear error for an unknown lab
+    stream = events.follow(args.lab) if args.follow else iter(events.read(args.lab))
+    if args.json and not args.follow:
+        _print_json(list(stream))
+        return 0
+    for event in stream:
+        print(json.dumps(event) if args.json else events.format_event(event), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hostrouting", description="eBPF host routing in network-namespace labs, "
@@ -278,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_lab_exec)
 
     p = with_lab(sub.add_parser("enable", help="switch a lab to eBPF host routing"))
+    p.add_argument("--force", action="store_true", help="enable although user firewall rules "
+                   "in node namespaces would be bypassed (recorded as a Warning event)")
     p.set_defaults(func=cmd_enable)
     p = with_lab(sub.add_parser("disable", help="switch a lab back to legacy routing"))
     p.set_defaults(func=cmd_disable)
@@ -287,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_lab(sub.add_parser("stats", help="datapath counters per node"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
+    p = with_lab(sub.add_parser("events", help="what happened to a lab, as events"))
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    p.add_argument("--json", action="store_true", help="JSON (one object per line with -f)")
+    p.set_defaults(func=cmd_events)
 
     from datapath.bench import MODES, SCENARIOS, TESTS
     p = sub.add_parser("bench", help="legacy vs eBPF vs the limit, with netperf",

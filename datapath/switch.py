@@ -18,7 +18,7 @@ from netns_lab import netns
 from netns_lab.state import LabState
 from netns_lab.topology import Node, Topology
 
-from . import host_routing, tc_attach
+from . import events, host_routing, iptables_rules, rule_guard, tc_attach
 
 FROM_POD = "from_pod"
 FROM_UNDERLAY = "from_underlay"
@@ -63,14 +63,42 @@ def _enable_node(state: LabState, topo: Topology, node: Node) -> None:
         loaded.close()
 
 
-def enable_ebpf(state: LabState, topo: Topology) -> None:
+def _refuse_or_force(state: LabState, topo: Topology, force: bool) -> None:
+    """AKS's pre-enable check: user firewall rules in a node would be bypassed silently."""
+    found = [rule for node in topo.nodes for rule in iptables_rules.user_rules(node.netns)]
+    if not found:
+        return
+    listing = [{"netns": r.netns, "backend": r.backend, "table": r.table, "chain": r.chain,
+                "rule": r.text} for r in found]
+    if force:
+        events.record(topo.lab, events.WARNING, "ForcedEnable", f"lab/{topo.lab}",
+                      f"enabled with --force: {len(found)} user firewall rule(s) in node "
+                      "namespaces no longer apply to pod traffic: "
+                      + "; ".join(r.describe() for r in found), rules=listing)
+        return
+    events.record(topo.lab, events.WARNING, "EnableRefused", f"lab/{topo.lab}",
+                  f"refused: {len(found)} user firewall rule(s) in node namespaces would be "
+                  "bypassed by eBPF host routing", rules=listing)
+    lines = "\n".join(f"  {r.describe()}\n    remove: {r.remove}" for r in found)
+    raise SwitchError(f"lab {topo.lab}: refusing to enable eBPF host routing: {len(found)} "
+                      "user firewall rule(s) in node namespaces would silently stop applying to "
+                      f"pod traffic:\n{lines}\nremove them, or enable with --force")
+
+
+def enable_ebpf(state: LabState, topo: Topology, force: bool = False) -> None:
     if state.mode == "ebpf":
         raise SwitchError(f"lab {topo.lab}: eBPF host routing is enabled already")
+    _refuse_or_force(state, topo, force)
     state.mode = "switching"
     state.save()
     try:
         for node in topo.nodes:
             _enable_node(state, topo, node)
+            progs = state.datapath[node.name]["programs"]
+            events.record(topo.lab, events.NORMAL, "ProgramsAttached", f"node/{node.name}",
+                          f"from_pod (id {progs[FROM_POD]}) on {len(node.pods)} pod veth(s), "
+                          f"from_underlay (id {progs[FROM_UNDERLAY]}) on {topo.uplink_ifname}")
+        state.guard_pid = rule_guard.start(topo.lab, {n.name: n.netns for n in topo.nodes})
     except BaseException:
         _detach_all(state, topo)
         state.mode = "legacy"
@@ -78,14 +106,22 @@ def enable_ebpf(state: LabState, topo: Topology) -> None:
         raise
     state.mode = "ebpf"
     state.save()
+    events.record(topo.lab, events.NORMAL, "Enabled", f"lab/{topo.lab}",
+                  f"eBPF host routing enabled on {len(topo.nodes)} node(s); new firewall rules "
+                  "in node namespaces are blocked")
 
 
 def _detach_all(state: LabState, topo: Topology) -> None:
+    rule_guard.stop(state.guard_pid)
+    state.guard_pid = 0
     for node in topo.nodes:
         record = state.datapath.get(node.name, {"attached": []})
         for att in reversed(record["attached"]):
             if netns.exists(node.netns):
                 tc_attach.detach(node.netns, att["ifname"], "ingress", att["created_qdisc"])
+        if record["attached"]:
+            events.record(topo.lab, events.NORMAL, "ProgramsDetached", f"node/{node.name}",
+                          f"detached from {len(record['attached'])} device(s)")
         state.datapath.pop(node.name, None)
         state.save()
 
@@ -96,6 +132,8 @@ def disable_ebpf(state: LabState, topo: Topology) -> None:
     _detach_all(state, topo)
     state.mode = "legacy"
     state.save()
+    events.record(topo.lab, events.NORMAL, "Disabled", f"lab/{topo.lab}",
+                  "back to legacy routing; firewall rules can be added again")
 
 
 def _node_maps(state: LabState, node: Node):
@@ -113,7 +151,8 @@ def status(state: LabState, topo: Topology) -> dict:
                              "programs": [{"id": pid, "name": name} for pid, name in progs]})
         nodes.append({"name": node.name, "netns": node.netns, "mode": state.mode,
                       "attached": attached})
-    return {"lab": topo.lab, "mode": state.mode, "nodes": nodes}
+    return {"lab": topo.lab, "mode": state.mode, "nodes": nodes,
+            "rule_blocking": rule_guard.mechanisms(state.guard_pid)}
 
 
 def stats(state: LabState, topo: Topology) -> dict:
@@ -140,7 +179,12 @@ def print_status(status_: dict) -> None:
             progs = att["programs"] or [{"name": "-", "id": "-"}]
             for p in progs:
                 table.add_row(node["name"], att["ifname"], att["hook"], p["name"], str(p["id"]))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    blocking = status_["rule_blocking"]
+    console.print(f"new firewall rules in node namespaces: blocked by {blocking['active']}"
+                  + (f" (pid {blocking['guard_pid']})" if blocking["guard_pid"] else ""))
+    console.print(f"BPF LSM: {blocking['bpf_lsm']['detail']}")
 
 
 def print_stats(stats_: dict) -> None:

@@ -26,6 +26,11 @@ def labs_dir() -> Path:
     return state_dir() / "labs"
 
 
+def events_path(name: str) -> Path:
+    """The lab's event log (written by datapath.events), removed with the lab."""
+    return labs_dir() / f"{name}.events.jsonl"
+
+
 class LabStateError(RuntimeError):
     """A lab that does not exist, or exists already."""
 
@@ -40,6 +45,8 @@ class LabState:
     created_at: float = field(default_factory=time.time)
     # Per node: what the datapath attached, so it can be detached exactly.
     datapath: dict = field(default_factory=dict)
+    # The daemon that blocks new firewall rules while in eBPF mode (0: none).
+    guard_pid: int = 0
 
     @property
     def path(self) -> Path:
@@ -53,6 +60,7 @@ class LabState:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+        events_path(self.name).unlink(missing_ok=True)
 
 
 def load_state(name: str) -> LabState:
