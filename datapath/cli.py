@@ -254,6 +254,23 @@ def cmd_events(args) -> int:
     return 0
 
 
+def cmd_monitor(args) -> int:
+    _require_root()
+    from datapath.monitor import run_monitor
+    state, topo = _topology_of(args.lab)
+    if state.mode != "ebpf":
+        raise CliError(f"lab {args.lab}: nothing to monitor in {state.mode} mode "
+                       "(hostrouting enable first)")
+    if args.pod:
+        try:
+            topo.find_pod(args.pod)
+        except KeyError:
+            raise CliError(f"lab {args.lab}: no pod named {args.pod!r}") from None
+    run_monitor(state, topo, args.type, args.pod, args.count, args.duration, args.json,
+                emit=lambda line: print(line, flush=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hostrouting", description="eBPF host routing in network-namespace labs, "
@@ -301,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_lab(sub.add_parser("stats", help="datapath counters per node"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
+    p = with_lab(sub.add_parser("monitor", help="per-packet verdicts from the datapath"))
+    p.add_argument("--type", choices=("trace", "drop"), default="trace",
+                   help="every verdict, or drops only")
+    p.add_argument("--pod", help="only packets from or to this pod")
+    p.add_argument("--count", type=int, help="stop after this many events")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--json", action="store_true", help="one JSON object per event")
+    p.set_defaults(func=cmd_monitor)
     p = with_lab(sub.add_parser("events", help="what happened to a lab, as events"))
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     p.add_argument("--json", action="store_true", help="JSON (one object per line with -f)")

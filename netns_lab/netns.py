@@ -59,8 +59,20 @@ def pids(name: str) -> list[int]:
     return [int(p) for p in proc.stdout.split()]
 
 
+def _same_netns(path_a: str, path_b: str) -> bool:
+    a, b = os.stat(path_a), os.stat(path_b)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def kill_all(name: str, timeout: float = 2.0) -> None:
-    """Stop every process inside the namespace (SIGTERM, then SIGKILL)."""
+    """Stop every process inside the namespace (SIGTERM, then SIGKILL).
+
+    Refuses when the name resolves to the caller's own network namespace: a
+    stray bind mount must never turn lab clean-up into killing the host.
+    """
+    if _same_netns(os.path.join(NETNS_DIR, name), "/proc/self/ns/net"):
+        raise NetnsError(f"network namespace {name!r} is this process's own namespace: "
+                         "not killing its processes")
     for sig in (signal.SIGTERM, signal.SIGKILL):
         left = [p for p in pids(name) if p != os.getpid()]
         if not left:

@@ -1,0 +1,81 @@
+"""``hostrouting monitor``: what the datapath does, packet by packet.
+
+The programs emit a trace record per verdict into each node's ring buffer,
+but only while the ``trace`` flag of that node's config map is set, so the
+datapath pays nothing for tracing when nobody listens. The monitor sets the
+flag on every node, polls the ring buffers, prints what matches, and clears
+the flag again however it ends (Ctrl-C, SIGTERM, --count reached). If two
+monitors run at once, the first to stop switches tracing off for both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from datetime import datetime
+
+from netns_lab import netns
+from netns_lab.topology import Topology
+
+PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp"}
+
+
+def _ifnames(ns: str) -> dict[int, str]:
+    with netns.ipr(ns) as sock:
+        return {link["index"]: link.get_attr("IFLA_IFNAME") for link in sock.get_links()}
+
+
+def _wanted(event, kind: str, pod_ip: str | None) -> bool:
+    if kind == "drop" and not event.reason.startswith("drop"):
+        return False
+    return pod_ip is None or pod_ip in (event.saddr, event.daddr)
+
+
+def describe(node: str, event, names: dict[int, str]) -> dict:
+    proto = PROTOCOLS.get(event.protocol, str(event.protocol) if event.protocol else "-")
+    src = f"{event.saddr}:{event.sport}" if event.sport else event.saddr
+    dst = f"{event.daddr}:{event.dport}" if event.dport else event.daddr
+    return {"node": node, "hook": event.hook, "verdict": event.reason, "protocol": proto,
+            "src": src, "dst": dst, "len": event.len,
+            "in": names.get(event.ifindex_in, str(event.ifindex_in)),
+            "out": names.get(event.ifindex_out, str(event.ifindex_out)) if event.ifindex_out
+            else None, "ts_ns": event.ts_ns}
+
+
+def format_line(rec: dict) -> str:
+    stamp = datetime.now().strftime("%H:%M:%S.%f")[:-3]
+    out = f" -> {rec['out']}" if rec["out"] else ""
+    return (f"{stamp} {rec['node']:<8} {rec['hook']:<14} {rec['verdict']:<20} {rec['protocol']:<5} "
+            f"{rec['src']} > {rec['dst']} len {rec['len']} on {rec['in']}{out}")
+
+
+def run_monitor(state, topo: Topology, kind: str = "trace", pod: str | None = None,
+                count: int | None = None, duration: float | None = None, as_json: bool = False,
+                emit=print) -> int:
+    """Stream events until count/duration/interrupt; returns how many were printed."""
+    from datapath.switch import _node_maps
+    pod_ip = topo.find_pod(pod)[1].ip if pod else None
+    printed = 0
+    with contextlib.ExitStack() as stack:
+        readers = []
+        for node in topo.nodes:
+            maps = stack.enter_context(_node_maps(state, node))
+            names = _ifnames(node.netns)
+            pending: list = []
+            readers.append((node.name, names, pending, stack.enter_context(
+                contextlib.closing(maps.trace_reader(pending.append)))))
+            maps.set_trace(True)
+            stack.callback(maps.set_trace, False)
+        deadline = time.monotonic() + duration if duration else None
+        while (count is None or printed < count) and \
+                (deadline is None or time.monotonic() < deadline):
+            for node_name, names, pending, reader in readers:
+                reader.poll(50)
+                for event in pending:
+                    if _wanted(event, kind, pod_ip) and (count is None or printed < count):
+                        rec = describe(node_name, event, names)
+                        emit(json.dumps(rec) if as_json else format_line(rec))
+                        printed += 1
+                pending.clear()
+    return printed

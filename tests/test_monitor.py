@@ -1,0 +1,71 @@
+"""hostrouting monitor: per-packet verdicts, emitted only while someone listens."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+from datapath.monitor import run_monitor
+from datapath.switch import _node_maps
+from netns_lab.state import load_state
+from tests.labtools import assert_ping
+
+SEND_BAD_IHL = """
+from scapy.all import Ether, IP, ICMP, sendp, get_if_hwaddr
+pkt = Ether(dst="ff:ff:ff:ff:ff:ff", src=get_if_hwaddr("eth0")) / IP(ihl=3, dst="{dst}") / ICMP()
+sendp(pkt, iface="eth0", verbose=False)
+"""
+
+
+def later(fn, delay=1.0):
+    t = threading.Timer(delay, fn)
+    t.start()
+    return t
+
+
+def trace_flags(state, topo) -> list[int]:
+    flags = []
+    for node in topo.nodes:
+        with _node_maps(state, node) as maps:
+            flags.append(maps.config().trace)
+    return flags
+
+
+def test_no_listener_no_events_then_filtered_stream(make_lab):
+    state, topo = make_lab("ebpf")
+    state = load_state(topo.lab)
+    (a1, a2), (b1, _) = topo.nodes[0].pods, topo.nodes[1].pods
+    assert trace_flags(state, topo) == [0, 0]
+    assert_ping(a1.netns, b1.ip)
+    for node in topo.nodes:  # nothing was traced while nobody listened
+        with _node_maps(state, node) as maps:
+            assert maps.read_trace_events() == []
+
+    lines: list[str] = []
+    timer = later(lambda: (assert_ping(a2.netns, b1.ip), assert_ping(a1.netns, a2.ip)))
+    run_monitor(state, topo, "trace", pod="node1-pod1", count=2, duration=15,
+                as_json=False, emit=lines.append)
+    timer.join()
+    assert len(lines) == 2
+    assert all("198.18.1.10" in line and "redirect_peer" in line for line in lines), lines
+    assert trace_flags(state, topo) == [0, 0]
+
+
+def test_drop_filter_shows_a_malformed_packet(make_lab):
+    state, topo = make_lab("ebpf")
+    state = load_state(topo.lab)
+    a1, a2 = topo.nodes[0].pods
+    lines: list[str] = []
+
+    def send():
+        assert_ping(a1.netns, a2.ip)  # traced, but not a drop: filtered out
+        subprocess.run(["ip", "netns", "exec", a1.netns, sys.executable, "-c",
+                        SEND_BAD_IHL.format(dst=a2.ip)], check=True, timeout=30)
+
+    timer = later(send)
+    run_monitor(state, topo, "drop", count=1, duration=20, as_json=True, emit=lines.append)
+    timer.join()
+    assert len(lines) == 1 and '"verdict": "drop_malformed"' in lines[0], lines
+    assert '"node": "node1"' in lines[0] and '"hook": "from_pod"' in lines[0]
