@@ -328,6 +328,15 @@ def check_helper(probes: Probes, helper: str) -> Check:
     return Check(helper, False, True, f"{helper}: {explain_rejection(exc, log, min_kernel)}")
 
 
+def datapath_support() -> list[Check]:
+    """What eBPF host routing needs from the kernel: sched_cls and its three helpers."""
+    probes = Probes()
+    try:
+        return [check_sched_cls(probes)] + [check_helper(probes, h) for h in HELPERS]
+    finally:
+        probes.close()
+
+
 def check_clsact(probes: Probes) -> list[Check]:
     """clsact on a veth in a throwaway netns, and a direct-action attach of the trivial program."""
     qdisc, attach = "clsact qdisc", "sched_cls attach (clsact ingress)"

@@ -152,7 +152,17 @@ def status(state: LabState, topo: Topology) -> dict:
         nodes.append({"name": node.name, "netns": node.netns, "mode": state.mode,
                       "attached": attached})
     return {"lab": topo.lab, "mode": state.mode, "nodes": nodes,
-            "rule_blocking": rule_guard.mechanisms(state.guard_pid)}
+            "rule_blocking": rule_guard.mechanisms(state.guard_pid),
+            "ebpf_support": _support()}
+
+
+def _support() -> dict:
+    """Whether this kernel can run eBPF host routing, and if not exactly why."""
+    from .doctor import datapath_support
+    checks = datapath_support()
+    missing = [c.detail for c in checks if not c.ok]
+    return {"usable": not missing, "missing": missing,
+            "checked": [c.check for c in checks]}
 
 
 def stats(state: LabState, topo: Topology) -> dict:
@@ -185,6 +195,12 @@ def print_status(status_: dict) -> None:
     console.print(f"new firewall rules in node namespaces: blocked by {blocking['active']}"
                   + (f" (pid {blocking['guard_pid']})" if blocking["guard_pid"] else ""))
     console.print(f"BPF LSM: {blocking['bpf_lsm']['detail']}")
+    support = status_["ebpf_support"]
+    if support["usable"]:
+        console.print(f"eBPF host routing: usable on this kernel ({', '.join(support['checked'])})")
+    else:
+        console.print("[bold red]eBPF host routing cannot be used here:[/] "
+                      + "; ".join(support["missing"]))
 
 
 def print_stats(stats_: dict) -> None:

@@ -64,6 +64,8 @@ def test_lab_up_mode_ebpf_attaches_to_every_pod_and_uplink(ebpf_lab):
         assert names[topo.uplink_ifname] == ["from_underlay"]
         assert all(names[p.host_ifname] == ["from_pod"] for p in topo_node.pods)
         assert len(names) == len(topo_node.pods) + 1
+    assert status["ebpf_support"] == {"usable": True, "missing": [], "checked": [
+        "sched_cls program loads", "bpf_redirect_peer", "bpf_redirect_neigh", "bpf_fib_lookup"]}
 
 
 def test_ping_tcp_udp_both_ways_with_kernel_routing_off(ebpf_lab):
@@ -123,16 +125,16 @@ def test_counters_show_peer_for_same_node_and_neigh_for_cross_node(ebpf_lab):
 @pytest.mark.parametrize("where", ["same-node", "cross-node"])
 def test_path_skips_the_destination_host_veth(make_lab, where):
     """A drop-all checker on the destination's host-side veth egress: only the slow path meets it."""
-    from bcc import BPF
-    checker = BPF(text=DROP_ALL)
-    fn = checker.load_func("drop_all", BPF.SCHED_CLS)
+    from datapath.bpf_build import compile_bpf, load_program
+    checker = compile_bpf("drop_all.c", text=DROP_ALL)
+    fd = load_program(checker, "drop_all")
     for mode in ("legacy", "ebpf"):
         _, topo = make_lab(mode)
         a1, a2, b1, _ = pods(topo)
         dst = a2 if where == "same-node" else b1
         dst_node = topo.nodes[0] if where == "same-node" else topo.nodes[1]
         assert_ping(a1.netns, dst.ip)
-        tc_attach.attach(dst_node.netns, dst.host_ifname, fn.fd, "drop_all", "egress")
+        tc_attach.attach(dst_node.netns, dst.host_ifname, fd, "drop_all", "egress")
         reached = ping(a1.netns, dst.ip).returncode == 0
         assert reached == (mode == "ebpf"), f"{mode}: ping reached={reached}"
 
