@@ -356,13 +356,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sigterm(signum, frame):
+_MAIN_PID = os.getpid()
+
+
+def _interrupted(signum, frame):
+    """Ctrl-C and SIGTERM unwind the CLI through its clean-up paths, in this process only.
+
+    pyroute2 forks short-lived children (a netlink socket inside a namespace)
+    and stops them with SIGTERM; Ctrl-C reaches every process of the group.
+    A forked child inherits this handler, and must exit on the spot instead
+    of unwinding a copy of the CLI's stack, which would run the clean-up
+    (removing labs) under the parent's feet while the parent waits for it.
+    """
+    if os.getpid() != _MAIN_PID:
+        os._exit(128 + signum)
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _sigterm)
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGINT, _interrupted)
     try:
         return args.func(args)
     except KeyboardInterrupt:
