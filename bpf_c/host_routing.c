@@ -58,6 +58,8 @@
  * bpf_csum_diff() returns a 64-bit value whose low 32 bits are the sum (an
  * int would turn sums >= 2^31 into "errors"). Declare them as the kernel does.
  */
+static long (*hr_check_mtu)(void *ctx, __u32 ifindex, __u32 *mtu_len, __s32 len_diff,
+			    __u64 flags) = (void *)BPF_FUNC_check_mtu;
 static long (*hr_redirect_neigh)(__u32 ifindex, struct bpf_redir_neigh *params, int plen,
 				 __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
 static __s64 (*hr_csum_diff)(void *from, __u32 from_size, void *to, __u32 to_size,
@@ -67,6 +69,9 @@ BPF_HASH(endpoints, __u32, struct hr_endpoint, 1024);
 BPF_ARRAY(config, struct hr_config, 1);
 BPF_PERCPU_ARRAY(counters, struct hr_counter, HR_REASON_MAX);
 BPF_RINGBUF_OUTPUT(trace_events, 16);
+/* Destinations inside the cluster: pod CIDRs and the underlay. Anything else leaves it. */
+BPF_LPM_TRIE(cluster_cidrs, struct hr_lpm_key, __u32, 64);
+BPF_LPM_TRIE(node_routes, struct hr_lpm_key, struct hr_route, 256);
 
 /*
  * Count the verdict and, while tracing is on, record it. `len` is the length
@@ -229,6 +234,15 @@ int from_pod(struct __sk_buff *skb)
 		return to_local_pod(skb, HR_HOOK_FROM_POD, &pkt, len, ep);
 	}
 
+	{
+		struct hr_lpm_key key = { .prefixlen = 32, .addr = pkt.daddr };
+
+		/* Until BPF SNAT, traffic leaving the cluster needs the stack's MASQUERADE. */
+		if (!cluster_cidrs.lookup(&key))
+			return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_EXTERNAL, 0,
+				       TC_ACT_OK);
+	}
+
 	fib.family = AF_INET;
 	fib.tos = pkt.ip->tos;
 	fib.l4_protocol = pkt.protocol;
@@ -244,6 +258,25 @@ int from_pod(struct __sk_buff *skb)
 		/* a kernel without SKIP_NEIGH: NO_NEIGH goes to the stack, which resolves it */
 		fib.tot_len = 0;
 		rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED) {
+		/*
+		 * Forwarding is off in the node, so the kernel refuses the lookup:
+		 * other nodes' pods are still reached with the datapath's own routes,
+		 * and the egress MTU is checked by bpf_check_mtu (GSO-aware).
+		 */
+		struct hr_lpm_key key = { .prefixlen = 32, .addr = pkt.daddr };
+		struct hr_route *route = node_routes.lookup(&key);
+		__u32 mtu = 0;
+
+		if (!route)
+			return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FWD_DISABLED, 0,
+				       TC_ACT_OK);
+		fib.ifindex = route->ifindex;
+		fib.ipv4_dst = route->nexthop;
+		rc = hr_check_mtu(skb, route->ifindex, &mtu, 0, 0) == BPF_MTU_CHK_RET_SUCCESS ?
+			BPF_FIB_LKUP_RET_SUCCESS : BPF_FIB_LKUP_RET_FRAG_NEEDED;
+		fib.mtu_result = mtu;
 	}
 	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
 		return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_LOCAL, 0, TC_ACT_OK);

@@ -20,7 +20,9 @@ from datapath.bpf_build import BPF_DIR, compile_bpf, load_program
 
 SOURCE = BPF_DIR / "host_routing.c"
 PROGRAMS = ("from_pod", "from_underlay")
-MAP_NAMES = ("endpoints", "config", "counters", "trace_events")
+MAP_NAMES = ("endpoints", "config", "counters", "trace_events", "cluster_cidrs", "node_routes")
+# Every program uses these; the route maps only from_pod does.
+REQUIRED_MAPS = ("endpoints", "config", "counters", "trace_events")
 
 # what each map must look like (checked when reopening an attached program's maps)
 _EXPECTED = {
@@ -28,6 +30,8 @@ _EXPECTED = {
     "config": (libbpf.BPF_MAP_TYPE_ARRAY, 4, st.SIZEOF_CONFIG),
     "counters": (libbpf.BPF_MAP_TYPE_PERCPU_ARRAY, 4, st.SIZEOF_COUNTER),
     "trace_events": (libbpf.BPF_MAP_TYPE_RINGBUF, 0, 0),
+    "cluster_cidrs": (libbpf.BPF_MAP_TYPE_LPM_TRIE, st.SIZEOF_LPM_KEY, 4),
+    "node_routes": (libbpf.BPF_MAP_TYPE_LPM_TRIE, st.SIZEOF_LPM_KEY, st.SIZEOF_ROUTE),
 }
 
 
@@ -52,12 +56,14 @@ class DatapathMaps:
     """The four maps of a loaded datapath, by fd."""
 
     def __init__(self, fds: dict[str, object], ids: dict[str, int]):
-        missing = [n for n in MAP_NAMES if n not in fds]
+        missing = [n for n in REQUIRED_MAPS if n not in fds]
         if missing:
             raise DatapathError(f"datapath maps missing: {', '.join(missing)}")
         self._fds = fds
         self.ids = dict(ids)
         for name, (mtype, ksz, vsz) in _EXPECTED.items():
+            if name not in fds:
+                continue
             info = libbpf.map_info(fds[name])
             if info.type != mtype or (ksz and (info.key_size, info.value_size) != (ksz, vsz)):
                 raise DatapathError(
@@ -84,10 +90,10 @@ class DatapathMaps:
                     ids[name] = map_id
                 else:
                     mfd.close()
-            if set(fds) != set(MAP_NAMES):
+            if not set(REQUIRED_MAPS) <= set(fds):
                 raise DatapathError(
                     f"program {prog_id} ({pinfo.name}) does not use the datapath maps "
-                    f"(found {sorted(fds)}, need {list(MAP_NAMES)})")
+                    f"(found {sorted(fds)}, need {list(REQUIRED_MAPS)})")
             return cls(fds, ids)
         except BaseException:
             for fd in fds.values():
@@ -111,6 +117,9 @@ class DatapathMaps:
         self.close()
 
     def fd(self, name: str) -> int:
+        if name not in self._fds:
+            raise DatapathError(f"map {name!r} is not used by this program (reopen the maps "
+                                "by from_pod's id: it uses every map)")
         return self._fds[name].fileno()
 
     # endpoints ------------------------------------------------------------------------------
@@ -125,6 +134,17 @@ class DatapathMaps:
     def endpoints(self) -> dict[str, st.Endpoint]:
         return {st.key_to_ip(k): st.unpack_endpoint(v)
                 for k, v in libbpf.map_items(self.fd("endpoints"), 4, st.SIZEOF_ENDPOINT)}
+
+    # routes ---------------------------------------------------------------------------------
+
+    def set_cluster_cidr(self, cidr: str) -> None:
+        """A destination range inside the cluster (routed, never masqueraded)."""
+        libbpf.map_update(self.fd("cluster_cidrs"), st.pack_lpm_key(cidr), b"\0" * 4)
+
+    def set_node_route(self, cidr: str, nexthop: str, ifindex: int) -> None:
+        """Another node's pod CIDR, for when the kernel's FIB refuses (forwarding off)."""
+        libbpf.map_update(self.fd("node_routes"), st.pack_lpm_key(cidr),
+                          st.pack_route(nexthop, ifindex))
 
     # config ---------------------------------------------------------------------------------
 

@@ -60,6 +60,8 @@ HOOKS: dict[str, int] = _enum_members("hr_hook")
 HOOK_NAMES: dict[int, str] = {v: n.removeprefix("HR_HOOK_").lower() for n, v in HOOKS.items()}
 
 SIZEOF_ENDPOINT = ffi.sizeof("struct hr_endpoint")
+SIZEOF_LPM_KEY = ffi.sizeof("struct hr_lpm_key")
+SIZEOF_ROUTE = ffi.sizeof("struct hr_route")
 SIZEOF_CONFIG = ffi.sizeof("struct hr_config")
 SIZEOF_COUNTER = ffi.sizeof("struct hr_counter")
 SIZEOF_TRACE_EVENT = ffi.sizeof("struct hr_trace_event")
@@ -125,6 +127,22 @@ def pack_endpoint(ifindex: int, mac: str | bytes, node_mac: str | bytes, flags: 
     ffi.memmove(ep.mac, mac_to_bytes(mac), 6)
     ffi.memmove(ep.node_mac, mac_to_bytes(node_mac), 6)
     return bytes(ffi.buffer(ep))
+
+
+def pack_lpm_key(cidr: str) -> bytes:
+    """An IPv4 network -> the key of the `cluster_cidrs` / `node_routes` LPM tries."""
+    net = ipaddress.IPv4Network(cidr)
+    key = ffi.new("struct hr_lpm_key *")
+    key.prefixlen = net.prefixlen
+    ffi.memmove(ffi.addressof(key, "addr"), net.network_address.packed, 4)
+    return bytes(ffi.buffer(key))
+
+
+def pack_route(nexthop: str, ifindex: int) -> bytes:
+    route = ffi.new("struct hr_route *")
+    ffi.memmove(ffi.addressof(route, "nexthop"), ipaddress.IPv4Address(nexthop).packed, 4)
+    route.ifindex = ifindex
+    return bytes(ffi.buffer(route))
 
 
 def unpack_endpoint(raw: bytes) -> Endpoint:

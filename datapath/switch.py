@@ -52,6 +52,13 @@ def _enable_node(state: LabState, topo: Topology, node: Node) -> None:
         maps = loaded.maps
         for ip, ifindex, mac, node_mac in _endpoints(node):
             maps.set_endpoint(ip, ifindex, mac, node_mac)
+        for cidr in topo.cluster_cidrs:
+            maps.set_cluster_cidr(cidr)
+        with netns.ipr(node.netns) as nsock:
+            uplink = netns.ifindex(nsock, topo.uplink_ifname)
+        for other in topo.nodes:
+            if other is not node:
+                maps.set_node_route(other.pod_cidr, other.ip, uplink)
         record = state.datapath.setdefault(node.name, {"attached": []})
         record["programs"] = {name: loaded.prog_ids[name] for name in (FROM_POD, FROM_UNDERLAY)}
         for ifname, prog in _attach_points(topo, node):

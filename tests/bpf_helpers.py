@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from datapath import host_routing, libbpf
+from datapath import host_routing, libbpf, shared_types as st
 
 CLONE_NEWNET = 0x40000000
 ROUTER_IP = "198.18.1.1"
@@ -38,6 +38,7 @@ NETNS_DIR = "/run/netns"
 POD_MAC = "02:00:00:00:01:0a"       # the sending pod's eth0
 HIN_MAC = "02:00:00:00:01:01"       # host-side veth of the sending pod
 NARROW_MTU = 1280
+CLUSTER_CIDRS = ("198.18.0.0/16", "198.19.0.0/16")  # pods and underlay: everything but 203.0.113/24
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -154,6 +155,11 @@ def dp(loaded):
     for ip in list(maps.endpoints()):
         maps.delete_endpoint(ip)
     maps.reset_counters()
+    for name in ("cluster_cidrs", "node_routes"):  # what an earlier test left
+        for key in list(libbpf.map_keys(maps.fd(name), st.SIZEOF_LPM_KEY)):
+            libbpf.map_delete(maps.fd(name), key)
+    for cidr in CLUSTER_CIDRS:
+        maps.set_cluster_cidr(cidr)
     maps.set_config(ROUTER_IP, trace=True)
     maps.read_trace_events()        # drop leftovers
     return loaded

@@ -21,7 +21,7 @@ from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from datapath import bpf_build, libbpf, shared_types as st, tc_attach
 from datapath.host_routing import DatapathMaps
-from tests.bpf_helpers import (HIN_MAC, NARROW_MTU, POD_MAC, ROUTER_IP, dp,  # noqa: F401
+from tests.bpf_helpers import (CLUSTER_CIDRS, HIN_MAC, NARROW_MTU, POD_MAC, ROUTER_IP, dp,  # noqa: F401
                                loaded, nonzero_counters, private_netns, route_ns, run_prog,
                                send_raw, wait_for)
 
@@ -95,10 +95,10 @@ def test_local_pod_is_redirected_to_peer_with_rewritten_macs(dp, route_ns):
         SRC, LOCAL_DST, 40000, 5201, 17, len(data))
 
 
-@pytest.mark.parametrize("dst, out_dev", [(REMOTE_DST, "uplink"), (EXTERNAL_DST, "uplink"),
+@pytest.mark.parametrize("dst, out_dev", [(REMOTE_DST, "uplink"),
                                           ("198.18.3.30", "narrow"),
                                           ("198.18.4.40", "uplink")],     # next hop unresolved
-                         ids=["remote_pod", "external", "narrow", "no_neighbour_yet"])
+                         ids=["remote_pod", "narrow", "no_neighbour_yet"])
 def test_routed_destination_is_redirected_to_neighbour(dp, route_ns, dst, out_dev):
     add_local_pod(dp)       # present but not the destination
     data, res = from_pod(dp, route_ns, pod_packet(dst))
@@ -645,6 +645,9 @@ def mini_node(loaded):
         for ip in list(maps.endpoints()):
             maps.delete_endpoint(ip)
         maps.reset_counters()
+        # This mini cluster's far end (the "router" namespace) answers for EXTERNAL_DST.
+        for cidr in CLUSTER_CIDRS + ("203.0.113.0/24",):
+            maps.set_cluster_cidr(cidr)
         maps.set_config(ROUTER_IP, trace=True)
         maps.read_trace_events()
         for ns, ip, host in ((pa, SRC, "hA"), (pb, LOCAL_DST, "hB")):
@@ -687,3 +690,37 @@ def test_live_pod_to_pod_external_and_frag_needed(loaded, mini_node):
     assert ("from_pod", "redirect_neigh", mini_node["hA"], mini_node["up0"]) in seen
     assert ("from_underlay", "redirect_peer", mini_node["up0"], mini_node["hA"]) in seen
     assert ("from_pod", "icmp_frag_needed", mini_node["hA"], mini_node["hA"]) in seen
+
+
+# -- leaving the cluster, forwarding off ----------------------------------------------------
+
+def test_destination_outside_the_cluster_goes_to_the_stack_unchanged(dp, route_ns):
+    """Until BPF SNAT, only the stack's MASQUERADE makes the external host answer."""
+    data, res = from_pod(dp, route_ns, pod_packet(EXTERNAL_DST))
+    assert res.retval == TC_ACT_OK and res.data_out == data
+    only_counter(dp, "pass_external", 1, len(data))
+
+
+def test_forwarding_off_uses_the_datapath_node_routes(dp, route_ns):
+    """With forwarding off the kernel refuses the FIB lookup: node_routes still route pods."""
+    subprocess.run(["ip", "netns", "exec", route_ns.name, "sysctl", "-qw",
+                    "net.ipv4.conf.all.forwarding=0", "net.ipv4.conf.hin.forwarding=0"],
+                   check=True, timeout=10)
+    try:
+        data, res = from_pod(dp, route_ns, pod_packet(REMOTE_DST))
+        assert res.retval == TC_ACT_OK and res.data_out == data
+        only_counter(dp, "pass_fwd_disabled", 1, len(data))
+
+        dp.maps.reset_counters()
+        dp.maps.read_trace_events()
+        dp.maps.set_node_route("198.18.2.0/24", "198.19.0.2", route_ns.uplink)
+        data, res = from_pod(dp, route_ns, pod_packet(REMOTE_DST))
+        assert res.retval == TC_ACT_REDIRECT
+        assert Ether(res.data_out)[IP].ttl == 63
+        assert_ip_checksum_ok(res.data_out)
+        assert one_event(dp).ifindex_out == route_ns.uplink
+        only_counter(dp, "redirect_neigh", 1, len(data))
+    finally:
+        subprocess.run(["ip", "netns", "exec", route_ns.name, "sysctl", "-qw",
+                        "net.ipv4.conf.all.forwarding=1", "net.ipv4.conf.hin.forwarding=1"],
+                       check=True, timeout=10)

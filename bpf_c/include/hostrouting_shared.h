@@ -27,7 +27,9 @@ enum hr_reason {
 	HR_ICMP_FRAG_NEEDED = 9,	/* too big, DF set: ICMP frag needed sent back to the pod */
 	HR_DROP_MALFORMED = 10,		/* truncated Ethernet/IPv4 header or bad IHL / total length */
 	HR_DROP_ICMP_FAILED = 11,	/* building the frag-needed reply failed */
-	HR_REASON_MAX = 12
+	HR_PASS_FWD_DISABLED = 12,	/* forwarding off in the node and no datapath route: to the stack */
+	HR_PASS_EXTERNAL = 13,		/* leaves the cluster: to the stack, whose MASQUERADE applies */
+	HR_REASON_MAX = 14
 };
 
 /* Where a trace event was taken. */
@@ -42,6 +44,22 @@ struct hr_endpoint {
 	__u32 flags;		/* reserved, 0 */
 	__u8 mac[6];		/* the pod's eth0 MAC */
 	__u8 node_mac[6];	/* the host-side veth's MAC */
+};
+
+/* Key of the LPM-trie maps `cluster_cidrs` and `node_routes`. */
+struct hr_lpm_key {
+	__u32 prefixlen;
+	__u32 addr;		/* network order */
+};
+
+/*
+ * Value of `node_routes`: another node's pod CIDR is reached through its
+ * underlay address. Used when the kernel's FIB lookup is refused because
+ * forwarding is off in the node (BPF_FIB_LKUP_RET_FWD_DISABLED).
+ */
+struct hr_route {
+	__u32 nexthop;		/* the other node's underlay address (network order) */
+	__u32 ifindex;		/* the uplink, in this node's namespace */
 };
 
 /* The single entry of the `config` array map. */
