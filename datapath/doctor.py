@@ -34,8 +34,9 @@ import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
+
+from datapath.bpf_build import capture_fd2
 
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
 NETNS_PREFIX = "hrdoctor-"
@@ -103,24 +104,6 @@ class Check:
 
 # ---------------------------------------------------------------- helpers
 
-@contextlib.contextmanager
-def captured_fd2():
-    """Send fd 2 to a temporary file for the block; the text is in the yielded list after."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    captured: list[str] = []
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield captured
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            captured.append(tmp.read().decode(errors="replace"))
-
-
 def which(tool: str) -> str | None:
     path = os.environ.get("PATH", "") + os.pathsep + SBIN_PATH
     return shutil.which(tool, path=path)
@@ -162,7 +145,7 @@ class Probes:
             self.import_error = f"{type(e).__name__}: {e}"
             return
         self.BPF = BPF
-        with captured_fd2() as err:
+        with capture_fd2() as err:
             try:
                 self.bpf = BPF(text=PROBE_SOURCE.encode(), cflags=["-w"])
             except Exception as e:
@@ -179,7 +162,7 @@ class Probes:
 
     def load(self, func: str) -> tuple[int | None, str, str]:
         """(fd or None, exception text, verifier log)."""
-        with captured_fd2() as err:
+        with capture_fd2() as err:
             try:
                 fn = self.bpf.load_func(func.encode(), self.BPF.SCHED_CLS)
             except Exception as e:
