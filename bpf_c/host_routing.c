@@ -9,7 +9,9 @@
  *
  * A packet for a pod of this node goes straight into the pod's eth0 with
  * bpf_redirect_peer(); anything else a pod sends is routed with
- * bpf_fib_lookup() and bpf_redirect_neigh(). Whatever the programs do not
+ * bpf_fib_lookup() and bpf_redirect_neigh(); what leaves the cluster is
+ * source-NATed to the node IP on the way (nat.h) and its replies translated
+ * back in from_underlay. Whatever the programs do not
  * handle goes to the stack unchanged (TC_ACT_OK), so the legacy path is the
  * fallback. Every verdict is counted per reason (enum hr_reason) and, while
  * a monitor asks for it, traced to the `trace_events` ring buffer.
@@ -65,6 +67,8 @@ static long (*hr_redirect_neigh)(__u32 ifindex, struct bpf_redir_neigh *params, 
 static __s64 (*hr_csum_diff)(void *from, __u32 from_size, void *to, __u32 to_size,
 			     __u32 seed) = (void *)BPF_FUNC_csum_diff;
 
+#include "nat.h"
+
 BPF_HASH(endpoints, __u32, struct hr_endpoint, 1024);
 BPF_ARRAY(config, struct hr_config, 1);
 BPF_PERCPU_ARRAY(counters, struct hr_counter, HR_REASON_MAX);
@@ -72,26 +76,63 @@ BPF_RINGBUF_OUTPUT(trace_events, 16);
 /* Destinations inside the cluster: pod CIDRs and the underlay. Anything else leaves it. */
 BPF_LPM_TRIE(cluster_cidrs, struct hr_lpm_key, __u32, 64);
 BPF_LPM_TRIE(node_routes, struct hr_lpm_key, struct hr_route, 256);
+/*
+ * BPF SNAT state, two entries per flow (nat.h). The loader sizes it from the
+ * lab's [nat] max_flows; LRU, so a full table evicts the least recently used
+ * flow instead of refusing new ones.
+ */
+#ifndef HR_NAT_MAP_SIZE
+#define HR_NAT_MAP_SIZE 131072
+#endif
+BPF_TABLE("lru_hash", struct hr_nat_key, struct hr_nat_entry, nat, HR_NAT_MAP_SIZE);
+BPF_PERCPU_ARRAY(nat_scratch, struct hr_nat_scratch, 1);
+
+static __always_inline struct hr_nat_entry *nat_lookup(struct hr_nat_key *key)
+{
+	return nat.lookup(key);
+}
+
+/* BPF_NOEXIST: 0 when inserted, non-zero when the key exists (or on error) */
+static __always_inline int nat_insert(struct hr_nat_key *key, struct hr_nat_entry *value)
+{
+	return nat.insert(key, value);
+}
+
+static __always_inline void nat_remove(struct hr_nat_key *key)
+{
+	nat.delete(key);
+}
+
+static __always_inline struct hr_nat_scratch *nat_scratch_get(void)
+{
+	__u32 zero = 0;
+
+	return nat_scratch.lookup(&zero);
+}
 
 /*
  * Count the verdict and, while tracing is on, record it. `len` is the length
  * of the packet as it arrived (the ICMP reply is shorter than what it answers).
+ * `slot` is one variable of the program's for the map keys: every inlined
+ * copy of this function would otherwise keep its own on the 512-byte stack.
  */
-static __always_inline int verdict(struct __sk_buff *skb, __u32 hook, struct hr_pkt *pkt,
-				   __u32 len, __u32 reason, __u32 ifindex_out, int action)
+static __always_inline int verdict(__u32 *slot, struct __sk_buff *skb, __u32 hook,
+				   struct hr_pkt *pkt, __u32 len, __u32 reason,
+				   __u32 ifindex_out, int action)
 {
 	struct hr_trace_event *ev;
 	struct hr_counter *cnt;
 	struct hr_config *cfg;
-	__u32 zero = 0;
 
-	cnt = counters.lookup(&reason);
+	*slot = reason;
+	cnt = counters.lookup(slot);
 	if (cnt) {
 		cnt->packets++;
 		cnt->bytes += len;
 	}
 
-	cfg = config.lookup(&zero);
+	*slot = 0;
+	cfg = config.lookup(slot);
 	if (!cfg || cfg->trace != 1)
 		return action;
 	ev = trace_events.ringbuf_reserve(sizeof(*ev));
@@ -120,8 +161,9 @@ static __always_inline int verdict(struct __sk_buff *skb, __u32 hook, struct hr_
  * out of the pod's host-side veth, TTL decremented, then straight into the
  * ingress of the pod's eth0 (the veth peer of ep->ifindex).
  */
-static __always_inline int to_local_pod(struct __sk_buff *skb, __u32 hook, struct hr_pkt *pkt,
-					__u32 len, struct hr_endpoint *ep)
+static __always_inline int to_local_pod(__u32 *slot, struct __sk_buff *skb, __u32 hook,
+					struct hr_pkt *pkt, __u32 len, struct hr_endpoint *ep,
+					__u32 reason)
 {
 	__u32 ifindex = ep->ifindex;
 
@@ -129,8 +171,26 @@ static __always_inline int to_local_pod(struct __sk_buff *skb, __u32 hook, struc
 	__builtin_memcpy(pkt->eth->h_source, ep->node_mac, ETH_ALEN);
 	ip_decrease_ttl(pkt->ip);
 	/* With flags 0 this always answers TC_ACT_REDIRECT. */
-	return verdict(skb, hook, pkt, len, HR_REDIRECT_PEER, ifindex,
-		       (int)bpf_redirect_peer(ifindex, 0));
+	return verdict(slot, skb, hook, pkt, len, reason, ifindex, (int)bpf_redirect_peer(ifindex, 0));
+}
+
+static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
+{
+	__u32 a4, b4;
+	__u16 a2, b2;
+
+	__builtin_memcpy(&a4, a, 4);
+	__builtin_memcpy(&b4, b, 4);
+	__builtin_memcpy(&a2, a + 4, 2);
+	__builtin_memcpy(&b2, b + 4, 2);
+	return a4 == b4 && a2 == b2;
+}
+
+static __always_inline int in_cluster(__u32 addr)
+{
+	struct hr_lpm_key key = { .prefixlen = 32, .addr = addr };
+
+	return cluster_cidrs.lookup(&key) != 0;
 }
 
 /*
@@ -210,38 +270,51 @@ static __always_inline int icmp_frag_needed(struct __sk_buff *skb, struct hr_pkt
 /* Traffic leaving a pod, at ingress of its host-side veth. */
 int from_pod(struct __sk_buff *skb)
 {
+	__u32 key_slot = 0, *slot = &key_slot;
 	struct bpf_fib_lookup fib = {};
 	struct bpf_redir_neigh nh = {};
 	struct hr_endpoint *ep;
+	struct hr_config *cfg;
 	struct hr_pkt pkt = {};
 	__u32 len = skb->len;
 	__u32 ifindex;
-	int rc;
+	int rc, external, stack_fragments;
 
 	rc = parse_ipv4(skb, &pkt);
 	if (rc == HR_PARSE_NOT_IPV4)
-		return verdict(skb, HR_HOOK_FROM_POD, 0, len, HR_PASS_NOT_IPV4, 0, TC_ACT_OK);
+		return verdict(slot, skb, HR_HOOK_FROM_POD, 0, len, HR_PASS_NOT_IPV4, 0, TC_ACT_OK);
 	if (rc != HR_PARSE_OK)
-		return verdict(skb, HR_HOOK_FROM_POD, 0, len, HR_DROP_MALFORMED, 0, TC_ACT_SHOT);
+		return verdict(slot, skb, HR_HOOK_FROM_POD, 0, len, HR_DROP_MALFORMED, 0, TC_ACT_SHOT);
 	parse_ports(skb, &pkt);
-	if (pkt.fragment)
-		return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FRAGMENT, 0, TC_ACT_OK);
+	*slot = 0;
+	cfg = config.lookup(slot);
+	if (!cfg)
+		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_NOT_ENDPOINT, 0, TC_ACT_OK);
+
+	/* Anti-spoofing: a pod sends from its own address and MAC, on its own veth. */
+	ep = endpoints.lookup(&pkt.saddr);
+	if (!ep || ep->ifindex != skb->ifindex || !mac_equal(ep->mac, pkt.eth->h_source))
+		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_DROP_SPOOFED, 0, TC_ACT_SHOT);
+
+	external = cfg->node_ip && !in_cluster(pkt.daddr);
+	if (pkt.fragment) {
+		/* Fragments are not NATed; un-NATed they must not leave the cluster. */
+		if (external && !endpoints.lookup(&pkt.daddr))
+			return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_DROP_NAT_UNSUPPORTED, 0,
+				       TC_ACT_SHOT);
+		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FRAGMENT, 0, TC_ACT_OK);
+	}
 
 	ep = endpoints.lookup(&pkt.daddr);
 	if (ep) {
 		if (pkt.ip->ttl <= 1)
-			return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_TTL, 0, TC_ACT_OK);
-		return to_local_pod(skb, HR_HOOK_FROM_POD, &pkt, len, ep);
+			return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_TTL, 0, TC_ACT_OK);
+		return to_local_pod(slot, skb, HR_HOOK_FROM_POD, &pkt, len, ep, HR_REDIRECT_PEER);
 	}
 
-	{
-		struct hr_lpm_key key = { .prefixlen = 32, .addr = pkt.daddr };
-
-		/* Until BPF SNAT, traffic leaving the cluster needs the stack's MASQUERADE. */
-		if (!cluster_cidrs.lookup(&key))
-			return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_EXTERNAL, 0,
-				       TC_ACT_OK);
-	}
+	/* Without a node IP to masquerade to, the stack (and its MASQUERADE) takes it. */
+	if (!cfg->node_ip && !in_cluster(pkt.daddr))
+		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_EXTERNAL, 0, TC_ACT_OK);
 
 	fib.family = AF_INET;
 	fib.tos = pkt.ip->tos;
@@ -262,15 +335,16 @@ int from_pod(struct __sk_buff *skb)
 	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED) {
 		/*
 		 * Forwarding is off in the node, so the kernel refuses the lookup:
-		 * other nodes' pods are still reached with the datapath's own routes,
-		 * and the egress MTU is checked by bpf_check_mtu (GSO-aware).
+		 * other nodes' pods (and, by a default route, the outside) are still
+		 * reached with the datapath's own routes, and the egress MTU is
+		 * checked by bpf_check_mtu (GSO-aware).
 		 */
 		struct hr_lpm_key key = { .prefixlen = 32, .addr = pkt.daddr };
 		struct hr_route *route = node_routes.lookup(&key);
 		__u32 mtu = 0;
 
 		if (!route)
-			return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FWD_DISABLED, 0,
+			return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FWD_DISABLED, 0,
 				       TC_ACT_OK);
 		fib.ifindex = route->ifindex;
 		fib.ipv4_dst = route->nexthop;
@@ -279,59 +353,121 @@ int from_pod(struct __sk_buff *skb)
 		fib.mtu_result = mtu;
 	}
 	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
-		return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_LOCAL, 0, TC_ACT_OK);
+		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_LOCAL, 0, TC_ACT_OK);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_FRAG_NEEDED)
-		return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FIB_MISS, 0, TC_ACT_OK);
+		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FIB_MISS, 0, TC_ACT_OK);
 	/* The stack checks the TTL before the MTU: so do we. */
 	if (pkt.ip->ttl <= 1)
-		return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_TTL, 0, TC_ACT_OK);
+		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_TTL, 0, TC_ACT_OK);
 
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
-		if (!(pkt.ip->frag_off & HR_HTONS(HR_IP_DF)))
-			return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FRAG_NEEDED, 0,
-				       TC_ACT_OK);
+	/* Too big, DF clear: the stack fragments it (NATed first if it leaves the cluster). */
+	stack_fragments = rc == BPF_FIB_LKUP_RET_FRAG_NEEDED &&
+			  !(pkt.ip->frag_off & HR_HTONS(HR_IP_DF));
+	if (stack_fragments && !external)
+		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FRAG_NEEDED, 0, TC_ACT_OK);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && !stack_fragments) {
 		ifindex = skb->ifindex;
 		if (icmp_frag_needed(skb, &pkt, fib.mtu_result) < 0)
-			return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_DROP_ICMP_FAILED, 0,
+			return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_DROP_ICMP_FAILED, 0,
 				       TC_ACT_SHOT);
 		/* Back into the pod it came from: the peer of this very veth. */
-		return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_ICMP_FRAG_NEEDED, ifindex,
+		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_ICMP_FRAG_NEEDED, ifindex,
 			       (int)bpf_redirect_peer(ifindex, 0));
 	}
 
-	ip_decrease_ttl(pkt.ip);
+	if (!stack_fragments)
+		ip_decrease_ttl(pkt.ip);
 	nh.nh_family = AF_INET;
 	nh.ipv4_nh = fib.ipv4_dst;	/* the next hop: the gateway, or the destination itself */
 	ifindex = fib.ifindex;
+	if (external) {
+		/* Leaves the cluster: from the node IP and a NAT port (pointers stale after). */
+		rc = snat_out(skb, &pkt, cfg);
+		if (rc)
+			return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, rc, 0, TC_ACT_SHOT);
+		if (stack_fragments)
+			return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_SNAT_PASS_FRAG_NEEDED, 0,
+				       TC_ACT_OK);
+		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_SNAT_REDIRECT_NEIGH, ifindex,
+			       (int)hr_redirect_neigh(ifindex, &nh, sizeof(nh), 0));
+	}
 	/* The neighbour subsystem fills in the MACs (resolving if it must) on egress. */
-	return verdict(skb, HR_HOOK_FROM_POD, &pkt, len, HR_REDIRECT_NEIGH, ifindex,
+	return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_REDIRECT_NEIGH, ifindex,
 		       (int)hr_redirect_neigh(ifindex, &nh, sizeof(nh), 0));
 }
 
-/* Traffic from other nodes, at ingress of the node's underlay device. */
-int from_underlay(struct __sk_buff *skb)
+/*
+ * A packet for the node IP: a reply to a flow BPF SNAT opened (or an ICMP
+ * error about one) goes back into its pod; anything else is the node's own.
+ */
+static __always_inline int from_outside_to_node(__u32 *slot, struct __sk_buff *skb,
+						struct hr_pkt *pkt, struct hr_config *cfg,
+						__u32 len)
 {
 	struct hr_endpoint *ep;
+	__u32 pod_ip = 0, reason = HR_RNAT_REDIRECT_PEER;
+	int rc;
+
+	rc = rnat_in(skb, pkt, cfg, &pod_ip);
+	if (rc == HR_PASS_NAT_MISS && pkt->protocol == IPPROTO_ICMP) {
+		rc = rnat_icmp_error(skb, pkt, cfg, &pod_ip);
+		reason = HR_RNAT_ICMP_ERROR;
+	}
+	if (rc == HR_PASS_NAT_MISS)
+		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len, HR_PASS_NAT_MISS, 0, TC_ACT_OK);
+	if (rc)
+		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len, rc, 0, TC_ACT_SHOT);
+
+	/* The helpers moved the data: parse again for the MAC and TTL rewrite. */
+	if (parse_ipv4(skb, pkt) != HR_PARSE_OK)
+		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, 0, len, HR_DROP_NAT_FAILED, 0,
+			       TC_ACT_SHOT);
+	ep = endpoints.lookup(&pod_ip);
+	if (!ep)
+		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len, HR_DROP_NAT_NO_ENDPOINT, 0,
+			       TC_ACT_SHOT);
+	if (pkt->ip->ttl <= 1)
+		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len, HR_PASS_TTL, 0, TC_ACT_OK);
+	return to_local_pod(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len, ep, reason);
+}
+
+/* Traffic from other nodes and the outside, at ingress of the node's underlay device. */
+int from_underlay(struct __sk_buff *skb)
+{
+	__u32 key_slot = 0, *slot = &key_slot;
+	struct hr_endpoint *ep;
+	struct hr_config *cfg;
 	struct hr_pkt pkt = {};
 	__u32 len = skb->len;
 	int rc;
 
 	rc = parse_ipv4(skb, &pkt);
 	if (rc == HR_PARSE_NOT_IPV4)
-		return verdict(skb, HR_HOOK_FROM_UNDERLAY, 0, len, HR_PASS_NOT_IPV4, 0, TC_ACT_OK);
+		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, 0, len, HR_PASS_NOT_IPV4, 0, TC_ACT_OK);
 	if (rc != HR_PARSE_OK)
-		return verdict(skb, HR_HOOK_FROM_UNDERLAY, 0, len, HR_DROP_MALFORMED, 0,
+		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, 0, len, HR_DROP_MALFORMED, 0,
 			       TC_ACT_SHOT);
 	parse_ports(skb, &pkt);
+	*slot = 0;
+	cfg = config.lookup(slot);
+	if (!cfg)
+		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_PASS_NOT_ENDPOINT, 0,
+			       TC_ACT_OK);
+	if (cfg->node_ip && pkt.daddr == cfg->node_ip)
+		return from_outside_to_node(slot, skb, &pkt, cfg, len);
 	if (pkt.fragment)
-		return verdict(skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_PASS_FRAGMENT, 0,
+		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_PASS_FRAGMENT, 0,
 			       TC_ACT_OK);
 
 	ep = endpoints.lookup(&pkt.daddr);
 	if (!ep)
-		return verdict(skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_PASS_NOT_ENDPOINT, 0,
+		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_PASS_NOT_ENDPOINT, 0,
 			       TC_ACT_OK);
+	/* Pods are reached directly from inside the cluster only; the outside gets replies. */
+	if (!in_cluster(pkt.saddr))
+		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_DROP_NOT_FROM_CLUSTER, 0,
+			       TC_ACT_SHOT);
 	if (pkt.ip->ttl <= 1)
-		return verdict(skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_PASS_TTL, 0, TC_ACT_OK);
-	return to_local_pod(skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, ep);
+		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_PASS_TTL, 0, TC_ACT_OK);
+	return to_local_pod(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, ep, HR_REDIRECT_PEER);
 }

@@ -11,6 +11,7 @@ lost).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import platform
 import re
@@ -122,6 +123,45 @@ def default_cflags() -> list[str]:
     return [f"-I{INCLUDE_DIR}", "-Wno-unused-function"]
 
 
+_COMPILED_OK: set[str] = set()
+
+
+def _check_compiles_in_child(bcc, source: str, text: str, flags: list[str]) -> None:
+    """Compile once in a forked child first: LLVM ends the whole process on some
+    errors (a program over the 512-byte stack, say) with exit(1), which would
+    take the diagnostics and the caller with it. Passing texts are remembered,
+    so a lab's nodes pay for this once."""
+    digest = hashlib.sha256("\0".join([text, *flags]).encode()).hexdigest()
+    if digest in _COMPILED_OK:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: compile, report by exit status, diagnostics on the pipe
+        try:
+            os.close(rfd)
+            os.dup2(wfd, 2)
+            try:
+                bcc.BPF(text=text.encode(), cflags=flags).cleanup()
+            except BaseException:
+                os._exit(3)
+            os._exit(0)
+        finally:
+            os._exit(4)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as pipe:
+        diag = pipe.read().decode("utf-8", "replace")
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) == 0:
+        _COMPILED_OK.add(digest)
+        return
+    if "No such file or directory" in diag and "/lib/modules" in diag:
+        raise KernelHeadersMissing(f"bcc could not find kernel headers:\n{diag}")
+    raise BpfCompileError(source, diag.strip() or
+                          f"the compiler ended with status {os.waitstatus_to_exitcode(status)}")
+
+
 def compile_bpf(source: Path | str, cflags: list[str] | None = None, text: str | None = None):
     """Compile a BPF C file (or `text`, named `source` in messages) with bcc; returns bcc.BPF.
 
@@ -140,6 +180,7 @@ def compile_bpf(source: Path | str, cflags: list[str] | None = None, text: str |
     # real file (and the right line numbers) in its diagnostics.
     text = f'#line 1 "{source}"\n' + text
     flags = default_cflags() + list(cflags or [])
+    _check_compiles_in_child(bcc, str(source), text, flags)
     with capture_fd2() as captured:
         try:
             bpf = bcc.BPF(text=text.encode(), cflags=flags)

@@ -20,9 +20,13 @@ from datapath.bpf_build import BPF_DIR, compile_bpf, load_program
 
 SOURCE = BPF_DIR / "host_routing.c"
 PROGRAMS = ("from_pod", "from_underlay")
-MAP_NAMES = ("endpoints", "config", "counters", "trace_events", "cluster_cidrs", "node_routes")
+MAP_NAMES = ("endpoints", "config", "counters", "trace_events", "cluster_cidrs", "node_routes",
+             "nat")
 # Every program uses these; the route maps only from_pod does.
 REQUIRED_MAPS = ("endpoints", "config", "counters", "trace_events")
+
+DEFAULT_NAT_MAX_FLOWS = 65536
+MAX_NAT_MAX_FLOWS = 4 * 1024 * 1024
 
 # what each map must look like (checked when reopening an attached program's maps)
 _EXPECTED = {
@@ -32,6 +36,7 @@ _EXPECTED = {
     "trace_events": (libbpf.BPF_MAP_TYPE_RINGBUF, 0, 0),
     "cluster_cidrs": (libbpf.BPF_MAP_TYPE_LPM_TRIE, st.SIZEOF_LPM_KEY, 4),
     "node_routes": (libbpf.BPF_MAP_TYPE_LPM_TRIE, st.SIZEOF_LPM_KEY, st.SIZEOF_ROUTE),
+    "nat": (libbpf.BPF_MAP_TYPE_LRU_HASH, st.SIZEOF_NAT_KEY, st.SIZEOF_NAT_ENTRY),
 }
 
 
@@ -152,13 +157,31 @@ class DatapathMaps:
         raw = libbpf.map_lookup(self.fd("config"), (0).to_bytes(4, "little"), st.SIZEOF_CONFIG)
         return st.unpack_config(raw)
 
-    def set_config(self, router_ip: str, trace: bool = False) -> None:
+    def set_config(self, router_ip: str, trace: bool = False, node_ip: str | None = None,
+                   nat: dict[str, int] | None = None) -> None:
+        """router_ip: the pods' gateway; node_ip: the SNAT source (None: BPF SNAT off)."""
         libbpf.map_update(self.fd("config"), (0).to_bytes(4, "little"),
-                          st.pack_config(router_ip, trace))
+                          st.pack_config(router_ip, trace, node_ip, nat))
 
     def set_trace(self, on: bool) -> None:
         cfg = self.config()
-        self.set_config(cfg.router_ip, on)
+        self.set_config(cfg.router_ip, on, cfg.node_ip, cfg.nat)
+
+    # NAT table ------------------------------------------------------------------------------
+
+    def nat_entries(self) -> list[tuple[st.NatKey, st.NatEntry]]:
+        return [(st.unpack_nat_key(k), st.unpack_nat_entry(v))
+                for k, v in libbpf.map_items(self.fd("nat"), st.SIZEOF_NAT_KEY,
+                                             st.SIZEOF_NAT_ENTRY)]
+
+    def nat_delete(self, key: st.NatKey) -> bool:
+        return libbpf.map_delete(self.fd("nat"), st.pack_nat_key(key))
+
+    def nat_update(self, key: st.NatKey, entry: st.NatEntry) -> None:
+        libbpf.map_update(self.fd("nat"), st.pack_nat_key(key), st.pack_nat_entry(entry))
+
+    def nat_capacity(self) -> int:
+        return libbpf.map_info(self._fds["nat"]).max_entries
 
     # counters -------------------------------------------------------------------------------
 
@@ -249,17 +272,26 @@ class LoadedDatapath:
 
 
 def load(router_ip: str, source: Path = SOURCE, cflags: list[str] | None = None,
-         trace: bool = False) -> LoadedDatapath:
-    """Compile and load both programs, write config (router_ip = the pods' gateway)."""
-    st.ip_to_key(router_ip)  # validate before spending a compile on it
-    bpf = compile_bpf(source, cflags)
+         trace: bool = False, node_ip: str | None = None, nat: dict[str, int] | None = None,
+         nat_max_flows: int = DEFAULT_NAT_MAX_FLOWS) -> LoadedDatapath:
+    """Compile and load both programs, write config.
+
+    router_ip is the pods' gateway; node_ip the address traffic leaving the
+    cluster is source-NATed to (None: BPF SNAT off, such traffic goes to the
+    stack); nat overrides shared_types.NAT_CONFIG_DEFAULTS; the NAT map holds
+    two entries for each of nat_max_flows flows.
+    """
+    st.pack_config(router_ip, trace, node_ip, nat)  # validate before spending a compile on it
+    if not 1 <= nat_max_flows <= MAX_NAT_MAX_FLOWS:
+        raise ValueError(f"nat_max_flows must be 1..{MAX_NAT_MAX_FLOWS}, not {nat_max_flows}")
+    bpf = compile_bpf(source, [f"-DHR_NAT_MAP_SIZE={2 * nat_max_flows}", *(cflags or [])])
     try:
         programs = {}
         for name in PROGRAMS:
             fd = load_program(bpf, name)
             programs[name] = Program(name=name, fd=fd, id=libbpf.prog_info(fd).id)
         maps = DatapathMaps.from_bcc(bpf)
-        maps.set_config(router_ip, trace)
+        maps.set_config(router_ip, trace, node_ip, nat)
     except BaseException:
         bpf.cleanup()
         raise

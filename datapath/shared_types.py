@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cffi
@@ -151,22 +151,113 @@ def unpack_endpoint(raw: bytes) -> Endpoint:
                     node_mac=mac_to_str(ffi.buffer(ep.node_mac)), flags=ep.flags)
 
 
+#: NAT settings of struct hr_config, field name -> default (ports host order, timeouts in s).
+NAT_CONFIG_DEFAULTS: dict[str, int] = {
+    "nat_port_min": 1024,
+    "nat_port_max": 32767,
+    "nat_timeout_tcp_syn": 60,
+    "nat_timeout_tcp_established": 3600,
+    "nat_timeout_tcp_closing": 10,
+    "nat_timeout_udp": 60,
+    "nat_timeout_icmp": 30,
+}
+
+
 @dataclass(frozen=True)
 class Config:
     router_ip: str
     trace: bool
+    node_ip: str | None = None          # None: BPF SNAT off
+    nat: dict[str, int] = field(default_factory=lambda: dict(NAT_CONFIG_DEFAULTS))
 
 
-def pack_config(router_ip: str, trace: bool = False) -> bytes:
+def pack_config(router_ip: str, trace: bool = False, node_ip: str | None = None,
+                nat: dict[str, int] | None = None) -> bytes:
+    """struct hr_config; `nat` overrides NAT_CONFIG_DEFAULTS (unknown keys are an error)."""
+    settings = dict(NAT_CONFIG_DEFAULTS)
+    unknown = set(nat or {}) - set(settings)
+    if unknown:
+        raise ValueError(f"unknown NAT setting(s): {', '.join(sorted(unknown))}")
+    settings.update(nat or {})
     cfg = ffi.new("struct hr_config *")
     cfg.router_ip = ip_to_be32(router_ip)
     cfg.trace = 1 if trace else 0
+    cfg.node_ip = ip_to_be32(node_ip) if node_ip else 0
+    for name, value in settings.items():
+        setattr(cfg, name, value)   # cffi raises OverflowError on a value that does not fit
     return bytes(ffi.buffer(cfg))
 
 
 def unpack_config(raw: bytes) -> Config:
     cfg = _from_bytes("struct hr_config", raw)
-    return Config(router_ip=be32_to_ip(cfg.router_ip), trace=cfg.trace == 1)
+    return Config(router_ip=be32_to_ip(cfg.router_ip), trace=cfg.trace == 1,
+                  node_ip=be32_to_ip(cfg.node_ip) if cfg.node_ip else None,
+                  nat={name: getattr(cfg, name) for name in NAT_CONFIG_DEFAULTS})
+
+
+# -- NAT entries ----------------------------------------------------------------------------
+
+NAT_DIRS: dict[int, str] = {v: n.removeprefix("HR_NAT_").lower()
+                            for n, v in _enum_members("hr_nat_dir").items()}
+NAT_STATE_BITS: dict[str, int] = {n.removeprefix("HR_NAT_").lower(): v
+                                  for n, v in _enum_members("hr_nat_state").items()}
+SIZEOF_NAT_KEY = ffi.sizeof("struct hr_nat_key")
+SIZEOF_NAT_ENTRY = ffi.sizeof("struct hr_nat_entry")
+
+
+@dataclass(frozen=True)
+class NatKey:
+    saddr: str
+    daddr: str
+    sport: int          # host order; ICMP echo: the identifier (or 0)
+    dport: int
+    protocol: int
+    dir: str            # "out" | "in"
+
+
+@dataclass(frozen=True)
+class NatEntry:
+    created_ns: int
+    last_seen_ns: int
+    packets: int
+    bytes: int
+    addr: str
+    port: int           # host order
+    state: int
+
+
+def pack_nat_key(key: NatKey) -> bytes:
+    k = ffi.new("struct hr_nat_key *")
+    k.saddr = ip_to_be32(key.saddr)
+    k.daddr = ip_to_be32(key.daddr)
+    k.sport = socket.htons(key.sport)
+    k.dport = socket.htons(key.dport)
+    k.protocol = key.protocol
+    k.dir = {v: n for n, v in NAT_DIRS.items()}[key.dir]
+    return bytes(ffi.buffer(k))
+
+
+def unpack_nat_key(raw: bytes) -> NatKey:
+    k = _from_bytes("struct hr_nat_key", raw)
+    return NatKey(saddr=be32_to_ip(k.saddr), daddr=be32_to_ip(k.daddr), sport=_ntohs(k.sport),
+                  dport=_ntohs(k.dport), protocol=k.protocol,
+                  dir=NAT_DIRS.get(k.dir, str(k.dir)))
+
+
+def pack_nat_entry(e: NatEntry) -> bytes:
+    v = ffi.new("struct hr_nat_entry *")
+    v.created_ns, v.last_seen_ns, v.packets, v.bytes = (e.created_ns, e.last_seen_ns,
+                                                        e.packets, e.bytes)
+    v.addr = ip_to_be32(e.addr)
+    v.port = socket.htons(e.port)
+    v.state = e.state
+    return bytes(ffi.buffer(v))
+
+
+def unpack_nat_entry(raw: bytes) -> NatEntry:
+    v = _from_bytes("struct hr_nat_entry", raw)
+    return NatEntry(created_ns=v.created_ns, last_seen_ns=v.last_seen_ns, packets=v.packets,
+                    bytes=v.bytes, addr=be32_to_ip(v.addr), port=_ntohs(v.port), state=v.state)
 
 
 def pack_counter(packets: int, bytes_: int) -> bytes:

@@ -38,6 +38,8 @@ NETNS_DIR = "/run/netns"
 POD_MAC = "02:00:00:00:01:0a"       # the sending pod's eth0
 HIN_MAC = "02:00:00:00:01:01"       # host-side veth of the sending pod
 NARROW_MTU = 1280
+SRC_POD = "198.18.1.10"              # the sending pod, behind hin
+NODE_IP = "198.19.0.1"              # the node's underlay address: the SNAT source
 CLUSTER_CIDRS = ("198.18.0.0/16", "198.19.0.0/16")  # pods and underlay: everything but 203.0.113/24
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -149,11 +151,15 @@ def loaded():
 
 
 @pytest.fixture
-def dp(loaded):
-    """The module's datapath with empty endpoints, zero counters, tracing on."""
+def dp(loaded, route_ns):
+    """The module's datapath: the sending pod SRC_POD on hin as its only endpoint,
+    zero counters, an empty NAT table, tracing on, BPF SNAT off."""
     maps = loaded.maps
     for ip in list(maps.endpoints()):
         maps.delete_endpoint(ip)
+    maps.set_endpoint(SRC_POD, route_ns.hin, POD_MAC, HIN_MAC)
+    for key, _ in maps.nat_entries():
+        maps.nat_delete(key)
     maps.reset_counters()
     for name in ("cluster_cidrs", "node_routes"):  # what an earlier test left
         for key in list(libbpf.map_keys(maps.fd(name), st.SIZEOF_LPM_KEY)):

@@ -441,12 +441,14 @@ def test_every_packet_gets_exactly_one_counted_verdict(dp, route_ns, body, ether
 # -- maps from Python -----------------------------------------------------------------------
 
 def test_endpoints_roundtrip(dp):
+    before = dp.maps.endpoints()
+    assert set(before) == {SRC}
     dp.maps.set_endpoint("198.18.1.20", 7, "02:aa:bb:cc:dd:ee", b"\x02\x01\x02\x03\x04\x05")
-    assert dp.maps.endpoints() == {"198.18.1.20": st.Endpoint(7, "02:aa:bb:cc:dd:ee",
-                                                              "02:01:02:03:04:05")}
+    assert dp.maps.endpoints() == {**before, "198.18.1.20": st.Endpoint(7, "02:aa:bb:cc:dd:ee",
+                                                                        "02:01:02:03:04:05")}
     assert dp.maps.delete_endpoint("198.18.1.20") is True
     assert dp.maps.delete_endpoint("198.18.1.20") is False
-    assert dp.maps.endpoints() == {}
+    assert dp.maps.endpoints() == before
 
 
 def test_maps_reopened_by_prog_id_in_another_process(dp, route_ns):
@@ -464,7 +466,7 @@ def test_maps_reopened_by_prog_id_in_another_process(dp, route_ns):
                           timeout=30, cwd=str(bpf_build.REPO_ROOT))
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(proc.stdout)
-    assert seen["eps"] == [LOCAL_DST, "198.18.1.30"]
+    assert seen["eps"] == [SRC, LOCAL_DST, "198.18.1.30"]
     assert seen["ctr"]["redirect_peer"] == [1, len(pod_packet(LOCAL_DST))]
     assert seen["cfg"] == ROUTER_IP
     assert "198.18.1.30" in dp.maps.endpoints()       # written by the other process

@@ -28,8 +28,20 @@ enum hr_reason {
 	HR_DROP_MALFORMED = 10,		/* truncated Ethernet/IPv4 header or bad IHL / total length */
 	HR_DROP_ICMP_FAILED = 11,	/* building the frag-needed reply failed */
 	HR_PASS_FWD_DISABLED = 12,	/* forwarding off in the node and no datapath route: to the stack */
-	HR_PASS_EXTERNAL = 13,		/* leaves the cluster: to the stack, whose MASQUERADE applies */
-	HR_REASON_MAX = 14
+	HR_PASS_EXTERNAL = 13,		/* leaves the cluster, BPF SNAT off (no node_ip): to the stack */
+	HR_SNAT_REDIRECT_NEIGH = 14,	/* leaves the cluster: source NATed to the node IP, redirected */
+	HR_SNAT_PASS_FRAG_NEEDED = 15,	/* NATed, too big with DF clear: the stack fragments it */
+	HR_RNAT_REDIRECT_PEER = 16,	/* reply to a NATed flow: translated back, into the pod */
+	HR_RNAT_ICMP_ERROR = 17,	/* ICMP error about a NATed flow: translated back, into the pod */
+	HR_PASS_NAT_MISS = 18,		/* for the node IP, no NAT entry: to the stack (the node's own) */
+	HR_DROP_NAT_EXHAUSTED = 19,	/* no free NAT port for this destination after bounded retries */
+	HR_DROP_NAT_UNSUPPORTED = 20,	/* leaves the cluster but cannot be NATed: fragment, protocol
+					 * other than TCP/UDP/ICMP echo, truncated L4 header */
+	HR_DROP_NAT_FAILED = 21,	/* a helper failed while rewriting, or a racing flow won */
+	HR_DROP_NAT_NO_ENDPOINT = 22,	/* translated back to a pod this node does not have (any more) */
+	HR_DROP_SPOOFED = 23,		/* from a pod, source IP or MAC not that pod's own */
+	HR_DROP_NOT_FROM_CLUSTER = 24,	/* from outside the cluster to a pod, and not a NAT reply */
+	HR_REASON_MAX = 25
 };
 
 /* Where a trace event was taken. */
@@ -66,6 +78,60 @@ struct hr_route {
 struct hr_config {
 	__u32 router_ip;	/* pods' gateway address on this node (network order) */
 	__u32 trace;		/* 1 while a monitor listens: emit hr_trace_event records */
+	__u32 node_ip;		/* SNAT source for traffic leaving the cluster (network order);
+				 * 0: no BPF SNAT, such traffic goes to the stack */
+	__u16 nat_port_min;	/* NAT ports are allocated from [min, max] (host order) */
+	__u16 nat_port_max;
+	__u32 nat_timeout_tcp_syn;		/* seconds idle before a NAT entry expires: */
+	__u32 nat_timeout_tcp_established;	/* TCP once a reply was seen */
+	__u32 nat_timeout_tcp_closing;		/* TCP after RST, or FIN both ways */
+	__u32 nat_timeout_udp;
+	__u32 nat_timeout_icmp;
+};
+
+/* Which way a NAT entry translates. */
+enum hr_nat_dir {
+	HR_NAT_OUT = 0,		/* key: the pod's packet as sent; value: new source (node IP, port) */
+	HR_NAT_IN = 1		/* key: the reply as it arrives; value: new destination (pod, port) */
+};
+
+/* Bits of hr_nat_entry.state, the same in both entries of a flow. */
+enum hr_nat_state {
+	HR_NAT_SEEN_REPLY = 1,	/* a packet came back (TCP: established) */
+	HR_NAT_FIN_OUT = 2,	/* TCP FIN from the pod */
+	HR_NAT_FIN_IN = 4,	/* TCP FIN from outside */
+	HR_NAT_RST = 8		/* TCP RST either way */
+};
+
+/*
+ * Key of the `nat` LRU hash: a flow's 5-tuple as it is on the wire in one
+ * direction. ICMP echo keeps its identifier in sport (request, HR_NAT_OUT)
+ * or dport (reply, HR_NAT_IN); the other port is 0.
+ */
+struct hr_nat_key {
+	__u32 saddr;		/* network order */
+	__u32 daddr;
+	__u16 sport;		/* network order */
+	__u16 dport;
+	__u8 protocol;
+	__u8 dir;		/* enum hr_nat_dir */
+	__u8 pad[2];
+};
+
+/*
+ * Value of the `nat` map. Each flow has two entries (OUT and IN), each able
+ * to rebuild the other's key: OUT {pod, dst, pod port, dst port} -> (node IP,
+ * NAT port); IN {dst, node IP, dst port, NAT port} -> (pod, pod port).
+ */
+struct hr_nat_entry {
+	__u64 created_ns;	/* bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u64 last_seen_ns;	/* last packet this way */
+	__u64 packets;		/* this way */
+	__u64 bytes;
+	__u32 addr;		/* address written into the packet (network order) */
+	__u16 port;		/* port / ICMP identifier written into the packet (network order) */
+	__u8 state;		/* enum hr_nat_state bits */
+	__u8 pad;
 };
 
 /* One per-CPU slot of the `counters` array, per enum hr_reason. */

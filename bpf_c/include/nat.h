@@ -1,0 +1,586 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * BPF SNAT for traffic leaving the cluster: the source becomes the node IP
+ * and a port allocated here, the reply is translated back, and ICMP errors
+ * about a translated flow (the embedded header included) too. No conntrack:
+ * state lives in the `nat` LRU hash (two entries per flow, struct
+ * hr_nat_entry) and expires by idle time, per protocol and TCP state; what
+ * the LRU does not evict, the sweeper of datapath/nat_table.py deletes.
+ *
+ * Included by host_routing.c after its helper declarations (hr_csum_diff).
+ * bcc rewrites map calls (`nat_lookup()`) only in the file it compiles, not
+ * in headers, so the map accesses here go through accessors that
+ * host_routing.c defines, next to the maps (declared below).
+ */
+#ifndef HR_NAT_H
+#define HR_NAT_H
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/icmp.h>
+#include <uapi/linux/in.h>
+
+#include "hostrouting_shared.h"
+#include "parse.h"
+#include "csum.h"
+
+/* Ports tried (from a random start, then upwards) before a flow is dropped as exhausted. */
+#define HR_NAT_RETRIES		32
+#define HR_NSEC			1000000000ULL
+
+/* Offsets in the IPv4 header, and in the L4 headers the NAT rewrites. */
+#define HR_IP_CHECK_OFF		10
+#define HR_IP_SADDR_OFF		12
+#define HR_IP_DADDR_OFF		16
+#define HR_TCP_CSUM_OFF		16
+#define HR_TCP_FLAGS_OFF	13
+#define HR_UDP_CSUM_OFF		6
+#define HR_ICMP_CSUM_OFF	2
+#define HR_ICMP_ID_OFF		4
+#define HR_TCP_FIN		0x01
+#define HR_TCP_RST		0x04
+
+/* What a NAT step needs to know about the packet besides struct hr_pkt. */
+struct hr_nat_l4 {
+	__u16 sport;		/* network order; ICMP echo: identifier in sport or dport */
+	__u16 dport;
+	__u8 tcp_flags;
+	__u8 icmp_type;
+};
+
+/*
+ * Keys and values the NAT builds, in a per-CPU scratch slot: all inlined
+ * into one program, they would not fit the 512-byte BPF stack.
+ */
+struct hr_nat_scratch {
+	struct hr_nat_key key;		/* the packet's own flow */
+	struct hr_nat_key rk;		/* the IN key being claimed */
+	struct hr_nat_key tk;		/* a twin being looked at */
+	struct hr_nat_entry val;	/* an entry about to be inserted */
+};
+
+/* Accessors of the `nat` and `nat_scratch` maps, defined in host_routing.c. */
+static __always_inline struct hr_nat_entry *nat_lookup(struct hr_nat_key *key);
+static __always_inline int nat_insert(struct hr_nat_key *key, struct hr_nat_entry *value);
+static __always_inline void nat_remove(struct hr_nat_key *key);
+static __always_inline struct hr_nat_scratch *nat_scratch_get(void);
+
+/* Incremental checksum update (RFC 1624) of a 16-bit checksum for a 4-byte change. */
+static __always_inline __u16 csum_replace4(__u16 check, __u32 from, __u32 to)
+{
+	__s64 sum = hr_csum_diff(&from, sizeof(from), &to, sizeof(to), (__u16)~check);
+
+	return sum < 0 ? check : csum_fold32((__u32)sum);
+}
+
+/* The same for a 2-byte field (held in the low half, in packet byte order). */
+static __always_inline __u16 csum_replace2(__u16 check, __u16 from, __u16 to)
+{
+	return csum_replace4(check, (__u32)from, (__u32)to);
+}
+
+/*
+ * Read ports (TCP, UDP) or the ICMP type and identifier. `out` says which
+ * way the packet goes: an echo request going out keeps its identifier in
+ * sport, an echo reply coming in in dport. Returns -1 when the L4 header is
+ * not all there (or is not one NAT can handle).
+ */
+static __always_inline int nat_read_l4(struct __sk_buff *skb, struct hr_pkt *pkt,
+				       struct hr_nat_l4 *l4, int out)
+{
+	__u8 hdr[8];
+
+	if (pkt->protocol == IPPROTO_TCP) {
+		if (bpf_skb_load_bytes(skb, pkt->l4_off, hdr, sizeof(hdr)) < 0)
+			return -1;
+		if (bpf_skb_load_bytes(skb, pkt->l4_off + HR_TCP_FLAGS_OFF, &l4->tcp_flags, 1) < 0)
+			return -1;
+		/* the checksum must be there to be fixed */
+		if (skb->len < pkt->l4_off + 20)
+			return -1;
+	} else if (pkt->protocol == IPPROTO_UDP || pkt->protocol == IPPROTO_ICMP) {
+		if (bpf_skb_load_bytes(skb, pkt->l4_off, hdr, sizeof(hdr)) < 0)
+			return -1;
+	} else {
+		return -1;
+	}
+	if (pkt->protocol != IPPROTO_ICMP) {
+		__builtin_memcpy(&l4->sport, hdr, 2);
+		__builtin_memcpy(&l4->dport, hdr + 2, 2);
+		return 0;
+	}
+	l4->icmp_type = hdr[0];
+	if (out && hdr[0] == ICMP_ECHO) {
+		__builtin_memcpy(&l4->sport, hdr + HR_ICMP_ID_OFF, 2);
+		l4->dport = 0;
+		return 0;
+	}
+	if (!out && hdr[0] == ICMP_ECHOREPLY) {
+		l4->sport = 0;
+		__builtin_memcpy(&l4->dport, hdr + HR_ICMP_ID_OFF, 2);
+		return 0;
+	}
+	return -1;
+}
+
+/* How long a flow may stay idle, by protocol and state. */
+static __always_inline __u64 nat_timeout_ns(struct hr_config *cfg, __u8 protocol, __u8 state)
+{
+	__u32 s;
+
+	if (protocol == IPPROTO_TCP) {
+		if ((state & HR_NAT_RST) ||
+		    (state & (HR_NAT_FIN_OUT | HR_NAT_FIN_IN)) == (HR_NAT_FIN_OUT | HR_NAT_FIN_IN))
+			s = cfg->nat_timeout_tcp_closing;
+		else if (state & HR_NAT_SEEN_REPLY)
+			s = cfg->nat_timeout_tcp_established;
+		else
+			s = cfg->nat_timeout_tcp_syn;
+	} else if (protocol == IPPROTO_UDP) {
+		s = cfg->nat_timeout_udp;
+	} else {
+		s = cfg->nat_timeout_icmp;
+	}
+	return (__u64)s * HR_NSEC;
+}
+
+/* The key of the other entry of the same flow, and what its value must hold. */
+static __always_inline void nat_twin(const struct hr_nat_key *k, const struct hr_nat_entry *e,
+				     struct hr_nat_key *twin, __u32 *twin_addr, __u16 *twin_port)
+{
+	twin->protocol = k->protocol;
+	twin->pad[0] = 0;
+	twin->pad[1] = 0;
+	if (k->dir == HR_NAT_OUT) {
+		twin->dir = HR_NAT_IN;
+		twin->saddr = k->daddr;
+		twin->daddr = e->addr;
+		twin->sport = k->dport;
+		twin->dport = e->port;
+		*twin_addr = k->saddr;
+		*twin_port = k->sport;
+	} else {
+		twin->dir = HR_NAT_OUT;
+		twin->saddr = e->addr;
+		twin->daddr = k->saddr;
+		twin->sport = e->port;
+		twin->dport = k->sport;
+		*twin_addr = k->daddr;
+		*twin_port = k->dport;
+	}
+}
+
+/*
+ * Whether the flow of entry `e` (key `k`) is still alive at `now`: its own
+ * last packet, or its twin's, is recent enough for the state. The twin is
+ * only looked at when `e` alone would have expired.
+ */
+static __always_inline int nat_alive(struct hr_config *cfg, struct hr_nat_scratch *s,
+				     struct hr_nat_key *k, struct hr_nat_entry *e, __u64 now)
+{
+	struct hr_nat_entry *t;
+	__u32 taddr;
+	__u16 tport;
+	__u64 seen = e->last_seen_ns;
+
+	if (now - seen <= nat_timeout_ns(cfg, k->protocol, e->state))
+		return 1;
+	nat_twin(k, e, &s->tk, &taddr, &tport);
+	t = nat_lookup(&s->tk);
+	if (!t || t->addr != taddr || t->port != tport)
+		return 0;
+	seen = t->last_seen_ns > seen ? t->last_seen_ns : seen;
+	return now - seen <= nat_timeout_ns(cfg, k->protocol, e->state | t->state);
+}
+
+/* Delete an entry and, if it still points back, its twin. */
+static __always_inline void nat_delete_flow(struct hr_nat_scratch *s, struct hr_nat_key *k,
+					    struct hr_nat_entry *e)
+{
+	struct hr_nat_entry *t;
+	__u32 taddr;
+	__u16 tport;
+
+	nat_twin(k, e, &s->tk, &taddr, &tport);
+	t = nat_lookup(&s->tk);
+	if (t && t->addr == taddr && t->port == tport)
+		nat_remove(&s->tk);
+	nat_remove(k);
+}
+
+/* TCP state bits a packet adds, by direction. */
+static __always_inline __u8 nat_state_bits(__u8 protocol, struct hr_nat_l4 *l4, int out)
+{
+	__u8 bits = out ? 0 : HR_NAT_SEEN_REPLY;
+
+	if (protocol != IPPROTO_TCP)
+		return bits;
+	if (l4->tcp_flags & HR_TCP_RST)
+		bits |= HR_NAT_RST;
+	if (l4->tcp_flags & HR_TCP_FIN)
+		bits |= out ? HR_NAT_FIN_OUT : HR_NAT_FIN_IN;
+	return bits;
+}
+
+/*
+ * Account a packet to entry `e` and fold in new state bits; a state change
+ * is copied to the twin too (rare: a few times per flow), so that both
+ * entries expire alike.
+ */
+static __always_inline void nat_touch(struct hr_nat_scratch *s, struct hr_nat_key *k,
+				      struct hr_nat_entry *e, __u8 bits, __u32 len, __u64 now)
+{
+	struct hr_nat_entry *t;
+	__u32 taddr;
+	__u16 tport;
+
+	e->last_seen_ns = now;
+	__sync_fetch_and_add(&e->packets, 1);
+	__sync_fetch_and_add(&e->bytes, len);
+	if ((e->state | bits) == e->state)
+		return;
+	e->state |= bits;
+	nat_twin(k, e, &s->tk, &taddr, &tport);
+	t = nat_lookup(&s->tk);
+	if (t && t->addr == taddr && t->port == tport)
+		t->state |= bits;
+}
+
+/*
+ * Rewrite one address (source or destination) and the matching port / ICMP
+ * identifier, fixing the IPv4 and L4 checksums. The L4 checksum goes through
+ * bpf_l4_csum_replace so that CHECKSUM_PARTIAL packets (TSO from a pod)
+ * stay right. Returns -1 when a helper failed.
+ */
+static __always_inline int nat_rewrite(struct __sk_buff *skb, struct hr_pkt *pkt, int source,
+				       __u32 old_addr, __u32 new_addr, __u16 old_port,
+				       __u16 new_port)
+{
+	__u32 addr_off = ETH_HLEN + (source ? HR_IP_SADDR_OFF : HR_IP_DADDR_OFF);
+	__u32 csum_off, port_off;
+	__u64 flags;
+
+	if (pkt->protocol == IPPROTO_TCP) {
+		csum_off = pkt->l4_off + HR_TCP_CSUM_OFF;
+		port_off = pkt->l4_off + (source ? 0 : 2);
+		flags = BPF_F_PSEUDO_HDR;
+	} else if (pkt->protocol == IPPROTO_UDP) {
+		csum_off = pkt->l4_off + HR_UDP_CSUM_OFF;
+		port_off = pkt->l4_off + (source ? 0 : 2);
+		flags = BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0;
+	} else {
+		csum_off = pkt->l4_off + HR_ICMP_CSUM_OFF;
+		port_off = pkt->l4_off + HR_ICMP_ID_OFF;
+		flags = 0;
+	}
+	/* ICMP has no pseudo header: only the identifier is in its checksum. */
+	if (pkt->protocol != IPPROTO_ICMP &&
+	    bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, flags | sizeof(new_addr)) < 0)
+		return -1;
+	if (old_port != new_port) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port, flags | sizeof(new_port)) < 0)
+			return -1;
+		if (bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0) < 0)
+			return -1;
+	}
+	if (bpf_l3_csum_replace(skb, ETH_HLEN + HR_IP_CHECK_OFF, old_addr, new_addr,
+				sizeof(new_addr)) < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0) < 0)
+		return -1;
+	return 0;
+}
+
+/*
+ * Find or create the OUT entry of the flow in s->key. On success *addr and
+ * *port hold the node IP and NAT port to write; returns 0, or the hr_reason
+ * of the drop.
+ */
+static __always_inline int snat_lookup_or_create(struct hr_config *cfg, struct hr_nat_scratch *s,
+						 __u64 now, __u32 *addr, __u16 *port)
+{
+	struct hr_nat_key *k = &s->key, *rk = &s->rk;
+	struct hr_nat_entry *e, *t, *v = &s->val;
+	__u32 range, start, i, taddr;
+	__u16 tport, p;
+
+	e = nat_lookup(k);
+	if (e) {
+		nat_twin(k, e, rk, &taddr, &tport);
+		t = nat_lookup(rk);
+		if (t && t->addr == taddr && t->port == tport) {
+			if (nat_alive(cfg, s, k, e, now))
+				goto found;
+		} else if (!t && now - e->last_seen_ns <= nat_timeout_ns(cfg, k->protocol, e->state)) {
+			/* the LRU evicted the IN entry of a live flow: put it back if the port is free */
+			__builtin_memset(v, 0, sizeof(*v));
+			v->created_ns = e->created_ns;
+			v->last_seen_ns = now;
+			v->addr = taddr;
+			v->port = tport;
+			v->state = e->state;
+			if (nat_insert(rk, v) == 0)
+				goto found;
+		}
+		/* expired, or its port went to another flow: start afresh */
+		nat_delete_flow(s, k, e);
+	}
+
+	if (cfg->nat_port_min == 0 || cfg->nat_port_max < cfg->nat_port_min)
+		return HR_DROP_NAT_EXHAUSTED;
+	range = (__u32)cfg->nat_port_max - cfg->nat_port_min + 1;
+	start = bpf_get_prandom_u32() % range;
+
+	__builtin_memset(rk, 0, sizeof(*rk));
+	rk->protocol = k->protocol;
+	rk->dir = HR_NAT_IN;
+	rk->saddr = k->daddr;
+	rk->daddr = cfg->node_ip;
+	rk->sport = k->dport;
+	__builtin_memset(v, 0, sizeof(*v));
+	v->created_ns = now;
+	v->last_seen_ns = now;
+	v->addr = k->saddr;
+	v->port = k->sport;
+
+	for (i = 0; i < HR_NAT_RETRIES; i++) {
+		p = bpf_htons((__u16)(cfg->nat_port_min + (start + i) % range));
+		rk->dport = p;
+		if (nat_insert(rk, v) == 0)
+			goto claimed;
+		t = nat_lookup(rk);
+		if (t && !nat_alive(cfg, s, rk, t, now)) {
+			/* an expired flow holds the port: free it, then claim it like anyone else */
+			nat_delete_flow(s, rk, t);
+			if (nat_insert(rk, v) == 0)
+				goto claimed;
+		}
+	}
+	return HR_DROP_NAT_EXHAUSTED;
+
+claimed:
+	v->addr = cfg->node_ip;
+	v->port = p;
+	if (nat_insert(k, v) != 0) {
+		/* another CPU created this flow meanwhile: give our port back, use its */
+		nat_remove(rk);
+		e = nat_lookup(k);
+		if (!e)
+			return HR_DROP_NAT_FAILED;
+		goto found;
+	}
+	*addr = v->addr;
+	*port = v->port;
+	return 0;
+
+found:
+	*addr = e->addr;
+	*port = e->port;
+	return 0;
+}
+
+/*
+ * Source-NAT a packet leaving the cluster. Returns 0 once the packet carries
+ * the node IP and NAT port (packet pointers are stale then), or the
+ * hr_reason of the drop.
+ */
+static __always_inline int snat_out(struct __sk_buff *skb, struct hr_pkt *pkt,
+				    struct hr_config *cfg)
+{
+	struct hr_nat_scratch *s;
+	struct hr_nat_entry *e;
+	struct hr_nat_l4 l4 = {};
+	__u64 now = bpf_ktime_get_ns();
+	__u32 addr = 0;
+	__u16 port = 0;
+	int reason;
+
+	s = nat_scratch_get();
+	if (!s)
+		return HR_DROP_NAT_FAILED;
+	if (pkt->fragment || nat_read_l4(skb, pkt, &l4, 1) < 0)
+		return HR_DROP_NAT_UNSUPPORTED;
+	__builtin_memset(&s->key, 0, sizeof(s->key));
+	s->key.saddr = pkt->saddr;
+	s->key.daddr = pkt->daddr;
+	s->key.sport = l4.sport;
+	s->key.dport = l4.dport;
+	s->key.protocol = pkt->protocol;
+	s->key.dir = HR_NAT_OUT;
+
+	reason = snat_lookup_or_create(cfg, s, now, &addr, &port);
+	if (reason)
+		return reason;
+	e = nat_lookup(&s->key);
+	if (e)
+		nat_touch(s, &s->key, e, nat_state_bits(pkt->protocol, &l4, 1), skb->len, now);
+	if (nat_rewrite(skb, pkt, 1, pkt->saddr, addr, l4.sport, port) < 0)
+		return HR_DROP_NAT_FAILED;
+	return 0;
+}
+
+/* Look up the IN entry a reply or an ICMP error belongs to; NULL unless alive. */
+static __always_inline struct hr_nat_entry *rnat_find(struct hr_config *cfg,
+						      struct hr_nat_scratch *s, __u64 now)
+{
+	struct hr_nat_entry *e = nat_lookup(&s->key);
+
+	if (!e)
+		return 0;
+	if (!nat_alive(cfg, s, &s->key, e, now)) {
+		nat_delete_flow(s, &s->key, e);
+		return 0;
+	}
+	return e;
+}
+
+/*
+ * Translate a reply (TCP, UDP, ICMP echo reply) to the node IP back to the
+ * pod. Returns 0 when translated (*pod_ip set, packet pointers stale),
+ * HR_PASS_NAT_MISS when no live flow matches (the packet is untouched), or
+ * the hr_reason of a drop.
+ */
+static __always_inline int rnat_in(struct __sk_buff *skb, struct hr_pkt *pkt,
+				   struct hr_config *cfg, __u32 *pod_ip)
+{
+	struct hr_nat_scratch *s;
+	struct hr_nat_entry *e;
+	struct hr_nat_l4 l4 = {};
+	__u64 now = bpf_ktime_get_ns();
+	__u32 addr;
+	__u16 port;
+
+	s = nat_scratch_get();
+	if (!s)
+		return HR_DROP_NAT_FAILED;
+	if (pkt->fragment || nat_read_l4(skb, pkt, &l4, 0) < 0)
+		return HR_PASS_NAT_MISS;
+	__builtin_memset(&s->key, 0, sizeof(s->key));
+	s->key.saddr = pkt->saddr;
+	s->key.daddr = pkt->daddr;
+	s->key.sport = l4.sport;
+	s->key.dport = l4.dport;
+	s->key.protocol = pkt->protocol;
+	s->key.dir = HR_NAT_IN;
+	e = rnat_find(cfg, s, now);
+	if (!e)
+		return HR_PASS_NAT_MISS;
+	addr = e->addr;
+	port = e->port;
+	nat_touch(s, &s->key, e, nat_state_bits(pkt->protocol, &l4, 0), skb->len, now);
+	if (nat_rewrite(skb, pkt, 0, pkt->daddr, addr, l4.dport, port) < 0)
+		return HR_DROP_NAT_FAILED;
+	*pod_ip = addr;
+	return 0;
+}
+
+/*
+ * An ICMP error (destination unreachable, time exceeded, parameter problem)
+ * to the node IP about a flow it NATed:
+ *
+ *   IPv4 (ext -> node) | ICMP | inner IPv4 (node -> ext) | inner L4 (NAT port -> ext port) ...
+ *
+ * becomes the error the pod would have got without NAT: outer destination,
+ * inner source and inner port back to the pod's, with the outer IPv4
+ * checksum, the inner IPv4 checksum, the inner L4 checksum (when quoted)
+ * and the ICMP checksum all fixed. Returns as rnat_in().
+ */
+static __always_inline int rnat_icmp_error(struct __sk_buff *skb, struct hr_pkt *pkt,
+					   struct hr_config *cfg, __u32 *pod_ip)
+{
+	struct hr_nat_scratch *s;
+	struct hr_nat_entry *e;
+	struct iphdr inner;
+	__u8 icmp[8], il4[8];
+	__u32 ip_off = pkt->l4_off + sizeof(struct icmphdr);
+	__u32 il4_off = ip_off + sizeof(struct iphdr);
+	__u32 csum_off = 0, port_off, pod;
+	__u16 icmp_check, inner_check, l4_check = 0, new_l4_check = 0, old_port, pod_port;
+	__u64 now = bpf_ktime_get_ns();
+
+	s = nat_scratch_get();
+	if (!s)
+		return HR_DROP_NAT_FAILED;
+	if (pkt->fragment || bpf_skb_load_bytes(skb, pkt->l4_off, icmp, sizeof(icmp)) < 0)
+		return HR_PASS_NAT_MISS;
+	if (icmp[0] != ICMP_DEST_UNREACH && icmp[0] != ICMP_TIME_EXCEEDED &&
+	    icmp[0] != ICMP_PARAMETERPROB)
+		return HR_PASS_NAT_MISS;
+	if (bpf_skb_load_bytes(skb, ip_off, &inner, sizeof(inner)) < 0 ||
+	    bpf_skb_load_bytes(skb, il4_off, il4, sizeof(il4)) < 0)
+		return HR_PASS_NAT_MISS;
+	/* what we sent: no options, not a later fragment, from the node IP */
+	if (inner.version != 4 || inner.ihl != 5 || inner.saddr != cfg->node_ip ||
+	    (inner.frag_off & HR_HTONS(HR_IP_OFFSET)))
+		return HR_PASS_NAT_MISS;
+
+	__builtin_memset(&s->key, 0, sizeof(s->key));
+	s->key.saddr = inner.daddr;
+	s->key.daddr = inner.saddr;
+	s->key.protocol = inner.protocol;
+	s->key.dir = HR_NAT_IN;
+	if (inner.protocol == IPPROTO_TCP || inner.protocol == IPPROTO_UDP) {
+		__builtin_memcpy(&old_port, il4, 2);
+		__builtin_memcpy(&s->key.sport, il4 + 2, 2);
+		s->key.dport = old_port;
+		port_off = il4_off;
+		if (inner.protocol == IPPROTO_TCP) {
+			if (skb->len >= il4_off + HR_TCP_CSUM_OFF + 2)
+				csum_off = il4_off + HR_TCP_CSUM_OFF;
+		} else {
+			csum_off = il4_off + HR_UDP_CSUM_OFF;
+		}
+	} else if (inner.protocol == IPPROTO_ICMP && il4[0] == ICMP_ECHO) {
+		__builtin_memcpy(&old_port, il4 + HR_ICMP_ID_OFF, 2);
+		s->key.sport = 0;
+		s->key.dport = old_port;
+		port_off = il4_off + HR_ICMP_ID_OFF;
+		csum_off = il4_off + HR_ICMP_CSUM_OFF;
+	} else {
+		return HR_PASS_NAT_MISS;
+	}
+
+	e = rnat_find(cfg, s, now);
+	if (!e)
+		return HR_PASS_NAT_MISS;
+	pod = e->addr;
+	pod_port = e->port;
+	e->last_seen_ns = now;
+
+	__builtin_memcpy(&icmp_check, icmp + HR_ICMP_CSUM_OFF, 2);
+	/* the inner L4 checksum: pseudo header (TCP, UDP) and port / identifier */
+	if (csum_off) {
+		if (bpf_skb_load_bytes(skb, csum_off, &l4_check, 2) < 0)
+			return HR_DROP_NAT_FAILED;
+		new_l4_check = l4_check;
+		if (inner.protocol != IPPROTO_UDP || l4_check != 0) {
+			if (inner.protocol != IPPROTO_ICMP)
+				new_l4_check = csum_replace4(new_l4_check, inner.saddr, pod);
+			new_l4_check = csum_replace2(new_l4_check, old_port, pod_port);
+			if (inner.protocol == IPPROTO_UDP && new_l4_check == 0)
+				new_l4_check = 0xffff;
+		}
+		icmp_check = csum_replace2(icmp_check, l4_check, new_l4_check);
+	}
+	inner_check = csum_replace4(inner.check, inner.saddr, pod);
+	icmp_check = csum_replace4(icmp_check, inner.saddr, pod);
+	icmp_check = csum_replace2(icmp_check, inner.check, inner_check);
+	icmp_check = csum_replace2(icmp_check, old_port, pod_port);
+
+	if (csum_off && bpf_skb_store_bytes(skb, csum_off, &new_l4_check, 2, 0) < 0)
+		return HR_DROP_NAT_FAILED;
+	if (bpf_skb_store_bytes(skb, port_off, &pod_port, 2, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ip_off + HR_IP_CHECK_OFF, &inner_check, 2, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ip_off + HR_IP_SADDR_OFF, &pod, 4, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, pkt->l4_off + HR_ICMP_CSUM_OFF, &icmp_check, 2, 0) < 0)
+		return HR_DROP_NAT_FAILED;
+	/* the outer header: destination node IP -> pod */
+	if (bpf_l3_csum_replace(skb, ETH_HLEN + HR_IP_CHECK_OFF, pkt->daddr, pod, 4) < 0 ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN + HR_IP_DADDR_OFF, &pod, 4, 0) < 0)
+		return HR_DROP_NAT_FAILED;
+	*pod_ip = pod;
+	return 0;
+}
+
+#endif /* HR_NAT_H */

@@ -1,0 +1,368 @@
+"""BPF SNAT (bpf_c/include/nat.h) under BPF_PROG_TEST_RUN with scapy-built packets.
+
+The pod SRC (behind `hin`) talks to EXTERNAL_DST, outside the cluster: from_pod
+must rewrite the source to NODE_IP and a NAT port with valid checksums, and
+from_underlay must translate replies and ICMP errors back. Checksums are
+verified on the raw bytes (the one's complement sum over each checksummed
+region must be 0xffff), not by asking scapy to rebuild the packet.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as hst
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.l2 import Ether
+
+from datapath import shared_types as st
+from tests.bpf_helpers import (HIN_MAC, NODE_IP, POD_MAC, ROUTER_IP, SRC_POD, dp,  # noqa: F401
+                               loaded, nonzero_counters, route_ns, run_prog)
+
+TC_ACT_OK = 0
+TC_ACT_SHOT = 2
+TC_ACT_REDIRECT = 7
+
+SRC = SRC_POD
+EXT = "203.0.113.10"
+ROUTER = "198.19.0.254"
+UPLINK_MAC = "02:00:00:00:00:fe"
+PORT_MIN, PORT_MAX = 20000, 20999
+TCP_PROTO, UDP_PROTO, ICMP_PROTO = 6, 17, 1
+
+
+@pytest.fixture
+def snat(dp):
+    """dp with BPF SNAT on: node IP NODE_IP, ports PORT_MIN..PORT_MAX."""
+    set_nat(dp)
+    return dp
+
+
+def set_nat(dp, **overrides):
+    nat = {"nat_port_min": PORT_MIN, "nat_port_max": PORT_MAX, **overrides}
+    dp.maps.set_config(ROUTER_IP, trace=True, node_ip=NODE_IP, nat=nat)
+
+
+# -- packets and checksums ------------------------------------------------------------------
+
+def out_pkt(l4, dst=EXT, src=SRC, payload=b"hello", **ipkw):
+    return Ether(src=POD_MAC, dst=HIN_MAC) / IP(src=src, dst=dst, **ipkw) / l4 / payload
+
+
+def in_pkt(l4, src=EXT, dst=NODE_IP, payload=b"world"):
+    return Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01") / IP(src=src, dst=dst) / l4 / payload
+
+
+def run_out(dp, route_ns, pkt):
+    data = bytes(pkt)
+    return data, run_prog(dp.from_pod.fd, data, route_ns.name, route_ns.hin)
+
+
+def run_in(dp, route_ns, pkt):
+    data = bytes(pkt)
+    return data, run_prog(dp.from_underlay.fd, data, route_ns.name, route_ns.uplink)
+
+
+def ones_sum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xffff) + (total >> 16)
+    return total
+
+
+def check_ip_and_l4(ip_bytes: bytes, quoted: bool = False) -> None:
+    """Assert the IPv4 header checksum and (unless `quoted` cuts it) the L4 checksum."""
+    ihl = (ip_bytes[0] & 0xf) * 4
+    assert ones_sum(ip_bytes[:ihl]) == 0xffff, "IPv4 header checksum"
+    proto = ip_bytes[9]
+    total = struct.unpack("!H", ip_bytes[2:4])[0]
+    l4 = ip_bytes[ihl:total]
+    if quoted and len(l4) < total - ihl:
+        return
+    if proto == ICMP_PROTO:
+        assert ones_sum(l4) == 0xffff, "ICMP checksum"
+        return
+    if proto == UDP_PROTO and l4[6:8] == b"\0\0":
+        return  # no checksum
+    pseudo = ip_bytes[12:20] + struct.pack("!BBH", 0, proto, len(l4))
+    assert ones_sum(pseudo + l4) == 0xffff, f"L4 checksum (protocol {proto})"
+
+
+def ip_of(frame: bytes) -> bytes:
+    return frame[14:]
+
+
+def nat_table(dp) -> dict[st.NatKey, st.NatEntry]:
+    return dict(dp.maps.nat_entries())
+
+
+def counters(dp) -> dict[str, int]:
+    return {name: p for name, (p, _) in nonzero_counters(dp.maps).items()}
+
+
+def entry_to(addr: str, port: int):
+    """Equal to any NatEntry that writes addr:port."""
+    class Match:
+        def __eq__(self, other):
+            return isinstance(other, st.NatEntry) and (other.addr, other.port) == (addr, port)
+
+        def __repr__(self):
+            return f"<NatEntry -> {addr}:{port}>"
+    return Match()
+
+
+# -- translation out and back ---------------------------------------------------------------
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_pod_flow_leaves_from_the_node_ip_and_its_reply_comes_back(snat, route_ns, proto):
+    l4 = TCP(sport=40000, dport=80, flags="S", seq=1) if proto == "tcp" \
+        else UDP(sport=40000, dport=53)
+    data, res = run_out(snat, route_ns, out_pkt(l4))
+    assert res.retval == TC_ACT_REDIRECT
+    out = Ether(res.data_out)
+    assert out[IP].src == NODE_IP and out[IP].dst == EXT and out[IP].ttl == 63
+    nat_port = out[IP].payload.sport
+    assert PORT_MIN <= nat_port <= PORT_MAX
+    assert out[IP].payload.dport == l4.dport and bytes(out[IP].payload.payload) == b"hello"
+    check_ip_and_l4(ip_of(res.data_out))
+    pnum = TCP_PROTO if proto == "tcp" else UDP_PROTO
+    assert nat_table(snat) == {
+        st.NatKey(SRC, EXT, 40000, l4.dport, pnum, "out"): entry_to(NODE_IP, nat_port),
+        st.NatKey(EXT, NODE_IP, l4.dport, nat_port, pnum, "in"): entry_to(SRC, 40000),
+    }
+
+    # the same flow keeps its port
+    _, res2 = run_out(snat, route_ns, out_pkt(l4))
+    assert Ether(res2.data_out)[IP].payload.sport == nat_port
+
+    reply = TCP(sport=80, dport=nat_port, flags="SA", seq=7, ack=2) if proto == "tcp" \
+        else UDP(sport=53, dport=nat_port)
+    _, res3 = run_in(snat, route_ns, in_pkt(reply))
+    assert res3.retval == TC_ACT_REDIRECT
+    back = Ether(res3.data_out)
+    assert (back.src, back.dst) == (HIN_MAC, POD_MAC)
+    assert back[IP].src == EXT and back[IP].dst == SRC and back[IP].payload.dport == 40000
+    assert back[IP].payload.sport == l4.dport and bytes(back[IP].payload.payload) == b"world"
+    check_ip_and_l4(ip_of(res3.data_out))
+    assert counters(snat) == {"snat_redirect_neigh": 2, "rnat_redirect_peer": 1}
+    entry = nat_table(snat)[st.NatKey(SRC, EXT, 40000, l4.dport, pnum, "out")]
+    assert entry.packets == 2 and entry.state & st.NAT_STATE_BITS["seen_reply"]
+
+
+
+
+def test_udp_without_checksum_stays_without(snat, route_ns):
+    pkt = out_pkt(UDP(sport=40001, dport=53))
+    raw = bytearray(bytes(pkt))
+    raw[14 + 20 + 6:14 + 20 + 8] = b"\0\0"
+    res = run_prog(snat.from_pod.fd, bytes(raw), route_ns.name, route_ns.hin)
+    assert res.retval == TC_ACT_REDIRECT
+    assert res.data_out[14 + 20 + 6:14 + 20 + 8] == b"\0\0"
+    check_ip_and_l4(ip_of(res.data_out))
+
+
+def test_icmp_echo_identifier_is_translated_both_ways(snat, route_ns):
+    _, res = run_out(snat, route_ns, out_pkt(ICMP(type=8, id=0x1234, seq=1)))
+    assert res.retval == TC_ACT_REDIRECT
+    out = Ether(res.data_out)
+    nat_id = out[ICMP].id
+    assert out[IP].src == NODE_IP and PORT_MIN <= nat_id <= PORT_MAX and out[ICMP].seq == 1
+    check_ip_and_l4(ip_of(res.data_out))
+
+    _, res = run_in(snat, route_ns, in_pkt(ICMP(type=0, id=nat_id, seq=1)))
+    assert res.retval == TC_ACT_REDIRECT
+    back = Ether(res.data_out)
+    assert back[IP].dst == SRC and back[ICMP].id == 0x1234 and back[ICMP].type == 0
+    check_ip_and_l4(ip_of(res.data_out))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(proto=hst.sampled_from(["tcp", "udp"]), sport=hst.integers(1, 65535),
+       dport=hst.integers(1, 65535), payload=hst.binary(max_size=300),
+       flags=hst.integers(0, 0xff), tos=hst.integers(0, 255))
+def test_translation_keeps_every_checksum_valid_and_reverses_exactly(snat, route_ns, proto, sport,
+                                                                     dport, payload, flags, tos):
+    l4 = TCP(sport=sport, dport=dport, flags=flags & ~0x04) if proto == "tcp" \
+        else UDP(sport=sport, dport=dport)
+    _, res = run_out(snat, route_ns, out_pkt(l4, payload=payload, tos=tos))
+    assert res.retval == TC_ACT_REDIRECT
+    check_ip_and_l4(ip_of(res.data_out))
+    out = Ether(res.data_out)
+    assert bytes(out[IP].payload.payload) == payload
+    reply = (TCP(sport=dport, dport=out[IP].payload.sport, flags="A") if proto == "tcp"
+             else UDP(sport=dport, dport=out[IP].payload.sport))
+    _, back = run_in(snat, route_ns, in_pkt(reply, payload=payload))
+    assert back.retval == TC_ACT_REDIRECT
+    check_ip_and_l4(ip_of(back.data_out))
+    b = Ether(back.data_out)
+    assert (b[IP].dst, b[IP].payload.dport, b[IP].payload.sport) == (SRC, sport, dport)
+
+
+# -- what is not translated -----------------------------------------------------------------
+
+def test_destinations_inside_the_cluster_are_not_nated(snat, route_ns):
+    for dst in ("198.18.2.20", "198.19.0.2"):        # a pod of another node, a node
+        data, res = run_out(snat, route_ns, out_pkt(UDP(sport=40000, dport=53), dst=dst))
+        assert res.retval == TC_ACT_REDIRECT
+        assert Ether(res.data_out)[IP].src == SRC
+    assert nat_table(snat) == {}
+    assert counters(snat) == {"redirect_neigh": 2}
+
+
+def test_no_nat_hole_unknown_flows_to_the_node_ip_stay_with_the_node(snat, route_ns):
+    """Nothing reaches a pod from outside but replies to flows the pod opened."""
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="S")))
+    nat_port = Ether(res.data_out)[TCP].sport
+    probes = [
+        in_pkt(TCP(sport=80, dport=nat_port + 1 if nat_port < PORT_MAX else nat_port - 1,
+                   flags="SA")),                                      # another port
+        in_pkt(TCP(sport=81, dport=nat_port, flags="SA")),           # another remote port
+        in_pkt(TCP(sport=80, dport=nat_port, flags="SA"), src="203.0.113.11"),  # another host
+        in_pkt(UDP(sport=80, dport=nat_port)),                        # another protocol
+        in_pkt(ICMP(type=8, id=nat_port)),                            # a ping of the node
+    ]
+    for probe in probes:
+        data, res = run_in(snat, route_ns, probe)
+        assert res.retval == TC_ACT_OK and res.data_out == data, probe.summary()
+    # straight to the pod's address from outside: dropped, not routed in
+    data, res = run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=40000, flags="S"), dst=SRC))
+    assert res.retval == TC_ACT_SHOT
+    assert counters(snat) == {"snat_redirect_neigh": 1, "pass_nat_miss": len(probes),
+                              "drop_not_from_cluster": 1}
+
+
+def test_fragments_and_other_protocols_to_the_outside_are_dropped(snat, route_ns):
+    frag = Ether(src=POD_MAC, dst=HIN_MAC) / IP(src=SRC, dst=EXT, flags="MF") / UDP() / (b"x" * 64)
+    gre = Ether(src=POD_MAC, dst=HIN_MAC) / IP(src=SRC, dst=EXT, proto=47) / (b"\0" * 16)
+    for pkt in (frag, gre, out_pkt(ICMP(type=13))):                # 13: timestamp request
+        _, res = run_out(snat, route_ns, pkt)
+        assert res.retval == TC_ACT_SHOT
+    assert counters(snat) == {"drop_nat_unsupported": 3}
+    assert nat_table(snat) == {}
+
+
+def test_spoofed_source_address_or_mac_is_dropped(snat, route_ns):
+    spoofed_ip = out_pkt(UDP(sport=1, dport=2), src="198.18.1.99")
+    spoofed_mac = out_pkt(UDP(sport=1, dport=2))
+    spoofed_mac[Ether].src = "02:00:00:00:66:66"
+    for pkt in (spoofed_ip, spoofed_mac):
+        _, res = run_out(snat, route_ns, pkt)
+        assert res.retval == TC_ACT_SHOT
+    assert counters(snat) == {"drop_spoofed": 2}
+    assert nat_table(snat) == {}
+
+
+# -- ports, exhaustion, expiry ----------------------------------------------------------------
+
+def test_port_exhaustion_is_a_counted_drop_and_corrupts_nothing(snat, route_ns):
+    set_nat(snat, nat_port_min=30000, nat_port_max=30001)
+    ports = set()
+    for sport in (1001, 1002):
+        _, res = run_out(snat, route_ns, out_pkt(UDP(sport=sport, dport=53)))
+        assert res.retval == TC_ACT_REDIRECT
+        ports.add(Ether(res.data_out)[UDP].sport)
+    assert ports == {30000, 30001}
+    before = nat_table(snat)
+    _, res = run_out(snat, route_ns, out_pkt(UDP(sport=1003, dport=53)))
+    assert res.retval == TC_ACT_SHOT
+    assert nat_table(snat).keys() == before.keys()
+    # the same ports are free again towards another destination (5-tuple uniqueness)
+    _, res = run_out(snat, route_ns, out_pkt(UDP(sport=1003, dport=53), dst="203.0.113.20"))
+    assert res.retval == TC_ACT_REDIRECT
+    assert counters(snat) == {"snat_redirect_neigh": 3, "drop_nat_exhausted": 1}
+
+
+def test_an_expired_flow_gives_its_port_back(snat, route_ns):
+    set_nat(snat, nat_port_min=30000, nat_port_max=30000, nat_timeout_udp=0)
+    _, res = run_out(snat, route_ns, out_pkt(UDP(sport=1001, dport=53)))
+    assert res.retval == TC_ACT_REDIRECT
+    # idle timeout 0 s: the flow is expired at once, so another flow may take the port ...
+    _, res = run_out(snat, route_ns, out_pkt(UDP(sport=1002, dport=53)))
+    assert res.retval == TC_ACT_REDIRECT and Ether(res.data_out)[UDP].sport == 30000
+    keys = {(k.dir, k.sport, k.dport) for k in nat_table(snat)}
+    assert keys == {("out", 1002, 53), ("in", 53, 30000)}
+    # ... and a late reply for the first one finds nothing to go to
+    set_nat(snat, nat_port_min=30000, nat_port_max=30000, nat_timeout_udp=0)
+    data, res = run_in(snat, route_ns, in_pkt(UDP(sport=53, dport=30000)))
+    assert res.retval == TC_ACT_OK and res.data_out == data
+
+
+def test_tcp_state_moves_with_rst_and_fin(snat, route_ns):
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="S")))
+    port = Ether(res.data_out)[TCP].sport
+    out_key = st.NatKey(SRC, EXT, 40000, 80, TCP_PROTO, "out")
+    in_key = st.NatKey(EXT, NODE_IP, 80, port, TCP_PROTO, "in")
+    assert nat_table(snat)[out_key].state == 0
+    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="SA")))
+    run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="FA")))
+    bits = st.NAT_STATE_BITS
+    for key in (out_key, in_key):
+        assert nat_table(snat)[key].state == bits["seen_reply"] | bits["fin_out"]
+    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="R")))
+    for key in (out_key, in_key):
+        assert nat_table(snat)[key].state == (bits["seen_reply"] | bits["fin_out"] | bits["rst"])
+
+
+def test_an_evicted_reverse_entry_is_restored_with_the_same_port(snat, route_ns):
+    _, res = run_out(snat, route_ns, out_pkt(UDP(sport=40000, dport=53)))
+    port = Ether(res.data_out)[UDP].sport
+    in_key = st.NatKey(EXT, NODE_IP, 53, port, UDP_PROTO, "in")
+    assert snat.maps.nat_delete(in_key)               # as if the LRU had evicted it
+    _, res = run_out(snat, route_ns, out_pkt(UDP(sport=40000, dport=53)))
+    assert Ether(res.data_out)[UDP].sport == port
+    assert nat_table(snat)[in_key].addr == SRC
+
+
+# -- ICMP errors about a translated flow -----------------------------------------------------
+
+def _open_flow(dp, route_ns, l4) -> tuple[bytes, int]:
+    """Send l4 out; return the translated IP packet as it left and its NAT port / id."""
+    _, res = run_out(dp, route_ns, out_pkt(l4, payload=b"p" * 40))
+    assert res.retval == TC_ACT_REDIRECT
+    sent = ip_of(res.data_out)
+    ip = IP(sent)
+    return sent, (ip[ICMP].id if ICMP in ip else ip.payload.sport)
+
+
+@pytest.mark.parametrize("case", ["tcp-frag-needed", "udp-port-unreachable",
+                                  "icmp-time-exceeded", "tcp-quoted-8-bytes"])
+def test_icmp_error_about_a_flow_is_translated_inner_header_included(snat, route_ns, case):
+    if case.startswith("tcp"):
+        sent, port = _open_flow(snat, route_ns, TCP(sport=40000, dport=80, flags="A"))
+    elif case.startswith("udp"):
+        sent, port = _open_flow(snat, route_ns, UDP(sport=40000, dport=53))
+    else:
+        sent, port = _open_flow(snat, route_ns, ICMP(type=8, id=0x4242, seq=9))
+    icmp = {"tcp-frag-needed": ICMP(type=3, code=4, nexthopmtu=1280),
+            "udp-port-unreachable": ICMP(type=3, code=3),
+            "icmp-time-exceeded": ICMP(type=11, code=0),
+            "tcp-quoted-8-bytes": ICMP(type=3, code=4, nexthopmtu=1280)}[case]
+    quote = sent[:28] if case == "tcp-quoted-8-bytes" else sent    # RFC 792 minimum vs all
+    err = Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01") / IP(src=ROUTER, dst=NODE_IP) / icmp
+    raw = bytes(err / quote)
+    res = run_prog(snat.from_underlay.fd, raw, route_ns.name, route_ns.uplink)
+    assert res.retval == TC_ACT_REDIRECT, counters(snat)
+    out = ip_of(res.data_out)
+    check_ip_and_l4(out)                                   # outer IPv4 + ICMP over everything
+    outer = IP(out)
+    assert outer.src == ROUTER and outer.dst == SRC
+    assert outer[ICMP].type == icmp.type and outer[ICMP].code == icmp.code
+    inner = out[28:]
+    check_ip_and_l4(inner, quoted=True)                    # inner IPv4 (+ L4 when all there)
+    assert inner[12:16] == bytes(map(int, SRC.split("."))) and inner[16:20] == sent[16:20]
+    if case.startswith("icmp"):
+        assert struct.unpack("!H", inner[24:26])[0] == 0x4242
+    else:
+        assert struct.unpack("!HH", inner[20:24]) == (40000, struct.unpack("!H", sent[22:24])[0])
+    assert counters(snat)["rnat_icmp_error"] == 1
+
+
+def test_icmp_error_about_an_unknown_flow_stays_with_the_node(snat, route_ns):
+    inner = IP(src=NODE_IP, dst=EXT) / UDP(sport=PORT_MIN, dport=53)
+    err = Ether() / IP(src=ROUTER, dst=NODE_IP) / ICMP(type=3, code=3) / bytes(inner)
+    data, res = run_in(snat, route_ns, err)
+    assert res.retval == TC_ACT_OK and res.data_out == data
+    assert counters(snat) == {"pass_nat_miss": 1}
