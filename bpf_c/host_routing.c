@@ -426,8 +426,10 @@ static __always_inline int from_outside_to_node(__u32 *slot, struct __sk_buff *s
 	if (!ep)
 		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len, HR_DROP_NAT_NO_ENDPOINT, 0,
 			       TC_ACT_SHOT);
+	/* Routed on to the pod it would expire; the stack would answer for the node instead. */
 	if (pkt->ip->ttl <= 1)
-		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len, HR_PASS_TTL, 0, TC_ACT_OK);
+		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len, HR_DROP_NAT_TTL, 0,
+			       TC_ACT_SHOT);
 	return to_local_pod(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len, ep, reason);
 }
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
-import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field

@@ -24,6 +24,7 @@ EPILOG = """examples:
   hostrouting lab exec node1-pod1 -- ping -c1 198.18.2.10
   hostrouting enable                          # switch the lab to eBPF host routing
   hostrouting status; hostrouting stats
+  hostrouting nat list --json                 # BPF SNAT flows of every node
   hostrouting lab down --all
 """
 
@@ -188,6 +189,19 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_nat(args) -> int:
+    _require_root()
+    from datapath import nat_table, switch
+    state, topo = _topology_of(args.lab)
+    per_node = switch.nat_flows(state, topo, args.node)
+    if args.json:
+        _print_json({"lab": topo.lab, "nodes": {name: [f.to_dict() for f in flows]
+                                                for name, flows in per_node.items()}})
+    else:
+        nat_table.print_flows(topo.lab, per_node)
+    return 0
+
+
 def _csv(kind, choices=None):
     def parse(text: str):
         items = [t.strip() for t in text.split(",") if t.strip()]
@@ -318,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_lab(sub.add_parser("stats", help="datapath counters per node"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
+    nat = sub.add_parser("nat", help="the BPF SNAT table")
+    natsub = nat.add_subparsers(dest="nat_command", required=True, metavar="NAT_COMMAND")
+    p = with_lab(natsub.add_parser("list", help="translated flows per node: pod, remote, node "
+                                   "IP:port, TCP state, idle and expiry, packets"))
+    p.add_argument("--node", help="only this node")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_nat)
     p = with_lab(sub.add_parser("monitor", help="per-packet verdicts from the datapath"))
     p.add_argument("--type", choices=("trace", "drop"), default="trace",
                    help="every verdict, or drops only")

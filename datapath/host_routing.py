@@ -174,6 +174,10 @@ class DatapathMaps:
                 for k, v in libbpf.map_items(self.fd("nat"), st.SIZEOF_NAT_KEY,
                                              st.SIZEOF_NAT_ENTRY)]
 
+    def nat_lookup(self, key: st.NatKey) -> st.NatEntry | None:
+        raw = libbpf.map_lookup(self.fd("nat"), st.pack_nat_key(key), st.SIZEOF_NAT_ENTRY)
+        return None if raw is None else st.unpack_nat_entry(raw)
+
     def nat_delete(self, key: st.NatKey) -> bool:
         return libbpf.map_delete(self.fd("nat"), st.pack_nat_key(key))
 

@@ -16,6 +16,12 @@ The strongest mechanism this kernel offers is used, and ``status`` names it:
 Every removal is recorded as a ``BlockedRule`` Warning event. The guard runs
 as a daemon inside the first node's namespace, so removing the lab ends it
 with everything else; ``disable`` stops it.
+
+Being the lab's one long-lived process while eBPF host routing is on, the
+guard also keeps the BPF SNAT tables bounded: every ``NAT_SWEEP_S`` it
+deletes expired flows (datapath/nat_table.py) and records a Warning event when
+flows were dropped for want of a free NAT port (``NatPortsExhausted``) or a
+table is nearly full, so that LRU eviction starts (``NatTableFull``).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from . import events
 from .iptables_rules import saved_rules
 
 LEGACY_POLL_S = 0.5
+NAT_SWEEP_S = 5.0
+NAT_FULL_FRACTION = 0.9
 LSM_LIST = Path("/sys/kernel/security/lsm")
 _NFT_ADD = re.compile(r"^add rule (\S+) (\S+) (\S+) (.*?)\s*# handle (\d+)$")
 
@@ -71,13 +79,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def start(lab: str, node_netns: dict[str, str], timeout: float = 10) -> int:
-    """Start the guard for these nodes ({node name: netns}); returns its pid once it watches."""
+def start(lab: str, node_netns: dict[str, str], nat_progs: dict[str, int] | None = None,
+          timeout: float = 10) -> int:
+    """Start the guard for these nodes ({node name: netns}); returns its pid once it watches.
+
+    nat_progs ({node name: from_pod program id}) are the datapaths whose NAT
+    tables it sweeps.
+    """
     spec = ",".join(f"{name}={ns}" for name, ns in node_netns.items())
+    nat_spec = ",".join(f"{name}={pid}" for name, pid in (nat_progs or {}).items())
     first_ns = next(iter(node_netns.values()))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     proc = subprocess.Popen(["ip", "netns", "exec", first_ns, sys.executable, "-m",
-                             "datapath.rule_guard", "--lab", lab, "--nodes", spec],
+                             "datapath.rule_guard", "--lab", lab, "--nodes", spec,
+                             "--nat", nat_spec],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     line = proc.stdout.readline()  # "ready" once every watcher runs
@@ -109,8 +124,9 @@ def stop(pid: int, timeout: float = 5) -> None:
 
 
 class Guard:
-    def __init__(self, lab: str, nodes: dict[str, str]):
+    def __init__(self, lab: str, nodes: dict[str, str], nat_progs: dict[str, int] | None = None):
         self.lab, self.nodes = lab, nodes
+        self.nat_progs = nat_progs or {}
         self.stopping = threading.Event()
         self.monitors: list[subprocess.Popen] = []
 
@@ -148,6 +164,35 @@ class Guard:
                     self.blocked(node, rule.backend, f"{rule.table} {rule.chain}: {rule.text}",
                                  rm.returncode == 0, rm.stderr.strip())
 
+    def sweep_nat(self) -> None:
+        from . import nat_table
+        from .host_routing import DatapathMaps
+        exhausted_seen: dict[str, int] = {}
+        full_warned: set[str] = set()
+        while not self.stopping.wait(NAT_SWEEP_S):
+            for node, prog_id in self.nat_progs.items():
+                try:
+                    with DatapathMaps.from_prog_id(prog_id) as maps:
+                        nat_table.sweep(maps)
+                        exhausted = maps.counters()["drop_nat_exhausted"][0]
+                        used, capacity = len(maps.nat_entries()), maps.nat_capacity()
+                except (OSError, RuntimeError):
+                    continue    # the program is going away with the lab
+                before = exhausted_seen.get(node, 0)
+                exhausted_seen[node] = exhausted
+                if exhausted > before:
+                    events.record(self.lab, events.WARNING, "NatPortsExhausted", f"node/{node}",
+                                  f"{exhausted - before} packet(s) of new flows dropped: no free "
+                                  "NAT port towards their destination (widen [nat] port_min.."
+                                  "port_max)", dropped=exhausted - before)
+                if used >= NAT_FULL_FRACTION * capacity and node not in full_warned:
+                    full_warned.add(node)
+                    events.record(self.lab, events.WARNING, "NatTableFull", f"node/{node}",
+                                  f"BPF SNAT table at {used} of {capacity} entries: the least "
+                                  "recently used flows are evicted (raise [nat] max_flows)")
+                elif used < NAT_FULL_FRACTION * capacity / 2:
+                    full_warned.discard(node)
+
     def run(self) -> int:
         for node, ns in self.nodes.items():
             proc = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "-a", "monitor", "rules"],
@@ -157,6 +202,8 @@ class Guard:
             threading.Thread(target=self.watch_nftables, args=(node, ns, proc),
                              daemon=True).start()
         threading.Thread(target=self.poll_legacy, daemon=True).start()
+        if self.nat_progs:
+            threading.Thread(target=self.sweep_nat, daemon=True).start()
         time.sleep(0.2)  # let every monitor subscribe before saying so
         print("ready", flush=True)
         # Ends when the lab goes (its namespaces' processes are killed) or on SIGTERM.
@@ -170,9 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datapath.rule_guard")
     parser.add_argument("--lab", required=True)
     parser.add_argument("--nodes", required=True, help="node=netns,node=netns")
+    parser.add_argument("--nat", default="", help="node=from_pod program id,...")
     args = parser.parse_args(argv)
     nodes = dict(item.split("=", 1) for item in args.nodes.split(","))
-    guard = Guard(args.lab, nodes)
+    nat_progs = {name: int(pid) for name, pid in
+                 (item.split("=", 1) for item in args.nat.split(",") if item)}
+    guard = Guard(args.lab, nodes, nat_progs)
 
     def terminate(signum, frame):
         for p in guard.monitors:

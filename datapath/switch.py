@@ -8,13 +8,19 @@ every endpoint. What was attached, and whether a clsact qdisc was created for
 it, is recorded in the lab's state after each step, so disabling restores the
 devices exactly, even after a crash half-way.
 
+Traffic leaving the cluster is then source-NATed by BPF to the node IP, so
+the legacy MASQUERADE rule of each node is removed once its programs are
+attached (and put back on disable): nothing in the node's netfilter applies
+to pod traffic any more. Flows to the outside that were open across a switch
+break (their NAT port changes); pod-to-pod flows carry on.
+
 Pod-to-pod packets are the same bytes on either path, so TCP connections that
 are open across a switch carry on.
 """
 
 from __future__ import annotations
 
-from netns_lab import netns
+from netns_lab import legacy, netns
 from netns_lab.state import LabState
 from netns_lab.topology import Node, Topology
 
@@ -47,18 +53,21 @@ def _attach_points(topo: Topology, node: Node) -> list[tuple[str, str]]:
 
 
 def _enable_node(state: LabState, topo: Topology, node: Node) -> None:
-    loaded = host_routing.load(router_ip=node.gateway)
+    loaded = host_routing.load(router_ip=node.gateway, node_ip=node.ip,
+                               nat=topo.nat.datapath_config(), nat_max_flows=topo.nat.max_flows)
     try:
         maps = loaded.maps
         for ip, ifindex, mac, node_mac in _endpoints(node):
             maps.set_endpoint(ip, ifindex, mac, node_mac)
-        for cidr in topo.cluster_cidrs:
+        for cidr in topo.non_masquerade_cidrs:
             maps.set_cluster_cidr(cidr)
         with netns.ipr(node.netns) as nsock:
             uplink = netns.ifindex(nsock, topo.uplink_ifname)
         for other in topo.nodes:
             if other is not node:
                 maps.set_node_route(other.pod_cidr, other.ip, uplink)
+        # the outside, for when forwarding is off in the node (the FIB lookup is refused)
+        maps.set_node_route("0.0.0.0/0", topo.router_ip, uplink)
         record = state.datapath.setdefault(node.name, {"attached": []})
         record["programs"] = {name: loaded.prog_ids[name] for name in (FROM_POD, FROM_UNDERLAY)}
         for ifname, prog in _attach_points(topo, node):
@@ -105,7 +114,17 @@ def enable_ebpf(state: LabState, topo: Topology, force: bool = False) -> None:
             events.record(topo.lab, events.NORMAL, "ProgramsAttached", f"node/{node.name}",
                           f"from_pod (id {progs[FROM_POD]}) on {len(node.pods)} pod veth(s), "
                           f"from_underlay (id {progs[FROM_UNDERLAY]}) on {topo.uplink_ifname}")
-        state.guard_pid = rule_guard.start(topo.lab, {n.name: n.netns for n in topo.nodes})
+            if legacy.masquerade_installed(topo, node):
+                state.datapath[node.name]["masquerade_removed"] = True
+                state.save()
+                legacy.remove_masquerade(topo, node)
+                events.record(topo.lab, events.NORMAL, "MasqueradeReplaced", f"node/{node.name}",
+                              f"BPF SNAT to {node.ip} (ports {topo.nat.port_min}-"
+                              f"{topo.nat.port_max}, up to {topo.nat.max_flows} flows) replaces "
+                              f"the iptables MASQUERADE rule")
+        state.guard_pid = rule_guard.start(
+            topo.lab, {n.name: n.netns for n in topo.nodes},
+            {n.name: state.datapath[n.name]["programs"][FROM_POD] for n in topo.nodes})
     except BaseException:
         _detach_all(state, topo)
         state.mode = "legacy"
@@ -129,6 +148,12 @@ def _detach_all(state: LabState, topo: Topology) -> None:
         if record["attached"]:
             events.record(topo.lab, events.NORMAL, "ProgramsDetached", f"node/{node.name}",
                           f"detached from {len(record['attached'])} device(s)")
+        if record.get("masquerade_removed") and netns.exists(node.netns):
+            if not legacy.masquerade_installed(topo, node):
+                legacy.install_masquerade(topo, node)
+            events.record(topo.lab, events.NORMAL, "MasqueradeRestored", f"node/{node.name}",
+                          "the iptables MASQUERADE rule masquerades traffic leaving the cluster "
+                          "again")
         state.datapath.pop(node.name, None)
         state.save()
 
@@ -180,8 +205,31 @@ def stats(state: LabState, topo: Topology) -> dict:
     for node in topo.nodes:
         with _node_maps(state, node) as maps:
             counters = maps.counters()
-        result["nodes"].append({"name": node.name, "counters": {
-            name: {"packets": p, "bytes": b} for name, (p, b) in counters.items()}})
+            entries = maps.nat_entries()
+            capacity = maps.nat_capacity()
+        result["nodes"].append({
+            "name": node.name,
+            "counters": {name: {"packets": p, "bytes": b} for name, (p, b) in counters.items()},
+            "nat": {"entries": len(entries), "capacity": capacity,
+                    "out_entries": sum(1 for k, _ in entries if k.dir == "out"),
+                    "in_entries": sum(1 for k, _ in entries if k.dir == "in")}})
+    return result
+
+
+def nat_flows(state: LabState, topo: Topology, node_name: str | None = None) -> dict:
+    """{node name: [nat_table.Flow]} for every node (or one)."""
+    from . import nat_table
+    if state.mode != "ebpf":
+        raise SwitchError(f"lab {topo.lab}: no BPF SNAT table in {state.mode} mode "
+                          "(hostrouting enable first)")
+    nodes = [n for n in topo.nodes if node_name in (None, n.name)]
+    if not nodes:
+        raise SwitchError(f"lab {topo.lab}: no node named {node_name!r} "
+                          f"(known: {', '.join(n.name for n in topo.nodes)})")
+    result = {}
+    for node in nodes:
+        with _node_maps(state, node) as maps:
+            result[node.name] = nat_table.flows(maps)
     return result
 
 
@@ -222,4 +270,9 @@ def print_stats(stats_: dict) -> None:
         for name, c in node["counters"].items():
             if c["packets"]:
                 table.add_row(node["name"], name, f"{c['packets']:,}", f"{c['bytes']:,}")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for node in stats_["nodes"]:
+        nat = node["nat"]
+        console.print(f"{node['name']}: BPF SNAT table {nat['entries']:,} of {nat['capacity']:,} "
+                      f"entries ({nat['out_entries']:,} out, {nat['in_entries']:,} in)")

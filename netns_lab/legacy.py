@@ -34,7 +34,7 @@ def _jump_rule(topo: Topology) -> list[str]:
 def install_masquerade(topo: Topology, node: Node) -> None:
     ipt = [iptables_binary(), "-w", "-t", "nat"]
     netns.run(node.netns, ipt + ["-N", CHAIN])
-    for cidr in topo.cluster_cidrs:
+    for cidr in topo.non_masquerade_cidrs:
         netns.run(node.netns, ipt + ["-A", CHAIN, "-d", cidr, "-j", "RETURN"])
     netns.run(node.netns, ipt + ["-A", CHAIN, "-s", node.pod_cidr, "-j", "MASQUERADE"])
     netns.run(node.netns, ipt + ["-A", *_jump_rule(topo)])

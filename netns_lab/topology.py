@@ -20,6 +20,18 @@ File format::
     name = "node1"
     pod_cidr = "198.18.1.0/24"        # gateway .1, pods from .10
     pods = 2                          # a count, or a list of pod names
+
+    [nat]                             # BPF SNAT of traffic leaving the cluster (eBPF mode)
+    max_flows = 65536                 # per node (the LRU map holds two entries per flow)
+    port_min = 1024                   # NAT ports; the nodes' own ephemeral ports
+    port_max = 32767                  #   (32768-60999) stay out of the way
+    exclude = []                      # more destinations never masqueraded (as
+                                      #   ip-masq-agent's nonMasqueradeCIDRs)
+    timeout_tcp_syn = 60              # seconds idle before an entry expires
+    timeout_tcp_established = 3600
+    timeout_tcp_closing = 10          # after RST, or FIN both ways
+    timeout_udp = 60
+    timeout_icmp = 30
 """
 
 from __future__ import annotations
@@ -74,6 +86,36 @@ class External:
 
 
 @dataclass(frozen=True)
+class NatSettings:
+    """The [nat] table: BPF SNAT sizing, port range, exclusions and idle timeouts."""
+    max_flows: int = 65536
+    port_min: int = 1024
+    port_max: int = 32767
+    exclude: tuple[str, ...] = ()
+    timeout_tcp_syn: int = 60
+    timeout_tcp_established: int = 3600
+    timeout_tcp_closing: int = 10
+    timeout_udp: int = 60
+    timeout_icmp: int = 30
+
+    def datapath_config(self) -> dict[str, int]:
+        """The NAT fields of struct hr_config (see datapath/shared_types.py)."""
+        return {"nat_port_min": self.port_min, "nat_port_max": self.port_max,
+                **{f"nat_{k}": getattr(self, k) for k in _NAT_TIMEOUTS}}
+
+    def to_dict(self) -> dict:
+        return {"max_flows": self.max_flows, "port_min": self.port_min,
+                "port_max": self.port_max, "exclude": list(self.exclude),
+                **{k: getattr(self, k) for k in _NAT_TIMEOUTS}}
+
+
+_NAT_TIMEOUTS = ("timeout_tcp_syn", "timeout_tcp_established", "timeout_tcp_closing",
+                 "timeout_udp", "timeout_icmp")
+MAX_NAT_FLOWS = 4 * 1024 * 1024
+MAX_NAT_TIMEOUT = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
 class Topology:
     lab: str
     nodes: tuple[Node, ...]
@@ -84,11 +126,17 @@ class Topology:
     external_mtu: int = 1500
     fabric_netns: str = ""
     uplink_ifname: str = ""
+    nat: NatSettings = field(default_factory=NatSettings)
 
     @property
     def cluster_cidrs(self) -> list[str]:
-        """Destinations that are inside the cluster: never masqueraded."""
+        """Destinations that are inside the cluster."""
         return [n.pod_cidr for n in self.nodes] + [self.underlay_cidr]
+
+    @property
+    def non_masquerade_cidrs(self) -> list[str]:
+        """Destinations never masqueraded: the cluster, and [nat] exclude."""
+        return self.cluster_cidrs + list(self.nat.exclude)
 
     @property
     def namespaces(self) -> list[str]:
@@ -131,6 +179,7 @@ class Topology:
             "external": {"cidr": self.external.cidr, "ip": self.external.ip},
             "nodes": [{"name": n.name, "pod_cidr": n.pod_cidr,
                        "pods": [p.name for p in n.pods]} for n in self.nodes],
+            "nat": self.nat.to_dict(),
         }
 
     @classmethod
@@ -223,7 +272,7 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
         raise TopologyError(f"lab name {lab!r}: 1 to 8 lowercase letters and digits, "
                             "starting with a letter")
     known_top = {"lab", "external", "nodes", "underlay_cidr", "router_ip", "underlay_mtu",
-                 "external_mtu"}
+                 "external_mtu", "nat"}
     for key in data:
         if key not in known_top:
             raise TopologyError(f"{loc.where('', 0, key)}: unknown key {key!r}")
@@ -315,6 +364,8 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
         nodes.append(Node(node_name, i + 1, str(underlay.network_address + i + 1), str(pod_net),
                           str(pod_net.network_address + 1), node_ns, tuple(pods)))
 
+    nat = _nat_settings(data.get("nat", {}), loc)
+
     return Topology(
         lab=lab,
         nodes=tuple(nodes),
@@ -325,7 +376,44 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
         external_mtu=external_mtu,
         fabric_netns=f"{lab}-fabric",
         uplink_ifname=f"{lab}-uplink",
+        nat=nat,
     )
+
+
+def _nat_settings(raw, loc: _Locator) -> NatSettings:
+    if not isinstance(raw, dict):
+        raise TopologyError(f"{loc.where('nat', 0, None)}: must be a table")
+    defaults = NatSettings()
+    known = set(defaults.to_dict())
+    for key in raw:
+        if key not in known:
+            raise TopologyError(f"{loc.where('nat', 0, key)}: unknown key {key!r} "
+                                f"(known: {', '.join(sorted(known))})")
+    values: dict = {}
+    values["max_flows"] = _int(raw.get("max_flows", defaults.max_flows),
+                               loc.where("nat", 0, "max_flows"), 1, MAX_NAT_FLOWS)
+    values["port_min"] = _int(raw.get("port_min", defaults.port_min),
+                              loc.where("nat", 0, "port_min"), 1, 65535)
+    values["port_max"] = _int(raw.get("port_max", defaults.port_max),
+                              loc.where("nat", 0, "port_max"), 1, 65535)
+    if values["port_max"] < values["port_min"]:
+        raise TopologyError(f"{loc.where('nat', 0, 'port_max')}: {values['port_max']} is below "
+                            f"port_min {values['port_min']}")
+    for key in _NAT_TIMEOUTS:
+        values[key] = _int(raw.get(key, getattr(defaults, key)), loc.where("nat", 0, key),
+                           0, MAX_NAT_TIMEOUT)
+    exclude = raw.get("exclude", [])
+    where = loc.where("nat", 0, "exclude")
+    if not isinstance(exclude, list):
+        raise TopologyError(f"{where}: must be a list of IPv4 networks")
+    nets = []
+    for item in exclude:
+        try:
+            nets.append(str(ipaddress.IPv4Network(str(item), strict=True)))
+        except ValueError as e:
+            raise TopologyError(f"{where}: {item!r} is not an IPv4 network ({e})") from None
+    values["exclude"] = tuple(nets)
+    return NatSettings(**values)
 
 
 def load_topology(lab: str, path: str | Path | None = None, nodes: int | None = None,

@@ -697,7 +697,7 @@ def test_live_pod_to_pod_external_and_frag_needed(loaded, mini_node):
 # -- leaving the cluster, forwarding off ----------------------------------------------------
 
 def test_destination_outside_the_cluster_goes_to_the_stack_unchanged(dp, route_ns):
-    """Until BPF SNAT, only the stack's MASQUERADE makes the external host answer."""
+    """With BPF SNAT off (no node IP configured), the stack's MASQUERADE must do it."""
     data, res = from_pod(dp, route_ns, pod_packet(EXTERNAL_DST))
     assert res.retval == TC_ACT_OK and res.data_out == data
     only_counter(dp, "pass_external", 1, len(data))

@@ -8,7 +8,6 @@ checker where only the slow path would pass.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,6 @@ import pytest
 from datapath import switch, tc_attach
 from netns_lab import netns
 from netns_lab.state import load_state
-from netns_lab.topology import Topology
 from tests.labtools import (assert_ping, background, conntrack_entries, netperf, netserver,
                             ping, udp_echo, udp_request)
 
@@ -224,12 +222,3 @@ def test_path_mtu_frag_needed_and_tcp_completes(make_lab, tmp_path):
         proc = netperf(a1.netns, b1.ip, "TCP_STREAM", seconds=1)
         assert proc.returncode == 0, proc.stderr
         assert float(proc.stdout.split()[-1]) > 0
-
-
-def test_pod_to_external_is_masqueraded_by_the_stack_until_bpf_snat(ebpf_lab):
-    _, topo = ebpf_lab
-    a1, _, b1, _ = pods(topo)
-    with udp_echo(topo.external.netns):
-        assert udp_request(a1.netns, topo.external.ip) == f"hello from {topo.nodes[0].ip}"
-        assert udp_request(b1.netns, topo.external.ip) == f"hello from {topo.nodes[1].ip}"
-    assert counters(topo)["node1"]["pass_external"] >= 1

@@ -13,11 +13,10 @@ import time
 import pytest
 
 from netns_lab import netns
-from netns_lab.builder import lab_down, lab_down_all, lab_up
+from netns_lab.builder import lab_down, lab_up
 from netns_lab.state import load_state
-from netns_lab.topology import TopologyError, load_topology
+from netns_lab.topology import load_topology
 from tests import rootns
-from tests.conftest import fresh_lab_name
 
 HOSTROUTING = [sys.executable, "-m", "datapath.cli"]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 
 from datapath.monitor import run_monitor
 from datapath.switch import _node_maps

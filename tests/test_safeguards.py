@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from datapath import events, switch
 from netns_lab import netns

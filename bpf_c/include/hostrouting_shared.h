@@ -41,7 +41,9 @@ enum hr_reason {
 	HR_DROP_NAT_NO_ENDPOINT = 22,	/* translated back to a pod this node does not have (any more) */
 	HR_DROP_SPOOFED = 23,		/* from a pod, source IP or MAC not that pod's own */
 	HR_DROP_NOT_FROM_CLUSTER = 24,	/* from outside the cluster to a pod, and not a NAT reply */
-	HR_REASON_MAX = 25
+	HR_DROP_NAT_TTL = 25,		/* reply to a NATed flow with TTL <= 1: would expire on the way
+					 * (the stack would answer for the node and break the flow) */
+	HR_REASON_MAX = 26
 };
 
 /* Where a trace event was taken. */

@@ -1,0 +1,176 @@
+"""The BPF SNAT table of a node, read and swept from user space.
+
+The datapath keeps two entries per flow in the `nat` LRU map (see
+bpf_c/include/nat.h): OUT, keyed by the pod's packet, and IN, keyed by the
+reply. This module pairs them into flows for ``hostrouting nat list``, and
+deletes flows that have been idle longer than their timeout (``sweep``), which
+the rule guard runs every few seconds while eBPF host routing is on, so that
+the table stays bounded by expiry and not only by LRU eviction.
+
+Expiry follows the datapath's rule exactly: a flow is alive while the most
+recent packet of either entry is younger than the timeout of its state (TCP:
+SYN sent, established once a reply came, closing after RST or FIN both ways;
+UDP; ICMP). Timestamps are CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import asdict, dataclass
+
+from . import shared_types as st
+from .host_routing import DatapathMaps
+
+_BITS = st.NAT_STATE_BITS
+_PROTO_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", socket.IPPROTO_ICMP: "icmp"}
+
+
+def state_name(protocol: int, state: int) -> str:
+    if protocol != socket.IPPROTO_TCP:
+        return "replied" if state & _BITS["seen_reply"] else "new"
+    if state & _BITS["rst"]:
+        return "reset"
+    fins = state & (_BITS["fin_out"] | _BITS["fin_in"])
+    if fins == _BITS["fin_out"] | _BITS["fin_in"]:
+        return "closed"
+    if fins:
+        return "half-closed"
+    return "established" if state & _BITS["seen_reply"] else "syn-sent"
+
+
+def timeout_s(cfg: st.Config, protocol: int, state: int) -> int:
+    """The idle timeout the datapath applies (nat_timeout_ns in nat.h)."""
+    nat = cfg.nat
+    if protocol == socket.IPPROTO_TCP:
+        fins = _BITS["fin_out"] | _BITS["fin_in"]
+        if state & _BITS["rst"] or state & fins == fins:
+            return nat["nat_timeout_tcp_closing"]
+        if state & _BITS["seen_reply"]:
+            return nat["nat_timeout_tcp_established"]
+        return nat["nat_timeout_tcp_syn"]
+    if protocol == socket.IPPROTO_UDP:
+        return nat["nat_timeout_udp"]
+    return nat["nat_timeout_icmp"]
+
+
+def twin_key(key: st.NatKey, entry: st.NatEntry) -> st.NatKey:
+    """The key of the other entry of the same flow (nat_twin in nat.h)."""
+    if key.dir == "out":
+        return st.NatKey(key.daddr, entry.addr, key.dport, entry.port, key.protocol, "in")
+    return st.NatKey(entry.addr, key.saddr, entry.port, key.sport, key.protocol, "out")
+
+
+def _points_back(key: st.NatKey, twin: st.NatEntry | None) -> bool:
+    if twin is None:
+        return False
+    if key.dir == "out":
+        return (twin.addr, twin.port) == (key.saddr, key.sport)
+    return (twin.addr, twin.port) == (key.daddr, key.dport)
+
+
+@dataclass(frozen=True)
+class Flow:
+    protocol: str
+    pod: str            # ip:port (ICMP: ip:identifier)
+    remote: str         # ip:port
+    nat: str            # node ip:port
+    state: str
+    idle_s: float
+    expires_in_s: float
+    packets_out: int
+    bytes_out: int
+    packets_in: int
+    bytes_in: int
+    complete: bool      # both entries present (False: one was evicted or is being swept)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def flows(maps: DatapathMaps, now_ns: int | None = None) -> list[Flow]:
+    """Every flow of the table, each once, whether OUT, IN or both entries are left."""
+    now_ns = time.monotonic_ns() if now_ns is None else now_ns
+    cfg = maps.config()
+    table = dict(maps.nat_entries())
+    seen: set[st.NatKey] = set()
+    out: list[Flow] = []
+    for key, entry in table.items():
+        if key in seen:
+            continue
+        tkey = twin_key(key, entry)
+        twin = table.get(tkey)
+        if not _points_back(key, twin):
+            twin = None
+        seen.add(key)
+        if twin is not None:
+            seen.add(tkey)
+        fwd, rev = (entry, twin) if key.dir == "out" else (twin, entry)
+        state = entry.state | (twin.state if twin else 0)
+        last = max(entry.last_seen_ns, twin.last_seen_ns if twin else 0)
+        idle = max(0.0, (now_ns - last) / 1e9)
+        proto = key.protocol
+        if key.dir == "out":
+            pod = f"{key.saddr}:{key.sport}"
+            remote = f"{key.daddr}:{key.dport}"
+            nat = f"{entry.addr}:{entry.port}"
+        else:
+            pod = f"{entry.addr}:{entry.port}"
+            remote = f"{key.saddr}:{key.sport}"
+            nat = f"{key.daddr}:{key.dport}"
+        if proto == socket.IPPROTO_ICMP:      # the identifier is in sport (out) / dport (in)
+            remote = remote.rsplit(":", 1)[0]
+        out.append(Flow(
+            protocol=_PROTO_NAMES.get(proto, str(proto)), pod=pod, remote=remote, nat=nat,
+            state=state_name(proto, state), idle_s=round(idle, 3),
+            expires_in_s=round(timeout_s(cfg, proto, state) - idle, 3),
+            packets_out=fwd.packets if fwd else 0, bytes_out=fwd.bytes if fwd else 0,
+            packets_in=rev.packets if rev else 0, bytes_in=rev.bytes if rev else 0,
+            complete=fwd is not None and rev is not None))
+    out.sort(key=lambda f: (f.protocol, f.pod, f.remote))
+    return out
+
+
+def sweep(maps: DatapathMaps, now_ns: int | None = None) -> int:
+    """Delete the entries of every expired flow; returns how many entries went."""
+    now_ns = time.monotonic_ns() if now_ns is None else now_ns
+    cfg = maps.config()
+    table = dict(maps.nat_entries())
+    deleted = 0
+    for key, entry in table.items():
+        tkey = twin_key(key, entry)
+        twin = table.get(tkey)
+        if not _points_back(key, twin):
+            twin = None
+        state = entry.state | (twin.state if twin else 0)
+        last = max(entry.last_seen_ns, twin.last_seen_ns if twin else 0)
+        if now_ns - last <= timeout_s(cfg, key.protocol, state) * 1_000_000_000:
+            continue
+        # re-read: the datapath may have refreshed it since the dump
+        fresh = [e for e in (maps.nat_lookup(key), maps.nat_lookup(tkey) if twin else None)
+                 if e is not None]
+        if any(now_ns - e.last_seen_ns <= timeout_s(cfg, key.protocol, state) * 1_000_000_000
+               for e in fresh):
+            continue
+        deleted += maps.nat_delete(key)
+    return deleted
+
+
+def print_flows(lab: str, per_node: dict[str, list[Flow]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"lab {lab}: BPF SNAT flows")
+    for col in ("node", "proto", "pod", "remote", "as (node IP:port)", "state", "idle s",
+                "expires in s", "pkts out/in", "bytes out/in"):
+        table.add_column(col, justify="right" if col.endswith(("s", "in")) else "left")
+    total = 0
+    for node, node_flows in per_node.items():
+        for f in node_flows:
+            total += 1
+            table.add_row(node, f.protocol, f.pod, f.remote, f.nat,
+                          f.state + ("" if f.complete else " (one entry)"),
+                          f"{f.idle_s:.1f}", f"{max(f.expires_in_s, 0):.1f}",
+                          f"{f.packets_out}/{f.packets_in}", f"{f.bytes_out}/{f.bytes_in}")
+    console = Console()
+    console.print(table)
+    console.print(f"{total} flow(s)")

@@ -1,0 +1,230 @@
+"""BPF SNAT with real packets: pods reach the external host as their node, without conntrack.
+
+The external namespace runs real servers (HTTP, UDP echo, a TCP sink) and
+reports the client address it saw; the nodes' conntrack tables are read to
+show the flows never went through netfilter.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from datapath import switch
+from netns_lab import legacy, netns
+from netns_lab.state import load_state
+from tests.labtools import (assert_ping, background, conntrack_entries, ping, udp_echo,
+                            udp_request)
+
+
+@pytest.fixture
+def ebpf_lab(make_lab):
+    return make_lab("ebpf")
+
+
+def counters(topo) -> dict[str, dict[str, int]]:
+    stats = switch.stats(load_state(topo.lab), topo)
+    return {n["name"]: {k: v["packets"] for k, v in n["counters"].items()} for n in stats["nodes"]}
+
+
+def nat_flows(topo) -> dict[str, list]:
+    return switch.nat_flows(load_state(topo.lab), topo)
+
+
+def no_conntrack_for(topo, ip: str) -> None:
+    for node in topo.nodes:
+        assert conntrack_entries(node.netns, "-d", ip) == [], f"{node.name} tracked a flow to {ip}"
+        assert conntrack_entries(node.netns, "-s", ip) == []
+
+
+HTTP_GET = """
+import sys, urllib.request
+with urllib.request.urlopen(f"http://{sys.argv[1]}:8080/", timeout=5) as r:
+    print(r.status, len(r.read()))
+"""
+
+
+def test_http_from_pods_on_both_nodes_is_seen_from_node_ips_without_conntrack(ebpf_lab):
+    """The bar: the server logs the node IP as the client; conntrack has no entry."""
+    _, topo = ebpf_lab
+    ext = topo.external
+    for node in topo.nodes:
+        assert not legacy.masquerade_installed(topo, node)    # BPF SNAT replaced it
+    with background(ext.netns, [sys.executable, "-m", "http.server", "8080", "--bind", ext.ip],
+                    port=8080) as server:
+        for node in topo.nodes:
+            for pod in node.pods:
+                proc = netns.run(pod.netns, [sys.executable, "-c", HTTP_GET, ext.ip],
+                                 check=False, timeout=20)
+                assert proc.returncode == 0 and proc.stdout.startswith("200"), proc.stderr
+        server.terminate()
+        log = server.communicate(timeout=5)[0]
+    clients = {line.split()[0] for line in log.splitlines() if '"GET / ' in line}
+    assert clients == {n.ip for n in topo.nodes}, log
+    no_conntrack_for(topo, ext.ip)
+    flows = nat_flows(topo)
+    for node in topo.nodes:
+        tcp = [f for f in flows[node.name] if f.protocol == "tcp"]
+        assert {f.pod.split(":")[0] for f in tcp} == {p.ip for p in node.pods}
+        assert all(f.nat.startswith(node.ip + ":") and f.complete for f in tcp)
+    c = counters(topo)
+    assert all(c[n.name]["snat_redirect_neigh"] > 0 and c[n.name]["rnat_redirect_peer"] > 0
+               for n in topo.nodes)
+
+
+def test_udp_and_ping_from_both_nodes(ebpf_lab):
+    _, topo = ebpf_lab
+    ext = topo.external
+    with udp_echo(ext.netns):
+        for node in topo.nodes:
+            for pod in node.pods:
+                assert udp_request(pod.netns, ext.ip) == f"hello from {node.ip}"
+                assert_ping(pod.netns, ext.ip, count=2)
+    no_conntrack_for(topo, ext.ip)
+    protos = {(n, f.protocol) for n, fl in nat_flows(topo).items() for f in fl}
+    assert protos == {(n.name, p) for n in topo.nodes for p in ("udp", "icmp")}
+
+
+TCP_COUNTER_SERVER = """
+import socket, sys, threading
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], 9100)); srv.listen(1024)
+def serve(c, a):
+    data = c.recv(100)
+    c.sendall(data + b" " + a[0].encode()); c.close()
+while True:
+    c, a = srv.accept()
+    threading.Thread(target=serve, args=(c, a), daemon=True).start()
+"""
+
+TCP_MANY_CLIENTS = """
+import socket, sys
+host, n = sys.argv[1], int(sys.argv[2])
+socks = [socket.create_connection((host, 9100), timeout=10) for _ in range(n)]  # all open at once
+seen = set()
+for i, s in enumerate(socks):
+    s.sendall(b"c%d" % i)
+for i, s in enumerate(socks):
+    reply = s.recv(100).decode().split()
+    assert reply[0] == "c%d" % i, reply
+    seen.add(reply[1]); s.close()
+print(" ".join(sorted(seen)))
+"""
+
+
+def test_hundreds_of_concurrent_tcp_connections_from_several_pods(ebpf_lab):
+    _, topo = ebpf_lab
+    ext = topo.external
+    per_pod = 100
+    with background(ext.netns, [sys.executable, "-c", TCP_COUNTER_SERVER, ext.ip], port=9100):
+        clients = [(node, pod, subprocess.Popen(
+            ["ip", "netns", "exec", pod.netns, sys.executable, "-c", TCP_MANY_CLIENTS, ext.ip,
+             str(per_pod)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            for node in topo.nodes for pod in node.pods]
+        for node, pod, proc in clients:
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, f"{pod.name}: {err}"
+            assert out.split() == [node.ip], f"{pod.name} was seen as {out}"
+    no_conntrack_for(topo, ext.ip)
+    for node in topo.nodes:
+        tcp = [f for f in nat_flows(topo)[node.name] if f.protocol == "tcp"]
+        assert len(tcp) == per_pod * len(node.pods)
+        assert len({f.nat for f in tcp}) == len(tcp)        # every flow its own NAT port
+    assert all(c["drop_nat_exhausted"] == 0 and c["drop_nat_failed"] == 0
+               for c in counters(topo).values())
+
+
+NO_HOLE_POD = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 40404))
+s.sendto(b"hello", (sys.argv[1], 5353))
+print("reply", s.recvfrom(100)[0].decode(), flush=True)
+s.settimeout(1.5)
+try:
+    data, addr = s.recvfrom(100)
+    print("also got", data, "from", addr, flush=True)
+except socket.timeout:
+    print("nothing else", flush=True)
+"""
+
+PROBE = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 7777))
+s.sendto(b"intruder", (sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def test_no_nat_hole_only_the_remote_of_a_flow_reaches_the_pod(ebpf_lab):
+    """The pod's socket accepts datagrams from anyone: only the NAT can keep strangers out."""
+    _, topo = ebpf_lab
+    ext, node, pod = topo.external, topo.nodes[0], topo.nodes[0].pods[0]
+    with udp_echo(ext.netns):
+        client = subprocess.Popen(["ip", "netns", "exec", pod.netns, sys.executable, "-c",
+                                   NO_HOLE_POD, ext.ip], stdout=subprocess.PIPE, text=True)
+        assert client.stdout.readline().startswith("reply hello from")
+        (flow,) = [f for f in nat_flows(topo)[node.name] if f.pod == f"{pod.ip}:40404"]
+        nat_port = flow.nat.split(":")[1]
+        # the external host, from another port, to the very node IP:port of the flow
+        netns.run(ext.netns, [sys.executable, "-c", PROBE, node.ip, nat_port])
+        assert client.stdout.readline().strip() == "nothing else"
+        client.wait(timeout=5)
+    assert counters(topo)[node.name]["pass_nat_miss"] >= 1
+
+
+def test_a_smaller_mtu_towards_the_external_host_is_learned_and_tcp_completes(make_lab,
+                                                                               tmp_path):
+    """The router's ICMP frag-needed to the node IP is translated back to the pod."""
+    topo_file = tmp_path / "mtu.toml"
+    topo_file.write_text("[lab]\nexternal_mtu = 1280\n")
+    _, topo = make_lab("ebpf", topology=str(topo_file))
+    ext = topo.external
+    # The external host advertises the MSS of a 1500 link, so the pods' TCP has to learn
+    # the path MTU from the router's ICMP (else the MSS alone would avoid the small link).
+    netns.run(ext.netns, ["ip", "route", "change", "default", "via", ext.router_ip,
+                          "advmss", "1460"])
+    a1, b1 = topo.nodes[0].pods[0], topo.nodes[1].pods[0]
+    proc = ping(a1.netns, ext.ip, size=1400, df=True)
+    assert proc.returncode != 0
+    assert f"From {topo.router_ip}" in proc.stdout and "mtu = 1280" in proc.stdout, proc.stdout
+    sink = textwrap.dedent("""
+        import socket, sys
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((sys.argv[1], 9200)); s.listen(1)
+        c, a = s.accept(); n = 0
+        while (d := c.recv(65536)):
+            n += len(d)
+        c.sendall(str(n).encode()); c.close()
+    """)
+    upload = textwrap.dedent("""
+        import socket, sys
+        s = socket.create_connection((sys.argv[1], 9200), timeout=10)
+        s.sendall(b"x" * 2_000_000); s.shutdown(socket.SHUT_WR)
+        print(s.recv(100).decode())
+    """)
+    with background(ext.netns, [sys.executable, "-c", sink, ext.ip], port=9200):
+        proc = netns.run(b1.netns, [sys.executable, "-c", upload, ext.ip], check=False,
+                         timeout=30)
+    assert proc.returncode == 0 and proc.stdout.strip() == "2000000", proc.stderr
+    route = netns.run(b1.netns, ["ip", "route", "get", ext.ip]).stdout
+    assert "mtu 1280" in route, route
+    c = counters(topo)
+    assert c["node1"]["rnat_icmp_error"] >= 1 and c["node2"]["rnat_icmp_error"] >= 1
+
+
+def test_disable_puts_masquerade_back_and_traffic_still_leaves(ebpf_lab):
+    state, topo = ebpf_lab
+    ext = topo.external
+    switch.disable_ebpf(load_state(topo.lab), topo)
+    for node in topo.nodes:
+        assert legacy.masquerade_installed(topo, node)
+    a1 = topo.nodes[0].pods[0]
+    with udp_echo(ext.netns):
+        assert udp_request(a1.netns, ext.ip) == f"hello from {topo.nodes[0].ip}"
+    time.sleep(0.1)
+    assert conntrack_entries(topo.nodes[0].netns, "-d", ext.ip)     # the stack NATs again
