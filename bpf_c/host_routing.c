@@ -186,11 +186,17 @@ static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
 	return a4 == b4 && a2 == b2;
 }
 
-static __always_inline int in_cluster(__u32 addr)
+/* The cluster_cidrs value (enum hr_cidr_flags) of an address; NULL outside the cluster. */
+static __always_inline __u32 *cluster_range(__u32 addr)
 {
 	struct hr_lpm_key key = { .prefixlen = 32, .addr = addr };
 
-	return cluster_cidrs.lookup(&key) != 0;
+	return cluster_cidrs.lookup(&key);
+}
+
+static __always_inline int in_cluster(__u32 addr)
+{
+	return cluster_range(addr) != 0;
 }
 
 /*
@@ -279,6 +285,7 @@ int from_pod(struct __sk_buff *skb)
 	__u32 len = skb->len;
 	__u32 ifindex;
 	int rc, external, stack_fragments;
+	__u32 *range;
 
 	rc = parse_ipv4(skb, &pkt);
 	if (rc == HR_PARSE_NOT_IPV4)
@@ -296,7 +303,11 @@ int from_pod(struct __sk_buff *skb)
 	if (!ep || ep->ifindex != skb->ifindex || !mac_equal(ep->mac, pkt.eth->h_source))
 		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_DROP_SPOOFED, 0, TC_ACT_SHOT);
 
-	external = cfg->node_ip && !in_cluster(pkt.daddr);
+	range = cluster_range(pkt.daddr);
+	external = cfg->node_ip && !range;
+	if (range && (*range & HR_CIDR_DENY_FROM_POD))
+		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_DROP_POD_TO_NODE, 0,
+			       TC_ACT_SHOT);
 	if (pkt.fragment) {
 		/* Fragments are not NATed; un-NATed they must not leave the cluster. */
 		if (external && !endpoints.lookup(&pkt.daddr))
@@ -313,7 +324,7 @@ int from_pod(struct __sk_buff *skb)
 	}
 
 	/* Without a node IP to masquerade to, the stack (and its MASQUERADE) takes it. */
-	if (!cfg->node_ip && !in_cluster(pkt.daddr))
+	if (!cfg->node_ip && !range)
 		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_EXTERNAL, 0, TC_ACT_OK);
 
 	fib.family = AF_INET;

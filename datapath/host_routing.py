@@ -142,9 +142,12 @@ class DatapathMaps:
 
     # routes ---------------------------------------------------------------------------------
 
-    def set_cluster_cidr(self, cidr: str) -> None:
-        """A destination range inside the cluster (routed, never masqueraded)."""
-        libbpf.map_update(self.fd("cluster_cidrs"), st.pack_lpm_key(cidr), b"\0" * 4)
+    def set_cluster_cidr(self, cidr: str, deny_from_pod: bool = False) -> None:
+        """A destination range inside the cluster (routed, never masqueraded); with
+        deny_from_pod, pods may not send there (another node's host namespace)."""
+        flags = st.CIDR_FLAGS["deny_from_pod"] if deny_from_pod else 0
+        libbpf.map_update(self.fd("cluster_cidrs"), st.pack_lpm_key(cidr),
+                          flags.to_bytes(4, "little"))
 
     def set_node_route(self, cidr: str, nexthop: str, ifindex: int) -> None:
         """Another node's pod CIDR, for when the kernel's FIB refuses (forwarding off)."""

@@ -149,6 +149,8 @@ int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);
 int bpf_obj_get_info_by_fd(int bpf_fd, void *info, __u32 *info_len);
 int bpf_prog_get_fd_by_id(__u32 id);
 int bpf_map_get_fd_by_id(__u32 id);
+int bpf_prog_get_next_id(__u32 start_id, __u32 *next_id);
+int bpf_map_get_next_id(__u32 start_id, __u32 *next_id);
 int bpf_map_lookup_elem(int fd, const void *key, void *value);
 int bpf_map_update_elem(int fd, const void *key, const void *value, __u64 flags);
 int bpf_map_delete_elem(int fd, const void *key);
@@ -346,6 +348,28 @@ def prog_fd_by_id(prog_id: int) -> Fd:
 
 def map_fd_by_id(map_id: int) -> Fd:
     return Fd(_check(lib().bpf_map_get_fd_by_id(map_id), f"BPF_MAP_GET_FD_BY_ID {map_id}"))
+
+
+def _ids(next_id) -> list[int]:
+    ids, cur = [], 0
+    nxt = ffi.new("__u32 *")
+    while True:
+        ret = next_id(cur, nxt)
+        if ret < 0 and -ret == _errno.ENOENT:
+            return ids
+        _check(ret, "BPF_*_GET_NEXT_ID")
+        cur = nxt[0]
+        ids.append(cur)
+
+
+def prog_ids() -> list[int]:
+    """Ids of every BPF program loaded on the machine (a census, for leak checks)."""
+    return _ids(lib().bpf_prog_get_next_id)
+
+
+def map_ids() -> list[int]:
+    """Ids of every BPF map on the machine."""
+    return _ids(lib().bpf_map_get_next_id)
 
 
 def num_possible_cpus() -> int:

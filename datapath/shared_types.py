@@ -201,6 +201,8 @@ NAT_DIRS: dict[int, str] = {v: n.removeprefix("HR_NAT_").lower()
                             for n, v in _enum_members("hr_nat_dir").items()}
 NAT_STATE_BITS: dict[str, int] = {n.removeprefix("HR_NAT_").lower(): v
                                   for n, v in _enum_members("hr_nat_state").items()}
+CIDR_FLAGS: dict[str, int] = {n.removeprefix("HR_CIDR_").lower(): v
+                              for n, v in _enum_members("hr_cidr_flags").items()}
 SIZEOF_NAT_KEY = ffi.sizeof("struct hr_nat_key")
 SIZEOF_NAT_ENTRY = ffi.sizeof("struct hr_nat_entry")
 

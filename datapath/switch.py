@@ -61,6 +61,10 @@ def _enable_node(state: LabState, topo: Topology, node: Node) -> None:
             maps.set_endpoint(ip, ifindex, mac, node_mac)
         for cidr in topo.non_masquerade_cidrs:
             maps.set_cluster_cidr(cidr)
+        if not topo.pods_reach_nodes:
+            for other in topo.nodes:
+                if other is not node:
+                    maps.set_cluster_cidr(f"{other.ip}/32", deny_from_pod=True)
         with netns.ipr(node.netns) as nsock:
             uplink = netns.ifindex(nsock, topo.uplink_ifname)
         for other in topo.nodes:

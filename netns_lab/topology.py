@@ -11,6 +11,7 @@ File format::
     underlay_cidr = "198.19.0.0/24"   # node IPs are .1, .2, ...; the router .254
     underlay_mtu = 1500
     external_mtu = 1500               # the router <-> external link
+    pods_reach_nodes = false          # eBPF mode: may pods reach other nodes' host namespaces?
 
     [external]
     cidr = "203.0.113.0/24"           # router .1, external host .10
@@ -127,6 +128,7 @@ class Topology:
     fabric_netns: str = ""
     uplink_ifname: str = ""
     nat: NatSettings = field(default_factory=NatSettings)
+    pods_reach_nodes: bool = False
 
     @property
     def cluster_cidrs(self) -> list[str]:
@@ -176,6 +178,7 @@ class Topology:
             "router_ip": self.router_ip,
             "underlay_mtu": self.underlay_mtu,
             "external_mtu": self.external_mtu,
+            "pods_reach_nodes": self.pods_reach_nodes,
             "external": {"cidr": self.external.cidr, "ip": self.external.ip},
             "nodes": [{"name": n.name, "pod_cidr": n.pod_cidr,
                        "pods": [p.name for p in n.pods]} for n in self.nodes],
@@ -272,13 +275,13 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
         raise TopologyError(f"lab name {lab!r}: 1 to 8 lowercase letters and digits, "
                             "starting with a letter")
     known_top = {"lab", "external", "nodes", "underlay_cidr", "router_ip", "underlay_mtu",
-                 "external_mtu", "nat"}
+                 "external_mtu", "nat", "pods_reach_nodes"}
     for key in data:
         if key not in known_top:
             raise TopologyError(f"{loc.where('', 0, key)}: unknown key {key!r}")
     labsec = data.get("lab", {}) if isinstance(data.get("lab", {}), dict) else {}
     for key in labsec:
-        if key not in ("underlay_cidr", "underlay_mtu", "external_mtu"):
+        if key not in ("underlay_cidr", "underlay_mtu", "external_mtu", "pods_reach_nodes"):
             raise TopologyError(f"{loc.where('lab', 0, key)}: unknown key {key!r}")
 
     def lab_value(key, default):
@@ -292,6 +295,10 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
     underlay_mtu = _int(value, where, 576, 9000)
     value, where = lab_value("external_mtu", 1500)
     external_mtu = _int(value, where, 576, 9000)
+    value, where = lab_value("pods_reach_nodes", False)
+    if not isinstance(value, bool):
+        raise TopologyError(f"{where}: {value!r} must be true or false")
+    pods_reach_nodes = value
 
     ext = data.get("external", {})
     if not isinstance(ext, dict):
@@ -377,6 +384,7 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
         fabric_netns=f"{lab}-fabric",
         uplink_ifname=f"{lab}-uplink",
         nat=nat,
+        pods_reach_nodes=pods_reach_nodes,
     )
 
 

@@ -9,7 +9,9 @@ region must be 0xffff), not by asking scapy to rebuild the packet.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as hst
@@ -366,3 +368,87 @@ def test_icmp_error_about_an_unknown_flow_stays_with_the_node(snat, route_ns):
     data, res = run_in(snat, route_ns, err)
     assert res.retval == TC_ACT_OK and res.data_out == data
     assert counters(snat) == {"pass_nat_miss": 1}
+
+
+# -- the table from user space: flows and the expiry sweep -------------------------------------
+
+def test_flows_pair_the_two_entries_and_name_the_tcp_state(snat, route_ns):
+    from datapath import nat_table
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="S")))
+    port = Ether(res.data_out)[TCP].sport
+    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="SA")))
+    (flow,) = nat_table.flows(snat.maps)
+    assert (flow.protocol, flow.pod, flow.remote, flow.nat) == \
+        ("tcp", f"{SRC}:40000", f"{EXT}:80", f"{NODE_IP}:{port}")
+    assert flow.state == "established" and flow.complete
+    assert (flow.packets_out, flow.packets_in) == (1, 1)
+    assert 3590 < flow.expires_in_s <= 3600          # the established timeout
+    run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="R")))
+    (flow,) = nat_table.flows(snat.maps)
+    assert flow.state == "reset" and flow.expires_in_s <= 10
+
+
+def test_sweep_deletes_expired_flows_only(snat, route_ns):
+    from datapath import nat_table
+    run_out(snat, route_ns, out_pkt(UDP(sport=1001, dport=53)))
+    run_out(snat, route_ns, out_pkt(TCP(sport=1002, dport=80, flags="S")))
+    assert nat_table.sweep(snat.maps) == 0
+    assert len(nat_table.flows(snat.maps)) == 2
+    # both time out after 60 s idle: at 59 s nothing goes; at 61 s, with the SYN timeout
+    # raised to 120 s meanwhile, only the UDP flow (both of its entries) does
+    now = max(e.last_seen_ns for _, e in snat.maps.nat_entries())
+    assert nat_table.sweep(snat.maps, now + 59 * 10**9) == 0
+    set_nat(snat, nat_timeout_tcp_syn=120)
+    assert nat_table.sweep(snat.maps, now + 61 * 10**9) == 2          # both UDP entries
+    assert [f.protocol for f in nat_table.flows(snat.maps)] == ["tcp"]
+
+
+def test_another_nodes_host_namespace_is_closed_to_pods_unless_allowed(snat, route_ns):
+    snat.maps.set_cluster_cidr("198.19.0.2/32", deny_from_pod=True)
+    try:
+        _, res = run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=22, flags="S"),
+                                                 dst="198.19.0.2"))
+        assert res.retval == TC_ACT_SHOT
+        # the rest of the underlay and other nodes' pods stay reachable
+        _, res = run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=22, flags="S"),
+                                                 dst="198.18.2.20"))
+        assert res.retval == TC_ACT_REDIRECT
+        assert counters(snat) == {"drop_pod_to_node": 1, "redirect_neigh": 1}
+    finally:
+        snat.maps.set_cluster_cidr("198.19.0.2/32")
+
+
+def test_an_entry_stamped_after_this_packet_read_the_clock_is_fresh(snat, route_ns):
+    """Another CPU may refresh a flow between this packet's clock read and its lookup:
+    a last-seen time in the future must not look 2^64 ns old (the flow would get a new
+    port mid-stream and the remote would reset it)."""
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="S")))
+    port = Ether(res.data_out)[TCP].sport
+    future = time.monotonic_ns() + 10**9
+    for key, entry in snat.maps.nat_entries():
+        snat.maps.nat_update(key, dataclasses.replace(entry, last_seen_ns=future))
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="A")))
+    assert Ether(res.data_out)[TCP].sport == port
+    _, res = run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="A")))
+    assert res.retval == TC_ACT_REDIRECT
+
+
+def test_a_new_connection_may_take_the_port_of_one_that_ended(snat, route_ns):
+    """As conntrack lets a SYN reuse a TIME_WAIT tuple: with one NAT port, a second
+    connection waits for the first to end (RST, or FIN both ways), not for its timeout."""
+    set_nat(snat, nat_port_min=30000, nat_port_max=30000)
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=1001, dport=80, flags="S")))
+    assert Ether(res.data_out)[TCP].sport == 30000
+    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=30000, flags="SA")))
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=1002, dport=80, flags="S")))
+    assert res.retval == TC_ACT_SHOT                     # established: the port is taken
+    run_out(snat, route_ns, out_pkt(TCP(sport=1001, dport=80, flags="FA")))
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=1002, dport=80, flags="S")))
+    assert res.retval == TC_ACT_SHOT                     # half-closed: still taken
+    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=30000, flags="FA")))
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=1002, dport=80, flags="A")))
+    assert res.retval == TC_ACT_SHOT                     # not a SYN: no reuse
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=1002, dport=80, flags="S")))
+    assert res.retval == TC_ACT_REDIRECT and Ether(res.data_out)[TCP].sport == 30000
+    assert {(k.dir, k.sport) for k in nat_table(snat)} == {("out", 1002), ("in", 80)}
+    assert counters(snat)["drop_nat_exhausted"] == 3

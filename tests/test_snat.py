@@ -228,3 +228,39 @@ def test_disable_puts_masquerade_back_and_traffic_still_leaves(ebpf_lab):
         assert udp_request(a1.netns, ext.ip) == f"hello from {topo.nodes[0].ip}"
     time.sleep(0.1)
     assert conntrack_entries(topo.nodes[0].netns, "-d", ext.ip)     # the stack NATs again
+
+
+def test_port_exhaustion_is_counted_shown_and_recorded_as_an_event(make_lab, tmp_path):
+    """One NAT port: a second flow to the same destination has none left."""
+    import json
+
+    from datapath import events
+    topo_file = tmp_path / "oneport.toml"
+    topo_file.write_text("[nat]\nport_min = 30000\nport_max = 30000\n")
+    _, topo = make_lab("ebpf", topology=str(topo_file))
+    ext, node = topo.external, topo.nodes[0]
+    a1, a2 = node.pods
+    with udp_echo(ext.netns):
+        assert udp_request(a1.netns, ext.ip) == f"hello from {node.ip}"
+        proc = netns.run(a2.netns, [sys.executable, "-c", "import socket; s = socket.socket("
+                                    "socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1); "
+                                    f"s.sendto(b'x', ('{ext.ip}', 5353)); s.recvfrom(10)"],
+                         check=False)
+        assert proc.returncode != 0 and "timed out" in proc.stderr
+    cli = [sys.executable, "-m", "datapath.cli"]
+    listing = json.loads(subprocess.run(cli + ["nat", "list", "--lab", topo.lab, "--json"],
+                                        capture_output=True, text=True, check=True).stdout)
+    (flow,) = listing["nodes"][node.name]
+    assert flow["pod"].startswith(a1.ip + ":") and flow["nat"] == f"{node.ip}:30000"
+    stats = json.loads(subprocess.run(cli + ["stats", "--lab", topo.lab, "--json"],
+                                      capture_output=True, text=True, check=True).stdout)
+    n1 = stats["nodes"][0]
+    assert n1["counters"]["drop_nat_exhausted"]["packets"] == 1
+    assert n1["nat"]["entries"] == 2 and n1["nat"]["capacity"] == 2 * 65536
+    deadline = time.monotonic() + 15          # the guard sweeps every NAT_SWEEP_S
+    while time.monotonic() < deadline:
+        found = [e for e in events.read(topo.lab) if e["reason"] == "NatPortsExhausted"]
+        if found:
+            break
+        time.sleep(0.5)
+    assert found and found[0]["object"] == f"node/{node.name}" and found[0]["type"] == "Warning"

@@ -43,7 +43,9 @@ enum hr_reason {
 	HR_DROP_NOT_FROM_CLUSTER = 24,	/* from outside the cluster to a pod, and not a NAT reply */
 	HR_DROP_NAT_TTL = 25,		/* reply to a NATed flow with TTL <= 1: would expire on the way
 					 * (the stack would answer for the node and break the flow) */
-	HR_REASON_MAX = 26
+	HR_DROP_POD_TO_NODE = 26,	/* from a pod to another node's host namespace, which the
+					 * topology does not allow ([lab] pods_reach_nodes) */
+	HR_REASON_MAX = 27
 };
 
 /* Where a trace event was taken. */
@@ -58,6 +60,11 @@ struct hr_endpoint {
 	__u32 flags;		/* reserved, 0 */
 	__u8 mac[6];		/* the pod's eth0 MAC */
 	__u8 node_mac[6];	/* the host-side veth's MAC */
+};
+
+/* Bits of the `cluster_cidrs` value (a __u32). */
+enum hr_cidr_flags {
+	HR_CIDR_DENY_FROM_POD = 1	/* pods may not send here (another node's host namespace) */
 };
 
 /* Key of the LPM-trie maps `cluster_cidrs` and `node_routes`. */

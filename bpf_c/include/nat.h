@@ -25,7 +25,7 @@
 #include "parse.h"
 #include "csum.h"
 
-/* Ports tried (from a random start, then upwards) before a flow is dropped as exhausted. */
+/* Random ports tried before a flow is dropped as exhausted. */
 #define HR_NAT_RETRIES		32
 #define HR_NSEC			1000000000ULL
 
@@ -39,7 +39,9 @@
 #define HR_ICMP_CSUM_OFF	2
 #define HR_ICMP_ID_OFF		4
 #define HR_TCP_FIN		0x01
+#define HR_TCP_SYN		0x02
 #define HR_TCP_RST		0x04
+#define HR_TCP_ACK		0x10
 
 /* What a NAT step needs to know about the packet besides struct hr_pkt. */
 struct hr_nat_l4 {
@@ -124,14 +126,20 @@ static __always_inline int nat_read_l4(struct __sk_buff *skb, struct hr_pkt *pkt
 	return -1;
 }
 
+/* A TCP flow that ended: RST either way, or FIN both ways. */
+static __always_inline int nat_tcp_closed(__u8 state)
+{
+	return (state & HR_NAT_RST) ||
+	       (state & (HR_NAT_FIN_OUT | HR_NAT_FIN_IN)) == (HR_NAT_FIN_OUT | HR_NAT_FIN_IN);
+}
+
 /* How long a flow may stay idle, by protocol and state. */
 static __always_inline __u64 nat_timeout_ns(struct hr_config *cfg, __u8 protocol, __u8 state)
 {
 	__u32 s;
 
 	if (protocol == IPPROTO_TCP) {
-		if ((state & HR_NAT_RST) ||
-		    (state & (HR_NAT_FIN_OUT | HR_NAT_FIN_IN)) == (HR_NAT_FIN_OUT | HR_NAT_FIN_IN))
+		if (nat_tcp_closed(state))
 			s = cfg->nat_timeout_tcp_closing;
 		else if (state & HR_NAT_SEEN_REPLY)
 			s = cfg->nat_timeout_tcp_established;
@@ -143,6 +151,16 @@ static __always_inline __u64 nat_timeout_ns(struct hr_config *cfg, __u8 protocol
 		s = cfg->nat_timeout_icmp;
 	}
 	return (__u64)s * HR_NSEC;
+}
+
+/*
+ * Whether a flow last seen at `seen` is still within `timeout` at `now`.
+ * Another CPU may have stamped the entry after this packet read the clock:
+ * `seen` later than `now` is fresh, not 2^64 ns old.
+ */
+static __always_inline int nat_fresh(__u64 now, __u64 seen, __u64 timeout)
+{
+	return seen >= now || now - seen <= timeout;
 }
 
 /* The key of the other entry of the same flow, and what its value must hold. */
@@ -184,14 +202,14 @@ static __always_inline int nat_alive(struct hr_config *cfg, struct hr_nat_scratc
 	__u16 tport;
 	__u64 seen = e->last_seen_ns;
 
-	if (now - seen <= nat_timeout_ns(cfg, k->protocol, e->state))
+	if (nat_fresh(now, seen, nat_timeout_ns(cfg, k->protocol, e->state)))
 		return 1;
 	nat_twin(k, e, &s->tk, &taddr, &tport);
 	t = nat_lookup(&s->tk);
 	if (!t || t->addr != taddr || t->port != tport)
 		return 0;
 	seen = t->last_seen_ns > seen ? t->last_seen_ns : seen;
-	return now - seen <= nat_timeout_ns(cfg, k->protocol, e->state | t->state);
+	return nat_fresh(now, seen, nat_timeout_ns(cfg, k->protocol, e->state | t->state));
 }
 
 /* Delete an entry and, if it still points back, its twin. */
@@ -298,11 +316,11 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, struct hr_pkt *pkt
  * of the drop.
  */
 static __always_inline int snat_lookup_or_create(struct hr_config *cfg, struct hr_nat_scratch *s,
-						 __u64 now, __u32 *addr, __u16 *port)
+						 __u64 now, int syn, __u32 *addr, __u16 *port)
 {
 	struct hr_nat_key *k = &s->key, *rk = &s->rk;
 	struct hr_nat_entry *e, *t, *v = &s->val;
-	__u32 range, start, i, taddr;
+	__u32 range, i, taddr;
 	__u16 tport, p;
 
 	e = nat_lookup(k);
@@ -312,7 +330,8 @@ static __always_inline int snat_lookup_or_create(struct hr_config *cfg, struct h
 		if (t && t->addr == taddr && t->port == tport) {
 			if (nat_alive(cfg, s, k, e, now))
 				goto found;
-		} else if (!t && now - e->last_seen_ns <= nat_timeout_ns(cfg, k->protocol, e->state)) {
+		} else if (!t && nat_fresh(now, e->last_seen_ns,
+					     nat_timeout_ns(cfg, k->protocol, e->state))) {
 			/* the LRU evicted the IN entry of a live flow: put it back if the port is free */
 			__builtin_memset(v, 0, sizeof(*v));
 			v->created_ns = e->created_ns;
@@ -330,7 +349,6 @@ static __always_inline int snat_lookup_or_create(struct hr_config *cfg, struct h
 	if (cfg->nat_port_min == 0 || cfg->nat_port_max < cfg->nat_port_min)
 		return HR_DROP_NAT_EXHAUSTED;
 	range = (__u32)cfg->nat_port_max - cfg->nat_port_min + 1;
-	start = bpf_get_prandom_u32() % range;
 
 	__builtin_memset(rk, 0, sizeof(*rk));
 	rk->protocol = k->protocol;
@@ -345,13 +363,20 @@ static __always_inline int snat_lookup_or_create(struct hr_config *cfg, struct h
 	v->port = k->sport;
 
 	for (i = 0; i < HR_NAT_RETRIES; i++) {
-		p = bpf_htons((__u16)(cfg->nat_port_min + (start + i) % range));
+		/* a random port each try: linear probing would pile flows into runs */
+		p = bpf_htons((__u16)(cfg->nat_port_min + bpf_get_prandom_u32() % range));
 		rk->dport = p;
 		if (nat_insert(rk, v) == 0)
 			goto claimed;
 		t = nat_lookup(rk);
-		if (t && !nat_alive(cfg, s, rk, t, now)) {
-			/* an expired flow holds the port: free it, then claim it like anyone else */
+		/*
+		 * An expired flow holds the port, or, for a new TCP connection once half
+		 * the tries found no free port, one that ended (as conntrack lets a SYN
+		 * reuse a TIME_WAIT tuple; the remote may still hold it in TIME_WAIT, so
+		 * a free port is better): free it, then claim it like anyone else.
+		 */
+		if (t && (!nat_alive(cfg, s, rk, t, now) ||
+			  (syn && i >= HR_NAT_RETRIES / 2 && nat_tcp_closed(t->state)))) {
 			nat_delete_flow(s, rk, t);
 			if (nat_insert(rk, v) == 0)
 				goto claimed;
@@ -409,7 +434,10 @@ static __always_inline int snat_out(struct __sk_buff *skb, struct hr_pkt *pkt,
 	s->key.protocol = pkt->protocol;
 	s->key.dir = HR_NAT_OUT;
 
-	reason = snat_lookup_or_create(cfg, s, now, &addr, &port);
+	reason = snat_lookup_or_create(cfg, s, now,
+				       pkt->protocol == IPPROTO_TCP && (l4.tcp_flags & HR_TCP_SYN) &&
+				       !(l4.tcp_flags & HR_TCP_ACK),
+				       &addr, &port);
 	if (reason)
 		return reason;
 	e = nat_lookup(&s->key);
