@@ -82,7 +82,7 @@ BPF_LPM_TRIE(node_routes, struct hr_lpm_key, struct hr_route, 256);
  * flow instead of refusing new ones.
  */
 #ifndef HR_NAT_MAP_SIZE
-#define HR_NAT_MAP_SIZE 131072
+#define HR_NAT_MAP_SIZE 524288
 #endif
 BPF_TABLE("lru_hash", struct hr_nat_key, struct hr_nat_entry, nat, HR_NAT_MAP_SIZE);
 BPF_PERCPU_ARRAY(nat_scratch, struct hr_nat_scratch, 1);

@@ -25,7 +25,7 @@ MAP_NAMES = ("endpoints", "config", "counters", "trace_events", "cluster_cidrs",
 # Every program uses these; the route maps only from_pod does.
 REQUIRED_MAPS = ("endpoints", "config", "counters", "trace_events")
 
-DEFAULT_NAT_MAX_FLOWS = 65536
+DEFAULT_NAT_MAX_FLOWS = 262144
 MAX_NAT_MAX_FLOWS = 4 * 1024 * 1024
 
 # what each map must look like (checked when reopening an attached program's maps)

@@ -154,7 +154,7 @@ def unpack_endpoint(raw: bytes) -> Endpoint:
 #: NAT settings of struct hr_config, field name -> default (ports host order, timeouts in s).
 NAT_CONFIG_DEFAULTS: dict[str, int] = {
     "nat_port_min": 1024,
-    "nat_port_max": 32767,
+    "nat_port_max": 65535,
     "nat_timeout_tcp_syn": 60,
     "nat_timeout_tcp_established": 3600,
     "nat_timeout_tcp_closing": 10,

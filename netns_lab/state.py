@@ -83,11 +83,22 @@ def lab_names() -> list[str]:
 
 @contextlib.contextmanager
 def lab_lock(name: str):
-    """Serialise changes to one lab across processes (released on any exit)."""
+    """Serialise changes to one lab across processes (released on any exit).
+
+    When the block leaves no lab behind (it was removed, or never made), the
+    lock file goes too, still under the lock: a lab leaves no file in the
+    state directory. A process that was waiting then holds a lock on the
+    removed file and finds no lab, which is what it would have found anyway.
+    """
     labs_dir().mkdir(parents=True, exist_ok=True)
-    fd = os.open(labs_dir() / f"{name}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    path = labs_dir() / f"{name}.lock"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)
+        try:
+            if not (labs_dir() / f"{name}.json").exists():
+                path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)

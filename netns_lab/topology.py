@@ -23,9 +23,9 @@ File format::
     pods = 2                          # a count, or a list of pod names
 
     [nat]                             # BPF SNAT of traffic leaving the cluster (eBPF mode)
-    max_flows = 65536                 # per node (the LRU map holds two entries per flow)
-    port_min = 1024                   # NAT ports; the nodes' own ephemeral ports
-    port_max = 32767                  #   (32768-60999) stay out of the way
+    max_flows = 262144                # per node (the LRU map holds two entries per flow)
+    port_min = 1024                   # NAT ports, per destination (5-tuple unique)
+    port_max = 65535
     exclude = []                      # more destinations never masqueraded (as
                                       #   ip-masq-agent's nonMasqueradeCIDRs)
     timeout_tcp_syn = 60              # seconds idle before an entry expires
@@ -89,9 +89,9 @@ class External:
 @dataclass(frozen=True)
 class NatSettings:
     """The [nat] table: BPF SNAT sizing, port range, exclusions and idle timeouts."""
-    max_flows: int = 65536
+    max_flows: int = 262144
     port_min: int = 1024
-    port_max: int = 32767
+    port_max: int = 65535
     exclude: tuple[str, ...] = ()
     timeout_tcp_syn: int = 60
     timeout_tcp_established: int = 3600

@@ -1,7 +1,7 @@
 """Shared fixtures: root check, a private state directory, labs that always go away.
 
-Every lab a test builds has a fresh short name (``t`` + 3 hex digits) so that
-tests can run side by side, and its namespaces are removed however the test
+Every lab a test builds has a fresh short name (a letter per pytest-xdist
+worker + 3 hex digits) so that tests can run side by side (``pytest -n 2``), and its namespaces are removed however the test
 ends. The state directory is private to the test session, so a developer's
 own labs are never seen or removed by the suite.
 """
@@ -38,9 +38,18 @@ def private_state_dir(tmp_path_factory):
         os.environ["HOSTROUTING_STATE_DIR"] = old
 
 
+def _lab_letter() -> str:
+    """One first letter per pytest-xdist worker ("t" without xdist), so that workers running
+    side by side never pick the same lab name (host veths allow 4 characters for it)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return "t"
+    return "uvwxyzabcdefghijklmnopqrs"[int(worker[2:]) % 25]
+
+
 def fresh_lab_name() -> str:
     while True:
-        name = "t" + secrets.token_hex(2)[:3]
+        name = _lab_letter() + secrets.token_hex(2)[:3]
         if not any(n.startswith(name + "-") for n in os.listdir(netns.NETNS_DIR)
                    if os.path.isdir(netns.NETNS_DIR)) and name not in lab_names():
             return name

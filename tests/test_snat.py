@@ -256,7 +256,7 @@ def test_port_exhaustion_is_counted_shown_and_recorded_as_an_event(make_lab, tmp
                                       capture_output=True, text=True, check=True).stdout)
     n1 = stats["nodes"][0]
     assert n1["counters"]["drop_nat_exhausted"]["packets"] == 1
-    assert n1["nat"]["entries"] == 2 and n1["nat"]["capacity"] == 2 * 65536
+    assert n1["nat"]["entries"] == 2 and n1["nat"]["capacity"] == 2 * 262144
     deadline = time.monotonic() + 15          # the guard sweeps every NAT_SWEEP_S
     while time.monotonic() < deadline:
         found = [e for e in events.read(topo.lab) if e["reason"] == "NatPortsExhausted"]

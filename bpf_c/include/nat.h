@@ -265,6 +265,21 @@ static __always_inline void nat_touch(struct hr_nat_scratch *s, struct hr_nat_ke
 		t->state |= bits;
 }
 
+/* Clear the state bits of both entries of a flow (a new TCP connection on its tuple). */
+static __always_inline void nat_reset_state(struct hr_nat_scratch *s, struct hr_nat_key *k,
+					    struct hr_nat_entry *e)
+{
+	struct hr_nat_entry *t;
+	__u32 taddr;
+	__u16 tport;
+
+	e->state = 0;
+	nat_twin(k, e, &s->tk, &taddr, &tport);
+	t = nat_lookup(&s->tk);
+	if (t && t->addr == taddr && t->port == tport)
+		t->state = 0;
+}
+
 /*
  * Rewrite one address (source or destination) and the matching port / ICMP
  * identifier, fixing the IPv4 and L4 checksums. The L4 checksum goes through
@@ -419,7 +434,7 @@ static __always_inline int snat_out(struct __sk_buff *skb, struct hr_pkt *pkt,
 	__u64 now = bpf_ktime_get_ns();
 	__u32 addr = 0;
 	__u16 port = 0;
-	int reason;
+	int reason, syn;
 
 	s = nat_scratch_get();
 	if (!s)
@@ -434,15 +449,18 @@ static __always_inline int snat_out(struct __sk_buff *skb, struct hr_pkt *pkt,
 	s->key.protocol = pkt->protocol;
 	s->key.dir = HR_NAT_OUT;
 
-	reason = snat_lookup_or_create(cfg, s, now,
-				       pkt->protocol == IPPROTO_TCP && (l4.tcp_flags & HR_TCP_SYN) &&
-				       !(l4.tcp_flags & HR_TCP_ACK),
-				       &addr, &port);
+	syn = pkt->protocol == IPPROTO_TCP && (l4.tcp_flags & HR_TCP_SYN) &&
+	      !(l4.tcp_flags & HR_TCP_ACK);
+	reason = snat_lookup_or_create(cfg, s, now, syn, &addr, &port);
 	if (reason)
 		return reason;
 	e = nat_lookup(&s->key);
-	if (e)
+	if (e) {
+		/* the pod reopened the very same 5-tuple: a new connection, state afresh */
+		if (syn && nat_tcp_closed(e->state))
+			nat_reset_state(s, &s->key, e);
 		nat_touch(s, &s->key, e, nat_state_bits(pkt->protocol, &l4, 1), skb->len, now);
+	}
 	if (nat_rewrite(skb, pkt, 1, pkt->saddr, addr, l4.sport, port) < 0)
 		return HR_DROP_NAT_FAILED;
 	return 0;
