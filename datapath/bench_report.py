@@ -126,6 +126,9 @@ def print_tables(result: dict, console=None) -> None:
             table.add_row(r["scenario"], str(r["rules"]), _fmt(r["legacy"]["median"]),
                           _fmt(r["ebpf"]["median"]), _ratio(r["ebpf_vs_legacy"]))
         console.print(table)
+    for retry in env.get("retried_runs", []):
+        console.print(f"[yellow]retried once[/]: {retry['scenario']} {retry['test']} "
+                      f"{retry['mode']} (repeat {retry['repeat'] + 1}): {retry['error']}")
 
 
 def load_result(path: str) -> dict:

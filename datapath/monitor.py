@@ -54,13 +54,13 @@ def run_monitor(state, topo: Topology, kind: str = "trace", pod: str | None = No
                 count: int | None = None, duration: float | None = None, as_json: bool = False,
                 emit=print) -> int:
     """Stream events until count/duration/interrupt; returns how many were printed."""
-    from datapath.switch import _node_maps
+    from datapath.switch import node_maps
     pod_ip = topo.find_pod(pod)[1].ip if pod else None
     printed = 0
     with contextlib.ExitStack() as stack:
         readers = []
         for node in topo.nodes:
-            maps = stack.enter_context(_node_maps(state, node))
+            maps = stack.enter_context(node_maps(state, node))
             names = _ifnames(node.netns)
             pending: list = []
             readers.append((node.name, names, pending, stack.enter_context(

@@ -156,6 +156,11 @@ def sweep(maps: DatapathMaps, now_ns: int | None = None) -> int:
     return deleted
 
 
+def flush(maps: DatapathMaps) -> int:
+    """Delete every entry (the benchmark starts each sample with an empty table)."""
+    return sum(maps.nat_delete(key) for key, _ in maps.nat_entries())
+
+
 def print_flows(lab: str, per_node: dict[str, list[Flow]]) -> None:
     from rich.console import Console
     from rich.table import Table

@@ -172,7 +172,7 @@ def disable_ebpf(state: LabState, topo: Topology) -> None:
                   "back to legacy routing; firewall rules can be added again")
 
 
-def _node_maps(state: LabState, node: Node):
+def node_maps(state: LabState, node: Node):
     prog_id = state.datapath[node.name]["programs"][FROM_POD]
     return host_routing.DatapathMaps.from_prog_id(prog_id)
 
@@ -207,7 +207,7 @@ def stats(state: LabState, topo: Topology) -> dict:
                           "(hostrouting enable first)")
     result = {"lab": topo.lab, "nodes": []}
     for node in topo.nodes:
-        with _node_maps(state, node) as maps:
+        with node_maps(state, node) as maps:
             counters = maps.counters()
             entries = maps.nat_entries()
             capacity = maps.nat_capacity()
@@ -232,7 +232,7 @@ def nat_flows(state: LabState, topo: Topology, node_name: str | None = None) -> 
                           f"(known: {', '.join(n.name for n in topo.nodes)})")
     result = {}
     for node in nodes:
-        with _node_maps(state, node) as maps:
+        with node_maps(state, node) as maps:
             result[node.name] = nat_table.flows(maps)
     return result
 

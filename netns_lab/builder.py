@@ -19,7 +19,12 @@ BRIDGE = "br0"
 POD_IFNAME = "eth0"
 
 # IPv4-only labs: IPv6 would add router solicitations and DAD to every veth.
-_NS_SYSCTLS = {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1}
+# tcp_tw_reuse=1 (the kernel's default, 2, allows it on loopback only): a client opening
+# ~10,000 connections a second to one server port (netperf TCP_CRR) runs out of ephemeral
+# ports within seconds while the closed ones sit in TIME_WAIT, and then stalls; busy
+# Kubernetes nodes set it for the same reason. Every namespace of every mode gets it.
+_NS_SYSCTLS = {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1,
+               "net.ipv4.tcp_tw_reuse": 1}
 _ROUTER_SYSCTLS = {"net.ipv4.ip_forward": 1, "net.ipv4.conf.all.rp_filter": 0,
                    "net.ipv4.conf.default.rp_filter": 0}
 

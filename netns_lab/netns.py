@@ -38,8 +38,12 @@ def ipr(name: str) -> IPRoute:
 
 def run(name: str, argv: list[str], check: bool = True, timeout: float = 30,
         input: str | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["ip", "netns", "exec", name, *argv], capture_output=True,
-                          text=True, timeout=timeout, input=input)
+    try:
+        proc = subprocess.run(["ip", "netns", "exec", name, *argv], capture_output=True,
+                              text=True, timeout=timeout, input=input)
+    except subprocess.TimeoutExpired:
+        raise NetnsError(f"in netns {name}: {' '.join(argv)}: did not finish within "
+                         f"{timeout:g}s (killed)") from None
     if check and proc.returncode != 0:
         raise NetnsError(f"in netns {name}: {' '.join(argv)}: exit {proc.returncode}: "
                          f"{proc.stderr.strip() or proc.stdout.strip()}")

@@ -7,7 +7,7 @@ import sys
 import threading
 
 from datapath.monitor import run_monitor
-from datapath.switch import _node_maps
+from datapath.switch import node_maps
 from netns_lab.state import load_state
 from tests.labtools import assert_ping
 
@@ -27,7 +27,7 @@ def later(fn, delay=1.0):
 def trace_flags(state, topo) -> list[int]:
     flags = []
     for node in topo.nodes:
-        with _node_maps(state, node) as maps:
+        with node_maps(state, node) as maps:
             flags.append(maps.config().trace)
     return flags
 
@@ -39,7 +39,7 @@ def test_no_listener_no_events_then_filtered_stream(make_lab):
     assert trace_flags(state, topo) == [0, 0]
     assert_ping(a1.netns, b1.ip)
     for node in topo.nodes:  # nothing was traced while nobody listened
-        with _node_maps(state, node) as maps:
+        with node_maps(state, node) as maps:
             assert maps.read_trace_events() == []
 
     lines: list[str] = []
