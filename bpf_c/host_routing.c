@@ -35,6 +35,11 @@
 #ifndef EINVAL
 #define EINVAL 22
 #endif
+/* skb->pkt_type, as uapi/linux/if_packet.h numbers them */
+#ifndef PACKET_BROADCAST
+#define PACKET_BROADCAST	1
+#define PACKET_MULTICAST	2
+#endif
 
 #define HR_ICMP_TTL	64
 /* IP precedence "internetwork control", as the kernel's own ICMP errors use. */
@@ -293,6 +298,9 @@ int from_pod(struct __sk_buff *skb)
 	if (rc != HR_PARSE_OK)
 		return verdict(slot, skb, HR_HOOK_FROM_POD, 0, len, HR_DROP_MALFORMED, 0, TC_ACT_SHOT);
 	parse_ports(skb, &pkt);
+	if (skb->pkt_type == PACKET_BROADCAST || skb->pkt_type == PACKET_MULTICAST)
+		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_L2_MULTICAST, 0,
+			       TC_ACT_OK);
 	*slot = 0;
 	cfg = config.lookup(slot);
 	if (!cfg)
@@ -461,6 +469,9 @@ int from_underlay(struct __sk_buff *skb)
 		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, 0, len, HR_DROP_MALFORMED, 0,
 			       TC_ACT_SHOT);
 	parse_ports(skb, &pkt);
+	if (skb->pkt_type == PACKET_BROADCAST || skb->pkt_type == PACKET_MULTICAST)
+		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_PASS_L2_MULTICAST, 0,
+			       TC_ACT_OK);
 	*slot = 0;
 	cfg = config.lookup(slot);
 	if (!cfg)

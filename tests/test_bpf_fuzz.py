@@ -226,7 +226,7 @@ def leaving_packets(draw):
     if mutation == "truncate":
         data = data[:draw(hst.integers(34, len(data)))]
     elif mutation == "flip":
-        data[draw(hst.integers(34, len(data) - 1))] ^= draw(hst.integers(1, 255))
+        data[draw(hst.integers(14, len(data) - 1))] ^= draw(hst.integers(1, 255))
     return bytes(data)
 
 

@@ -452,3 +452,14 @@ def test_a_new_connection_may_take_the_port_of_one_that_ended(snat, route_ns):
     assert res.retval == TC_ACT_REDIRECT and Ether(res.data_out)[TCP].sport == 30000
     assert {(k.dir, k.sport) for k in nat_table(snat)} == {("out", 1002), ("in", 80)}
     assert counters(snat)["drop_nat_exhausted"] == 3
+
+
+def test_ipv4_in_broadcast_or_multicast_frames_is_left_to_the_stack(snat, route_ns):
+    """A redirect would drop such a frame unseen (the stack does not route it either):
+    it goes to the stack, counted, whatever its IP destination."""
+    for mac in ("ff:ff:ff:ff:ff:ff", "01:00:5e:00:00:01"):
+        pkt = out_pkt(UDP(sport=1, dport=2), dst="198.18.2.20")
+        pkt[Ether].dst = mac
+        data, res = run_out(snat, route_ns, pkt)
+        assert res.retval == TC_ACT_OK and res.data_out == data
+    assert counters(snat) == {"pass_l2_multicast": 2}

@@ -37,10 +37,10 @@ SPOOF = """
 import sys
 from scapy.all import Ether, IP, UDP, sendp, conf
 conf.verb = 0
-dst, count, cases = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+dst, gw_mac, count, cases = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
 for case in cases:                      # "ip,mac"
     src_ip, src_mac = case.split(",")
-    frame = Ether(src=src_mac, dst="ff:ff:ff:ff:ff:ff") / IP(src=src_ip, dst=dst) / \\
+    frame = Ether(src=src_mac, dst=gw_mac) / IP(src=src_ip, dst=dst) / \\
         UDP(sport=4444, dport=5353) / b"spoofed"
     sendp(frame, iface="eth0", count=count)
 """
@@ -64,6 +64,8 @@ def test_a_pod_cannot_send_with_another_source_ip_or_mac(make_lab):
     (a1, a2), (b1, _) = topo.nodes[0].pods, topo.nodes[1].pods
     with netns.ipr(a1.netns) as sock:
         own_mac = netns.link_mac(sock, netns.ifindex(sock, "eth0"))
+    with netns.ipr(topo.nodes[0].netns) as sock:
+        gw_mac = netns.link_mac(sock, netns.ifindex(sock, a1.host_ifname))
     before = counters(topo)["node1"]["drop_spoofed"]
     recv = subprocess.Popen(["ip", "netns", "exec", b1.netns, sys.executable, "-c", RECEIVER,
                              "5"], stdout=subprocess.PIPE, text=True)
@@ -72,7 +74,7 @@ def test_a_pod_cannot_send_with_another_source_ip_or_mac(make_lab):
              f"198.18.77.7,{own_mac}",             # an address nobody has
              f"{a1.ip},02:66:66:66:66:66",         # its own address, another MAC
              f"{a1.ip},{own_mac}"]                 # honest: must arrive
-    proc = netns.run(a1.netns, [sys.executable, "-c", SPOOF, b1.ip, "5", *cases],
+    proc = netns.run(a1.netns, [sys.executable, "-c", SPOOF, b1.ip, gw_mac, "5", *cases],
                      check=False, timeout=60)
     assert proc.returncode == 0, proc.stderr
     seen = recv.communicate(timeout=10)[0].split()
@@ -362,7 +364,7 @@ def test_sustained_load_every_packet_is_counted_and_the_nat_table_drains(make_la
         results = [p.communicate(timeout=seconds + 30) for p in procs]
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err
-    connections = sum(float(out.split()[-1]) * seconds for out, _ in results[:3])
+    connections = sum(float(out.splitlines()[0].split()[-1]) * seconds for out, _ in results[:3])
     time.sleep(0.5)
     peak = {n.name: len(switch.nat_flows(load_state(topo.lab), topo)[n.name]) for n in topo.nodes}
     for node in topo.nodes:

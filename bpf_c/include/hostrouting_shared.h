@@ -45,7 +45,9 @@ enum hr_reason {
 					 * (the stack would answer for the node and break the flow) */
 	HR_DROP_POD_TO_NODE = 26,	/* from a pod to another node's host namespace, which the
 					 * topology does not allow ([lab] pods_reach_nodes) */
-	HR_REASON_MAX = 27
+	HR_PASS_L2_MULTICAST = 27,	/* IPv4 in an Ethernet broadcast/multicast frame: to the stack
+					 * (which does not route it; a redirect would drop it unseen) */
+	HR_REASON_MAX = 28
 };
 
 /* Where a trace event was taken. */
