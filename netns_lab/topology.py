@@ -221,6 +221,8 @@ class _Locator:
         if self.path is None:
             return label
         lineno = self.lines.get((table, index, key)) if key else None
+        if not lineno and key and not table:      # a top-level key that is a [table]
+            lineno = self.tables.get((key, 0))
         lineno = lineno or self.tables.get((table, index)) or self.lines.get(("", 0, table))
         return f"{self.path}:{lineno}: {label}" if lineno else f"{self.path}: {label}"
 

@@ -1,5 +1,7 @@
 """Topology validation: every bad description is refused with the field (and line) named."""
 
+import re
+
 import pytest
 
 from netns_lab.topology import TopologyError, load_topology
@@ -82,3 +84,63 @@ def test_bad_topology_names_field_and_line(tmp_path, text, expected):
 def test_bad_command_line_values(lab, nodes, pods, expected):
     with pytest.raises(TopologyError, match=expected.replace("(", r"\(")):
         load_topology(lab, None, nodes, pods)
+
+
+# -- a fuzz corpus: generated files either build or name the error -------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as hst  # noqa: E402
+
+TOPO_FUZZ_CASES = 400
+_KEYS = ["lab", "external", "nodes", "nat", "underlay_cidr", "underlay_mtu", "external_mtu",
+         "pods_reach_nodes", "name", "pod_cidr", "pods", "cidr", "ip", "max_flows", "port_min",
+         "port_max", "exclude", "timeout_udp", "bogus"]
+_SCALARS = hst.one_of(
+    hst.integers(-70000, 5_000_000), hst.booleans(), hst.floats(allow_nan=False, width=32),
+    hst.sampled_from(["198.18.1.0/24", "198.18.1.0/33", "203.0.113.0/24", "198.19.0.0/24",
+                      "10.0.0.1", "node1", "", "UPPER", "a" * 20, "198.18.0.0/16", "x-1"]),
+    hst.text(max_size=8))
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+@hst.composite
+def topology_texts(draw):
+    lines = []
+    for _ in range(draw(hst.integers(0, 3))):            # top-level keys
+        lines.append(f"{draw(hst.sampled_from(_KEYS))} = {_toml_value(draw(_SCALARS))}")
+    for _ in range(draw(hst.integers(0, 4))):            # tables and arrays of tables
+        name = draw(hst.sampled_from(["lab", "external", "nat", "nodes", "bogus"]))
+        lines.append(f"[[{name}]]" if draw(hst.booleans()) else f"[{name}]")
+        for _ in range(draw(hst.integers(0, 4))):
+            value = draw(hst.one_of(_SCALARS, hst.lists(_SCALARS, max_size=3)))
+            lines.append(f"{draw(hst.sampled_from(_KEYS))} = {_toml_value(value)}")
+    if draw(hst.integers(0, 9)) == 0:                    # now and then, broken syntax
+        lines.insert(draw(hst.integers(0, len(lines))), draw(hst.sampled_from(
+            ["[nodes", "x = ", "= 1", "[[a]]]", 'pods = "unterminated', "\t\x00"])))
+    return "\n".join(lines) + "\n"
+
+
+@settings(max_examples=TOPO_FUZZ_CASES, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(text=topology_texts())
+def test_fuzzed_topologies_build_or_name_the_error(tmp_path, text):
+    path = tmp_path / "fuzz.toml"
+    path.write_text(text)
+    try:
+        topo = load_topology("fz", path)
+    except TopologyError as e:
+        message = str(e)
+        # names the file and the line: path:LINE: field, or TOML's own "(at line N, column M)"
+        assert re.match(rf"{re.escape(str(path))}:\d+: ", message) or (
+            message.startswith(f"{path}: not valid TOML") and "line" in message), message
+    else:
+        from netns_lab.topology import Topology
+        assert Topology.from_dict(topo.to_dict()) == topo
