@@ -289,7 +289,7 @@ int from_pod(struct __sk_buff *skb)
 	struct hr_pkt pkt = {};
 	__u32 len = skb->len;
 	__u32 ifindex;
-	int rc, external, stack_fragments;
+	int rc, external, stack_fragments, external_to_stack;
 	__u32 *range;
 
 	rc = parse_ipv4(skb, &pkt);
@@ -373,15 +373,27 @@ int from_pod(struct __sk_buff *skb)
 	}
 	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
 		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_LOCAL, 0, TC_ACT_OK);
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_FRAG_NEEDED)
+	/*
+	 * Leaving the cluster with a next hop not yet resolved (a kernel without
+	 * SKIP_NEIGH): NATed, then the stack forwards it and resolves the neighbour.
+	 */
+	external_to_stack = external && rc == BPF_FIB_LKUP_RET_NO_NEIGH;
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_FRAG_NEEDED &&
+	    !external_to_stack) {
+		/* un-NATed, a routable packet must not reach the stack: it would leave as is */
+		if (external && rc == BPF_FIB_LKUP_RET_UNSUPP_LWT)
+			return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len,
+				       HR_DROP_NAT_UNSUPPORTED, 0, TC_ACT_SHOT);
+		/* no route (blackhole, unreachable, prohibit): the stack answers the pod */
 		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FIB_MISS, 0, TC_ACT_OK);
+	}
 	/* The stack checks the TTL before the MTU: so do we. */
 	if (pkt.ip->ttl <= 1)
 		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_TTL, 0, TC_ACT_OK);
 
 	/* Too big, DF clear: the stack fragments it (NATed first if it leaves the cluster). */
-	stack_fragments = rc == BPF_FIB_LKUP_RET_FRAG_NEEDED &&
-			  !(pkt.ip->frag_off & HR_HTONS(HR_IP_DF));
+	stack_fragments = (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED &&
+			   !(pkt.ip->frag_off & HR_HTONS(HR_IP_DF))) || external_to_stack;
 	if (stack_fragments && !external)
 		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FRAG_NEEDED, 0, TC_ACT_OK);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && !stack_fragments) {
@@ -404,6 +416,7 @@ int from_pod(struct __sk_buff *skb)
 		rc = snat_out(skb, &pkt, cfg);
 		if (rc)
 			return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, rc, 0, TC_ACT_SHOT);
+		/* the stack takes it from here (accept_local lets it in with the node IP) */
 		if (stack_fragments)
 			return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_SNAT_PASS_FRAG_NEEDED, 0,
 				       TC_ACT_OK);

@@ -131,8 +131,26 @@ def flows(maps: DatapathMaps, now_ns: int | None = None) -> list[Flow]:
     return out
 
 
+def alive(cfg: st.Config, key: st.NatKey, entry: st.NatEntry, twin: st.NatEntry | None,
+          now_ns: int) -> bool:
+    """nat_alive in nat.h: fresh by its own state, or by the newer of the pair under both."""
+    def fresh(seen: int, state: int) -> bool:
+        return now_ns - seen <= timeout_s(cfg, key.protocol, state) * 1_000_000_000
+    if fresh(entry.last_seen_ns, entry.state):
+        return True
+    if twin is None:
+        return False
+    return fresh(max(entry.last_seen_ns, twin.last_seen_ns), entry.state | twin.state)
+
+
 def sweep(maps: DatapathMaps, now_ns: int | None = None) -> int:
-    """Delete the entries of every expired flow; returns how many entries went."""
+    """Delete the entries of every expired flow; returns how many entries went.
+
+    Expiry is judged as the datapath does (``alive``), once on the dump and
+    again on a fresh read just before deleting; a packet that refreshes the
+    flow between that read and the delete loses the race (the flow then gets
+    a new port), a window of a few microseconds per expired flow.
+    """
     now_ns = time.monotonic_ns() if now_ns is None else now_ns
     cfg = maps.config()
     table = dict(maps.nat_entries())
@@ -140,19 +158,18 @@ def sweep(maps: DatapathMaps, now_ns: int | None = None) -> int:
     for key, entry in table.items():
         tkey = twin_key(key, entry)
         twin = table.get(tkey)
-        if not _points_back(key, twin):
-            twin = None
-        state = entry.state | (twin.state if twin else 0)
-        last = max(entry.last_seen_ns, twin.last_seen_ns if twin else 0)
-        if now_ns - last <= timeout_s(cfg, key.protocol, state) * 1_000_000_000:
+        if alive(cfg, key, entry, twin if _points_back(key, twin) else None, now_ns):
             continue
-        # re-read: the datapath may have refreshed it since the dump
-        fresh = [e for e in (maps.nat_lookup(key), maps.nat_lookup(tkey) if twin else None)
-                 if e is not None]
-        if any(now_ns - e.last_seen_ns <= timeout_s(cfg, key.protocol, state) * 1_000_000_000
-               for e in fresh):
+        entry = maps.nat_lookup(key)          # as it is now
+        if entry is None:
+            continue
+        twin = maps.nat_lookup(tkey)
+        twin = twin if _points_back(key, twin) else None
+        if alive(cfg, key, entry, twin, now_ns):
             continue
         deleted += maps.nat_delete(key)
+        if twin is not None:
+            deleted += maps.nat_delete(tkey)
     return deleted
 
 

@@ -47,6 +47,10 @@ def _endpoints(node: Node) -> list[tuple[str, int, str, str]]:
     return found
 
 
+def _accept_local(node: Node, value: int) -> dict[str, int]:
+    return {f"net.ipv4.conf.{pod.host_ifname}.accept_local": value for pod in node.pods}
+
+
 def _attach_points(topo: Topology, node: Node) -> list[tuple[str, str]]:
     return [(pod.host_ifname, FROM_POD) for pod in node.pods] + \
         [(topo.uplink_ifname, FROM_UNDERLAY)]
@@ -118,6 +122,10 @@ def enable_ebpf(state: LabState, topo: Topology, force: bool = False) -> None:
             events.record(topo.lab, events.NORMAL, "ProgramsAttached", f"node/{node.name}",
                           f"from_pod (id {progs[FROM_POD]}) on {len(node.pods)} pod veth(s), "
                           f"from_underlay (id {progs[FROM_UNDERLAY]}) on {topo.uplink_ifname}")
+            # A packet BPF has NATed and hands to the stack (to fragment it) carries the
+            # node IP as its source: the stack takes it only with accept_local. Pods cannot
+            # abuse it: from_pod drops any source but the pod's own.
+            netns.sysctl(node.netns, _accept_local(node, 1))
             if legacy.masquerade_installed(topo, node):
                 state.datapath[node.name]["masquerade_removed"] = True
                 state.save()
@@ -152,6 +160,8 @@ def _detach_all(state: LabState, topo: Topology) -> None:
         if record["attached"]:
             events.record(topo.lab, events.NORMAL, "ProgramsDetached", f"node/{node.name}",
                           f"detached from {len(record['attached'])} device(s)")
+        if record["attached"] and netns.exists(node.netns):
+            netns.sysctl(node.netns, _accept_local(node, 0))
         if record.get("masquerade_removed") and netns.exists(node.netns):
             if not legacy.masquerade_installed(topo, node):
                 legacy.install_masquerade(topo, node)

@@ -463,3 +463,15 @@ def test_ipv4_in_broadcast_or_multicast_frames_is_left_to_the_stack(snat, route_
         data, res = run_out(snat, route_ns, pkt)
         assert res.retval == TC_ACT_OK and res.data_out == data
     assert counters(snat) == {"pass_l2_multicast": 2}
+
+
+def test_an_evicted_forward_entry_is_restored_by_the_next_reply(snat, route_ns):
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="S")))
+    port = Ether(res.data_out)[TCP].sport
+    out_key = st.NatKey(SRC, EXT, 40000, 80, TCP_PROTO, "out")
+    assert snat.maps.nat_delete(out_key)              # as if the LRU had evicted it
+    _, res = run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="SA")))
+    assert res.retval == TC_ACT_REDIRECT
+    assert nat_table(snat)[out_key].port == port
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="A")))
+    assert Ether(res.data_out)[TCP].sport == port     # not a new port: no reset by the remote

@@ -264,3 +264,55 @@ def test_port_exhaustion_is_counted_shown_and_recorded_as_an_event(make_lab, tmp
             break
         time.sleep(0.5)
     assert found and found[0]["object"] == f"node/{node.name}" and found[0]["type"] == "Warning"
+
+
+def test_checksum_offloaded_segments_leave_with_a_right_checksum(ebpf_lab):
+    """Pods hand TCP to their veth with the checksum left to the device (CHECKSUM_PARTIAL).
+    With the router's link to the external host unable to offload, the kernel finishes the
+    checksum in software from what BPF SNAT left in the field: it must still be right."""
+    _, topo = ebpf_lab
+    ext = topo.external
+    netns.run(topo.fabric_netns, ["ethtool", "-K", f"{topo.lab}-ext", "tx", "off"])
+    with background(ext.netns, [sys.executable, "-m", "http.server", "8080", "--bind", ext.ip],
+                    port=8080):
+        for node in topo.nodes:
+            pod = node.pods[0]
+            proc = netns.run(pod.netns, [sys.executable, "-c", HTTP_GET, ext.ip], check=False,
+                             timeout=20)
+            assert proc.returncode == 0 and proc.stdout.startswith("200"), proc.stderr
+
+
+UDP_BIG_NO_DF = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, 10, 0)          # IP_MTU_DISCOVER = IP_PMTUDISC_DONT: DF clear
+s.settimeout(3)
+s.sendto(b"y" * 1450, (sys.argv[1], 5353))
+print(s.recvfrom(4000)[0].decode())
+"""
+
+
+UDP_SIZE_SERVER = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 5353))
+while True:
+    data, addr = s.recvfrom(65535)
+    s.sendto(("%d from %s" % (len(data), addr[0])).encode(), addr)   # a short answer
+"""
+
+
+def test_too_big_without_df_is_natted_then_fragmented_by_the_stack(make_lab, tmp_path):
+    """The node's uplink is narrower than the pod's link: the stack must fragment a 1450-byte
+    datagram, so BPF NATs it first and hands it over (the node IP as source needs
+    accept_local on the pod's veth, which enable sets). The answer is short: NAT of
+    fragments coming back is not done (docs/design.md)."""
+    topo_file = tmp_path / "narrow.toml"
+    topo_file.write_text("[lab]\nunderlay_mtu = 1400\n")
+    _, topo = make_lab("ebpf", topology=str(topo_file))
+    ext, node = topo.external, topo.nodes[0]
+    with background(ext.netns, [sys.executable, "-c", UDP_SIZE_SERVER], port=5353, proto="udp"):
+        proc = netns.run(node.pods[0].netns, [sys.executable, "-c", UDP_BIG_NO_DF, ext.ip],
+                         check=False, timeout=20)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"1450 from {node.ip}", proc.stderr
+    assert counters(topo)[node.name]["snat_pass_frag_needed"] >= 1

@@ -30,7 +30,8 @@ enum hr_reason {
 	HR_PASS_FWD_DISABLED = 12,	/* forwarding off in the node and no datapath route: to the stack */
 	HR_PASS_EXTERNAL = 13,		/* leaves the cluster, BPF SNAT off (no node_ip): to the stack */
 	HR_SNAT_REDIRECT_NEIGH = 14,	/* leaves the cluster: source NATed to the node IP, redirected */
-	HR_SNAT_PASS_FRAG_NEEDED = 15,	/* NATed, too big with DF clear: the stack fragments it */
+	HR_SNAT_PASS_FRAG_NEEDED = 15,	/* NATed, then to the stack: too big with DF clear (the stack
+					 * fragments it) or next hop unresolved (old kernels) */
 	HR_RNAT_REDIRECT_PEER = 16,	/* reply to a NATed flow: translated back, into the pod */
 	HR_RNAT_ICMP_ERROR = 17,	/* ICMP error about a NATed flow: translated back, into the pod */
 	HR_PASS_NAT_MISS = 18,		/* for the node IP, no NAT entry: to the stack (the node's own) */
@@ -141,8 +142,9 @@ struct hr_nat_entry {
 	__u64 bytes;
 	__u32 addr;		/* address written into the packet (network order) */
 	__u16 port;		/* port / ICMP identifier written into the packet (network order) */
-	__u8 state;		/* enum hr_nat_state bits */
-	__u8 pad;
+	__u16 pad;
+	__u64 state;		/* enum hr_nat_state bits (64 bits: updated with atomic OR,
+				 * which bcc's BPF target has for 64-bit words only) */
 };
 
 /* One per-CPU slot of the `counters` array, per enum hr_reason. */

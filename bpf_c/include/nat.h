@@ -127,14 +127,14 @@ static __always_inline int nat_read_l4(struct __sk_buff *skb, struct hr_pkt *pkt
 }
 
 /* A TCP flow that ended: RST either way, or FIN both ways. */
-static __always_inline int nat_tcp_closed(__u8 state)
+static __always_inline int nat_tcp_closed(__u64 state)
 {
 	return (state & HR_NAT_RST) ||
 	       (state & (HR_NAT_FIN_OUT | HR_NAT_FIN_IN)) == (HR_NAT_FIN_OUT | HR_NAT_FIN_IN);
 }
 
 /* How long a flow may stay idle, by protocol and state. */
-static __always_inline __u64 nat_timeout_ns(struct hr_config *cfg, __u8 protocol, __u8 state)
+static __always_inline __u64 nat_timeout_ns(struct hr_config *cfg, __u8 protocol, __u64 state)
 {
 	__u32 s;
 
@@ -228,9 +228,9 @@ static __always_inline void nat_delete_flow(struct hr_nat_scratch *s, struct hr_
 }
 
 /* TCP state bits a packet adds, by direction. */
-static __always_inline __u8 nat_state_bits(__u8 protocol, struct hr_nat_l4 *l4, int out)
+static __always_inline __u64 nat_state_bits(__u8 protocol, struct hr_nat_l4 *l4, int out)
 {
-	__u8 bits = out ? 0 : HR_NAT_SEEN_REPLY;
+	__u64 bits = out ? 0 : HR_NAT_SEEN_REPLY;
 
 	if (protocol != IPPROTO_TCP)
 		return bits;
@@ -247,7 +247,7 @@ static __always_inline __u8 nat_state_bits(__u8 protocol, struct hr_nat_l4 *l4, 
  * entries expire alike.
  */
 static __always_inline void nat_touch(struct hr_nat_scratch *s, struct hr_nat_key *k,
-				      struct hr_nat_entry *e, __u8 bits, __u32 len, __u64 now)
+				      struct hr_nat_entry *e, __u64 bits, __u32 len, __u64 now)
 {
 	struct hr_nat_entry *t;
 	__u32 taddr;
@@ -258,11 +258,12 @@ static __always_inline void nat_touch(struct hr_nat_scratch *s, struct hr_nat_ke
 	__sync_fetch_and_add(&e->bytes, len);
 	if ((e->state | bits) == e->state)
 		return;
-	e->state |= bits;
+	/* atomic: the other direction may be setting its own bits on another CPU */
+	__sync_fetch_and_or(&e->state, bits);
 	nat_twin(k, e, &s->tk, &taddr, &tport);
 	t = nat_lookup(&s->tk);
 	if (t && t->addr == taddr && t->port == tport)
-		t->state |= bits;
+		__sync_fetch_and_or(&t->state, bits);
 }
 
 /* Clear the state bits of both entries of a flow (a new TCP connection on its tuple). */
@@ -284,7 +285,8 @@ static __always_inline void nat_reset_state(struct hr_nat_scratch *s, struct hr_
  * Rewrite one address (source or destination) and the matching port / ICMP
  * identifier, fixing the IPv4 and L4 checksums. The L4 checksum goes through
  * bpf_l4_csum_replace so that CHECKSUM_PARTIAL packets (TSO from a pod)
- * stay right. Returns -1 when a helper failed.
+ * stay right: the address with BPF_F_PSEUDO_HDR (it is in the pseudo
+ * header), the port without. Returns -1 when a helper failed.
  */
 static __always_inline int nat_rewrite(struct __sk_buff *skb, struct hr_pkt *pkt, int source,
 				       __u32 old_addr, __u32 new_addr, __u16 old_port,
@@ -312,7 +314,13 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, struct hr_pkt *pkt
 	    bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, flags | sizeof(new_addr)) < 0)
 		return -1;
 	if (old_port != new_port) {
-		if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port, flags | sizeof(new_port)) < 0)
+		/*
+		 * The port is L4 data, not pseudo header: without BPF_F_PSEUDO_HDR, so that
+		 * a CHECKSUM_PARTIAL field (pseudo-header sum only) is left alone and the
+		 * device or skb_checksum_help() sums the new port in.
+		 */
+		if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port,
+					(flags & ~BPF_F_PSEUDO_HDR) | sizeof(new_port)) < 0)
 			return -1;
 		if (bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0) < 0)
 			return -1;
@@ -421,6 +429,29 @@ found:
 }
 
 /*
+ * A reply came through the IN entry (s->key, e) of a live flow: if the LRU
+ * evicted its OUT entry, put it back, or the pod's next packet would get a
+ * new port and the remote would reset the connection.
+ */
+static __always_inline void nat_restore_out(struct hr_nat_scratch *s, struct hr_nat_entry *e,
+					    __u64 now)
+{
+	__u32 taddr;
+	__u16 tport;
+
+	nat_twin(&s->key, e, &s->tk, &taddr, &tport);
+	if (nat_lookup(&s->tk))
+		return;
+	__builtin_memset(&s->val, 0, sizeof(s->val));
+	s->val.created_ns = e->created_ns;
+	s->val.last_seen_ns = now;
+	s->val.addr = taddr;
+	s->val.port = tport;
+	s->val.state = e->state;
+	nat_insert(&s->tk, &s->val);
+}
+
+/*
  * Source-NAT a packet leaving the cluster. Returns 0 once the packet carries
  * the node IP and NAT port (packet pointers are stale then), or the
  * hr_reason of the drop.
@@ -515,6 +546,7 @@ static __always_inline int rnat_in(struct __sk_buff *skb, struct hr_pkt *pkt,
 	addr = e->addr;
 	port = e->port;
 	nat_touch(s, &s->key, e, nat_state_bits(pkt->protocol, &l4, 0), skb->len, now);
+	nat_restore_out(s, e, now);
 	if (nat_rewrite(skb, pkt, 0, pkt->daddr, addr, l4.dport, port) < 0)
 		return HR_DROP_NAT_FAILED;
 	*pod_ip = addr;
