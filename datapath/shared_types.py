@@ -226,6 +226,7 @@ class NatEntry:
     addr: str
     port: int           # host order
     state: int
+    seq_hint: int = 0   # host order; 0: none
 
 
 def pack_nat_key(key: NatKey) -> bytes:
@@ -253,13 +254,15 @@ def pack_nat_entry(e: NatEntry) -> bytes:
     v.addr = ip_to_be32(e.addr)
     v.port = socket.htons(e.port)
     v.state = e.state
+    v.seq_hint = socket.htonl(e.seq_hint)
     return bytes(ffi.buffer(v))
 
 
 def unpack_nat_entry(raw: bytes) -> NatEntry:
     v = _from_bytes("struct hr_nat_entry", raw)
     return NatEntry(created_ns=v.created_ns, last_seen_ns=v.last_seen_ns, packets=v.packets,
-                    bytes=v.bytes, addr=be32_to_ip(v.addr), port=_ntohs(v.port), state=v.state)
+                    bytes=v.bytes, addr=be32_to_ip(v.addr), port=_ntohs(v.port), state=v.state,
+                    seq_hint=socket.ntohl(v.seq_hint))
 
 
 def pack_counter(packets: int, bytes_: int) -> bytes:

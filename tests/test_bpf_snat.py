@@ -475,3 +475,23 @@ def test_an_evicted_forward_entry_is_restored_by_the_next_reply(snat, route_ns):
     assert nat_table(snat)[out_key].port == port
     _, res = run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="A")))
     assert Ether(res.data_out)[TCP].sport == port     # not a new port: no reset by the remote
+
+
+@pytest.mark.parametrize("offset, believed", [(0, True), (5000, True), (2**30, False),
+                                              (2**32 - 10, False)])
+def test_an_rst_from_outside_changes_the_flow_only_near_the_expected_sequence(snat, route_ns,
+                                                                             offset, believed):
+    """A blind RST (a guessed sequence number) must not shorten a flow's life or free its
+    port; the pod's own stack still sees it and judges it (RFC 5961)."""
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="S", seq=1)))
+    port = Ether(res.data_out)[TCP].sport
+    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="SA", seq=1000, ack=2)))
+    run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="A", seq=2, ack=1001)))
+    out_key = st.NatKey(SRC, EXT, 40000, 80, TCP_PROTO, "out")
+    assert nat_table(snat)[out_key].seq_hint == 1001
+    rst_seq = (1001 + offset) % 2**32
+    _, res = run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="R", seq=rst_seq),
+                                           payload=b""))
+    assert res.retval == TC_ACT_REDIRECT                    # delivered either way
+    state = nat_table(snat)[out_key].state
+    assert bool(state & st.NAT_STATE_BITS["rst"]) == believed

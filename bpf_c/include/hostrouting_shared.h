@@ -145,6 +145,9 @@ struct hr_nat_entry {
 	__u16 pad;
 	__u64 state;		/* enum hr_nat_state bits (64 bits: updated with atomic OR,
 				 * which bcc's BPF target has for 64-bit words only) */
+	__u32 seq_hint;		/* OUT, TCP: the pod's last ACK number (network order), i.e. the
+				 * sequence number a genuine RST from the remote is near; 0: none */
+	__u32 pad2;
 };
 
 /* One per-CPU slot of the `counters` array, per enum hr_reason. */

@@ -35,6 +35,14 @@
 #define HR_IP_DADDR_OFF		16
 #define HR_TCP_CSUM_OFF		16
 #define HR_TCP_FLAGS_OFF	13
+#define HR_TCP_SEQ_OFF		4	/* then the acknowledgment number, at 8 */
+/*
+ * An RST from outside changes a flow's state (closing timeout, port reusable)
+ * only when its sequence number lies this close above the pod's last ACK:
+ * RFC 5961 asks for the exact number; this takes the receive window in
+ * flight into account without tracking it.
+ */
+#define HR_RST_WINDOW		(1U << 20)
 #define HR_UDP_CSUM_OFF		6
 #define HR_ICMP_CSUM_OFF	2
 #define HR_ICMP_ID_OFF		4
@@ -49,6 +57,8 @@ struct hr_nat_l4 {
 	__u16 dport;
 	__u8 tcp_flags;
 	__u8 icmp_type;
+	__u32 seq;		/* TCP sequence and acknowledgment numbers (network order) */
+	__u32 ack;
 };
 
 /*
@@ -97,6 +107,8 @@ static __always_inline int nat_read_l4(struct __sk_buff *skb, struct hr_pkt *pkt
 		if (bpf_skb_load_bytes(skb, pkt->l4_off, hdr, sizeof(hdr)) < 0)
 			return -1;
 		if (bpf_skb_load_bytes(skb, pkt->l4_off + HR_TCP_FLAGS_OFF, &l4->tcp_flags, 1) < 0)
+			return -1;
+		if (bpf_skb_load_bytes(skb, pkt->l4_off + HR_TCP_SEQ_OFF, &l4->seq, 8) < 0)
 			return -1;
 		/* the checksum must be there to be fixed */
 		if (skb->len < pkt->l4_off + 20)
@@ -275,6 +287,7 @@ static __always_inline void nat_reset_state(struct hr_nat_scratch *s, struct hr_
 	__u16 tport;
 
 	e->state = 0;
+	e->seq_hint = 0;
 	nat_twin(k, e, &s->tk, &taddr, &tport);
 	t = nat_lookup(&s->tk);
 	if (t && t->addr == taddr && t->port == tport)
@@ -429,6 +442,25 @@ found:
 }
 
 /*
+ * Whether an RST from outside (sequence number `seq`) about the flow of IN
+ * entry (s->key, e) is near what the pod acknowledged last; without a hint
+ * (the pod has acknowledged nothing yet: an answer to its SYN) it is.
+ */
+static __always_inline int nat_rst_plausible(struct hr_nat_scratch *s, struct hr_nat_entry *e,
+					     __u32 seq)
+{
+	struct hr_nat_entry *t;
+	__u32 taddr;
+	__u16 tport;
+
+	nat_twin(&s->key, e, &s->tk, &taddr, &tport);
+	t = nat_lookup(&s->tk);
+	if (!t || t->seq_hint == 0)
+		return 1;
+	return bpf_ntohl(seq) - bpf_ntohl(t->seq_hint) < HR_RST_WINDOW;
+}
+
+/*
  * A reply came through the IN entry (s->key, e) of a live flow: if the LRU
  * evicted its OUT entry, put it back, or the pod's next packet would get a
  * new port and the remote would reset the connection.
@@ -491,6 +523,8 @@ static __always_inline int snat_out(struct __sk_buff *skb, struct hr_pkt *pkt,
 		if (syn && nat_tcp_closed(e->state))
 			nat_reset_state(s, &s->key, e);
 		nat_touch(s, &s->key, e, nat_state_bits(pkt->protocol, &l4, 1), skb->len, now);
+		if (pkt->protocol == IPPROTO_TCP && (l4.tcp_flags & HR_TCP_ACK))
+			e->seq_hint = l4.ack;
 	}
 	if (nat_rewrite(skb, pkt, 1, pkt->saddr, addr, l4.sport, port) < 0)
 		return HR_DROP_NAT_FAILED;
@@ -524,7 +558,7 @@ static __always_inline int rnat_in(struct __sk_buff *skb, struct hr_pkt *pkt,
 	struct hr_nat_scratch *s;
 	struct hr_nat_entry *e;
 	struct hr_nat_l4 l4 = {};
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = bpf_ktime_get_ns(), bits;
 	__u32 addr;
 	__u16 port;
 
@@ -545,7 +579,10 @@ static __always_inline int rnat_in(struct __sk_buff *skb, struct hr_pkt *pkt,
 		return HR_PASS_NAT_MISS;
 	addr = e->addr;
 	port = e->port;
-	nat_touch(s, &s->key, e, nat_state_bits(pkt->protocol, &l4, 0), skb->len, now);
+	bits = nat_state_bits(pkt->protocol, &l4, 0);
+	if ((bits & HR_NAT_RST) && !nat_rst_plausible(s, e, l4.seq))
+		bits &= ~(__u64)HR_NAT_RST;	/* delivered, the pod judges it; the NAT state ignores it */
+	nat_touch(s, &s->key, e, bits, skb->len, now);
 	nat_restore_out(s, e, now);
 	if (nat_rewrite(skb, pkt, 0, pkt->daddr, addr, l4.dport, port) < 0)
 		return HR_DROP_NAT_FAILED;
