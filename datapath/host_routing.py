@@ -174,8 +174,12 @@ class DatapathMaps:
 
     def nat_entries(self) -> list[tuple[st.NatKey, st.NatEntry]]:
         return [(st.unpack_nat_key(k), st.unpack_nat_entry(v))
-                for k, v in libbpf.map_items(self.fd("nat"), st.SIZEOF_NAT_KEY,
-                                             st.SIZEOF_NAT_ENTRY)]
+                for k, v in libbpf.map_items_batch(self.fd("nat"), st.SIZEOF_NAT_KEY,
+                                                   st.SIZEOF_NAT_ENTRY)]
+
+    def nat_raw_entries(self) -> list[tuple[bytes, bytes]]:
+        """The NAT table as raw (key, value) bytes, for passes over large tables."""
+        return libbpf.map_items_batch(self.fd("nat"), st.SIZEOF_NAT_KEY, st.SIZEOF_NAT_ENTRY)
 
     def nat_lookup(self, key: st.NatKey) -> st.NatEntry | None:
         raw = libbpf.map_lookup(self.fd("nat"), st.pack_nat_key(key), st.SIZEOF_NAT_ENTRY)

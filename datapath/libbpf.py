@@ -150,6 +150,8 @@ int bpf_obj_get_info_by_fd(int bpf_fd, void *info, __u32 *info_len);
 int bpf_prog_get_fd_by_id(__u32 id);
 int bpf_map_get_fd_by_id(__u32 id);
 int bpf_prog_get_next_id(__u32 start_id, __u32 *next_id);
+int bpf_map_lookup_batch(int fd, void *in_batch, void *out_batch, void *keys, void *values,
+                         __u32 *count, const void *opts);
 int bpf_map_get_next_id(__u32 start_id, __u32 *next_id);
 int bpf_map_lookup_elem(int fd, const void *key, void *value);
 int bpf_map_update_elem(int fd, const void *key, const void *value, __u64 flags);
@@ -428,6 +430,37 @@ def map_items(map_fd, key_size: int, value_size: int) -> Iterator[tuple[bytes, b
         value = map_lookup(map_fd, key, value_size)
         if value is not None:
             yield key, value
+
+
+def map_items_batch(map_fd, key_size: int, value_size: int,
+                    batch: int = 8192) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of a hash-type map, `batch` at a time (BPF_MAP_LOOKUP_BATCH):
+    one system call per batch instead of two per key (a 500k-entry NAT table dumped
+    key by key costs seconds). Falls back to map_items where the kernel lacks it."""
+    fd = _fdnum(map_fd)
+    keys = ffi.new("char[]", key_size * batch)
+    values = ffi.new("char[]", value_size * batch)
+    token_in, token_out = ffi.new("char[8]"), ffi.new("char[8]")
+    count = ffi.new("__u32 *")
+    out: list[tuple[bytes, bytes]] = []
+    first = True
+    while True:
+        count[0] = batch
+        ret = lib().bpf_map_lookup_batch(fd, ffi.NULL if first else token_in, token_out, keys,
+                                         values, count, ffi.NULL)
+        if ret < 0 and -ret not in (_errno.ENOENT,):
+            if first and -ret in (_errno.EINVAL, _errno.ENOTSUPP if hasattr(_errno, "ENOTSUPP")
+                                  else 524, 524):
+                return list(map_items(map_fd, key_size, value_size))
+            _check(ret, "BPF_MAP_LOOKUP_BATCH")
+        kbuf, vbuf = ffi.buffer(keys), ffi.buffer(values)
+        for i in range(count[0]):
+            out.append((bytes(kbuf[i * key_size:(i + 1) * key_size]),
+                        bytes(vbuf[i * value_size:(i + 1) * value_size])))
+        if ret < 0:                     # ENOENT: that was the last batch
+            return out
+        ffi.memmove(token_in, token_out, 8)
+        first = False
 
 
 # -- ring buffer ----------------------------------------------------------------------------

@@ -146,18 +146,25 @@ def alive(cfg: st.Config, key: st.NatKey, entry: st.NatEntry, twin: st.NatEntry 
 def sweep(maps: DatapathMaps, now_ns: int | None = None) -> int:
     """Delete the entries of every expired flow; returns how many entries went.
 
-    Expiry is judged as the datapath does (``alive``), once on the dump and
-    again on a fresh read just before deleting; a packet that refreshes the
-    flow between that read and the delete loses the race (the flow then gets
-    a new port), a window of a few microseconds per expired flow.
+    Expiry is judged as the datapath does (``alive``), on the dump and again
+    on a fresh read just before deleting; a packet that refreshes the flow
+    between that read and the delete loses the race (the flow then gets a new
+    port), a window of microseconds per expired flow. Entries fresh on their
+    own (most of a busy table) are passed over without being unpacked: the
+    guard sweeps tables of hundreds of thousands of entries every few seconds.
     """
     now_ns = time.monotonic_ns() if now_ns is None else now_ns
     cfg = maps.config()
-    table = dict(maps.nat_entries())
+    stale = []
+    for kraw, vraw in maps.nat_raw_entries():
+        k = st.ffi.from_buffer("struct hr_nat_key *", kraw)
+        v = st.ffi.from_buffer("struct hr_nat_entry *", vraw)
+        if now_ns - v.last_seen_ns > timeout_s(cfg, k.protocol, v.state) * 1_000_000_000:
+            stale.append((st.unpack_nat_key(kraw), st.unpack_nat_entry(vraw)))
     deleted = 0
-    for key, entry in table.items():
+    for key, entry in stale:
         tkey = twin_key(key, entry)
-        twin = table.get(tkey)
+        twin = maps.nat_lookup(tkey)
         if alive(cfg, key, entry, twin if _points_back(key, twin) else None, now_ns):
             continue
         entry = maps.nat_lookup(key)          # as it is now

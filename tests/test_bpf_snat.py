@@ -495,3 +495,13 @@ def test_an_rst_from_outside_changes_the_flow_only_near_the_expected_sequence(sn
     assert res.retval == TC_ACT_REDIRECT                    # delivered either way
     state = nat_table(snat)[out_key].state
     assert bool(state & st.NAT_STATE_BITS["rst"]) == believed
+
+
+def test_batch_dump_sees_what_key_by_key_sees(snat, route_ns):
+    from datapath import libbpf
+    for sport in range(1000, 1300):
+        run_out(snat, route_ns, out_pkt(UDP(sport=sport, dport=53)))
+    fd = snat.maps.fd("nat")
+    by_key = sorted(libbpf.map_items(fd, st.SIZEOF_NAT_KEY, st.SIZEOF_NAT_ENTRY))
+    batched = sorted(libbpf.map_items_batch(fd, st.SIZEOF_NAT_KEY, st.SIZEOF_NAT_ENTRY, batch=64))
+    assert len(by_key) == 600 and batched == by_key
