@@ -432,6 +432,9 @@ def map_items(map_fd, key_size: int, value_size: int) -> Iterator[tuple[bytes, b
             yield key, value
 
 
+_ENOTSUPP = 524  # the kernel's internal "operation not supported", as BPF returns it
+
+
 def map_items_batch(map_fd, key_size: int, value_size: int,
                     batch: int = 8192) -> list[tuple[bytes, bytes]]:
     """Every (key, value) of a hash-type map, `batch` at a time (BPF_MAP_LOOKUP_BATCH):
@@ -448,9 +451,8 @@ def map_items_batch(map_fd, key_size: int, value_size: int,
         count[0] = batch
         ret = lib().bpf_map_lookup_batch(fd, ffi.NULL if first else token_in, token_out, keys,
                                          values, count, ffi.NULL)
-        if ret < 0 and -ret not in (_errno.ENOENT,):
-            if first and -ret in (_errno.EINVAL, _errno.ENOTSUPP if hasattr(_errno, "ENOTSUPP")
-                                  else 524, 524):
+        if ret < 0 and -ret != _errno.ENOENT:
+            if first and -ret in (_errno.EINVAL, _ENOTSUPP):     # a kernel without batches
                 return list(map_items(map_fd, key_size, value_size))
             _check(ret, "BPF_MAP_LOOKUP_BATCH")
         kbuf, vbuf = ffi.buffer(keys), ffi.buffer(values)
