@@ -145,6 +145,19 @@ static __always_inline int nat_tcp_closed(__u64 state)
 	       (state & (HR_NAT_FIN_OUT | HR_NAT_FIN_IN)) == (HR_NAT_FIN_OUT | HR_NAT_FIN_IN);
 }
 
+/* The NAT key of a packet as it is on the wire, going `dir` (enum hr_nat_dir). */
+static __always_inline void nat_packet_key(struct hr_nat_key *k, struct hr_pkt *pkt,
+					   struct hr_nat_l4 *l4, __u8 dir)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->saddr = pkt->saddr;
+	k->daddr = pkt->daddr;
+	k->sport = l4->sport;
+	k->dport = l4->dport;
+	k->protocol = pkt->protocol;
+	k->dir = dir;
+}
+
 /* How long a flow may stay idle, by protocol and state. */
 static __always_inline __u64 nat_timeout_ns(struct hr_config *cfg, __u8 protocol, __u64 state)
 {
@@ -201,6 +214,22 @@ static __always_inline void nat_twin(const struct hr_nat_key *k, const struct hr
 	}
 }
 
+/* The twin of entry `e` (key `k`, twin key left in s->tk) if it still points back; else NULL. */
+static __always_inline struct hr_nat_entry *nat_twin_entry(struct hr_nat_scratch *s,
+							   const struct hr_nat_key *k,
+							   const struct hr_nat_entry *e)
+{
+	struct hr_nat_entry *t;
+	__u32 taddr;
+	__u16 tport;
+
+	nat_twin(k, e, &s->tk, &taddr, &tport);
+	t = nat_lookup(&s->tk);
+	if (!t || t->addr != taddr || t->port != tport)
+		return 0;
+	return t;
+}
+
 /*
  * Whether the flow of entry `e` (key `k`) is still alive at `now`: its own
  * last packet, or its twin's, is recent enough for the state. The twin is
@@ -210,15 +239,12 @@ static __always_inline int nat_alive(struct hr_config *cfg, struct hr_nat_scratc
 				     struct hr_nat_key *k, struct hr_nat_entry *e, __u64 now)
 {
 	struct hr_nat_entry *t;
-	__u32 taddr;
-	__u16 tport;
 	__u64 seen = e->last_seen_ns;
 
 	if (nat_fresh(now, seen, nat_timeout_ns(cfg, k->protocol, e->state)))
 		return 1;
-	nat_twin(k, e, &s->tk, &taddr, &tport);
-	t = nat_lookup(&s->tk);
-	if (!t || t->addr != taddr || t->port != tport)
+	t = nat_twin_entry(s, k, e);
+	if (!t)
 		return 0;
 	seen = t->last_seen_ns > seen ? t->last_seen_ns : seen;
 	return nat_fresh(now, seen, nat_timeout_ns(cfg, k->protocol, e->state | t->state));
@@ -228,13 +254,7 @@ static __always_inline int nat_alive(struct hr_config *cfg, struct hr_nat_scratc
 static __always_inline void nat_delete_flow(struct hr_nat_scratch *s, struct hr_nat_key *k,
 					    struct hr_nat_entry *e)
 {
-	struct hr_nat_entry *t;
-	__u32 taddr;
-	__u16 tport;
-
-	nat_twin(k, e, &s->tk, &taddr, &tport);
-	t = nat_lookup(&s->tk);
-	if (t && t->addr == taddr && t->port == tport)
+	if (nat_twin_entry(s, k, e))
 		nat_remove(&s->tk);
 	nat_remove(k);
 }
@@ -262,8 +282,6 @@ static __always_inline void nat_touch(struct hr_nat_scratch *s, struct hr_nat_ke
 				      struct hr_nat_entry *e, __u64 bits, __u32 len, __u64 now)
 {
 	struct hr_nat_entry *t;
-	__u32 taddr;
-	__u16 tport;
 
 	e->last_seen_ns = now;
 	__sync_fetch_and_add(&e->packets, 1);
@@ -272,9 +290,8 @@ static __always_inline void nat_touch(struct hr_nat_scratch *s, struct hr_nat_ke
 		return;
 	/* atomic: the other direction may be setting its own bits on another CPU */
 	__sync_fetch_and_or(&e->state, bits);
-	nat_twin(k, e, &s->tk, &taddr, &tport);
-	t = nat_lookup(&s->tk);
-	if (t && t->addr == taddr && t->port == tport)
+	t = nat_twin_entry(s, k, e);
+	if (t)
 		__sync_fetch_and_or(&t->state, bits);
 }
 
@@ -283,14 +300,11 @@ static __always_inline void nat_reset_state(struct hr_nat_scratch *s, struct hr_
 					    struct hr_nat_entry *e)
 {
 	struct hr_nat_entry *t;
-	__u32 taddr;
-	__u16 tport;
 
 	e->state = 0;
 	e->seq_hint = 0;
-	nat_twin(k, e, &s->tk, &taddr, &tport);
-	t = nat_lookup(&s->tk);
-	if (t && t->addr == taddr && t->port == tport)
+	t = nat_twin_entry(s, k, e);
+	if (t)
 		t->state = 0;
 }
 
@@ -504,13 +518,7 @@ static __always_inline int snat_out(struct __sk_buff *skb, struct hr_pkt *pkt,
 		return HR_DROP_NAT_FAILED;
 	if (pkt->fragment || nat_read_l4(skb, pkt, &l4, 1) < 0)
 		return HR_DROP_NAT_UNSUPPORTED;
-	__builtin_memset(&s->key, 0, sizeof(s->key));
-	s->key.saddr = pkt->saddr;
-	s->key.daddr = pkt->daddr;
-	s->key.sport = l4.sport;
-	s->key.dport = l4.dport;
-	s->key.protocol = pkt->protocol;
-	s->key.dir = HR_NAT_OUT;
+	nat_packet_key(&s->key, pkt, &l4, HR_NAT_OUT);
 
 	syn = pkt->protocol == IPPROTO_TCP && (l4.tcp_flags & HR_TCP_SYN) &&
 	      !(l4.tcp_flags & HR_TCP_ACK);
@@ -567,13 +575,7 @@ static __always_inline int rnat_in(struct __sk_buff *skb, struct hr_pkt *pkt,
 		return HR_DROP_NAT_FAILED;
 	if (pkt->fragment || nat_read_l4(skb, pkt, &l4, 0) < 0)
 		return HR_PASS_NAT_MISS;
-	__builtin_memset(&s->key, 0, sizeof(s->key));
-	s->key.saddr = pkt->saddr;
-	s->key.daddr = pkt->daddr;
-	s->key.sport = l4.sport;
-	s->key.dport = l4.dport;
-	s->key.protocol = pkt->protocol;
-	s->key.dir = HR_NAT_IN;
+	nat_packet_key(&s->key, pkt, &l4, HR_NAT_IN);
 	e = rnat_find(cfg, s, now);
 	if (!e)
 		return HR_PASS_NAT_MISS;
