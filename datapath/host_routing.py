@@ -174,8 +174,7 @@ class DatapathMaps:
 
     def nat_entries(self) -> list[tuple[st.NatKey, st.NatEntry]]:
         return [(st.unpack_nat_key(k), st.unpack_nat_entry(v))
-                for k, v in libbpf.map_items_batch(self.fd("nat"), st.SIZEOF_NAT_KEY,
-                                                   st.SIZEOF_NAT_ENTRY)]
+                for k, v in self.nat_raw_entries()]
 
     def nat_raw_entries(self) -> list[tuple[bytes, bytes]]:
         """The NAT table as raw (key, value) bytes, for passes over large tables."""

@@ -19,7 +19,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass
 
-from . import shared_types as st
+from . import libbpf, shared_types as st
 from .host_routing import DatapathMaps
 
 _BITS = st.NAT_STATE_BITS
@@ -182,7 +182,7 @@ def sweep(maps: DatapathMaps, now_ns: int | None = None) -> int:
 
 def flush(maps: DatapathMaps) -> int:
     """Delete every entry (the benchmark starts each sample with an empty table)."""
-    return sum(maps.nat_delete(key) for key, _ in maps.nat_entries())
+    return sum(libbpf.map_delete(maps.fd("nat"), key) for key, _ in maps.nat_raw_entries())
 
 
 def print_flows(lab: str, per_node: dict[str, list[Flow]]) -> None:

@@ -175,7 +175,7 @@ class Guard:
                     with DatapathMaps.from_prog_id(prog_id) as maps:
                         nat_table.sweep(maps)
                         exhausted = maps.counters()["drop_nat_exhausted"][0]
-                        used, capacity = len(maps.nat_entries()), maps.nat_capacity()
+                        used, capacity = len(maps.nat_raw_entries()), maps.nat_capacity()
                 except (OSError, RuntimeError):
                     continue    # the program is going away with the lab
                 before = exhausted_seen.get(node, 0)

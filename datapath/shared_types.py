@@ -199,6 +199,8 @@ def unpack_config(raw: bytes) -> Config:
 
 NAT_DIRS: dict[int, str] = {v: n.removeprefix("HR_NAT_").lower()
                             for n, v in _enum_members("hr_nat_dir").items()}
+#: "out" / "in" -> enum hr_nat_dir value.
+NAT_DIR_VALUES: dict[str, int] = {n: v for v, n in NAT_DIRS.items()}
 NAT_STATE_BITS: dict[str, int] = {n.removeprefix("HR_NAT_").lower(): v
                                   for n, v in _enum_members("hr_nat_state").items()}
 CIDR_FLAGS: dict[str, int] = {n.removeprefix("HR_CIDR_").lower(): v
@@ -236,7 +238,7 @@ def pack_nat_key(key: NatKey) -> bytes:
     k.sport = socket.htons(key.sport)
     k.dport = socket.htons(key.dport)
     k.protocol = key.protocol
-    k.dir = {v: n for n, v in NAT_DIRS.items()}[key.dir]
+    k.dir = NAT_DIR_VALUES[key.dir]
     return bytes(ffi.buffer(k))
 
 

@@ -24,7 +24,7 @@ from netns_lab import legacy, netns
 from netns_lab.state import LabState
 from netns_lab.topology import Node, Topology
 
-from . import events, host_routing, iptables_rules, rule_guard, tc_attach
+from . import events, host_routing, iptables_rules, rule_guard, shared_types as st, tc_attach
 
 FROM_POD = "from_pod"
 FROM_UNDERLAY = "from_underlay"
@@ -219,14 +219,16 @@ def stats(state: LabState, topo: Topology) -> dict:
     for node in topo.nodes:
         with node_maps(state, node) as maps:
             counters = maps.counters()
-            entries = maps.nat_entries()
+            # raw: a full table has half a million entries, and only their direction counts
+            dirs = [st.ffi.from_buffer("struct hr_nat_key *", k).dir
+                    for k, _ in maps.nat_raw_entries()]
             capacity = maps.nat_capacity()
+        out_entries = sum(1 for d in dirs if d == st.NAT_DIR_VALUES["out"])
         result["nodes"].append({
             "name": node.name,
             "counters": {name: {"packets": p, "bytes": b} for name, (p, b) in counters.items()},
-            "nat": {"entries": len(entries), "capacity": capacity,
-                    "out_entries": sum(1 for k, _ in entries if k.dir == "out"),
-                    "in_entries": sum(1 for k, _ in entries if k.dir == "in")}})
+            "nat": {"entries": len(dirs), "capacity": capacity,
+                    "out_entries": out_entries, "in_entries": len(dirs) - out_entries}})
     return result
 
 

@@ -85,3 +85,8 @@ def make_lab():
 @pytest.fixture
 def legacy_lab(make_lab):
     return make_lab("legacy")
+
+
+@pytest.fixture
+def ebpf_lab(make_lab):
+    return make_lab("ebpf")

@@ -102,3 +102,11 @@ def udp_request(ns: str, host: str, port: int = 5353) -> str:
 def conntrack_entries(ns: str, *filters: str) -> list[str]:
     proc = netns.run(ns, ["conntrack", "-L", *filters], check=False)
     return [line for line in proc.stdout.splitlines() if line.strip()]
+
+
+def lab_counters(topo) -> dict[str, dict[str, int]]:
+    """{node name: {reason: packets}} from the datapath counters of an eBPF lab."""
+    from datapath import switch
+    from netns_lab.state import load_state
+    stats = switch.stats(load_state(topo.lab), topo)
+    return {n["name"]: {k: v["packets"] for k, v in n["counters"].items()} for n in stats["nodes"]}

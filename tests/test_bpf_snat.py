@@ -21,6 +21,7 @@ from scapy.layers.l2 import Ether
 from datapath import shared_types as st
 from tests.bpf_helpers import (HIN_MAC, NODE_IP, POD_MAC, ROUTER_IP, SRC_POD, dp,  # noqa: F401
                                loaded, nonzero_counters, route_ns, run_prog)
+from tests.test_bpf_unit import from_pod, from_underlay
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
@@ -56,14 +57,7 @@ def in_pkt(l4, src=EXT, dst=NODE_IP, payload=b"world"):
     return Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01") / IP(src=src, dst=dst) / l4 / payload
 
 
-def run_out(dp, route_ns, pkt):
-    data = bytes(pkt)
-    return data, run_prog(dp.from_pod.fd, data, route_ns.name, route_ns.hin)
-
-
-def run_in(dp, route_ns, pkt):
-    data = bytes(pkt)
-    return data, run_prog(dp.from_underlay.fd, data, route_ns.name, route_ns.uplink)
+run_out, run_in = from_pod, from_underlay        # (dp, route_ns, pkt) -> (bytes in, result)
 
 
 def ones_sum(data: bytes) -> int:

@@ -18,7 +18,7 @@ import pytest
 from datapath import switch, tc_attach
 from netns_lab import netns
 from netns_lab.state import load_state
-from tests.labtools import (assert_ping, background, conntrack_entries, netperf, netserver,
+from tests.labtools import (lab_counters, assert_ping, background, conntrack_entries, netperf, netserver,
                             ping, udp_echo, udp_request)
 
 DROP_ALL = r"""
@@ -32,14 +32,7 @@ def pods(topo):
     return a1, a2, b1, b2
 
 
-@pytest.fixture
-def ebpf_lab(make_lab):
-    return make_lab("ebpf")
-
-
-def counters(topo) -> dict[str, dict[str, int]]:
-    stats = switch.stats(load_state(topo.lab), topo)
-    return {n["name"]: {k: v["packets"] for k, v in n["counters"].items()} for n in stats["nodes"]}
+counters = lab_counters
 
 
 def kernel_routing_off(topo) -> None:

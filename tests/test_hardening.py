@@ -21,15 +21,13 @@ import pytest
 from datapath import libbpf, switch
 from netns_lab import netns
 from netns_lab.state import load_state
-from tests.labtools import background, conntrack_entries, netserver, udp_echo, udp_request
+from tests.labtools import lab_counters, background, conntrack_entries, netserver, udp_echo, udp_request
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "datapath.cli"]
 
 
-def counters(topo) -> dict[str, dict[str, int]]:
-    stats = switch.stats(load_state(topo.lab), topo)
-    return {n["name"]: {k: v["packets"] for k, v in n["counters"].items()} for n in stats["nodes"]}
+counters = lab_counters
 
 
 # -- a hostile pod ----------------------------------------------------------------------------

@@ -12,23 +12,15 @@ import sys
 import textwrap
 import time
 
-import pytest
 
 from datapath import switch
 from netns_lab import legacy, netns
 from netns_lab.state import load_state
-from tests.labtools import (assert_ping, background, conntrack_entries, ping, udp_echo,
+from tests.labtools import (lab_counters, assert_ping, background, conntrack_entries, ping, udp_echo,
                             udp_request)
 
 
-@pytest.fixture
-def ebpf_lab(make_lab):
-    return make_lab("ebpf")
-
-
-def counters(topo) -> dict[str, dict[str, int]]:
-    stats = switch.stats(load_state(topo.lab), topo)
-    return {n["name"]: {k: v["packets"] for k, v in n["counters"].items()} for n in stats["nodes"]}
+counters = lab_counters
 
 
 def nat_flows(topo) -> dict[str, list]:
