@@ -183,7 +183,8 @@ def disable_ebpf(state: LabState, topo: Topology) -> None:
 
 
 def node_maps(state: LabState, node: Node):
-    prog_id = state.datapath[node.name]["programs"][FROM_POD]
+    # from_underlay: always attached (from_pod is not, on a node without pods)
+    prog_id = state.datapath[node.name]["programs"][FROM_UNDERLAY]
     return host_routing.DatapathMaps.from_prog_id(prog_id)
 
 

@@ -51,7 +51,8 @@ def run(name: str, argv: list[str], check: bool = True, timeout: float = 30,
 
 
 def sysctl(name: str, settings: dict[str, str | int]) -> None:
-    run(name, ["sysctl", "-qw", *[f"{k}={v}" for k, v in settings.items()]])
+    if settings:  # nothing to set (a node without pods) is not an error
+        run(name, ["sysctl", "-qw", *[f"{k}={v}" for k, v in settings.items()]])
 
 
 def read_sysctl(name: str, key: str) -> str:

@@ -215,3 +215,58 @@ def test_path_mtu_frag_needed_and_tcp_completes(make_lab, tmp_path):
         proc = netperf(a1.netns, b1.ip, "TCP_STREAM", seconds=1)
         assert proc.returncode == 0, proc.stderr
         assert float(proc.stdout.split()[-1]) > 0
+
+
+ZERO_POD_NODE = """
+[[nodes]]
+name = "node1"
+pod_cidr = "198.18.1.0/24"
+pods = 0
+[[nodes]]
+name = "node2"
+pod_cidr = "198.18.2.0/24"
+[[nodes]]
+name = "node3"
+pod_cidr = "198.18.3.0/24"
+"""
+
+
+def test_a_node_without_pods_runs_ebpf_and_the_others_still_route(make_lab, tmp_path):
+    """A node with no pods has no per-pod sysctls to set: enabling (and rolling back) must not
+    run an empty sysctl. The other nodes' pods route through it all, status and stats work."""
+    path = tmp_path / "zero.toml"
+    path.write_text(ZERO_POD_NODE)
+    state, topo = make_lab("ebpf", topology=str(path))
+    assert state.mode == "ebpf" and load_state(topo.lab).mode == "ebpf"
+    empty, b, c = topo.nodes
+    assert empty.pods == ()
+    assert_ping(b.pods[0].netns, c.pods[1].ip)
+    assert_ping(c.pods[0].netns, b.pods[1].ip)
+    with udp_echo(topo.external.netns):                 # BPF SNAT on a node with pods
+        assert udp_request(b.pods[0].netns, topo.external.ip) == f"hello from {b.ip}"
+    status = switch.status(load_state(topo.lab), topo)
+    assert status["mode"] == "ebpf"
+    attached = {n["name"]: [(a["ifname"], [p["name"] for p in a["programs"]])
+                            for a in n["attached"]] for n in status["nodes"]}
+    assert attached[empty.name] == [(topo.uplink_ifname, ["from_underlay"])]
+    per_node = lab_counters(topo)
+    assert set(per_node) == {n.name for n in topo.nodes}
+    assert per_node[c.name]["redirect_peer"] >= 1
+    switch.disable_ebpf(load_state(topo.lab), topo)    # the path the failed rollback took
+    assert load_state(topo.lab).mode == "legacy"
+    switch.enable_ebpf(load_state(topo.lab), topo)
+    assert load_state(topo.lab).mode == "ebpf"
+    assert_ping(b.pods[0].netns, c.pods[0].ip)
+
+
+def test_cli_pods_per_node_0_in_ebpf_mode(lab_name):
+    proc = subprocess.run([sys.executable, "-m", "datapath.cli", "lab", "up", "--lab", lab_name,
+                           "--pods-per-node", "0", "--mode", "ebpf"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "0 pods, mode ebpf" in proc.stdout
+    for command in ("status", "stats"):
+        proc = subprocess.run([sys.executable, "-m", "datapath.cli", command, "--lab", lab_name,
+                               "--json"], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    assert load_state(lab_name).mode == "ebpf"
