@@ -227,11 +227,29 @@ class _Locator:
         return f"{self.path}:{lineno}: {label}" if lineno else f"{self.path}: {label}"
 
 
+# Ranges no lab address may come from: packets to or from them are never routed (loopback,
+# "this network", link-local), or they are not unicast (multicast, 240/4 and broadcast).
+RESERVED_RANGES = [(ipaddress.IPv4Network(net), what) for net, what in (
+    ("0.0.0.0/8", "'this network'"), ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"), ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved (240/4 and broadcast)"))]
+
+
+def _unreserved(net: ipaddress.IPv4Network, value, where: str):
+    for reserved, what in RESERVED_RANGES:
+        if net.overlaps(reserved):
+            verb = "is in" if net.subnet_of(reserved) else "overlaps"
+            raise TopologyError(f"{where}: {value} {verb} the {what} range {reserved}, "
+                                "which a lab cannot use")
+    return net
+
+
 def _net(value, where: str) -> ipaddress.IPv4Network:
     try:
         net = ipaddress.IPv4Network(str(value), strict=True)
     except ValueError as e:
         raise TopologyError(f"{where}: {value!r} is not an IPv4 network ({e})") from None
+    _unreserved(net, value, where)
     if net.prefixlen > 29:
         raise TopologyError(f"{where}: {value} is too small (at most /29)")
     return net
@@ -239,9 +257,11 @@ def _net(value, where: str) -> ipaddress.IPv4Network:
 
 def _addr(value, where: str) -> ipaddress.IPv4Address:
     try:
-        return ipaddress.IPv4Address(str(value))
+        addr = ipaddress.IPv4Address(str(value))
     except ValueError:
         raise TopologyError(f"{where}: {value!r} is not an IPv4 address") from None
+    _unreserved(ipaddress.IPv4Network(addr), value, where)
+    return addr
 
 
 def _int(value, where: str, lo: int, hi: int) -> int:
@@ -419,9 +439,10 @@ def _nat_settings(raw, loc: _Locator) -> NatSettings:
     nets = []
     for item in exclude:
         try:
-            nets.append(str(ipaddress.IPv4Network(str(item), strict=True)))
+            net = ipaddress.IPv4Network(str(item), strict=True)
         except ValueError as e:
             raise TopologyError(f"{where}: {item!r} is not an IPv4 network ({e})") from None
+        nets.append(str(_unreserved(net, item, where)))
     values["exclude"] = tuple(nets)
     return NatSettings(**values)
 

@@ -75,6 +75,45 @@ def test_bad_topology_names_field_and_line(tmp_path, text, expected):
     assert expected in str(err.value)
 
 
+NODE = '[[nodes]]\nname = "a"\npod_cidr = "198.18.1.0/24"\n'
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('[[nodes]]\nname = "a"\npod_cidr = "224.1.1.0/24"\n',
+     "lab.toml:3: nodes[0].pod_cidr: 224.1.1.0/24 is in the multicast range 224.0.0.0/4"),
+    ('[[nodes]]\nname = "a"\npod_cidr = "127.0.0.0/24"\n',
+     "lab.toml:3: nodes[0].pod_cidr: 127.0.0.0/24 is in the loopback range 127.0.0.0/8"),
+    ('[[nodes]]\nname = "a"\npod_cidr = "169.254.7.0/24"\n',
+     "lab.toml:3: nodes[0].pod_cidr: 169.254.7.0/24 is in the link-local range"),
+    ('[[nodes]]\nname = "a"\npod_cidr = "0.0.0.0/24"\n',
+     "lab.toml:3: nodes[0].pod_cidr: 0.0.0.0/24 is in the 'this network' range 0.0.0.0/8"),
+    ('[[nodes]]\nname = "a"\npod_cidr = "255.255.255.0/29"\n',
+     "lab.toml:3: nodes[0].pod_cidr: 255.255.255.0/29 is in the reserved (240/4 and broadcast)"),
+    ('[[nodes]]\nname = "a"\npod_cidr = "0.0.0.0/1"\n',
+     "lab.toml:3: nodes[0].pod_cidr: 0.0.0.0/1 overlaps the 'this network' range"),
+    ('[lab]\nunderlay_cidr = "127.1.0.0/24"\n' + NODE,
+     "lab.toml:2: lab.underlay_cidr: 127.1.0.0/24 is in the loopback range"),
+    ('underlay_cidr = "240.0.0.0/24"\n' + NODE,
+     "lab.toml:1: (top level).underlay_cidr: 240.0.0.0/24 is in the reserved (240/4 and broadcast)"),
+    ('[external]\ncidr = "169.254.0.0/24"\nip = "169.254.0.10"\n' + NODE,
+     "lab.toml:2: external.cidr: 169.254.0.0/24 is in the link-local range"),
+    ('[external]\ncidr = "203.0.113.0/24"\nip = "224.0.0.10"\n' + NODE,
+     "lab.toml:3: external.ip: 224.0.0.10 is in the multicast range"),
+    ('[nat]\nexclude = ["10.0.0.0/8", "232.0.0.0/8"]\n' + NODE,
+     "lab.toml:2: nat.exclude: 232.0.0.0/8 is in the multicast range"),
+    ('[nat]\nexclude = ["127.0.0.1/32"]\n' + NODE,
+     "lab.toml:2: nat.exclude: 127.0.0.1/32 is in the loopback range"),
+])
+def test_reserved_ranges_are_refused_with_the_line(tmp_path, text, expected):
+    """Loopback, multicast, link-local, 0/8 and 240/4 cannot carry a lab's traffic: a multicast
+    pod CIDR ended in a pyroute2 traceback, a loopback one in a lab that could not route."""
+    path = write(tmp_path, text)
+    with pytest.raises(TopologyError) as err:
+        load_topology("lab1", path)
+    assert str(err.value).startswith(f"{path}:")
+    assert expected in str(err.value)
+
+
 @pytest.mark.parametrize("lab, nodes, pods, expected", [
     ("Bad", None, None, "lab name 'Bad'"),
     ("waytoolongname", None, None, "lab name"),
