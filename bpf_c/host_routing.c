@@ -83,13 +83,16 @@ BPF_LPM_TRIE(cluster_cidrs, struct hr_lpm_key, __u32, 64);
 BPF_LPM_TRIE(node_routes, struct hr_lpm_key, struct hr_route, 256);
 /*
  * BPF SNAT state, two entries per flow (nat.h). The loader sizes it from the
- * lab's [nat] max_flows; LRU, so a full table evicts the least recently used
- * flow instead of refusing new ones.
+ * lab's [nat] max_flows. A plain hash, not LRU: an LRU evicts one entry of a
+ * flow and leaves the other, and the port then goes to another pod's flow
+ * while replies are still on the way; a full table refuses new flows instead
+ * (HR_DROP_NAT_TABLE_FULL), bounded by the sweep as nf_conntrack_max bounds
+ * conntrack.
  */
 #ifndef HR_NAT_MAP_SIZE
 #define HR_NAT_MAP_SIZE 524288
 #endif
-BPF_TABLE("lru_hash", struct hr_nat_key, struct hr_nat_entry, nat, HR_NAT_MAP_SIZE);
+BPF_TABLE("hash", struct hr_nat_key, struct hr_nat_entry, nat, HR_NAT_MAP_SIZE);
 BPF_PERCPU_ARRAY(nat_scratch, struct hr_nat_scratch, 1);
 
 static __always_inline struct hr_nat_entry *nat_lookup(struct hr_nat_key *key)
@@ -97,7 +100,7 @@ static __always_inline struct hr_nat_entry *nat_lookup(struct hr_nat_key *key)
 	return nat.lookup(key);
 }
 
-/* BPF_NOEXIST: 0 when inserted, non-zero when the key exists (or on error) */
+/* BPF_NOEXIST: 0 when inserted, -EEXIST when the key exists, -E2BIG when the table is full */
 static __always_inline int nat_insert(struct hr_nat_key *key, struct hr_nat_entry *value)
 {
 	return nat.insert(key, value);

@@ -36,7 +36,7 @@ _EXPECTED = {
     "trace_events": (libbpf.BPF_MAP_TYPE_RINGBUF, 0, 0),
     "cluster_cidrs": (libbpf.BPF_MAP_TYPE_LPM_TRIE, st.SIZEOF_LPM_KEY, 4),
     "node_routes": (libbpf.BPF_MAP_TYPE_LPM_TRIE, st.SIZEOF_LPM_KEY, st.SIZEOF_ROUTE),
-    "nat": (libbpf.BPF_MAP_TYPE_LRU_HASH, st.SIZEOF_NAT_KEY, st.SIZEOF_NAT_ENTRY),
+    "nat": (libbpf.BPF_MAP_TYPE_HASH, st.SIZEOF_NAT_KEY, st.SIZEOF_NAT_ENTRY),
 }
 
 

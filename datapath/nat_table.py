@@ -23,6 +23,10 @@ from . import libbpf, shared_types as st
 from .host_routing import DatapathMaps
 
 _BITS = st.NAT_STATE_BITS
+#: The sweep leaves a flow alone this long past its expiry: the datapath may be taking
+#: its port over right then (its delete is claimed by compare-and-swap, the sweep's is a
+#: delete by key), and the sweep's delete must not hit the new flow's fresh entry.
+SWEEP_GRACE_NS = 2_000_000_000
 _PROTO_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", socket.IPPROTO_ICMP: "icmp"}
 
 
@@ -132,10 +136,11 @@ def flows(maps: DatapathMaps, now_ns: int | None = None) -> list[Flow]:
 
 
 def alive(cfg: st.Config, key: st.NatKey, entry: st.NatEntry, twin: st.NatEntry | None,
-          now_ns: int) -> bool:
-    """nat_alive in nat.h: fresh by its own state, or by the newer of the pair under both."""
+          now_ns: int, grace_ns: int = 0) -> bool:
+    """nat_alive in nat.h: fresh by its own state, or by the newer of the pair under both
+    (``grace_ns`` longer for the sweep)."""
     def fresh(seen: int, state: int) -> bool:
-        return now_ns - seen <= timeout_s(cfg, key.protocol, state) * 1_000_000_000
+        return now_ns - seen <= timeout_s(cfg, key.protocol, state) * 1_000_000_000 + grace_ns
     if fresh(entry.last_seen_ns, entry.state):
         return True
     if twin is None:
@@ -159,20 +164,22 @@ def sweep(maps: DatapathMaps, now_ns: int | None = None) -> int:
     for kraw, vraw in maps.nat_raw_entries():
         k = st.ffi.from_buffer("struct hr_nat_key *", kraw)
         v = st.ffi.from_buffer("struct hr_nat_entry *", vraw)
-        if now_ns - v.last_seen_ns > timeout_s(cfg, k.protocol, v.state) * 1_000_000_000:
+        if now_ns - v.last_seen_ns > timeout_s(cfg, k.protocol, v.state) * 1_000_000_000 + \
+                SWEEP_GRACE_NS:
             stale.append((st.unpack_nat_key(kraw), st.unpack_nat_entry(vraw)))
     deleted = 0
     for key, entry in stale:
         tkey = twin_key(key, entry)
         twin = maps.nat_lookup(tkey)
-        if alive(cfg, key, entry, twin if _points_back(key, twin) else None, now_ns):
+        if alive(cfg, key, entry, twin if _points_back(key, twin) else None, now_ns,
+                 SWEEP_GRACE_NS):
             continue
         entry = maps.nat_lookup(key)          # as it is now
         if entry is None:
             continue
         twin = maps.nat_lookup(tkey)
         twin = twin if _points_back(key, twin) else None
-        if alive(cfg, key, entry, twin, now_ns):
+        if alive(cfg, key, entry, twin, now_ns, SWEEP_GRACE_NS):
             continue
         deleted += maps.nat_delete(key)
         if twin is not None:

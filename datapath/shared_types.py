@@ -229,6 +229,7 @@ class NatEntry:
     port: int           # host order
     state: int
     seq_hint: int = 0   # host order; 0: none
+    seq_end: int = 0    # host order; 0: none
 
 
 def pack_nat_key(key: NatKey) -> bytes:
@@ -257,6 +258,7 @@ def pack_nat_entry(e: NatEntry) -> bytes:
     v.port = socket.htons(e.port)
     v.state = e.state
     v.seq_hint = socket.htonl(e.seq_hint)
+    v.seq_end = socket.htonl(e.seq_end)
     return bytes(ffi.buffer(v))
 
 
@@ -264,7 +266,7 @@ def unpack_nat_entry(raw: bytes) -> NatEntry:
     v = _from_bytes("struct hr_nat_entry", raw)
     return NatEntry(created_ns=v.created_ns, last_seen_ns=v.last_seen_ns, packets=v.packets,
                     bytes=v.bytes, addr=be32_to_ip(v.addr), port=_ntohs(v.port), state=v.state,
-                    seq_hint=socket.ntohl(v.seq_hint))
+                    seq_hint=socket.ntohl(v.seq_hint), seq_end=socket.ntohl(v.seq_end))
 
 
 def pack_counter(packets: int, bytes_: int) -> bytes:

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings, strategies as hst
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from datapath import shared_types as st
-from tests.bpf_helpers import (HIN_MAC, NODE_IP, POD_MAC, ROUTER_IP, SRC_POD, dp,  # noqa: F401
-                               loaded, nonzero_counters, route_ns, run_prog)
+from datapath import host_routing, libbpf, shared_types as st
+from tests.bpf_helpers import (CLUSTER_CIDRS, HIN_MAC, NODE_IP, POD_MAC, ROUTER_IP,  # noqa: F401
+                               SRC_POD, dp, loaded, nonzero_counters, route_ns, run_prog)
 from tests.test_bpf_unit import from_pod, from_underlay
 
 TC_ACT_OK = 0
@@ -292,12 +292,12 @@ def test_tcp_state_moves_with_rst_and_fin(snat, route_ns):
     out_key = st.NatKey(SRC, EXT, 40000, 80, TCP_PROTO, "out")
     in_key = st.NatKey(EXT, NODE_IP, 80, port, TCP_PROTO, "in")
     assert nat_table(snat)[out_key].state == 0
-    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="SA")))
-    run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="FA")))
+    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="SA", seq=500, ack=1)))
+    run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="FA", seq=1, ack=501)))
     bits = st.NAT_STATE_BITS
     for key in (out_key, in_key):
         assert nat_table(snat)[key].state == bits["seen_reply"] | bits["fin_out"]
-    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="R")))
+    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="R", seq=501)))
     for key in (out_key, in_key):
         assert nat_table(snat)[key].state == (bits["seen_reply"] | bits["fin_out"] | bits["rst"])
 
@@ -388,12 +388,13 @@ def test_sweep_deletes_expired_flows_only(snat, route_ns):
     run_out(snat, route_ns, out_pkt(TCP(sport=1002, dport=80, flags="S")))
     assert nat_table.sweep(snat.maps) == 0
     assert len(nat_table.flows(snat.maps)) == 2
-    # both time out after 60 s idle: at 59 s nothing goes; at 61 s, with the SYN timeout
+    # both time out after 60 s idle: at 59 s nothing goes; past 60 s, with the SYN timeout
     # raised to 120 s meanwhile, only the UDP flow (both of its entries) does
     now = max(e.last_seen_ns for _, e in snat.maps.nat_entries())
     assert nat_table.sweep(snat.maps, now + 59 * 10**9) == 0
     set_nat(snat, nat_timeout_tcp_syn=120)
-    assert nat_table.sweep(snat.maps, now + 61 * 10**9) == 2          # both UDP entries
+    late = now + 60 * 10**9 + nat_table.SWEEP_GRACE_NS + 10**9       # past expiry and grace
+    assert nat_table.sweep(snat.maps, late) == 2          # both UDP entries
     assert [f.protocol for f in nat_table.flows(snat.maps)] == ["tcp"]
 
 
@@ -427,25 +428,100 @@ def test_an_entry_stamped_after_this_packet_read_the_clock_is_fresh(snat, route_
     assert res.retval == TC_ACT_REDIRECT
 
 
+def age_flows(dp, seconds: float) -> None:
+    """Move every entry's last packet `seconds` into the past."""
+    for key, entry in dp.maps.nat_entries():
+        dp.maps.nat_update(key, dataclasses.replace(
+            entry, last_seen_ns=entry.last_seen_ns - int(seconds * 1e9)))
+
+
+def _ended_flow_on_the_only_port(dp, route_ns):
+    """Pod port 1001 to EXT:80 on NAT port 30000 (the only one), closed by FIN both ways;
+    the pod's sequence numbers end at 102 (SYN at 1, 100 bytes, FIN)."""
+    set_nat(dp, nat_port_min=30000, nat_port_max=30000)
+    _, res = run_out(dp, route_ns, out_pkt(TCP(sport=1001, dport=80, flags="S", seq=1),
+                                           payload=b""))
+    assert Ether(res.data_out)[TCP].sport == 30000
+    run_in(dp, route_ns, in_pkt(TCP(sport=80, dport=30000, flags="SA", seq=500, ack=2),
+                                payload=b""))
+    run_out(dp, route_ns, out_pkt(TCP(sport=1001, dport=80, flags="PA", seq=2, ack=501),
+                                  payload=b"d" * 100))
+    run_out(dp, route_ns, out_pkt(TCP(sport=1001, dport=80, flags="FA", seq=102, ack=501),
+                                  payload=b""))
+    run_in(dp, route_ns, in_pkt(TCP(sport=80, dport=30000, flags="FA", seq=501, ack=103),
+                                payload=b""))
+    out_key = st.NatKey(SRC, EXT, 1001, 80, TCP_PROTO, "out")
+    assert nat_table(dp)[out_key].seq_end == 103
+    assert nat_table(dp)[out_key].state & st.NAT_STATE_BITS["fin_in"]
+
+
 def test_a_new_connection_may_take_the_port_of_one_that_ended(snat, route_ns):
     """As conntrack lets a SYN reuse a TIME_WAIT tuple: with one NAT port, a second
     connection waits for the first to end (RST, or FIN both ways), not for its timeout."""
     set_nat(snat, nat_port_min=30000, nat_port_max=30000)
-    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=1001, dport=80, flags="S")))
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=1001, dport=80, flags="S", seq=1),
+                                             payload=b""))
     assert Ether(res.data_out)[TCP].sport == 30000
-    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=30000, flags="SA")))
-    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=1002, dport=80, flags="S")))
+    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=30000, flags="SA", seq=500, ack=2),
+                                  payload=b""))
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=1002, dport=80, flags="S", seq=9000)))
     assert res.retval == TC_ACT_SHOT                     # established: the port is taken
-    run_out(snat, route_ns, out_pkt(TCP(sport=1001, dport=80, flags="FA")))
-    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=1002, dport=80, flags="S")))
+    run_out(snat, route_ns, out_pkt(TCP(sport=1001, dport=80, flags="FA", seq=2, ack=501),
+                                    payload=b""))
+    age_flows(snat, 3)
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=1002, dport=80, flags="S", seq=9000)))
     assert res.retval == TC_ACT_SHOT                     # half-closed: still taken
-    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=30000, flags="FA")))
-    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=1002, dport=80, flags="A")))
+    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=30000, flags="FA", seq=501, ack=3),
+                                  payload=b""))
+    age_flows(snat, 3)                                    # quiet since
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=1002, dport=80, flags="A", seq=9000)))
     assert res.retval == TC_ACT_SHOT                     # not a SYN: no reuse
-    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=1002, dport=80, flags="S")))
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=1002, dport=80, flags="S", seq=9000)))
     assert res.retval == TC_ACT_REDIRECT and Ether(res.data_out)[TCP].sport == 30000
     assert {(k.dir, k.sport) for k in nat_table(snat)} == {("out", 1002), ("in", 80)}
     assert counters(snat)["drop_nat_exhausted"] == 3
+
+
+@pytest.mark.parametrize("quiet_s, syn_seq, taken", [
+    (0, 9000, False),          # the remote's last ACK may still be on its way
+    (3, 50, False),            # the SYN starts below where the old flow ended (TIME_WAIT: RST)
+    (3, 103, False),           # ... or exactly there
+    (3, 104, True),
+    (3, 103 + 2**31 + 1, False),   # "beyond" by more than half the sequence space is behind
+])
+def test_an_ended_flows_port_is_taken_only_after_a_quiet_time_and_beyond_its_sequence(
+        snat, route_ns, quiet_s, syn_seq, taken):
+    """nf_nat_used_tuple_harder + nf_seq_has_advanced: a stray last ACK of the old flow
+    would reach the new pod (its RST then ends the new flow), and the remote's TIME_WAIT
+    answers a SYN that does not start beyond the old flow with an RST or an ACK."""
+    _ended_flow_on_the_only_port(snat, route_ns)
+    age_flows(snat, quiet_s)
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=1002, dport=80, flags="S",
+                                                 seq=syn_seq % 2**32), payload=b""))
+    assert (res.retval == TC_ACT_REDIRECT) == taken
+    in_entry = nat_table(snat)[st.NatKey(EXT, NODE_IP, 80, 30000, TCP_PROTO, "in")]
+    assert in_entry.port == (1002 if taken else 1001)
+
+
+def test_a_syn_ack_from_outside_clears_the_rst_and_fin_of_the_tuple(snat, route_ns):
+    """The new flow of a taken-over port got an RST from its pod (answering the old flow's
+    stray ACK): the remote's SYN-ACK reopens it, or it would live with the 10 s closing
+    timeout and could itself be taken over while established."""
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="S", seq=1),
+                                             payload=b""))
+    port = Ether(res.data_out)[TCP].sport
+    run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="R", seq=77),
+                                    payload=b""))
+    bits = st.NAT_STATE_BITS
+    out_key = st.NatKey(SRC, EXT, 40000, 80, TCP_PROTO, "out")
+    assert nat_table(snat)[out_key].state & bits["rst"]
+    _, res = run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="SA", seq=500, ack=2),
+                                           payload=b""))
+    assert res.retval == TC_ACT_REDIRECT
+    for key in (out_key, st.NatKey(EXT, NODE_IP, 80, port, TCP_PROTO, "in")):
+        assert nat_table(snat)[key].state == bits["seen_reply"]
+    (flow,) = __import__("datapath.nat_table", fromlist=["flows"]).flows(snat.maps)
+    assert flow.state == "established" and flow.expires_in_s > 3000
 
 
 def test_ipv4_in_broadcast_or_multicast_frames_is_left_to_the_stack(snat, route_ns):
@@ -499,3 +575,228 @@ def test_batch_dump_sees_what_key_by_key_sees(snat, route_ns):
     by_key = sorted(libbpf.map_items(fd, st.SIZEOF_NAT_KEY, st.SIZEOF_NAT_ENTRY))
     batched = sorted(libbpf.map_items_batch(fd, st.SIZEOF_NAT_KEY, st.SIZEOF_NAT_ENTRY, batch=64))
     assert len(by_key) == 600 and batched == by_key
+
+
+@pytest.mark.parametrize("flags", ["R", "FA"])
+@pytest.mark.parametrize("offset, believed", [(0, True), (5000, True), (2**30, False),
+                                              (2**32 - 10, False)])
+def test_a_fin_or_rst_from_outside_changes_the_flow_only_near_the_expected_sequence(
+        snat, route_ns, flags, offset, believed):
+    """A spoofed FIN, like a blind RST, must not shorten a flow's life (a half-closed flow
+    would close, with the 10 s timeout, and its port could be taken)."""
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="S", seq=1)))
+    port = Ether(res.data_out)[TCP].sport
+    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="SA", seq=1000, ack=2)))
+    run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="FA", seq=2, ack=1001),
+                                    payload=b""))
+    seq = (1001 + offset) % 2**32
+    _, res = run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags=flags, seq=seq,
+                                               ack=3), payload=b""))
+    assert res.retval == TC_ACT_REDIRECT                    # delivered either way
+    out_key = st.NatKey(SRC, EXT, 40000, 80, TCP_PROTO, "out")
+    state = nat_table(snat)[out_key].state
+    bit = st.NAT_STATE_BITS["rst" if flags == "R" else "fin_in"]
+    assert bool(state & bit) == believed
+
+
+@pytest.mark.parametrize("flags", ["R", "FA"])
+def test_without_a_hint_after_a_reply_no_fin_or_rst_from_outside_is_believed(snat, route_ns,
+                                                                            flags):
+    """The OUT entry was put back by a reply (seq_hint 0): until the pod acknowledges again,
+    a FIN or an RST with any sequence number must not close the flow."""
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="S", seq=1)))
+    port = Ether(res.data_out)[TCP].sport
+    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="SA", seq=1000, ack=2)))
+    run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="A", seq=2, ack=1001)))
+    out_key = st.NatKey(SRC, EXT, 40000, 80, TCP_PROTO, "out")
+    assert snat.maps.nat_delete(out_key)              # gone (a race with a delete)
+    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="A", seq=1001, ack=2)))
+    assert nat_table(snat)[out_key].seq_hint == 0      # put back, without a hint
+    _, res = run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags=flags,
+                                               seq=0x7777_0000, ack=2), payload=b""))
+    assert res.retval == TC_ACT_REDIRECT
+    assert nat_table(snat)[out_key].state == st.NAT_STATE_BITS["seen_reply"]
+
+
+def test_an_rst_answering_the_syn_is_believed_only_if_it_acknowledges_it(snat, route_ns):
+    """Before any reply the hint is 0: an RST that answers the pod's SYN acknowledges it
+    (RFC 793); one with another ACK number is not believed."""
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="S", seq=41),
+                                             payload=b""))
+    port = Ether(res.data_out)[TCP].sport
+    out_key = st.NatKey(SRC, EXT, 40000, 80, TCP_PROTO, "out")
+    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="RA", seq=0, ack=9999),
+                                  payload=b""))
+    assert not nat_table(snat)[out_key].state & st.NAT_STATE_BITS["rst"]
+    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="RA", seq=0, ack=42),
+                                  payload=b""))
+    assert nat_table(snat)[out_key].state & st.NAT_STATE_BITS["rst"]
+
+
+# -- flow integrity: a full table, and races between CPUs -------------------------------------
+
+def _fresh_dp(loaded_dp, route_ns):
+    """What the dp fixture does, for a datapath loaded here (another table size, test hooks)."""
+    maps = loaded_dp.maps
+    for ip in list(maps.endpoints()):
+        maps.delete_endpoint(ip)
+    maps.set_endpoint(SRC, route_ns.hin, POD_MAC, HIN_MAC)
+    for key, _ in maps.nat_raw_entries():
+        libbpf.map_delete(maps.fd("nat"), key)
+    maps.reset_counters()
+    for cidr in CLUSTER_CIDRS:
+        maps.set_cluster_cidr(cidr)
+    set_nat(loaded_dp)
+    return loaded_dp
+
+
+@pytest.fixture(scope="module")
+def small_table_loaded():
+    d = host_routing.load(ROUTER_IP, nat_max_flows=4)
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+@pytest.fixture
+def small_table(small_table_loaded, route_ns):
+    return _fresh_dp(small_table_loaded, route_ns)
+
+
+@pytest.fixture(scope="module")
+def raced_loaded():
+    d = host_routing.load(ROUTER_IP, cflags=["-DHR_TEST_RACES"])
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+@pytest.fixture
+def raced(raced_loaded, route_ns):
+    return _fresh_dp(raced_loaded, route_ns)
+
+
+RACE_DIR = 0xee
+
+
+def another_cpu_at(dp, point: int, entry: st.NatEntry) -> None:
+    """At race point `point` of the next run, "another CPU" puts `entry` under the key the
+    program is about to use (nat.h, HR_TEST_RACES)."""
+    k = st.ffi.new("struct hr_nat_key *")
+    k.dir, k.dport = RACE_DIR, point
+    libbpf.map_update(dp.maps.fd("nat"), bytes(st.ffi.buffer(k)), st.pack_nat_entry(entry))
+
+
+def race_entry_left(dp, point: int) -> bool:
+    k = st.ffi.new("struct hr_nat_key *")
+    k.dir, k.dport = RACE_DIR, point
+    return libbpf.map_lookup(dp.maps.fd("nat"), bytes(st.ffi.buffer(k)),
+                             st.SIZEOF_NAT_ENTRY) is not None
+
+
+def test_a_full_table_refuses_new_flows_and_never_splits_a_live_one(small_table, route_ns):
+    """Table of 4 flows: the 5th is a counted drop; no entry of the 4 is evicted, so each
+    keeps its port and its replies reach its own pod (an LRU evicted one entry of a flow,
+    and its port went to the next flow while replies were on their way)."""
+    dp = small_table
+    assert dp.maps.nat_capacity() == 8
+    ports = {}
+    for sport in range(1001, 1005):
+        _, res = run_out(dp, route_ns, out_pkt(UDP(sport=sport, dport=53)))
+        assert res.retval == TC_ACT_REDIRECT
+        ports[sport] = Ether(res.data_out)[UDP].sport
+    before = nat_table(dp)
+    for sport in (1005, 1006):
+        _, res = run_out(dp, route_ns, out_pkt(UDP(sport=sport, dport=53)))
+        assert res.retval == TC_ACT_SHOT
+    assert counters(dp)["drop_nat_table_full"] == 2
+    assert nat_table(dp).keys() == before.keys()
+    for sport, port in ports.items():
+        _, res = run_out(dp, route_ns, out_pkt(UDP(sport=sport, dport=53)))
+        assert Ether(res.data_out)[UDP].sport == port
+        _, res = run_in(dp, route_ns, in_pkt(UDP(sport=53, dport=port)))
+        assert res.retval == TC_ACT_REDIRECT and Ether(res.data_out)[UDP].dport == sport
+    # an expired flow swept frees room for a new one
+    from datapath import nat_table as nt
+    now = max(e.last_seen_ns for _, e in dp.maps.nat_entries())
+    out_key = st.NatKey(SRC, EXT, 1001, 53, UDP_PROTO, "out")
+    in_key = st.NatKey(EXT, NODE_IP, 53, ports[1001], UDP_PROTO, "in")
+    for key in (out_key, in_key):
+        dp.maps.nat_update(key, dataclasses.replace(dp.maps.nat_lookup(key),
+                                                    last_seen_ns=now - 100 * 10**9))
+    assert nt.sweep(dp.maps, now) == 2
+    _, res = run_out(dp, route_ns, out_pkt(UDP(sport=1005, dport=53)))
+    assert res.retval == TC_ACT_REDIRECT
+
+
+def test_a_full_table_gives_the_claimed_port_back_when_the_out_entry_does_not_fit(small_table,
+                                                                                  route_ns):
+    """7 of 8 entries used: a new flow's IN entry fits, its OUT entry does not; the IN entry
+    goes again (no half flow left to point a port at a pod)."""
+    dp = small_table
+    for sport in range(1001, 1004):
+        run_out(dp, route_ns, out_pkt(UDP(sport=sport, dport=53)))
+    run_out(dp, route_ns, out_pkt(UDP(sport=1004, dport=53)))
+    dp.maps.nat_delete(st.NatKey(SRC, EXT, 1004, 53, UDP_PROTO, "out"))
+    in_keys = {k for k in nat_table(dp) if k.dir == "in"}
+    assert len(nat_table(dp)) == 7
+    _, res = run_out(dp, route_ns, out_pkt(UDP(sport=1005, dport=53), dst="203.0.113.20"))
+    assert res.retval == TC_ACT_SHOT
+    assert counters(dp)["drop_nat_table_full"] == 1
+    assert {k for k in nat_table(dp) if k.dir == "in"} == in_keys
+
+
+def test_two_cpus_putting_back_the_same_in_entry_keep_the_flows_port(raced, route_ns):
+    """CPU A finds the IN entry missing and puts it back; CPU B did the same a moment
+    before, so A's insert fails with EEXIST: A must use B's entry (it points back), not
+    delete the flow and move it to a new port mid-stream (the remote resets it)."""
+    _, res = run_out(raced, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="S", seq=1)))
+    port = Ether(res.data_out)[TCP].sport
+    in_key = st.NatKey(EXT, NODE_IP, 80, port, TCP_PROTO, "in")
+    in_entry = raced.maps.nat_lookup(in_key)
+    assert raced.maps.nat_delete(in_key)
+    another_cpu_at(raced, 1, dataclasses.replace(in_entry, last_seen_ns=time.monotonic_ns()))
+    _, res = run_out(raced, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="A", seq=2)))
+    assert not race_entry_left(raced, 1)                   # the race did happen
+    assert res.retval == TC_ACT_REDIRECT and Ether(res.data_out)[TCP].sport == port
+    table = nat_table(raced)
+    assert table[in_key] == entry_to(SRC, 40000)
+    assert table[st.NatKey(SRC, EXT, 40000, 80, TCP_PROTO, "out")] == entry_to(NODE_IP, port)
+    assert len(table) == 2
+
+
+def test_a_port_taken_over_by_another_cpu_meanwhile_is_not_deleted(raced, route_ns):
+    """CPU A judges the flow on the only port expired; before A deletes it, CPU B took the
+    port over for another pod's new flow. A must not delete B's fresh entry (B's replies
+    would then go to A's pod): deletes happen only after a compare-and-swap claim."""
+    set_nat(raced, nat_port_min=30000, nat_port_max=30000)
+    run_out(raced, route_ns, out_pkt(UDP(sport=1001, dport=53)))
+    age_flows(raced, 100)                                   # expired (60 s)
+    in_key = st.NatKey(EXT, NODE_IP, 53, 30000, UDP_PROTO, "in")
+    now = time.monotonic_ns()
+    b_flow = st.NatEntry(created_ns=now, last_seen_ns=now, packets=0, bytes=0,
+                         addr="198.18.1.11", port=2002, state=0)
+    another_cpu_at(raced, 2, b_flow)
+    _, res = run_out(raced, route_ns, out_pkt(UDP(sport=1002, dport=53)))
+    assert not race_entry_left(raced, 2)
+    assert res.retval == TC_ACT_SHOT                        # no port left for A
+    assert raced.maps.nat_lookup(in_key) == entry_to("198.18.1.11", 2002)
+    # B's reply goes to B's pod, never to A's
+    raced.maps.set_endpoint("198.18.1.11", route_ns.hin, POD_MAC, HIN_MAC)
+    _, res = run_in(raced, route_ns, in_pkt(UDP(sport=53, dport=30000)))
+    assert res.retval == TC_ACT_REDIRECT
+    assert (Ether(res.data_out)[IP].dst, Ether(res.data_out)[UDP].dport) == ("198.18.1.11", 2002)
+
+
+def test_the_sweep_skips_flows_just_past_their_expiry(snat, route_ns):
+    """The datapath may be taking over a flow that has just expired: the sweep leaves
+    entries alone for a grace period past expiry, so that its delete by key does not hit
+    the fresh entry of the flow that took the port."""
+    from datapath import nat_table as nt
+    run_out(snat, route_ns, out_pkt(UDP(sport=1001, dport=53)))
+    now = max(e.last_seen_ns for _, e in snat.maps.nat_entries())
+    assert nt.sweep(snat.maps, now + 60 * 10**9 + 10**9 // 2) == 0     # 0.5 s past expiry
+    assert nt.sweep(snat.maps, now + 65 * 10**9) == 2
+

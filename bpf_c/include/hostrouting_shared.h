@@ -48,7 +48,9 @@ enum hr_reason {
 					 * topology does not allow ([lab] pods_reach_nodes) */
 	HR_PASS_L2_MULTICAST = 27,	/* IPv4 in an Ethernet broadcast/multicast frame: to the stack
 					 * (which does not route it; a redirect would drop it unseen) */
-	HR_REASON_MAX = 28
+	HR_DROP_NAT_TABLE_FULL = 28,	/* a new flow, but the NAT table is full: refused, as
+					 * nf_conntrack_max refuses one (the sweep frees expired flows) */
+	HR_REASON_MAX = 29
 };
 
 /* Where a trace event was taken. */
@@ -116,7 +118,7 @@ enum hr_nat_state {
 };
 
 /*
- * Key of the `nat` LRU hash: a flow's 5-tuple as it is on the wire in one
+ * Key of the `nat` hash: a flow's 5-tuple as it is on the wire in one
  * direction. ICMP echo keeps its identifier in sport (request, HR_NAT_OUT)
  * or dport (reply, HR_NAT_IN); the other port is 0.
  */
@@ -147,7 +149,9 @@ struct hr_nat_entry {
 				 * which bcc's BPF target has for 64-bit words only) */
 	__u32 seq_hint;		/* OUT, TCP: the pod's last ACK number (network order), i.e. the
 				 * sequence number a genuine RST from the remote is near; 0: none */
-	__u32 pad2;
+	__u32 seq_end;		/* OUT, TCP: the sequence number after the pod's last segment
+				 * (network order): a SYN that takes the port of this flow once it
+				 * ended must start beyond it (the remote's TIME_WAIT); 0: none */
 };
 
 /* One per-CPU slot of the `counters` array, per enum hr_reason. */

@@ -3,9 +3,16 @@
  * BPF SNAT for traffic leaving the cluster: the source becomes the node IP
  * and a port allocated here, the reply is translated back, and ICMP errors
  * about a translated flow (the embedded header included) too. No conntrack:
- * state lives in the `nat` LRU hash (two entries per flow, struct
- * hr_nat_entry) and expires by idle time, per protocol and TCP state; what
- * the LRU does not evict, the sweeper of datapath/nat_table.py deletes.
+ * state lives in the `nat` hash (two entries per flow, struct hr_nat_entry)
+ * and expires by idle time, per protocol and TCP state; the sweeper of
+ * datapath/nat_table.py deletes expired flows, both entries together. A full
+ * table refuses new flows (HR_DROP_NAT_TABLE_FULL) and never evicts one
+ * entry of a live flow: the two entries of a flow live and die together.
+ *
+ * An entry is deleted by key only by the CPU that claimed it first
+ * (nat_claim: compare-and-swap of its last_seen_ns with the value it judged
+ * by), so that a delete never hits a fresh entry another CPU put under the
+ * same key meanwhile.
  *
  * Included by host_routing.c after its helper declarations (hr_csum_diff).
  * bcc rewrites map calls (`nat_lookup()`) only in the file it compiles, not
@@ -50,6 +57,17 @@
 #define HR_TCP_SYN		0x02
 #define HR_TCP_RST		0x04
 #define HR_TCP_ACK		0x10
+/* Errors of the map helpers (negated). */
+#define HR_E2BIG		7
+#define HR_EEXIST		17
+/* last_seen_ns of an entry a CPU claimed and is deleting: fresh to everyone else */
+#define HR_NAT_CLAIMED		(~0ULL)
+/*
+ * A SYN may take the port of a flow that ended (RST, FIN both ways) only once
+ * that flow has been quiet this long: the remote's last ACK may still be in
+ * flight (and would reach the new pod, whose RST would end the new flow).
+ */
+#define HR_NAT_REUSE_QUIET_NS	(2 * HR_NSEC)
 
 /* What a NAT step needs to know about the packet besides struct hr_pkt. */
 struct hr_nat_l4 {
@@ -59,6 +77,7 @@ struct hr_nat_l4 {
 	__u8 icmp_type;
 	__u32 seq;		/* TCP sequence and acknowledgment numbers (network order) */
 	__u32 ack;
+	__u32 seq_end;		/* TCP: seq + segment length (SYN and FIN count 1), host order */
 };
 
 /*
@@ -112,6 +131,15 @@ static __always_inline int nat_read_l4(struct __sk_buff *skb, struct hr_pkt *pkt
 			return -1;
 		/* the checksum must be there to be fixed */
 		if (skb->len < pkt->l4_off + 20)
+			return -1;
+		/* where the segment ends: IPv4 total length, minus both headers */
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + 2, hdr, 2) < 0 ||
+		    bpf_skb_load_bytes(skb, pkt->l4_off + 12, hdr + 2, 1) < 0)
+			return -1;
+		l4->seq_end = bpf_ntohl(l4->seq) +
+			      (((__u32)hdr[0] << 8 | hdr[1]) - pkt->ihl_len - ((hdr[2] >> 4) << 2)) +
+			      !!(l4->tcp_flags & HR_TCP_SYN) + !!(l4->tcp_flags & HR_TCP_FIN);
+		if (bpf_skb_load_bytes(skb, pkt->l4_off, hdr, sizeof(hdr)) < 0)
 			return -1;
 	} else if (pkt->protocol == IPPROTO_UDP || pkt->protocol == IPPROTO_ICMP) {
 		if (bpf_skb_load_bytes(skb, pkt->l4_off, hdr, sizeof(hdr)) < 0)
@@ -231,15 +259,16 @@ static __always_inline struct hr_nat_entry *nat_twin_entry(struct hr_nat_scratch
 }
 
 /*
- * Whether the flow of entry `e` (key `k`) is still alive at `now`: its own
- * last packet, or its twin's, is recent enough for the state. The twin is
+ * Whether the flow of entry `e` (key `k`, last seen at `seen`, as read by the
+ * caller) is still alive at `now`: its own last packet, or its twin's, is
+ * recent enough for the state. The twin is
  * only looked at when `e` alone would have expired.
  */
 static __always_inline int nat_alive(struct hr_config *cfg, struct hr_nat_scratch *s,
-				     struct hr_nat_key *k, struct hr_nat_entry *e, __u64 now)
+				     struct hr_nat_key *k, struct hr_nat_entry *e, __u64 seen,
+				     __u64 now)
 {
 	struct hr_nat_entry *t;
-	__u64 seen = e->last_seen_ns;
 
 	if (nat_fresh(now, seen, nat_timeout_ns(cfg, k->protocol, e->state)))
 		return 1;
@@ -250,13 +279,64 @@ static __always_inline int nat_alive(struct hr_config *cfg, struct hr_nat_scratc
 	return nat_fresh(now, seen, nat_timeout_ns(cfg, k->protocol, e->state | t->state));
 }
 
-/* Delete an entry and, if it still points back, its twin. */
-static __always_inline void nat_delete_flow(struct hr_nat_scratch *s, struct hr_nat_key *k,
-					    struct hr_nat_entry *e)
+/*
+ * Test builds only (-DHR_TEST_RACES): "another CPU" acts at a race point.
+ * A test leaves an entry under the key {dir 0xee, dport `point`} in `nat`;
+ * at that point the entry under key `at` is replaced with it (as another
+ * CPU's delete and insert would) and the test entry goes. Production builds
+ * compile the points to nothing.
+ */
+#ifdef HR_TEST_RACES
+#define HR_RACE_DIR		0xee
+static __always_inline void nat_race_point(__u16 point, struct hr_nat_key *at)
 {
-	if (nat_twin_entry(s, k, e))
+	struct hr_nat_key m = {};
+	struct hr_nat_entry *v;
+
+	m.dir = HR_RACE_DIR;
+	m.dport = point;
+	v = nat_lookup(&m);
+	if (!v)
+		return;
+	nat_remove(at);
+	nat_insert(at, v);
+	nat_remove(&m);
+}
+#define NAT_RACE_POINT(point, at)	nat_race_point(point, at)
+#else
+#define NAT_RACE_POINT(point, at)	do { } while (0)
+#endif
+
+/*
+ * Claim entry `e` for deletion, judged by its last_seen_ns `seen`: succeeds
+ * on one CPU only, and only if no packet refreshed the entry (and no other
+ * CPU replaced it under the same key) since it was judged. A claimed entry
+ * looks fresh to everyone else (and to the sweep) until it is deleted.
+ */
+static __always_inline int nat_claim(struct hr_nat_entry *e, __u64 seen)
+{
+	return seen != HR_NAT_CLAIMED &&
+	       __sync_val_compare_and_swap(&e->last_seen_ns, seen, HR_NAT_CLAIMED) == seen;
+}
+
+/*
+ * Delete the flow of entry `e` (key `k`), judged by its last_seen_ns `seen`:
+ * its twin (if it still points back and can be claimed) and itself. Returns
+ * 0 when another CPU got there first or a packet refreshed it (nothing
+ * deleted then).
+ */
+static __always_inline int nat_delete_flow(struct hr_nat_scratch *s, struct hr_nat_key *k,
+					   struct hr_nat_entry *e, __u64 seen)
+{
+	struct hr_nat_entry *t;
+
+	if (!nat_claim(e, seen))
+		return 0;
+	t = nat_twin_entry(s, k, e);
+	if (t && nat_claim(t, t->last_seen_ns))
 		nat_remove(&s->tk);
 	nat_remove(k);
+	return 1;
 }
 
 /* TCP state bits a packet adds, by direction. */
@@ -304,8 +384,28 @@ static __always_inline void nat_reset_state(struct hr_nat_scratch *s, struct hr_
 	e->state = 0;
 	e->seq_hint = 0;
 	t = nat_twin_entry(s, k, e);
-	if (t)
+	if (t) {
 		t->state = 0;
+		t->seq_hint = 0;
+	}
+}
+
+/*
+ * An inbound SYN-ACK answers a SYN of this very tuple: whatever ended before
+ * (an RST the pod sent about a stray ACK of the tuple's previous flow, a FIN)
+ * is over; the new connection is established. Keeps SEEN_REPLY only.
+ */
+static __always_inline void nat_reopen(struct hr_nat_scratch *s, struct hr_nat_key *k,
+				       struct hr_nat_entry *e)
+{
+	struct hr_nat_entry *t;
+
+	if (!(e->state & (HR_NAT_RST | HR_NAT_FIN_OUT | HR_NAT_FIN_IN)))
+		return;
+	e->state = HR_NAT_SEEN_REPLY;
+	t = nat_twin_entry(s, k, e);
+	if (t)
+		t->state = HR_NAT_SEEN_REPLY;
 }
 
 /*
@@ -361,39 +461,83 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, struct hr_pkt *pkt
 }
 
 /*
+ * Whether the IN entry t (key s->rk, last seen at `seen`) of another flow may
+ * be taken over by the new flow of this packet: its flow expired; or this is
+ * a new TCP connection (a SYN, `l4`), half the tries found no free port, and
+ * the flow ended (RST, or FIN both ways) and has been quiet for
+ * HR_NAT_REUSE_QUIET_NS, and the SYN starts beyond the sequence numbers the
+ * remote saw from it (as conntrack lets a SYN reuse a TIME_WAIT tuple:
+ * nf_nat_used_tuple_harder, nf_seq_has_advanced; the remote's TIME_WAIT
+ * accepts such a SYN only).
+ */
+static __always_inline int nat_may_take(struct hr_config *cfg, struct hr_nat_scratch *s,
+					struct hr_nat_entry *t, __u64 seen, __u64 now,
+					struct hr_nat_l4 *l4, int syn, __u32 try)
+{
+	struct hr_nat_entry *old;
+	__u32 end;
+
+	if (!nat_alive(cfg, s, &s->rk, t, seen, now))
+		return 1;
+	if (!syn || try < HR_NAT_RETRIES / 2 || !nat_tcp_closed(t->state))
+		return 0;
+	if (seen < now && now - seen < HR_NAT_REUSE_QUIET_NS)
+		return 0;
+	if (seen >= now)
+		return 0;
+	old = nat_twin_entry(s, &s->rk, t);	/* the old flow's OUT entry, with its seq_end */
+	if (!old || old->seq_end == 0)
+		return 0;
+	end = bpf_ntohl(old->seq_end);
+	return (__s32)(bpf_ntohl(l4->seq) - end) > 0;
+}
+
+/*
  * Find or create the OUT entry of the flow in s->key. On success *addr and
  * *port hold the node IP and NAT port to write; returns 0, or the hr_reason
  * of the drop.
  */
 static __always_inline int snat_lookup_or_create(struct hr_config *cfg, struct hr_nat_scratch *s,
-						 __u64 now, int syn, __u32 *addr, __u16 *port)
+						 __u64 now, struct hr_nat_l4 *l4, int syn,
+						 __u32 *addr, __u16 *port)
 {
 	struct hr_nat_key *k = &s->key, *rk = &s->rk;
 	struct hr_nat_entry *e, *t, *v = &s->val;
 	__u32 range, i, taddr;
+	__u64 seen;
 	__u16 tport, p;
+	int rc;
 
 	e = nat_lookup(k);
 	if (e) {
+		seen = e->last_seen_ns;
 		nat_twin(k, e, rk, &taddr, &tport);
 		t = nat_lookup(rk);
 		if (t && t->addr == taddr && t->port == tport) {
-			if (nat_alive(cfg, s, k, e, now))
+			if (nat_alive(cfg, s, k, e, seen, now))
 				goto found;
-		} else if (!t && nat_fresh(now, e->last_seen_ns,
-					     nat_timeout_ns(cfg, k->protocol, e->state))) {
-			/* the LRU evicted the IN entry of a live flow: put it back if the port is free */
+		} else if (!t && nat_fresh(now, seen, nat_timeout_ns(cfg, k->protocol, e->state))) {
+			/* the IN entry of a live flow is gone: put it back if the port is free */
 			__builtin_memset(v, 0, sizeof(*v));
 			v->created_ns = e->created_ns;
 			v->last_seen_ns = now;
 			v->addr = taddr;
 			v->port = tport;
 			v->state = e->state;
-			if (nat_insert(rk, v) == 0)
+			NAT_RACE_POINT(1, rk);
+			rc = nat_insert(rk, v);
+			if (rc == 0)
+				goto found;
+			if (rc == -HR_E2BIG)
+				return HR_DROP_NAT_TABLE_FULL;
+			/* another CPU put it back meanwhile: the flow goes on with its port */
+			t = nat_lookup(rk);
+			if (t && t->addr == taddr && t->port == tport)
 				goto found;
 		}
 		/* expired, or its port went to another flow: start afresh */
-		nat_delete_flow(s, k, e);
+		if (!nat_delete_flow(s, k, e, seen))
+			return HR_DROP_NAT_FAILED;	/* another CPU is at it: a racing flow won */
 	}
 
 	if (cfg->nat_port_min == 0 || cfg->nat_port_max < cfg->nat_port_min)
@@ -416,19 +560,19 @@ static __always_inline int snat_lookup_or_create(struct hr_config *cfg, struct h
 		/* a random port each try: linear probing would pile flows into runs */
 		p = bpf_htons((__u16)(cfg->nat_port_min + bpf_get_prandom_u32() % range));
 		rk->dport = p;
-		if (nat_insert(rk, v) == 0)
+		rc = nat_insert(rk, v);
+		if (rc == 0)
 			goto claimed;
+		if (rc == -HR_E2BIG)
+			return HR_DROP_NAT_TABLE_FULL;
 		t = nat_lookup(rk);
-		/*
-		 * An expired flow holds the port, or, for a new TCP connection once half
-		 * the tries found no free port, one that ended (as conntrack lets a SYN
-		 * reuse a TIME_WAIT tuple; the remote may still hold it in TIME_WAIT, so
-		 * a free port is better): free it, then claim it like anyone else.
-		 */
-		if (t && (!nat_alive(cfg, s, rk, t, now) ||
-			  (syn && i >= HR_NAT_RETRIES / 2 && nat_tcp_closed(t->state)))) {
-			nat_delete_flow(s, rk, t);
-			if (nat_insert(rk, v) == 0)
+		if (!t)
+			continue;
+		seen = t->last_seen_ns;
+		/* a flow that expired, or a TCP connection that ended: free it, claim it like anyone */
+		if (nat_may_take(cfg, s, t, seen, now, l4, syn, i)) {
+			NAT_RACE_POINT(2, rk);
+			if (nat_delete_flow(s, rk, t, seen) && nat_insert(rk, v) == 0)
 				goto claimed;
 		}
 	}
@@ -437,9 +581,12 @@ static __always_inline int snat_lookup_or_create(struct hr_config *cfg, struct h
 claimed:
 	v->addr = cfg->node_ip;
 	v->port = p;
-	if (nat_insert(k, v) != 0) {
-		/* another CPU created this flow meanwhile: give our port back, use its */
+	rc = nat_insert(k, v);
+	if (rc != 0) {
+		/* table full, or another CPU created this flow meanwhile: give our port back */
 		nat_remove(rk);
+		if (rc == -HR_E2BIG)
+			return HR_DROP_NAT_TABLE_FULL;
 		e = nat_lookup(k);
 		if (!e)
 			return HR_DROP_NAT_FAILED;
@@ -456,12 +603,17 @@ found:
 }
 
 /*
- * Whether an RST from outside (sequence number `seq`) about the flow of IN
- * entry (s->key, e) is near what the pod acknowledged last; without a hint
- * (the pod has acknowledged nothing yet: an answer to its SYN) it is.
+ * Whether an RST or a FIN from outside (`l4`) about the flow of IN entry
+ * (s->key, e) may change its NAT state. Its sequence number must lie near
+ * what the pod acknowledged last (the OUT entry's seq_hint). Without a hint
+ * (the pod has acknowledged nothing: its SYN unanswered, or the tuple reset
+ * by a new SYN) only one that acknowledges exactly what the pod sent is
+ * believed (an RST answering the SYN); without that either (the OUT entry was
+ * put back by a reply) nothing is until the pod acknowledges again: a hint
+ * of 0 must not make every sequence number plausible.
  */
-static __always_inline int nat_rst_plausible(struct hr_nat_scratch *s, struct hr_nat_entry *e,
-					     __u32 seq)
+static __always_inline int nat_close_plausible(struct hr_nat_scratch *s, struct hr_nat_entry *e,
+					       struct hr_nat_l4 *l4)
 {
 	struct hr_nat_entry *t;
 	__u32 taddr;
@@ -469,14 +621,16 @@ static __always_inline int nat_rst_plausible(struct hr_nat_scratch *s, struct hr
 
 	nat_twin(&s->key, e, &s->tk, &taddr, &tport);
 	t = nat_lookup(&s->tk);
-	if (!t || t->seq_hint == 0)
-		return 1;
-	return bpf_ntohl(seq) - bpf_ntohl(t->seq_hint) < HR_RST_WINDOW;
+	if (!t || t->addr != taddr || t->port != tport)
+		return 0;
+	if (t->seq_hint == 0)
+		return (l4->tcp_flags & HR_TCP_ACK) && t->seq_end != 0 && l4->ack == t->seq_end;
+	return bpf_ntohl(l4->seq) - bpf_ntohl(t->seq_hint) < HR_RST_WINDOW;
 }
 
 /*
- * A reply came through the IN entry (s->key, e) of a live flow: if the LRU
- * evicted its OUT entry, put it back, or the pod's next packet would get a
+ * A reply came through the IN entry (s->key, e) of a live flow: if its OUT
+ * entry is gone (a race with a delete), put it back, or the pod's next packet would get a
  * new port and the remote would reset the connection.
  */
 static __always_inline void nat_restore_out(struct hr_nat_scratch *s, struct hr_nat_entry *e,
@@ -522,7 +676,7 @@ static __always_inline int snat_out(struct __sk_buff *skb, struct hr_pkt *pkt,
 
 	syn = pkt->protocol == IPPROTO_TCP && (l4.tcp_flags & HR_TCP_SYN) &&
 	      !(l4.tcp_flags & HR_TCP_ACK);
-	reason = snat_lookup_or_create(cfg, s, now, syn, &addr, &port);
+	reason = snat_lookup_or_create(cfg, s, now, &l4, syn, &addr, &port);
 	if (reason)
 		return reason;
 	e = nat_lookup(&s->key);
@@ -531,8 +685,14 @@ static __always_inline int snat_out(struct __sk_buff *skb, struct hr_pkt *pkt,
 		if (syn && nat_tcp_closed(e->state))
 			nat_reset_state(s, &s->key, e);
 		nat_touch(s, &s->key, e, nat_state_bits(pkt->protocol, &l4, 1), skb->len, now);
-		if (pkt->protocol == IPPROTO_TCP && (l4.tcp_flags & HR_TCP_ACK))
-			e->seq_hint = l4.ack;
+		if (pkt->protocol == IPPROTO_TCP) {
+			if (l4.tcp_flags & HR_TCP_ACK)
+				e->seq_hint = l4.ack;
+			/* the furthest the pod has sent (a SYN starts over; retransmits do not go back) */
+			if (syn || e->seq_end == 0 ||
+			    (__s32)(l4.seq_end - bpf_ntohl(e->seq_end)) > 0)
+				e->seq_end = bpf_htonl(l4.seq_end);
+		}
 	}
 	if (nat_rewrite(skb, pkt, 1, pkt->saddr, addr, l4.sport, port) < 0)
 		return HR_DROP_NAT_FAILED;
@@ -544,11 +704,13 @@ static __always_inline struct hr_nat_entry *rnat_find(struct hr_config *cfg,
 						      struct hr_nat_scratch *s, __u64 now)
 {
 	struct hr_nat_entry *e = nat_lookup(&s->key);
+	__u64 seen;
 
 	if (!e)
 		return 0;
-	if (!nat_alive(cfg, s, &s->key, e, now)) {
-		nat_delete_flow(s, &s->key, e);
+	seen = e->last_seen_ns;
+	if (!nat_alive(cfg, s, &s->key, e, seen, now)) {
+		nat_delete_flow(s, &s->key, e, seen);
 		return 0;
 	}
 	return e;
@@ -582,8 +744,12 @@ static __always_inline int rnat_in(struct __sk_buff *skb, struct hr_pkt *pkt,
 	addr = e->addr;
 	port = e->port;
 	bits = nat_state_bits(pkt->protocol, &l4, 0);
-	if ((bits & HR_NAT_RST) && !nat_rst_plausible(s, e, l4.seq))
-		bits &= ~(__u64)HR_NAT_RST;	/* delivered, the pod judges it; the NAT state ignores it */
+	if ((bits & (HR_NAT_RST | HR_NAT_FIN_IN)) && !nat_close_plausible(s, e, &l4))
+		/* delivered, the pod judges it; the NAT state ignores it */
+		bits &= ~(__u64)(HR_NAT_RST | HR_NAT_FIN_IN);
+	if (pkt->protocol == IPPROTO_TCP &&
+	    (l4.tcp_flags & (HR_TCP_SYN | HR_TCP_ACK | HR_TCP_RST)) == (HR_TCP_SYN | HR_TCP_ACK))
+		nat_reopen(s, &s->key, e);
 	nat_touch(s, &s->key, e, bits, skb->len, now);
 	nat_restore_out(s, e, now);
 	if (nat_rewrite(skb, pkt, 0, pkt->daddr, addr, l4.dport, port) < 0)
