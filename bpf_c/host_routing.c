@@ -495,9 +495,14 @@ int from_underlay(struct __sk_buff *skb)
 			       TC_ACT_OK);
 	if (cfg->node_ip && pkt.daddr == cfg->node_ip)
 		return from_outside_to_node(slot, skb, &pkt, cfg, len);
-	if (pkt.fragment)
+	if (pkt.fragment) {
+		/* from outside, not even in pieces: the stack would reassemble it for the pod */
+		if (!in_cluster(pkt.saddr) && endpoints.lookup(&pkt.daddr))
+			return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len,
+				       HR_DROP_NOT_FROM_CLUSTER, 0, TC_ACT_SHOT);
 		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_PASS_FRAGMENT, 0,
 			       TC_ACT_OK);
+	}
 
 	ep = endpoints.lookup(&pkt.daddr);
 	if (!ep)

@@ -800,3 +800,51 @@ def test_the_sweep_skips_flows_just_past_their_expiry(snat, route_ns):
     assert nt.sweep(snat.maps, now + 60 * 10**9 + 10**9 // 2) == 0     # 0.5 s past expiry
     assert nt.sweep(snat.maps, now + 65 * 10**9) == 2
 
+
+# -- ICMP errors: what a flow's life and the quoted bytes must not be affected by --------------
+
+def test_an_icmp_error_does_not_keep_a_flow_alive(snat, route_ns):
+    sent, port = _open_flow(snat, route_ns, UDP(sport=40000, dport=53))
+    age_flows(snat, 30)
+    before = {k: e.last_seen_ns for k, e in snat.maps.nat_entries()}
+    err = Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01") / IP(src=ROUTER, dst=NODE_IP) / \
+        ICMP(type=3, code=1)
+    res = run_prog(snat.from_underlay.fd, bytes(err / sent), route_ns.name, route_ns.uplink)
+    assert res.retval == TC_ACT_REDIRECT
+    assert {k: e.last_seen_ns for k, e in snat.maps.nat_entries()} == before
+
+
+def test_an_icmp_error_followed_by_a_trailer_keeps_the_trailer_and_a_valid_checksum(snat,
+                                                                                   route_ns):
+    """The quote is the IPv4 header plus 8 bytes of TCP (no checksum field in it), then
+    Ethernet padding: nothing may be written past the IPv4 total length, and the ICMP
+    checksum must cover what is there (else the pod drops the error: a PMTU black hole)."""
+    sent, port = _open_flow(snat, route_ns, TCP(sport=40000, dport=80, flags="A"))
+    err = Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01") / IP(src=ROUTER, dst=NODE_IP) / \
+        ICMP(type=3, code=4, nexthopmtu=1280)
+    trailer = bytes(range(0x40, 0x40 + 24))
+    raw = bytes(err / sent[:28]) + trailer
+    res = run_prog(snat.from_underlay.fd, raw, route_ns.name, route_ns.uplink)
+    assert res.retval == TC_ACT_REDIRECT
+    out = ip_of(res.data_out)
+    total = struct.unpack("!H", out[2:4])[0]
+    assert total == 20 + 8 + 28 and out[total:] == trailer
+    check_ip_and_l4(out[:total])
+    assert struct.unpack("!H", out[48:50])[0] == 40000
+
+
+def test_a_fragment_from_outside_to_a_pod_is_dropped_like_any_packet(snat, route_ns):
+    """Only replies reach pods from outside: a fragment must not slip past the check."""
+    frag = Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01") / \
+        IP(src=EXT, dst=SRC, flags="MF") / UDP(sport=53, dport=40000) / (b"x" * 64)
+    later = Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01") / IP(src=EXT, dst=SRC, frag=8) / \
+        (b"y" * 64)
+    for pkt in (frag, later):
+        _, res = run_in(snat, route_ns, pkt)
+        assert res.retval == TC_ACT_SHOT
+    assert counters(snat) == {"drop_not_from_cluster": 2}
+    # from inside the cluster, fragments still go to the stack (which reassembles them)
+    inside = Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01") / \
+        IP(src="198.18.2.20", dst=SRC, flags="MF") / UDP() / (b"x" * 64)
+    _, res = run_in(snat, route_ns, inside)
+    assert res.retval == TC_ACT_OK

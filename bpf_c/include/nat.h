@@ -779,7 +779,7 @@ static __always_inline int rnat_icmp_error(struct __sk_buff *skb, struct hr_pkt 
 	__u32 ip_off = pkt->l4_off + sizeof(struct icmphdr);
 	__u32 il4_off = ip_off + sizeof(struct iphdr);
 	__u32 csum_off = 0, port_off, pod;
-	__u16 icmp_check, inner_check, l4_check = 0, new_l4_check = 0, old_port, pod_port;
+	__u16 icmp_check, inner_check, l4_check = 0, new_l4_check = 0, old_port, pod_port, tot_len;
 	__u64 now = bpf_ktime_get_ns();
 
 	s = nat_scratch_get();
@@ -809,7 +809,13 @@ static __always_inline int rnat_icmp_error(struct __sk_buff *skb, struct hr_pkt 
 		s->key.dport = old_port;
 		port_off = il4_off;
 		if (inner.protocol == IPPROTO_TCP) {
-			if (skb->len >= il4_off + HR_TCP_CSUM_OFF + 2)
+			/*
+			 * Quoted only if within the IPv4 total length: bytes past it
+			 * (Ethernet padding, a trailer) are no checksum to fix.
+			 */
+			if (bpf_skb_load_bytes(skb, ETH_HLEN + 2, &tot_len, 2) < 0)
+				return HR_PASS_NAT_MISS;
+			if (ETH_HLEN + (__u32)bpf_ntohs(tot_len) >= il4_off + HR_TCP_CSUM_OFF + 2)
 				csum_off = il4_off + HR_TCP_CSUM_OFF;
 		} else {
 			csum_off = il4_off + HR_UDP_CSUM_OFF;
@@ -827,9 +833,9 @@ static __always_inline int rnat_icmp_error(struct __sk_buff *skb, struct hr_pkt 
 	e = rnat_find(cfg, s, now);
 	if (!e)
 		return HR_PASS_NAT_MISS;
+	/* not a refresh: errors (repeated, or spoofed) must not keep a flow alive */
 	pod = e->addr;
 	pod_port = e->port;
-	e->last_seen_ns = now;
 
 	__builtin_memcpy(&icmp_check, icmp + HR_ICMP_CSUM_OFF, 2);
 	/* the inner L4 checksum: pseudo header (TCP, UDP) and port / identifier */
