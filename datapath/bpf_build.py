@@ -205,8 +205,9 @@ def _verifier_tail(log: str, lines: int = VERIFIER_TAIL_LINES) -> str:
     return "\n".join(kept[-lines:])
 
 
-def load_program(bpf, name: str, prog_type: int | None = None) -> int:
-    """Load function `name` of a compiled module as a program (SCHED_CLS by default).
+def load_program(bpf, name: str, prog_type: int | None = None, attach_type: int = -1) -> int:
+    """Load function `name` of a compiled module as a program (SCHED_CLS by default;
+    `attach_type` is the expected attach type some program types need at load).
 
     Returns the program fd (owned by the bcc.BPF object). Raises VerifierError with
     the last lines of the verifier log when the kernel refuses it.
@@ -216,7 +217,7 @@ def load_program(bpf, name: str, prog_type: int | None = None) -> int:
         prog_type = bcc.BPF.SCHED_CLS
     with capture_fd2() as captured:
         try:
-            fn = bpf.load_func(name.encode(), prog_type)
+            fn = bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
         except Exception as e:
             err = e
         else:

@@ -3,7 +3,8 @@
 eBPF host routing bypasses the node's netfilter hooks for pod traffic, so a
 rule there silently stops applying to it. Before enabling, every node
 namespace is inspected in both iptables backends (iptables-nft, which shares
-the kernel's nf_tables with native nft rules, and iptables-legacy's x_tables)
+the kernel's nf_tables with native nft rules, and iptables-legacy's x_tables),
+for IPv4 and IPv6,
 and in native nftables tables; what is found is listed with the command that
 removes it. The lab's own legacy MASQUERADE chain is not a user rule, nor is
 an empty built-in chain with an ACCEPT policy.
@@ -103,7 +104,9 @@ def _nft_rules(ns: str) -> list[Rule]:
     return rules
 
 
+BACKENDS = ("iptables-nft", "ip6tables-nft", "iptables-legacy", "ip6tables-legacy")
+
+
 def user_rules(ns: str) -> list[Rule]:
-    """Every user-defined rule (or non-ACCEPT policy) in a namespace, all backends."""
-    return (saved_rules(ns, "iptables-nft") + saved_rules(ns, "iptables-legacy")
-            + _nft_rules(ns))
+    """Every user-defined rule (or non-ACCEPT policy) in a namespace, all backends, both families."""
+    return [rule for backend in BACKENDS for rule in saved_rules(ns, backend)] + _nft_rules(ns)

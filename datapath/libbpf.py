@@ -156,6 +156,8 @@ int bpf_map_get_next_id(__u32 start_id, __u32 *next_id);
 int bpf_map_lookup_elem(int fd, const void *key, void *value);
 int bpf_map_update_elem(int fd, const void *key, const void *value, __u64 flags);
 int bpf_map_delete_elem(int fd, const void *key);
+/* attach_type is enum bpf_attach_type; opts may be NULL */
+int bpf_link_create(int prog_fd, int target_fd, int attach_type, const void *opts);
 int bpf_map_get_next_key(int fd, const void *key, void *next_key);
 int libbpf_num_possible_cpus(void);
 
@@ -463,6 +465,17 @@ def map_items_batch(map_fd, key_size: int, value_size: int,
             return out
         ffi.memmove(token_in, token_out, 8)
         first = False
+
+
+# uapi enum bpf_attach_type values used here
+BPF_CGROUP_SETSOCKOPT = 22
+
+
+def link_create(prog_fd, target_fd, attach_type: int) -> Fd:
+    """A bpf_link attaching the program to the target (a cgroup fd, ...): detached when
+    the last fd of the link closes, so it never outlives its owner."""
+    return Fd(_check(lib().bpf_link_create(_fdnum(prog_fd), _fdnum(target_fd), attach_type,
+                                            ffi.NULL), "bpf_link_create"))
 
 
 # -- ring buffer ----------------------------------------------------------------------------

@@ -1,21 +1,31 @@
-"""Blocks new firewall rules in a lab's node namespaces while eBPF host routing is on.
+"""Freezes the firewall of a lab's node namespaces while eBPF host routing is on.
 
 A rule added to a node's netfilter hooks would not apply to pod traffic any
-more, so while the lab is in eBPF mode new rules are refused, as AKS does.
-The strongest mechanism this kernel offers is used, and ``status`` names it:
+more, so while the lab is in eBPF mode every change to the node's rulesets is
+refused or reverted, as AKS does. The strongest mechanism this kernel offers
+is used for each backend, and ``status`` names it:
 
 - BPF LSM (what AKS uses) refuses the change before it happens, but only where
-  ``bpf`` is in the kernel's active LSM list; this module reports whether it is
-  and does not load LSM programs (not implemented yet).
-- nf_tables (iptables-nft and native nft): the kernel announces every new rule
-  on nf_tables netlink; a watcher per node namespace (``nft -a monitor
-  rules``) deletes each one as soon as it is announced.
-- iptables-legacy's x_tables announce nothing: its rules are polled every
-  ``LEGACY_POLL_S`` and deleted when found.
+  ``bpf`` is in the kernel's active LSM list. Not implemented: this project's
+  kernels refuse LSM programs, so it could not be tested; ``status`` says so.
+- iptables-legacy, ip6tables-legacy, arptables-legacy, ebtables-legacy: the
+  x_tables tools load a whole table with one setsockopt(); a cgroup/setsockopt
+  program on the cgroup v2 root refuses it with EPERM for sockets in the
+  lab's node namespaces (datapath/xtables_refusal.py). Where that program
+  cannot be loaded, the tables are polled every ``LEGACY_POLL_S`` instead and
+  restored to what they were when the guard started.
+- nf_tables (iptables-nft, ip6tables-nft, native nft): the kernel announces
+  every committed transaction on nf_tables netlink with the writer's pid; a
+  watcher per node namespace (``nft -a monitor``) reverts each foreign
+  transaction at once, whatever it did: rules inserted, appended or replaced,
+  new tables, chains, sets or maps, policy changes, flushes and deletions
+  (datapath/nft_ruleset.py computes the revert).
 
-Every removal is recorded as a ``BlockedRule`` Warning event. The guard runs
-as a daemon inside the first node's namespace, so removing the lab ends it
-with everything else; ``disable`` stops it.
+What was there when the guard started stays: nothing (``enable`` refuses
+otherwise), or the rules an operator accepted with ``enable --force``. Every
+blocked change is one ``BlockedRule`` Warning event naming it and its writer.
+The guard runs as a daemon inside the first node's namespace, so removing the
+lab ends it with everything else; ``disable`` stops it.
 
 Being the lab's one long-lived process while eBPF host routing is on, the
 guard also keeps the BPF SNAT tables bounded: every ``NAT_SWEEP_S`` it
@@ -27,9 +37,9 @@ table is nearly full, so that LRU eviction starts (``NatTableFull``).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -37,14 +47,17 @@ import threading
 import time
 from pathlib import Path
 
-from . import events
-from .iptables_rules import saved_rules
+from . import events, nft_ruleset, xtables_refusal
+from netns_lab import netns
 
 LEGACY_POLL_S = 0.5
 NAT_SWEEP_S = 5.0
 NAT_FULL_FRACTION = 0.9
+REVERT_TRIES = 5
 LSM_LIST = Path("/sys/kernel/security/lsm")
-_NFT_ADD = re.compile(r"^add rule (\S+) (\S+) (\S+) (.*?)\s*# handle (\d+)$")
+LEGACY_TOOLS = ("iptables-legacy", "ip6tables-legacy")
+NFT_BACKENDS = ("iptables-nft", "ip6tables-nft", "nftables")
+_GENERATION = re.compile(r"^# new generation \d+ by process (\d+) \((.*)\)$")
 
 
 def bpf_lsm_status() -> tuple[bool, str]:
@@ -53,17 +66,21 @@ def bpf_lsm_status() -> tuple[bool, str]:
     except OSError as e:
         return False, f"cannot read {LSM_LIST} ({e.strerror})"
     if "bpf" in active.split(","):
-        return True, f"'bpf' is in the active LSM list ({active}); LSM blocking not implemented yet"
+        return True, (f"'bpf' is in the active LSM list ({active}), but LSM blocking is not "
+                      "implemented: it could not be tested on a kernel that refuses LSM programs")
     return False, f"'bpf' is not in the active LSM list ({active or 'empty'}): boot with lsm=...,bpf"
 
 
-def mechanisms(guard_pid: int) -> dict:
+def mechanisms(guard_pid: int, backends: dict[str, str] | None = None) -> dict:
+    """What blocks rule changes now: per backend, as the running guard reported it."""
     running = guard_pid > 0 and _alive(guard_pid)
     lsm_ok, lsm_detail = bpf_lsm_status()
+    backends = dict(backends or {}) if running else {}
+    kinds = sorted(set(backends.values()))
     return {
-        "active": ("nf_tables netlink watcher (iptables-nft, nft) + iptables-legacy poll "
-                   f"every {LEGACY_POLL_S:g}s") if running else "none",
+        "active": " + ".join(kinds) if kinds else "none",
         "guard_pid": guard_pid if running else None,
+        "backends": backends,
         "bpf_lsm": {"available": lsm_ok, "detail": lsm_detail},
     }
 
@@ -80,29 +97,43 @@ def _alive(pid: int) -> bool:
 
 
 def start(lab: str, node_netns: dict[str, str], nat_progs: dict[str, int] | None = None,
-          timeout: float = 10) -> int:
-    """Start the guard for these nodes ({node name: netns}); returns its pid once it watches.
+          refuse_xtables: bool = True) -> tuple[int, dict[str, str]]:
+    """Start the guard for these nodes ({node name: netns}) and wait until it blocks.
 
-    nat_progs ({node name: from_pod program id}) are the datapaths whose NAT
-    tables it sweeps.
+    Returns its pid and the mechanism in force per backend. nat_progs ({node
+    name: from_pod program id}) are the datapaths whose NAT tables it sweeps.
+    refuse_xtables=False polls x_tables instead of refusing writes (the
+    fallback, for its tests).
     """
     spec = ",".join(f"{name}={ns}" for name, ns in node_netns.items())
     nat_spec = ",".join(f"{name}={pid}" for name, pid in (nat_progs or {}).items())
     first_ns = next(iter(node_netns.values()))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    proc = subprocess.Popen(["ip", "netns", "exec", first_ns, sys.executable, "-m",
-                             "datapath.rule_guard", "--lab", lab, "--nodes", spec,
-                             "--nat", nat_spec],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    line = proc.stdout.readline()  # "ready" once every watcher runs
-    if line.strip() != "ready":
+    try:
+        if not refuse_xtables:
+            raise xtables_refusal.RefusalUnavailable("not asked for")
+        cgroup_fd, no_cgroup = xtables_refusal.open_cgroup2_root(), ""
+    except xtables_refusal.RefusalUnavailable as e:
+        cgroup_fd, no_cgroup = -1, str(e)
+    try:
+        proc = subprocess.Popen(["ip", "netns", "exec", first_ns, sys.executable, "-m",
+                                 "datapath.rule_guard", "--lab", lab, "--nodes", spec,
+                                 "--nat", nat_spec, "--cgroup-fd", str(cgroup_fd),
+                                 "--no-cgroup", no_cgroup],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env, start_new_session=True,
+                                pass_fds=(cgroup_fd,) if cgroup_fd >= 0 else ())
+    finally:
+        if cgroup_fd >= 0:
+            os.close(cgroup_fd)
+    line = proc.stdout.readline()  # "ready {backend: mechanism}" once every watcher runs
+    if not line.startswith("ready "):
         proc.kill()
         proc.wait()
         raise RuntimeError(f"rule guard did not start: {proc.stderr.read().strip()[-500:]}")
     proc.stdout.close()
     proc.stderr.close()
-    return proc.pid
+    return proc.pid, json.loads(line[len("ready "):])
 
 
 def stop(pid: int, timeout: float = 5) -> None:
@@ -129,40 +160,118 @@ class Guard:
         self.nat_progs = nat_progs or {}
         self.stopping = threading.Event()
         self.monitors: list[subprocess.Popen] = []
+        self.refusal: xtables_refusal.XtablesRefusal | None = None
+        self.backends: dict[str, str] = {}
+        self.node_by_cookie: dict[int, str] = {}
 
-    def blocked(self, node: str, backend: str, text: str, removed: bool, detail: str = "") -> None:
-        verb = "removed" if removed else "could not remove"
+    def blocked(self, node: str, backend: str, change: str, blocked: bool, how: str,
+                writer: str = "", detail: str = "") -> None:
+        verb = how if blocked else "could not block"
+        by = f" by {writer}" if writer else ""
         events.record(self.lab, events.WARNING, "BlockedRule", f"node/{node}",
-                      f"{verb} a new {backend} rule while eBPF host routing is enabled: {text}"
-                      + (f" ({detail})" if detail else ""), backend=backend, rule=text)
+                      f"{verb} {backend} change{by} while eBPF host routing is enabled: "
+                      f"{change}" + (f" ({detail})" if detail else ""),
+                      backend=backend, rule=change, writer=writer, blocked=blocked)
 
-    def watch_nftables(self, node: str, ns: str, proc: subprocess.Popen) -> None:
+    # -- nf_tables: revert every foreign transaction ----------------------------------------
+
+    def watch_nftables(self, node: str, ns: str, proc: subprocess.Popen,
+                       baseline: nft_ruleset.Snapshot) -> None:
+        ours: set[int] = set()
+        pending: list[str] = []
         for line in proc.stdout:
-            m = _NFT_ADD.match(line.strip())
+            line = line.strip()
+            m = _GENERATION.match(line)
             if not m:
+                if line and not line.startswith("#"):
+                    pending.append(line)
                 continue
-            family, table, chain, text, handle = m.groups()
-            rm = subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "rule", family,
-                                 table, chain, "handle", handle], capture_output=True, text=True)
-            self.blocked(node, "nftables", f"{family} {table} {chain}: {text}",
-                         rm.returncode == 0, rm.stderr.strip())
+            change, pending = pending, []
+            pid, comm = int(m.group(1)), m.group(2)
+            if pid in ours:
+                ours.discard(pid)
+                continue
+            backend = comm if comm.startswith(("iptables", "ip6tables", "arptables",
+                                              "ebtables")) else "nftables"
+            reverted, detail = self.revert_nftables(ns, baseline, ours)
+            self.blocked(node, backend, nft_ruleset.summary(change) or "(no details)", reverted,
+                         "reverted", f"{comm}[{pid}]", detail)
+
+    def revert_nftables(self, ns: str, baseline: nft_ruleset.Snapshot,
+                        ours: set[int]) -> tuple[bool, str]:
+        """Bring the namespace's ruleset back to the baseline; (done, why not)."""
+        error = ""
+        for _ in range(REVERT_TRIES):   # another writer may race the revert: look again
+            try:
+                current = nft_ruleset.snapshot(ns)
+            except nft_ruleset.NftError as e:
+                return False, str(e)
+            script = nft_ruleset.revert_plan(current, baseline)
+            if not script:
+                return True, ""
+            proc = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "-f", "-"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+            ours.add(proc.pid)
+            _, err = proc.communicate(script)
+            if proc.returncode == 0:
+                return True, ""
+            ours.discard(proc.pid)
+            error = err.strip().splitlines()[0] if err.strip() else f"nft exited {proc.returncode}"
+        return False, error
+
+    # -- x_tables: refused in the kernel, or polled -----------------------------------------
+
+    def start_refusal(self, cgroup_fd: int) -> str:
+        """Refuse x_tables writes with the cgroup/setsockopt program; '' or why not."""
+        try:
+            self.node_by_cookie = {
+                xtables_refusal.netns_cookie(os.path.join(netns.NETNS_DIR, ns)): node
+                for node, ns in self.nodes.items()}
+            self.refusal = xtables_refusal.XtablesRefusal.start(cgroup_fd,
+                                                                list(self.node_by_cookie))
+        except (OSError, xtables_refusal.RefusalUnavailable) as e:
+            return str(e)
+        self.refusal.on_refusal(self.refused)
+        threading.Thread(target=self.read_refusals, daemon=True).start()
+        return ""
+
+    def refused(self, ev) -> None:
+        tool = xtables_refusal.WRITERS.get((ev.level, ev.optname), "x_tables")
+        self.blocked(self.node_by_cookie.get(ev.netns_cookie, "?"), tool,
+                     f"load of table {ev.table or '?'}", True, "refused",
+                     f"{ev.comm}[{ev.pid}]")
+
+    def read_refusals(self) -> None:
+        while not self.stopping.is_set():
+            self.refusal.poll(200)
 
     def poll_legacy(self) -> None:
-        """Remove iptables-legacy rules that were not there when the guard started.
-
-        Rules present at the start were either none (enable refuses otherwise)
-        or accepted with ``enable --force``: those stay.
-        """
-        baseline = {ns: {r.text for r in saved_rules(ns, "iptables-legacy")}
-                    for ns in self.nodes.values()}
+        """Restore iptables-legacy tables to what they were when the guard started."""
+        baseline = {(ns, tool): _legacy_tables(ns, tool)
+                    for ns in self.nodes.values() for tool in LEGACY_TOOLS}
         while not self.stopping.wait(LEGACY_POLL_S):
             for node, ns in self.nodes.items():
-                for rule in saved_rules(ns, "iptables-legacy"):
-                    if rule.text in baseline[ns] or not rule.text.startswith("-A "):
-                        continue
-                    rm = subprocess.run(shlex.split(rule.remove), capture_output=True, text=True)
-                    self.blocked(node, rule.backend, f"{rule.table} {rule.chain}: {rule.text}",
-                                 rm.returncode == 0, rm.stderr.strip())
+                for tool in LEGACY_TOOLS:
+                    current = _legacy_tables(ns, tool)
+                    changed = {t for t in current.keys() | baseline[(ns, tool)].keys()
+                               if current.get(t) != baseline[(ns, tool)].get(t)}
+                    if changed:
+                        self.restore_legacy(node, ns, tool, baseline[(ns, tool)], current,
+                                            changed)
+
+    def restore_legacy(self, node: str, ns: str, tool: str, baseline: dict, current: dict,
+                       changed: set[str]) -> None:
+        script = "".join(_legacy_table_text(t, baseline.get(t) or _emptied(current[t]))
+                         for t in sorted(changed))
+        rm = netns.run(ns, [tool.replace("-legacy", "-legacy-restore")], check=False,
+                       input=script)
+        for table in sorted(changed):
+            was, now = set(baseline.get(table, [])), current.get(table, [])
+            diff = [f"+{line}" for line in now if line not in was] + \
+                [f"-{line}" for line in baseline.get(table, []) if line not in set(now)]
+            self.blocked(node, tool, f"table {table}: " + "; ".join(diff), rm.returncode == 0,
+                         "reverted", detail=rm.stderr.strip())
 
     def sweep_nat(self) -> None:
         from . import nat_table
@@ -193,19 +302,29 @@ class Guard:
                 elif used < NAT_FULL_FRACTION * capacity / 2:
                     full_warned.discard(node)
 
-    def run(self) -> int:
+    def run(self, cgroup_fd: int, no_cgroup: str) -> int:
         for node, ns in self.nodes.items():
-            proc = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "-a", "monitor", "rules"],
+            proc = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "-a", "monitor"],
                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                     bufsize=1)
             self.monitors.append(proc)
-            threading.Thread(target=self.watch_nftables, args=(node, ns, proc),
+            # taken after subscribing, so no change falls between the two
+            baseline = nft_ruleset.snapshot(ns, with_texts=True)
+            threading.Thread(target=self.watch_nftables, args=(node, ns, proc, baseline),
                              daemon=True).start()
-        threading.Thread(target=self.poll_legacy, daemon=True).start()
+        watcher = "nf_tables watcher (reverts each change)"
+        self.backends = {b: watcher for b in NFT_BACKENDS}
+        why_not = self.start_refusal(cgroup_fd) if cgroup_fd >= 0 else no_cgroup
+        if self.refusal is not None:
+            legacy = f"kernel refusal (cgroup/setsockopt program id {self.refusal.prog_id})"
+        else:
+            legacy = f"poll every {LEGACY_POLL_S:g}s (no kernel refusal: {why_not})"
+            threading.Thread(target=self.poll_legacy, daemon=True).start()
+        self.backends.update({tool: legacy for tool in LEGACY_TOOLS})
         if self.nat_progs:
             threading.Thread(target=self.sweep_nat, daemon=True).start()
         time.sleep(0.2)  # let every monitor subscribe before saying so
-        print("ready", flush=True)
+        print("ready " + json.dumps(self.backends), flush=True)
         # Ends when the lab goes (its namespaces' processes are killed) or on SIGTERM.
         while all(p.poll() is None for p in self.monitors):
             time.sleep(0.2)
@@ -213,11 +332,41 @@ class Guard:
         return 0
 
 
+def _legacy_tables(ns: str, tool: str) -> dict[str, list[str]]:
+    """{table: its chains and rules} as `<tool>-save` prints them, counters left out.
+
+    A table with nothing but its built-in chains, ACCEPT, is left out: the
+    kernel instantiates tables in a namespace when a tool first reads them.
+    """
+    proc = netns.run(ns, [f"{tool}-save"], check=False)
+    tables: dict[str, list[str]] = {}
+    table = None
+    for line in proc.stdout.splitlines():
+        if line.startswith("*"):
+            table = tables.setdefault(line[1:], [])
+        elif table is not None and line.startswith((":", "-")):
+            table.append(re.sub(r" \[\d+:\d+\]$", "", line))
+    return {name: lines for name, lines in tables.items() if lines != _emptied(lines)}
+
+
+def _emptied(lines: list[str]) -> list[str]:
+    """A table as it is with nothing added: its built-in chains, ACCEPT."""
+    return [f"{line.split()[0]} ACCEPT" for line in lines
+            if line.startswith(":") and line.split()[1] != "-"]
+
+
+def _legacy_table_text(table: str, lines: list[str]) -> str:
+    return f"*{table}\n" + "".join(f"{line}\n" for line in lines) + "COMMIT\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datapath.rule_guard")
     parser.add_argument("--lab", required=True)
     parser.add_argument("--nodes", required=True, help="node=netns,node=netns")
     parser.add_argument("--nat", default="", help="node=from_pod program id,...")
+    parser.add_argument("--cgroup-fd", type=int, default=-1,
+                        help="an open fd of the cgroup v2 root (for the x_tables refusal)")
+    parser.add_argument("--no-cgroup", default="", help="why there is no cgroup fd")
     args = parser.parse_args(argv)
     nodes = dict(item.split("=", 1) for item in args.nodes.split(","))
     nat_progs = {name: int(pid) for name, pid in
@@ -230,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, terminate)
-    return guard.run()
+    return guard.run(args.cgroup_fd, args.no_cgroup)
 
 
 if __name__ == "__main__":

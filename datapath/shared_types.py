@@ -23,6 +23,7 @@ typedef unsigned char __u8;
 typedef unsigned short __u16;
 typedef unsigned int __u32;
 typedef unsigned long long __u64;
+typedef int __s32;
 """
 
 _GUARD = re.compile(r"^\s*#\s*(ifndef|define|endif)\b.*$", re.M)
@@ -303,6 +304,23 @@ def unpack_trace_event(raw: bytes) -> TraceEvent:
                       ifindex_out=ev.ifindex_out, saddr=be32_to_ip(ev.saddr),
                       daddr=be32_to_ip(ev.daddr), sport=_ntohs(ev.sport),
                       dport=_ntohs(ev.dport), protocol=ev.protocol, len=ev.len)
+
+
+@dataclass(frozen=True)
+class XtRefusal:
+    netns_cookie: int
+    pid: int
+    level: int
+    optname: int
+    comm: str
+    table: str
+
+
+def unpack_xt_refusal(raw: bytes) -> XtRefusal:
+    ev = _from_bytes("struct hr_xt_refusal", raw)
+    return XtRefusal(netns_cookie=ev.netns_cookie, pid=ev.pid, level=ev.level,
+                     optname=ev.optname, comm=ffi.string(ev.comm).decode(errors="replace"),
+                     table=ffi.string(ev.table).decode(errors="replace"))
 
 
 def _from_bytes(ctype: str, raw: bytes):

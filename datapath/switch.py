@@ -134,7 +134,7 @@ def enable_ebpf(state: LabState, topo: Topology, force: bool = False) -> None:
                               f"BPF SNAT to {node.ip} (ports {topo.nat.port_min}-"
                               f"{topo.nat.port_max}, up to {topo.nat.max_flows} flows) replaces "
                               f"the iptables MASQUERADE rule")
-        state.guard_pid = rule_guard.start(
+        state.guard_pid, state.guard_backends = rule_guard.start(
             topo.lab, {n.name: n.netns for n in topo.nodes},
             {n.name: state.datapath[n.name]["programs"][FROM_POD] for n in topo.nodes})
     except BaseException:
@@ -151,7 +151,7 @@ def enable_ebpf(state: LabState, topo: Topology, force: bool = False) -> None:
 
 def _detach_all(state: LabState, topo: Topology) -> None:
     rule_guard.stop(state.guard_pid)
-    state.guard_pid = 0
+    state.guard_pid, state.guard_backends = 0, {}
     for node in topo.nodes:
         record = state.datapath.get(node.name, {"attached": []})
         for att in reversed(record["attached"]):
@@ -199,7 +199,7 @@ def status(state: LabState, topo: Topology) -> dict:
         nodes.append({"name": node.name, "netns": node.netns, "mode": state.mode,
                       "attached": attached})
     return {"lab": topo.lab, "mode": state.mode, "nodes": nodes,
-            "rule_blocking": rule_guard.mechanisms(state.guard_pid),
+            "rule_blocking": rule_guard.mechanisms(state.guard_pid, state.guard_backends),
             "ebpf_support": _support()}
 
 
@@ -265,7 +265,9 @@ def print_status(status_: dict) -> None:
     console.print(table)
     blocking = status_["rule_blocking"]
     console.print(f"new firewall rules in node namespaces: blocked by {blocking['active']}"
-                  + (f" (pid {blocking['guard_pid']})" if blocking["guard_pid"] else ""))
+                  + (f" (guard pid {blocking['guard_pid']})" if blocking["guard_pid"] else ""))
+    for backend, how in blocking["backends"].items():
+        console.print(f"  {backend}: {how}")
     console.print(f"BPF LSM: {blocking['bpf_lsm']['detail']}")
     support = status_["ebpf_support"]
     if support["usable"]:

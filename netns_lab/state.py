@@ -47,6 +47,8 @@ class LabState:
     datapath: dict = field(default_factory=dict)
     # The daemon that blocks new firewall rules while in eBPF mode (0: none).
     guard_pid: int = 0
+    # How it blocks, per backend, as it reported when it started.
+    guard_backends: dict = field(default_factory=dict)
 
     @property
     def path(self) -> Path:

@@ -1,17 +1,24 @@
-"""AKS's safeguards: refuse to enable over user rules, block new ones while enabled, record events."""
+"""AKS's safeguards: refuse to enable over user rules, block every ruleset change while
+enabled (nf_tables changes reverted, x_tables writes refused in the kernel), record events."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
 
+import pytest
 
-from datapath import events, switch
+from datapath import events, libbpf, rule_guard, switch
 from netns_lab import netns
-from netns_lab.state import load_state
+from netns_lab.builder import lab_down, lab_up
+from netns_lab.state import lab_names, load_state
+from netns_lab.topology import load_topology
+from tests.conftest import fresh_lab_name
 
 REMOVED_WITHIN_S = 3.0  # the bound this test holds the guard to (legacy poll is 0.5 s)
 CLI = [sys.executable, "-m", "datapath.cli"]
@@ -61,7 +68,8 @@ def test_enable_refuses_over_a_user_rule_then_blocks_new_ones(legacy_lab, make_l
     netns.run(other.nodes[0].netns, ["iptables-nft", "-A", "FORWARD", "-s", "198.18.9.5",
                                      "-j", "DROP"])
     netns.run(node1, ["iptables-nft", "-A", "FORWARD", "-s", "198.18.9.8", "-j", "DROP"])
-    netns.run(node2, ["iptables-legacy", "-A", "INPUT", "-s", "198.18.9.7", "-j", "DROP"])
+    assert netns.run(node2, ["iptables-legacy", "-A", "INPUT", "-s", "198.18.9.7", "-j", "DROP"],
+                     check=False).returncode != 0     # refused in the kernel
     netns.run(node2, ["nft", "add table inet user; add chain inet user c "
                       "{ type filter hook input priority 0; }; add rule inet user c ip saddr "
                       "198.18.9.6 drop"])
@@ -71,7 +79,8 @@ def test_enable_refuses_over_a_user_rule_then_blocks_new_ones(legacy_lab, make_l
     assert "198.18.9.5" in rules_text(other.nodes[0].netns)
 
     blocked = [e for e in events.read(topo.lab) if e["reason"] == "BlockedRule"]
-    assert {e["details"]["backend"] for e in blocked} == {"nftables", "iptables-legacy"}
+    assert {e["details"]["backend"] for e in blocked} == {"iptables-nft", "iptables-legacy",
+                                                          "nftables"}
     assert any("198.18.9.8" in e["message"] for e in blocked)
     proc = cli("events", "--lab", topo.lab, "--json")
     assert proc.returncode == 0
@@ -102,7 +111,15 @@ def test_status_names_the_blocking_mechanism(legacy_lab):
     assert switch.status(load_state(topo.lab), topo)["rule_blocking"]["active"] == "none"
     switch.enable_ebpf(load_state(topo.lab), topo)
     blocking = switch.status(load_state(topo.lab), topo)["rule_blocking"]
-    assert "nf_tables netlink watcher" in blocking["active"] and blocking["guard_pid"] > 0
+    assert blocking["guard_pid"] > 0
+    backends = blocking["backends"]
+    for backend in ("iptables-nft", "ip6tables-nft", "nftables"):
+        assert backends[backend].startswith("nf_tables watcher")
+    for backend in ("iptables-legacy", "ip6tables-legacy"):
+        assert backends[backend].startswith("kernel refusal (cgroup/setsockopt program id ")
+    assert "kernel refusal" in blocking["active"] and "nf_tables watcher" in blocking["active"]
+    prog_id = _refusal_prog_id(blocking)
+    assert prog_id in libbpf.prog_ids()
     try:
         lsm = open("/sys/kernel/security/lsm").read()
         assert blocking["bpf_lsm"]["available"] == ("bpf" in lsm.split(","))
@@ -111,6 +128,8 @@ def test_status_names_the_blocking_mechanism(legacy_lab):
     pid = blocking["guard_pid"]
     switch.disable_ebpf(load_state(topo.lab), topo)
     assert not os.path.exists(f"/proc/{pid}")
+    assert prog_id not in libbpf.prog_ids()   # the refusal ends with its guard
+    assert switch.status(load_state(topo.lab), topo)["rule_blocking"]["backends"] == {}
 
 
 def test_lab_down_ends_the_guard_and_its_event_log(make_lab):
@@ -127,3 +146,207 @@ def test_lab_down_ends_the_guard_and_its_event_log(make_lab):
         if os.path.exists(f"/proc/{pid}") else "gone"
     assert status in ("gone", "Z")
     assert not events.log_path(topo.lab).exists()
+
+
+def _refusal_prog_id(blocking: dict) -> int:
+    return int(re.search(r"program id (\d+)", blocking["backends"]["iptables-legacy"]).group(1))
+
+
+def _nft_text(ns: str) -> str:
+    return netns.run(ns, ["nft", "list", "ruleset"]).stdout
+
+
+def _legacy_text(ns: str) -> str:
+    """x_tables rules, user chains and policies other than ACCEPT (a table that is merely
+    instantiated, with its empty built-in chains, filters nothing)."""
+    lines = []
+    for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
+        for line in netns.run(ns, [tool], check=False).stdout.splitlines():
+            if line.startswith("*"):
+                table = line
+            elif line.startswith("-") or (line.startswith(":") and line.split()[1] != "ACCEPT"):
+                lines.append(f"{tool} {table} {line}")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def frozen_lab():
+    """One eBPF lab for the change-by-change tests: (topology, node namespace, its rulesets)."""
+    from datapath.cli import _configure_mode
+    topo = load_topology(fresh_lab_name(), None, 2, 1)
+    try:
+        lab_up(topo, _configure_mode("ebpf"))
+        ns = topo.nodes[1].netns
+        yield topo, ns, _nft_text(ns), _legacy_text(ns)
+    finally:
+        if topo.lab in lab_names():
+            lab_down(topo.lab)
+
+
+def _blocked_events(lab: str, since: int) -> list[dict]:
+    return [e for e in events.read(lab)[since:] if e["reason"] == "BlockedRule"]
+
+
+def _back_to(ns: str, nft_before: str, seconds: float = REMOVED_WITHIN_S) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        now = _nft_text(ns)
+        if now == nft_before:
+            break
+        time.sleep(0.05)
+    return now
+
+
+# (what it is, the commands, text the BlockedRule event must name)
+NF_TABLES_CHANGES = [
+    ("iptables-nft insert", [["iptables-nft", "-I", "INPUT", "-p", "tcp", "--dport", "3333",
+                              "-j", "DROP"]], "insert rule ip filter INPUT tcp dport 3333"),
+    ("iptables-nft append", [["iptables-nft", "-A", "FORWARD", "-s", "198.18.9.8", "-j",
+                              "DROP"]], "198.18.9.8"),
+    ("iptables-nft insert into the lab's own chain",
+     [["iptables-nft", "-t", "nat", "-I", "POSTROUTING", "-s", "198.18.9.9", "-j", "ACCEPT"]],
+     "ip nat POSTROUTING ip saddr 198.18.9.9"),
+    ("iptables-nft policy", [["iptables-nft", "-P", "FORWARD", "DROP"]], "policy drop"),
+    ("iptables-nft new chain", [["iptables-nft", "-N", "USERCHAIN"]], "USERCHAIN"),
+    ("ip6tables-nft append", [["ip6tables-nft", "-A", "INPUT", "-s", "2001:db8::1", "-j",
+                               "DROP"]], "2001:db8::1"),
+    ("nft base chain with policy drop and no rules",
+     [["nft", "add table inet user; add chain inet user c { type filter hook forward "
+       "priority 0; policy drop; }"]], "policy drop"),
+    ("nft set in the lab's table", [["nft", "add set ip nat blocked { type ipv4_addr; }"]],
+     "add set ip nat blocked"),
+    ("nft map in the lab's table",
+     [["nft", "add map ip nat m { type ipv4_addr : verdict; }"]], "add map ip nat m"),
+    ("nft rule with a set", [["nft", "add table ip t; add set ip t s { type ipv4_addr; "
+                              "elements = { 198.18.9.5 } }; add chain ip t c { type filter hook "
+                              "input priority 0; }; add rule ip t c ip saddr @s drop"]], "@s"),
+    ("nft flush ruleset (removes the lab's chains)", [["nft", "flush", "ruleset"]],
+     "delete table ip nat"),
+    ("nft delete of the lab's base chain", [["nft", "delete", "chain", "ip", "nat",
+                                             "POSTROUTING"]], "delete chain ip nat POSTROUTING"),
+]
+
+
+@pytest.mark.parametrize("what,commands,needle", NF_TABLES_CHANGES,
+                         ids=[c[0] for c in NF_TABLES_CHANGES])
+def test_every_nf_tables_change_is_reverted_with_an_event(frozen_lab, what, commands, needle):
+    topo, ns, nft_before, legacy_before = frozen_lab
+    since = len(events.read(topo.lab))
+    for argv in commands:
+        netns.run(ns, argv)
+    assert _back_to(ns, nft_before) == nft_before, f"{what}: not reverted"
+    deadline = time.monotonic() + REMOVED_WITHIN_S
+    while not _blocked_events(topo.lab, since) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    blocked = _blocked_events(topo.lab, since)
+    assert len(blocked) == len(commands), blocked
+    assert needle in blocked[0]["message"] and blocked[0]["details"]["blocked"] is True
+    assert blocked[0]["message"].startswith("reverted ") and "[" in blocked[0]["details"]["writer"]
+    assert _legacy_text(ns) == legacy_before
+
+
+X_TABLES_WRITES = [
+    ["iptables-legacy", "-I", "INPUT", "-s", "198.18.9.7", "-j", "DROP"],
+    ["iptables-legacy", "-A", "FORWARD", "-s", "198.18.9.7", "-j", "DROP"],
+    ["iptables-legacy", "-P", "FORWARD", "DROP"],
+    ["iptables-legacy", "-N", "USERCHAIN"],
+    ["iptables-legacy", "-t", "nat", "-A", "POSTROUTING", "-j", "MASQUERADE"],
+    ["ip6tables-legacy", "-A", "INPUT", "-s", "2001:db8::7", "-j", "DROP"],
+    ["ip6tables-legacy", "-P", "FORWARD", "DROP"],
+]
+
+
+@pytest.mark.parametrize("argv", X_TABLES_WRITES, ids=[" ".join(a[:3]) for a in X_TABLES_WRITES])
+def test_every_x_tables_write_is_refused_by_the_kernel(frozen_lab, argv):
+    topo, ns, nft_before, legacy_before = frozen_lab
+    since = len(events.read(topo.lab))
+    proc = netns.run(ns, argv, check=False)
+    assert proc.returncode != 0 and "Operation not permitted" in proc.stderr, proc
+    assert _legacy_text(ns) == legacy_before
+    deadline = time.monotonic() + REMOVED_WITHIN_S
+    while not _blocked_events(topo.lab, since) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (blocked,) = _blocked_events(topo.lab, since)
+    table = argv[argv.index("-t") + 1] if "-t" in argv else "filter"
+    assert blocked["message"].startswith(f"refused {argv[0]} change by ")
+    assert f"load of table {table}" in blocked["message"]
+    assert blocked["object"] == f"node/{topo.nodes[1].name}"
+    assert _nft_text(ns) == nft_before
+
+
+def test_the_refusal_touches_nothing_outside_the_lab_nodes(frozen_lab, make_lab):
+    """A pod of the same lab and another lab's node still write x_tables, large tables too
+    (a blob over a page, which the program passes without reading)."""
+    topo, _, _, _ = frozen_lab
+    _, other = make_lab("legacy")
+    big = "*filter\n" + "".join(f"-A INPUT -s 198.18.{i // 250}.{i % 250 + 1}/32 -j ACCEPT\n"
+                                for i in range(400)) + "COMMIT\n"
+    for ns in (topo.nodes[0].pods[0].netns, other.nodes[0].netns):
+        assert netns.run(ns, ["iptables-legacy", "-A", "INPUT", "-s", "198.18.9.2", "-j",
+                              "DROP"], check=False).returncode == 0
+        assert netns.run(ns, ["ip6tables-legacy", "-P", "FORWARD", "DROP"],
+                         check=False).returncode == 0
+        assert netns.run(ns, ["iptables-legacy-restore"], input=big,
+                         check=False).returncode == 0
+        saved = netns.run(ns, ["iptables-legacy-save"]).stdout
+        assert saved.count("-j ACCEPT") == 400 and "198.18.9.2" not in saved  # restore flushed
+
+
+def test_replacing_a_forced_rule_is_reverted_to_the_original(legacy_lab):
+    """Replace (-R) and deletion of a rule accepted with --force: the table comes back whole."""
+    _, topo = legacy_lab
+    ns = topo.nodes[0].netns
+    netns.run(ns, ["iptables-nft", "-A", "FORWARD", "-d", "198.18.9.3", "-j", "DROP"])
+    switch.enable_ebpf(load_state(topo.lab), topo, force=True)
+    before = _nft_text(ns)
+    netns.run(ns, ["iptables-nft", "-R", "FORWARD", "1", "-d", "198.18.9.30", "-j", "ACCEPT"])
+    assert _back_to(ns, before) == before
+    netns.run(ns, ["iptables-nft", "-D", "FORWARD", "-d", "198.18.9.3", "-j", "DROP"])
+    assert _back_to(ns, before) == before
+    assert "198.18.9.3 " in netns.run(ns, ["iptables-nft-save"]).stdout.replace("/32", " ")
+
+
+def test_the_refusal_goes_with_a_killed_guard(ebpf_lab):
+    _, topo = ebpf_lab
+    blocking = switch.status(load_state(topo.lab), topo)["rule_blocking"]
+    prog_id = _refusal_prog_id(blocking)
+    os.killpg(blocking["guard_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while prog_id in libbpf.prog_ids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert prog_id not in libbpf.prog_ids()
+    assert netns.run(topo.nodes[0].netns, ["iptables-legacy", "-A", "INPUT", "-j", "ACCEPT"],
+                     check=False).returncode == 0
+
+
+def test_lab_down_removes_the_refusal(make_lab):
+    _, topo = make_lab("ebpf")
+    prog_id = _refusal_prog_id(switch.status(load_state(topo.lab), topo)["rule_blocking"])
+    lab_down(topo.lab)
+    deadline = time.monotonic() + 5
+    while prog_id in libbpf.prog_ids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert prog_id not in libbpf.prog_ids()
+
+
+def test_polled_x_tables_are_restored_where_the_kernel_cannot_refuse(legacy_lab):
+    """The fallback: without the cgroup program, x_tables are polled and restored."""
+    _, topo = legacy_lab
+    ns = topo.nodes[0].netns
+    before = _legacy_text(ns)
+    pid, backends = rule_guard.start(topo.lab, {n.name: n.netns for n in topo.nodes},
+                                     refuse_xtables=False)
+    try:
+        assert backends["iptables-legacy"].startswith("poll every")
+        since = len(events.read(topo.lab))
+        netns.run(ns, ["iptables-legacy", "-I", "INPUT", "-s", "198.18.9.6", "-j", "DROP"])
+        netns.run(ns, ["iptables-legacy", "-P", "FORWARD", "DROP"])
+        netns.run(ns, ["ip6tables-legacy", "-N", "USERCHAIN"])
+        deadline = time.monotonic() + REMOVED_WITHIN_S
+        while _legacy_text(ns) != before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _legacy_text(ns) == before
+        blocked = " ".join(e["message"] for e in _blocked_events(topo.lab, since))
+        assert "198.18.9.6" in blocked and "FORWARD" in blocked and "USERCHAIN" in blocked
+    finally:
+        rule_guard.stop(pid)

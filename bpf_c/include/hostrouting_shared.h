@@ -176,4 +176,16 @@ struct hr_trace_event {
 	__u32 len;		/* skb->len */
 };
 
+/* A record of the `refusals` ring buffer of bpf_c/xtables_refusal.c: one refused
+ * x_tables write (iptables-legacy and friends) in a lab's node namespace. */
+struct hr_xt_refusal {
+	__u64 netns_cookie;	/* bpf_get_netns_cookie() of the socket */
+	__u32 pid;		/* thread group id of the writer */
+	__s32 level;		/* SOL_IP or SOL_IPV6 */
+	__s32 optname;		/* IPT_SO_SET_REPLACE, ARPT_SO_SET_REPLACE, ... */
+	char comm[16];		/* the writer's task name */
+	char table[32];		/* the table it tried to replace (the blob's first field) */
+	__u32 pad;
+};
+
 #endif /* HOSTROUTING_SHARED_H */

@@ -1,0 +1,173 @@
+"""An nf_tables ruleset frozen in place: snapshot it, compare, revert any change.
+
+iptables-nft, ip6tables-nft and native nft all write the kernel's nf_tables, so
+one snapshot of ``nft -j list ruleset`` covers them. A snapshot keys every
+object by what it is (family, table, kind, name), and keeps each chain's rules
+in order, without the handles and counter values that change by themselves.
+Two snapshots are equal when the rulesets filter the same way.
+
+`revert_plan(current, baseline)` is the nft script, one transaction, that takes
+the ruleset from `current` back to `baseline`:
+
+- a table that is new is deleted, with all it holds;
+- a table whose baseline objects are all unchanged and whose baseline rules
+  are all still there, in order, loses just what was added: rules by handle
+  (inserts, appends, replacements), then new chains (flushed first, since a
+  chain with rules cannot go), sets, maps and other named objects;
+- any other change to a table (a policy, a removed or flushed rule, a changed
+  set, a deleted chain) recreates the table from its baseline text, which
+  ``nft list table`` printed when the baseline was taken; a table deleted
+  altogether is recreated the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from netns_lab import netns
+
+# Named objects a table can hold (``nft -j`` keys), and how nft deletes each.
+DELETABLE = {"chain": "chain", "set": "set", "map": "map", "flowtable": "flowtable",
+             "counter": "counter", "quota": "quota", "limit": "limit", "secmark": "secmark",
+             "synproxy": "synproxy", "ct helper": "ct helper", "ct timeout": "ct timeout",
+             "ct expectation": "ct expectation"}
+
+
+class NftError(RuntimeError):
+    """nft could not list the ruleset."""
+
+
+def _normal(value):
+    """A JSON value without what changes on its own: handles and counter figures."""
+    if isinstance(value, dict):
+        return {k: ({} if k == "counter" and isinstance(v, dict) and "packets" in v
+                    else _normal(v))
+                for k, v in value.items() if k != "handle"}
+    if isinstance(value, list):
+        return [_normal(v) for v in value]
+    return value
+
+
+def _canon(value) -> str:
+    return json.dumps(_normal(value), sort_keys=True)
+
+
+TableKey = tuple[str, str]                  # family, table
+
+
+@dataclass
+class Snapshot:
+    # (family, table, kind, name) -> canonical JSON; kind "table" has name ""
+    objects: dict[tuple[str, str, str, str], str] = field(default_factory=dict)
+    # (family, table, chain) -> [(handle, canonical JSON of the rule)], in order
+    rules: dict[tuple[str, str, str], list[tuple[int, str]]] = field(default_factory=dict)
+    # table -> `nft list table` text (taken for baselines only)
+    texts: dict[TableKey, str] = field(default_factory=dict)
+
+    @property
+    def tables(self) -> set[TableKey]:
+        return {(fam, table) for fam, table, kind, _ in self.objects if kind == "table"}
+
+    def same_as(self, other: "Snapshot") -> bool:
+        return self.objects == other.objects and self._rule_texts() == other._rule_texts()
+
+    def table_same_as(self, other: "Snapshot", table: TableKey) -> bool:
+        return (self._of(table) == other._of(table)
+                and self._rule_texts(table) == other._rule_texts(table))
+
+    def _of(self, table: TableKey) -> dict:
+        return {k: v for k, v in self.objects.items() if k[:2] == table}
+
+    def _rule_texts(self, table: TableKey | None = None) -> dict:
+        return {k: [text for _, text in v] for k, v in self.rules.items()
+                if v and (table is None or k[:2] == table)}
+
+
+def parse(listing: str) -> Snapshot:
+    """A Snapshot of ``nft -j list ruleset`` output."""
+    snap = Snapshot()
+    for item in json.loads(listing or '{"nftables": []}').get("nftables", []):
+        ((kind, obj),) = item.items()
+        if kind == "metainfo":
+            continue
+        if kind == "table":
+            snap.objects[(obj["family"], obj["name"], "table", "")] = _canon(obj)
+        elif kind == "rule":
+            snap.rules.setdefault((obj["family"], obj["table"], obj["chain"]), []).append(
+                (obj["handle"], _canon({"expr": obj.get("expr"), "comment": obj.get("comment")})))
+        else:
+            snap.objects[(obj["family"], obj["table"], kind, obj["name"])] = _canon(obj)
+    return snap
+
+
+def snapshot(ns: str, with_texts: bool = False) -> Snapshot:
+    proc = netns.run(ns, ["nft", "-j", "list", "ruleset"], check=False)
+    if proc.returncode != 0:
+        raise NftError(f"{ns}: nft -j list ruleset: {proc.stderr.strip()}")
+    snap = parse(proc.stdout)
+    if with_texts:
+        for fam, table in snap.tables:
+            text = netns.run(ns, ["nft", "list", "table", fam, table], check=False)
+            snap.texts[(fam, table)] = text.stdout
+    return snap
+
+
+def _additions_only(cur: Snapshot, base: Snapshot, table: TableKey) -> list[str] | None:
+    """Commands deleting what was added to a baseline table, or None when that is not all."""
+    fam, name = table
+    added = {k for k in cur._of(table) if k not in base.objects}
+    if any(cur.objects.get(k) != v for k, v in base._of(table).items()):
+        return None                      # a baseline object changed or went
+    if any(k[2] not in DELETABLE for k in added):
+        return None
+    deletes: list[str] = []
+    for key, base_rules in base.rules.items():
+        if key[:2] != table:
+            continue
+        wanted = iter(text for _, text in base_rules)
+        want = next(wanted, None)
+        for handle, text in cur.rules.get(key, []):
+            if text == want:
+                want = next(wanted, None)
+            else:
+                deletes.append(f"delete rule {fam} {name} {key[2]} handle {handle}")
+        if want is not None:
+            return None                  # a baseline rule is missing
+    for key, cur_rules in cur.rules.items():   # rules added to a baseline chain with none
+        if key[:2] == table and key not in base.rules and \
+                (fam, name, "chain", key[2]) not in added:
+            deletes += [f"delete rule {fam} {name} {key[2]} handle {h}" for h, _ in cur_rules]
+    new_chains = sorted(k[3] for k in added if k[2] == "chain")
+    deletes += [f"flush chain {fam} {name} {c}" for c in new_chains]
+    deletes += [f"delete chain {fam} {name} {c}" for c in new_chains]
+    deletes += [f"delete {DELETABLE[kind]} {fam} {name} {obj}"
+                for _, _, kind, obj in sorted(added) if kind != "chain"]
+    return deletes
+
+
+def revert_plan(cur: Snapshot, base: Snapshot) -> str:
+    """The nft script (one transaction) taking `cur` back to `base`; empty when equal."""
+    lines: list[str] = []
+    for fam, table in sorted(cur.tables - base.tables):
+        lines.append(f"delete table {fam} {table}")
+    for key in sorted(base.tables):
+        if key not in cur.tables:
+            lines.append(base.texts[key])
+            continue
+        if cur.table_same_as(base, key):
+            continue
+        plan = _additions_only(cur, base, key)
+        if plan is None:
+            plan = [f"delete table {key[0]} {key[1]}", base.texts[key]]
+        lines += plan
+    return "\n".join(lines)
+
+
+def summary(lines: list[str]) -> str:
+    """`nft monitor` lines of one transaction, as one readable line."""
+    out = []
+    for line in lines:
+        text = line.split(" # handle ")[0].replace(" counter packets 0 bytes 0", " counter")
+        out.append(text.strip())
+    return "; ".join(out)
