@@ -36,6 +36,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
+from datapath import libbpf
 from datapath.bpf_build import capture_fd2
 
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
@@ -403,6 +404,34 @@ def tool_checks() -> list[Check]:
     ]
 
 
+def check_xtables_refusal() -> Check:
+    """Can the rule guard refuse x_tables writes in the kernel (else it polls them)?"""
+    from . import xtables_refusal
+    from .bpf_build import BpfBuildError, compile_bpf, load_program
+    name = "x_tables refusal (cgroup/setsockopt)"
+    where = xtables_refusal.cgroup2_root()
+    if where is None:
+        return Check(name, False, False, "no cgroup v2 hierarchy mounted: iptables-legacy rules "
+                                         "in node namespaces are polled and reverted instead")
+    try:
+        bpf = compile_bpf(xtables_refusal.SOURCE)
+        try:
+            load_program(bpf, xtables_refusal.PROGRAM, xtables_refusal.BPF_PROG_TYPE_CGROUP_SOCKOPT,
+                         attach_type=libbpf.BPF_CGROUP_SETSOCKOPT)
+        finally:
+            bpf.cleanup()
+    except BpfBuildError as e:
+        return Check(name, False, False, f"{first_line(str(e))}: iptables-legacy rules in node "
+                                         "namespaces are polled and reverted instead")
+    return Check(name, True, False, f"{xtables_refusal.PROGRAM} loads; cgroup v2 root {where}")
+
+
+def check_bpf_lsm() -> Check:
+    from .rule_guard import bpf_lsm_status
+    ok, detail = bpf_lsm_status()
+    return Check("BPF LSM", ok, False, detail)
+
+
 def run_checks() -> list[Check]:
     checks = [check_root(), check_bpf_syscall()]
     probes = Probes()
@@ -413,7 +442,9 @@ def run_checks() -> list[Check]:
         checks += check_clsact(probes)
     finally:
         probes.close()
-    return checks + tool_checks()
+    if not probes.import_error:
+        checks.append(check_xtables_refusal())
+    return checks + [check_bpf_lsm()] + tool_checks()
 
 
 # ---------------------------------------------------------------- output

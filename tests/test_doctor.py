@@ -17,7 +17,8 @@ REQUIRED = {"running as root", "bpf() syscall", "bcc (python3-bpfcc)", "kernel h
             "sched_cls program loads", "bpf_redirect_peer", "bpf_redirect_neigh",
             "bpf_fib_lookup", "clsact qdisc", "sched_cls attach (clsact ingress)", "netperf",
             "netserver", "iptables-nft backend"}
-WARNINGS = {"kernel headers version", "iptables-legacy backend", "conntrack tool", "nft"}
+WARNINGS = {"kernel headers version", "iptables-legacy backend", "conntrack tool", "nft",
+            "x_tables refusal (cgroup/setsockopt)", "BPF LSM"}
 
 
 def doctor_netns() -> list[str]:
@@ -57,6 +58,20 @@ def test_required_checks_pass_here(json_run):
     assert failed == [], failed
     assert proc.returncode == 0
     assert proc.stderr == "", "bcc or the verifier leaked onto stderr"
+
+
+def test_x_tables_refusal_is_checked_and_passes_here(json_run):
+    """This kernel loads cgroup/setsockopt programs and has a cgroup v2 root (the rule guard
+    refuses iptables-legacy writes with them); BPF LSM is reported, never claimed blindly."""
+    proc, _, _ = json_run
+    checks = {c["check"]: c for c in json.loads(proc.stdout)}
+    refusal = checks["x_tables refusal (cgroup/setsockopt)"]
+    assert refusal["ok"], refusal
+    try:
+        lsm = open("/sys/kernel/security/lsm").read().split(",")
+    except OSError:
+        lsm = []
+    assert checks["BPF LSM"]["ok"] == ("bpf" in lsm)
 
 
 def test_root_netns_untouched(json_run):
