@@ -7,13 +7,14 @@ is created in the root network namespace. The default lab (``hr``, 2 nodes x
       hr-node1-pod1   hr-node1-pod2          hr-node2-pod1   hr-node2-pod2
       eth0 198.18.1.10 eth0 198.18.1.11      eth0 198.18.2.10 eth0 198.18.2.11
            |  veth         |                      |                |
-      hr-node1-pod1   hr-node1-pod2          hr-node2-pod1   hr-node2-pod2
+         hr-1-1          hr-1-2                  hr-2-1          hr-2-2
       +--- netns hr-node1 ------------+      +--- netns hr-node2 ------------+
       | gateway 198.18.1.1/32 on each |      | gateway 198.18.2.1/32 on each |
       | host-side veth; /32 route per |      | host-side veth; /32 route per |
       | pod; 198.18.2.0/24 via node2  |      | pod; 198.18.1.0/24 via node1  |
       +--------- hr-uplink -----------+      +--------- hr-uplink -----------+
                  198.19.0.1 |  veth                     | 198.19.0.2
+                       hr-1 |                           | hr-2
                     +-------+---- netns hr-fabric ------+-------+
                     |  bridge br0 198.19.0.254/24 (the underlay) |
                     |  router: forwards underlay <-> external    |
@@ -23,6 +24,12 @@ is created in the root network namespace. The default lab (``hr``, 2 nodes x
                                  | eth0 203.0.113.10/24 |  the "internet":
                                  | default via .1       |  no route to pods
                                  +----------------------+
+
+Interface names are short, as Linux allows 15 characters: a pod's host-side
+veth is ``<lab>-<node #>-<pod #>`` and a node's bridge port ``<lab>-<node #>``,
+whatever the names (at most 14 characters for 64 nodes of 64 pods), each with
+the namespace it leads to as its alias (``ip link`` shows ``alias
+hr-node1-pod1``); every name starts with the lab's.
 
 The underlay is a bridge in a fabric namespace, so any number of nodes share
 one L2 segment as VMs on a cloud subnet do; the fabric namespace also routes

@@ -29,10 +29,12 @@ _ROUTER_SYSCTLS = {"net.ipv4.ip_forward": 1, "net.ipv4.conf.all.rp_filter": 0,
                    "net.ipv4.conf.default.rp_filter": 0}
 
 
-def _up(ipr, ifname: str, mtu: int | None = None) -> int:
+def _up(ipr, ifname: str, mtu: int | None = None, alias: str | None = None) -> int:
     index = netns.ifindex(ipr, ifname)
     if mtu:
         ipr.link("set", index=index, mtu=mtu)
+    if alias:  # the readable name, as `ip link` shows it (interface names are short)
+        ipr.link("set", index=index, ifalias=alias)
     ipr.link("set", index=index, state="up")
     return index
 
@@ -63,9 +65,9 @@ def _build_fabric(topo: Topology, socks: dict) -> None:
 
 def _build_node(topo: Topology, node, socks: dict) -> None:
     fab, nsock = socks[topo.fabric_netns], socks[node.netns]
-    port = f"{topo.lab}-{node.name}"
+    port = node.fabric_ifname
     _veth(nsock, topo.uplink_ifname, topo.fabric_netns, port)
-    pidx = _up(fab, port, topo.underlay_mtu)
+    pidx = _up(fab, port, topo.underlay_mtu, alias=node.netns)
     fab.link("set", index=pidx, master=netns.ifindex(fab, BRIDGE))
 
     up = _up(nsock, topo.uplink_ifname, topo.underlay_mtu)
@@ -79,7 +81,7 @@ def _build_node(topo: Topology, node, socks: dict) -> None:
     for pod in node.pods:
         psock = socks[pod.netns]
         _veth(nsock, pod.host_ifname, pod.netns, POD_IFNAME)
-        hidx = _up(nsock, pod.host_ifname)
+        hidx = _up(nsock, pod.host_ifname, alias=pod.netns)
         nsock.addr("add", index=hidx, address=node.gateway, prefixlen=32)
         nsock.route("add", dst=f"{pod.ip}/32", oif=hidx, scope=253, prefsrc=node.gateway)
         eidx = _up(psock, POD_IFNAME)

@@ -20,7 +20,7 @@ File format::
     [[nodes]]
     name = "node1"
     pod_cidr = "198.18.1.0/24"        # gateway .1, pods from .10
-    pods = 2                          # a count, or a list of pod names
+    pods = 2                          # a count, or a list of pod names (at most 64)
 
     [nat]                             # BPF SNAT of traffic leaving the cluster (eBPF mode)
     max_flows = 262144                # per node (the LRU map holds two entries per flow)
@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 IFNAMSIZ = 15  # usable characters in a Linux interface name
+MAX_NAME = 63  # node and pod names (a DNS label's length)
 LAB_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]*$")
 RESERVED_NAMES = {"fabric", "ext", "uplink", "br0"}
@@ -64,7 +65,7 @@ class Pod:
     name: str
     ip: str
     netns: str
-    host_ifname: str  # the host-side veth, in the node's namespace
+    host_ifname: str  # the host-side veth, in the node's namespace: <lab>-<node #>-<pod #>
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Node:
     gateway: str  # the pods' default gateway, on every host-side veth
     netns: str
     pods: tuple[Pod, ...]
+    fabric_ifname: str = ""  # its uplink's peer, a bridge port in the fabric: <lab>-<node #>
 
 
 @dataclass(frozen=True)
@@ -271,9 +273,9 @@ def _int(value, where: str, lo: int, hi: int) -> int:
 
 
 def _name(value, where: str) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value):
-        raise TopologyError(f"{where}: {value!r} must be lowercase letters, digits and '-', "
-                            "starting with a letter")
+    if not isinstance(value, str) or not NAME_RE.match(value) or len(value) > MAX_NAME:
+        raise TopologyError(f"{where}: {value!r} must be 1 to {MAX_NAME} lowercase letters, "
+                            "digits and '-', starting with a letter")
     if value in RESERVED_NAMES:
         raise TopologyError(f"{where}: {value!r} is reserved for the lab itself")
     return value
@@ -284,6 +286,24 @@ def _claim(names: dict[str, str], name: str, what: str, where: str) -> None:
     if name in names:
         raise TopologyError(f"{where}: duplicate name {name!r} (already a {names[name]})")
     names[name] = what
+
+
+def host_ifname(lab: str, node_index: int, pod_index: int) -> str:
+    """A pod's host-side veth: <lab>-<node #>-<pod #>, at most 8+1+2+1+2 = 14 characters for
+    every valid lab (64 nodes x 64 pods), whatever the node and pod names; the readable name
+    (the pod's namespace) is the interface's alias."""
+    return _fits(f"{lab}-{node_index}-{pod_index}")
+
+
+def fabric_ifname(lab: str, node_index: int) -> str:
+    """A node's bridge port in the fabric namespace (its uplink's peer): <lab>-<node #>."""
+    return _fits(f"{lab}-{node_index}")
+
+
+def _fits(ifname: str) -> str:
+    if len(ifname) > IFNAMSIZ:  # cannot happen within LAB_NAME_RE, MAX_NODES, MAX_PODS_PER_NODE
+        raise TopologyError(f"interface name {ifname!r} is longer than {IFNAMSIZ} characters")
+    return ifname
 
 
 def default_nodes(count: int, pods_per_node: int) -> list[dict]:
@@ -362,6 +382,8 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
         pods_raw = raw.get("pods", 2)
         where = loc.where("nodes", i, "pods")
         if isinstance(pods_raw, list):
+            if len(pods_raw) > MAX_PODS_PER_NODE:
+                raise TopologyError(f"{where}: {len(pods_raw)} pods, at most {MAX_PODS_PER_NODE}")
             pod_names = [_name(p, where) for p in pods_raw]
         else:
             count = _int(pods_raw, where, 0, MAX_PODS_PER_NODE)
@@ -379,19 +401,11 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
         pods = []
         for j, pod_name in enumerate(pod_names):
             _claim(names, pod_name, "pod", where)
-            host_if = f"{lab}-{pod_name}"
-            if len(host_if) > IFNAMSIZ:
-                raise TopologyError(f"{where}: interface name {host_if!r} (lab + '-' + pod) is "
-                                    f"{len(host_if)} characters, Linux allows {IFNAMSIZ}; "
-                                    "use shorter pod or lab names")
             pods.append(Pod(pod_name, str(pod_net.network_address + FIRST_POD_HOST + j),
-                            f"{lab}-{pod_name}", host_if))
-        fabric_port = f"{lab}-{node_name}"
-        if len(fabric_port) > IFNAMSIZ:
-            raise TopologyError(f"{loc.where('nodes', i, 'name')}: interface name {fabric_port!r} "
-                                f"is {len(fabric_port)} characters, Linux allows {IFNAMSIZ}")
+                            f"{lab}-{pod_name}", host_ifname(lab, i + 1, j + 1)))
         nodes.append(Node(node_name, i + 1, str(underlay.network_address + i + 1), str(pod_net),
-                          str(pod_net.network_address + 1), node_ns, tuple(pods)))
+                          str(pod_net.network_address + 1), node_ns, tuple(pods),
+                          fabric_ifname(lab, i + 1)))
 
     nat = _nat_settings(data.get("nat", {}), loc)
 
@@ -404,7 +418,7 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
         underlay_mtu=underlay_mtu,
         external_mtu=external_mtu,
         fabric_netns=f"{lab}-fabric",
-        uplink_ifname=f"{lab}-uplink",
+        uplink_ifname=_fits(f"{lab}-uplink"),
         nat=nat,
         pods_reach_nodes=pods_reach_nodes,
     )

@@ -40,7 +40,7 @@ def private_state_dir(tmp_path_factory):
 
 def _lab_letter() -> str:
     """One first letter per pytest-xdist worker ("t" without xdist), so that workers running
-    side by side never pick the same lab name (host veths allow 4 characters for it)."""
+    side by side never pick the same lab name (4 characters of the 8 a lab name may have)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     if not worker.startswith("gw"):
         return "t"

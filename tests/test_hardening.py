@@ -143,7 +143,8 @@ def _lab_traces(lab: str, state_dir: Path) -> dict:
     return {
         "netns": sorted(n for n in os.listdir("/run/netns") if n.startswith(lab + "-"))
         if os.path.isdir("/run/netns") else [],
-        "links": sorted(link["ifname"] for link in links if lab in link["ifname"]),
+        "links": sorted(link["ifname"] for link in links      # names, or aliases (long names)
+                        if lab in link["ifname"] + link.get("ifalias", "")),
         "state": sorted(p.name for p in state_dir.rglob("*") if p.is_file() and lab in p.name),
         "pinned": pinned,
     }

@@ -138,3 +138,35 @@ def test_cli_errors_are_one_line(lab_name):
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("hostrouting: error:"), \
             proc.stderr
     assert lab_namespaces(lab_name) == []
+
+
+def test_longest_lab_name_with_ten_nodes_comes_up_routes_and_goes(private_state_dir):
+    """An 8-character lab name and --nodes 10 (both allowed) gave 'node10' pods host veths
+    of 20 characters; Linux allows 15. Interface names are now <lab>-<node #>-<pod #>, with
+    the readable name as the interface's alias."""
+    from tests.conftest import fresh_lab_name
+    lab = fresh_lab_name() + "long"
+    assert len(lab) == 8
+    try:
+        up = cli("lab", "up", "--lab", lab, "--nodes", "10", "--pods-per-node", "1",
+                 timeout=120)
+        assert up.returncode == 0, up.stderr
+        assert f"lab {lab}: 10 nodes, 10 pods" in up.stdout
+        from tests.labtools import assert_ping
+        assert_ping(f"{lab}-node1-pod1", "198.18.10.10")
+        assert_ping(f"{lab}-node10-pod1", "198.18.9.10")
+        links = {link["ifname"]: link for link in json.loads(netns.run(
+            f"{lab}-node10", ["ip", "-j", "link", "show"]).stdout)}
+        assert links[f"{lab}-10-1"]["ifalias"] == f"{lab}-node10-pod1"
+        assert f"{lab}-uplink" in links
+        ports = {link["ifname"]: link.get("ifalias") for link in json.loads(netns.run(
+            f"{lab}-fabric", ["ip", "-j", "link", "show", "master", "br0"]).stdout)}
+        assert ports == {f"{lab}-{i}": f"{lab}-node{i}" for i in range(1, 11)}
+    finally:
+        down = cli("lab", "down", "--lab", lab)
+    assert down.returncode == 0, down.stderr
+    assert lab_namespaces(lab) == []
+    assert [p.name for p in private_state_dir.rglob("*") if lab in p.name] == []
+    root_links = json.loads(subprocess.run(["ip", "-j", "link", "show"], capture_output=True,
+                                           text=True, check=True).stdout)
+    assert [l["ifname"] for l in root_links if lab in l["ifname"] + l.get("ifalias", "")] == []

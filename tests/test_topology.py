@@ -48,8 +48,11 @@ pods = ["web", "db"]
      'pod_cidr = "198.18.2.0/24"\n', "lab.toml:5: nodes[1].name: duplicate name 'a'"),
     ('[[nodes]]\nname = "a"\npod_cidr = "198.18.1.0/24"\npods = ["p", "p"]\n',
      "lab.toml:4: nodes[0].pods: duplicate name 'p'"),
-    ('[[nodes]]\nname = "a"\npod_cidr = "198.18.1.0/24"\npods = ["averyverylongpodname"]\n',
-     "interface name 'lab1-averyverylongpodname'"),
+    ('[[nodes]]\nname = "a"\npod_cidr = "198.18.1.0/24"\npods = ["' + "p" * 64 + '"]\n',
+     "lab.toml:4: nodes[0].pods: '" + "p" * 64 + "' must be 1 to 63 lowercase letters"),
+    ('[[nodes]]\nname = "a"\npod_cidr = "198.18.0.0/16"\npods = ['
+     + ", ".join(f'"p{i}"' for i in range(65)) + ']\n',
+     "lab.toml:4: nodes[0].pods: 65 pods, at most 64"),
     ('[[nodes]]\nname = "a"\npod_cidr = "198.18.1.300/24"\n',
      "lab.toml:3: nodes[0].pod_cidr: '198.18.1.300/24' is not an IPv4 network"),
     ('[[nodes]]\nname = "a"\npod_cidr = "198.18.1.1/24"\n',
@@ -112,6 +115,26 @@ def test_reserved_ranges_are_refused_with_the_line(tmp_path, text, expected):
         load_topology("lab1", path)
     assert str(err.value).startswith(f"{path}:")
     assert expected in str(err.value)
+
+
+def test_interface_names_fit_for_the_longest_lab_name_and_the_most_nodes_and_pods(tmp_path):
+    """Every interface a lab creates fits in IFNAMSIZ (15), is unique in its namespace, and
+    starts with the lab's name (how leftovers are found); pod and node names may be long."""
+    topo = load_topology("abcdefgh", None, 64, 64)
+    for node in topo.nodes:
+        in_node = [p.host_ifname for p in node.pods] + [topo.uplink_ifname]
+        assert len(set(in_node)) == len(in_node)
+        assert all(len(name) <= 15 and name.startswith("abcdefgh-") for name in in_node)
+    in_fabric = [n.fabric_ifname for n in topo.nodes] + ["abcdefgh-ext", "br0"]
+    assert len(set(in_fabric)) == len(in_fabric) and max(map(len, in_fabric)) <= 15
+    assert topo.nodes[9].pods[0].host_ifname == "abcdefgh-10-1"
+    assert topo.nodes[63].pods[63].host_ifname == "abcdefgh-64-64"
+    long = "n" * 63
+    path = write(tmp_path, f'[[nodes]]\nname = "{long}"\npod_cidr = "198.18.1.0/24"\n'
+                           f'pods = ["{long[:-1]}p"]\n')
+    node = load_topology("abcdefgh", path).nodes[0]
+    assert (node.fabric_ifname, node.pods[0].host_ifname) == ("abcdefgh-1", "abcdefgh-1-1")
+    assert node.pods[0].netns == f"abcdefgh-{long[:-1]}p"
 
 
 @pytest.mark.parametrize("lab, nodes, pods, expected", [
