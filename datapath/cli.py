@@ -33,6 +33,16 @@ class CliError(Exception):
     """An error for the user: printed as one line, exit status 1."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Command-line mistakes are one line too (argparse prints its usage first), exit status 2;
+    subparsers are made of the same class."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("hostrouting").strip()
+        self.exit(2, f"hostrouting: error: {command + ': ' if command else ''}"
+                     f"{' '.join(message.split())} (see: {self.prog} --help)\n")
+
+
 def _require_root() -> None:
     if os.geteuid() != 0:
         raise CliError("must run as root (network namespaces and BPF need CAP_SYS_ADMIN and "
@@ -286,7 +296,7 @@ def cmd_monitor(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hostrouting", description="eBPF host routing in network-namespace labs, "
         "measured against legacy routing (iptables + conntrack).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -170,3 +170,26 @@ def test_longest_lab_name_with_ten_nodes_comes_up_routes_and_goes(private_state_
     root_links = json.loads(subprocess.run(["ip", "-j", "link", "show"], capture_output=True,
                                            text=True, check=True).stdout)
     assert [l["ifname"] for l in root_links if lab in l["ifname"] + l.get("ifalias", "")] == []
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["lab", "up", "--nodes", "abc"], "lab up: argument --nodes: invalid int value: 'abc'"),
+    (["lab", "up", "--pods-per-node"], "lab up: argument --pods-per-node: expected one argument"),
+    (["lab", "up", "--mode", "fast"], "lab up: argument --mode: invalid choice: 'fast'"),
+    (["lab", "up", "--bogus"], "unrecognized arguments: --bogus"),
+    ([], "the following arguments are required: COMMAND"),
+    (["lab"], "lab: the following arguments are required: LAB_COMMAND"),
+    (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
+    (["nat", "list", "--json", "extra"], "unrecognized arguments: extra"),
+    (["monitor", "--count", "1.5"], "monitor: argument --count: invalid int value: '1.5'"),
+    (["bench", "--sizes", "x,y"], "bench: argument --sizes: 'x,y': expected a comma-separated"),
+    (["bench", "compare", "a.json"], "bench compare: the following arguments are required"),
+])
+def test_command_line_mistakes_are_one_line_errors(args, expected):
+    """argparse printed its usage and then the error: four lines for `--nodes abc`."""
+    proc = cli(*args)
+    assert proc.returncode == 2, (args, proc.stderr)
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("hostrouting: error: "), \
+        proc.stderr
+    assert expected in proc.stderr and "--help)" in proc.stderr, proc.stderr
