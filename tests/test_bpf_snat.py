@@ -848,3 +848,42 @@ def test_a_fragment_from_outside_to_a_pod_is_dropped_like_any_packet(snat, route
         IP(src="198.18.2.20", dst=SRC, flags="MF") / UDP() / (b"x" * 64)
     _, res = run_in(snat, route_ns, inside)
     assert res.retval == TC_ACT_OK
+
+
+@pytest.mark.parametrize("case", ["udp-port-unreachable", "tcp-quoted-8-bytes", "udp-no-checksum"])
+def test_an_icmp_error_of_the_pods_about_a_flow_is_translated_through_it(snat, route_ns, case):
+    """The pod answers a remote's datagram with port unreachable (or quotes a TCP segment):
+    the error leaves from the node IP, quoting the datagram as the remote sent it (to the
+    node IP and NAT port), every checksum right; it was dropped as unsupported."""
+    l4 = TCP(sport=40000, dport=80, flags="A") if case.startswith("tcp") \
+        else UDP(sport=40000, dport=53)
+    _, port = _open_flow(snat, route_ns, l4)
+    back = TCP(sport=80, dport=40000, flags="A") if case.startswith("tcp") \
+        else UDP(sport=53, dport=40000)
+    quoted = bytes(IP(src=EXT, dst=SRC, ttl=50) / back / (b"q" * 40))
+    if case == "udp-no-checksum":
+        quoted = quoted[:26] + b"\0\0" + quoted[28:]
+    if case == "tcp-quoted-8-bytes":
+        quoted = quoted[:28]
+    err = out_pkt(ICMP(type=3, code=3), payload=b"") / quoted
+    _, res = run_out(snat, route_ns, err)
+    assert res.retval == TC_ACT_REDIRECT, counters(snat)
+    out = ip_of(res.data_out)
+    check_ip_and_l4(out)                                   # outer IPv4 + ICMP over everything
+    outer = IP(out)
+    assert outer.src == NODE_IP and outer.dst == EXT and outer[ICMP].type == 3
+    inner = out[28:]
+    check_ip_and_l4(inner, quoted=True)
+    assert inner[12:16] == bytes(map(int, EXT.split("."))) and \
+        inner[16:20] == bytes(map(int, NODE_IP.split(".")))
+    assert struct.unpack("!HH", inner[20:24]) == (back.sport, port)
+    if case == "udp-no-checksum":
+        assert inner[26:28] == b"\0\0"
+    assert counters(snat) == {"snat_redirect_neigh": 2}
+
+
+def test_an_icmp_error_of_the_pods_about_no_flow_is_still_dropped(snat, route_ns):
+    quoted = bytes(IP(src=EXT, dst=SRC) / UDP(sport=53, dport=40999) / b"x")
+    _, res = run_out(snat, route_ns, out_pkt(ICMP(type=3, code=3), payload=b"") / quoted)
+    assert res.retval == TC_ACT_SHOT
+    assert counters(snat) == {"drop_nat_unsupported": 1}

@@ -651,6 +651,9 @@ static __always_inline void nat_restore_out(struct hr_nat_scratch *s, struct hr_
 	nat_insert(&s->tk, &s->val);
 }
 
+static __always_inline int nat_icmp_error(struct __sk_buff *skb, struct hr_pkt *pkt,
+					  struct hr_config *cfg, int out, __u32 *new_ip);
+
 /*
  * Source-NAT a packet leaving the cluster. Returns 0 once the packet carries
  * the node IP and NAT port (packet pointers are stale then), or the
@@ -670,6 +673,12 @@ static __always_inline int snat_out(struct __sk_buff *skb, struct hr_pkt *pkt,
 	s = nat_scratch_get();
 	if (!s)
 		return HR_DROP_NAT_FAILED;
+	/* an ICMP error of the pod's about a flow's packet (a port unreachable, say) */
+	if (pkt->protocol == IPPROTO_ICMP) {
+		reason = nat_icmp_error(skb, pkt, cfg, 1, &addr);
+		if (reason != HR_PASS_NAT_MISS)
+			return reason;
+	}
 	if (pkt->fragment || nat_read_l4(skb, pkt, &l4, 1) < 0)
 		return HR_DROP_NAT_UNSUPPORTED;
 	nat_packet_key(&s->key, pkt, &l4, HR_NAT_OUT);
@@ -760,17 +769,25 @@ static __always_inline int rnat_in(struct __sk_buff *skb, struct hr_pkt *pkt,
 
 /*
  * An ICMP error (destination unreachable, time exceeded, parameter problem)
- * to the node IP about a flow it NATed:
+ * about a NATed flow, either way (`out`):
  *
- *   IPv4 (ext -> node) | ICMP | inner IPv4 (node -> ext) | inner L4 (NAT port -> ext port) ...
+ * in:  IPv4 (ext -> node) | ICMP | inner IPv4 (node -> ext) | inner L4 (NAT port -> ext port)
+ * out: IPv4 (pod -> ext)  | ICMP | inner IPv4 (ext -> pod)  | inner L4 (ext port -> pod port)
  *
- * becomes the error the pod would have got without NAT: outer destination,
- * inner source and inner port back to the pod's, with the outer IPv4
- * checksum, the inner IPv4 checksum, the inner L4 checksum (when quoted)
- * and the ICMP checksum all fixed. Returns as rnat_in().
+ * becomes the error the other side would have got without NAT, as conntrack
+ * translates it: in, the outer destination and the inner source and source
+ * port go back to the pod's; out (the pod's port unreachable, say, about a
+ * remote's datagram), the outer source and the inner destination and
+ * destination port become the node IP and NAT port. The outer IPv4
+ * checksum, the inner IPv4 checksum, the inner L4 checksum (when quoted,
+ * within the outer IPv4 total length) and the ICMP checksum are all fixed.
+ * Returns 0 when translated (*new_ip: the outer address written; packet
+ * pointers stale), HR_PASS_NAT_MISS when no live flow matches (the packet is
+ * untouched), or the hr_reason of a drop. Not a refresh: errors (repeated,
+ * or spoofed) do not keep a flow alive.
  */
-static __always_inline int rnat_icmp_error(struct __sk_buff *skb, struct hr_pkt *pkt,
-					   struct hr_config *cfg, __u32 *pod_ip)
+static __always_inline int nat_icmp_error(struct __sk_buff *skb, struct hr_pkt *pkt,
+					  struct hr_config *cfg, int out, __u32 *new_ip)
 {
 	struct hr_nat_scratch *s;
 	struct hr_nat_entry *e;
@@ -778,8 +795,8 @@ static __always_inline int rnat_icmp_error(struct __sk_buff *skb, struct hr_pkt 
 	__u8 icmp[8], il4[8];
 	__u32 ip_off = pkt->l4_off + sizeof(struct icmphdr);
 	__u32 il4_off = ip_off + sizeof(struct iphdr);
-	__u32 csum_off = 0, port_off, pod;
-	__u16 icmp_check, inner_check, l4_check = 0, new_l4_check = 0, old_port, pod_port, tot_len;
+	__u32 csum_off = 0, port_off, old_addr, new_addr;
+	__u16 icmp_check, inner_check, l4_check = 0, new_l4_check = 0, old_port, new_port, tot_len;
 	__u64 now = bpf_ktime_get_ns();
 
 	s = nat_scratch_get();
@@ -791,36 +808,54 @@ static __always_inline int rnat_icmp_error(struct __sk_buff *skb, struct hr_pkt 
 	    icmp[0] != ICMP_PARAMETERPROB)
 		return HR_PASS_NAT_MISS;
 	if (bpf_skb_load_bytes(skb, ip_off, &inner, sizeof(inner)) < 0 ||
-	    bpf_skb_load_bytes(skb, il4_off, il4, sizeof(il4)) < 0)
+	    bpf_skb_load_bytes(skb, il4_off, il4, sizeof(il4)) < 0 ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + 2, &tot_len, 2) < 0)
 		return HR_PASS_NAT_MISS;
-	/* what we sent: no options, not a later fragment, from the node IP */
-	if (inner.version != 4 || inner.ihl != 5 || inner.saddr != cfg->node_ip ||
-	    (inner.frag_off & HR_HTONS(HR_IP_OFFSET)))
+	/* no options, not a later fragment; in: what we sent, from the node IP;
+	 * out: what the remote sent the pod, and the error goes back to the remote */
+	if (inner.version != 4 || inner.ihl != 5 || (inner.frag_off & HR_HTONS(HR_IP_OFFSET)))
+		return HR_PASS_NAT_MISS;
+	if (out ? inner.daddr != pkt->saddr || inner.saddr != pkt->daddr
+		: inner.saddr != cfg->node_ip)
 		return HR_PASS_NAT_MISS;
 
 	__builtin_memset(&s->key, 0, sizeof(s->key));
-	s->key.saddr = inner.daddr;
-	s->key.daddr = inner.saddr;
 	s->key.protocol = inner.protocol;
-	s->key.dir = HR_NAT_IN;
+	if (out) {
+		/* the flow's OUT key: the quoted packet turned around */
+		s->key.saddr = inner.daddr;
+		s->key.daddr = inner.saddr;
+		s->key.dir = HR_NAT_OUT;
+		old_addr = inner.daddr;
+	} else {
+		/* the flow's IN key: what the reply to the quoted packet looks like */
+		s->key.saddr = inner.daddr;
+		s->key.daddr = inner.saddr;
+		s->key.dir = HR_NAT_IN;
+		old_addr = inner.saddr;
+	}
 	if (inner.protocol == IPPROTO_TCP || inner.protocol == IPPROTO_UDP) {
-		__builtin_memcpy(&old_port, il4, 2);
-		__builtin_memcpy(&s->key.sport, il4 + 2, 2);
-		s->key.dport = old_port;
-		port_off = il4_off;
+		/* in: the NAT port is the quoted source port; out: the pod's, its destination */
+		__builtin_memcpy(&old_port, il4 + (out ? 2 : 0), 2);
+		if (out) {
+			s->key.sport = old_port;
+			__builtin_memcpy(&s->key.dport, il4, 2);
+		} else {
+			__builtin_memcpy(&s->key.sport, il4 + 2, 2);
+			s->key.dport = old_port;
+		}
+		port_off = il4_off + (out ? 2 : 0);
 		if (inner.protocol == IPPROTO_TCP) {
 			/*
 			 * Quoted only if within the IPv4 total length: bytes past it
 			 * (Ethernet padding, a trailer) are no checksum to fix.
 			 */
-			if (bpf_skb_load_bytes(skb, ETH_HLEN + 2, &tot_len, 2) < 0)
-				return HR_PASS_NAT_MISS;
 			if (ETH_HLEN + (__u32)bpf_ntohs(tot_len) >= il4_off + HR_TCP_CSUM_OFF + 2)
 				csum_off = il4_off + HR_TCP_CSUM_OFF;
 		} else {
 			csum_off = il4_off + HR_UDP_CSUM_OFF;
 		}
-	} else if (inner.protocol == IPPROTO_ICMP && il4[0] == ICMP_ECHO) {
+	} else if (!out && inner.protocol == IPPROTO_ICMP && il4[0] == ICMP_ECHO) {
 		__builtin_memcpy(&old_port, il4 + HR_ICMP_ID_OFF, 2);
 		s->key.sport = 0;
 		s->key.dport = old_port;
@@ -833,9 +868,8 @@ static __always_inline int rnat_icmp_error(struct __sk_buff *skb, struct hr_pkt 
 	e = rnat_find(cfg, s, now);
 	if (!e)
 		return HR_PASS_NAT_MISS;
-	/* not a refresh: errors (repeated, or spoofed) must not keep a flow alive */
-	pod = e->addr;
-	pod_port = e->port;
+	new_addr = e->addr;
+	new_port = e->port;
 
 	__builtin_memcpy(&icmp_check, icmp + HR_ICMP_CSUM_OFF, 2);
 	/* the inner L4 checksum: pseudo header (TCP, UDP) and port / identifier */
@@ -845,31 +879,41 @@ static __always_inline int rnat_icmp_error(struct __sk_buff *skb, struct hr_pkt 
 		new_l4_check = l4_check;
 		if (inner.protocol != IPPROTO_UDP || l4_check != 0) {
 			if (inner.protocol != IPPROTO_ICMP)
-				new_l4_check = csum_replace4(new_l4_check, inner.saddr, pod);
-			new_l4_check = csum_replace2(new_l4_check, old_port, pod_port);
+				new_l4_check = csum_replace4(new_l4_check, old_addr, new_addr);
+			new_l4_check = csum_replace2(new_l4_check, old_port, new_port);
 			if (inner.protocol == IPPROTO_UDP && new_l4_check == 0)
 				new_l4_check = 0xffff;
 		}
 		icmp_check = csum_replace2(icmp_check, l4_check, new_l4_check);
 	}
-	inner_check = csum_replace4(inner.check, inner.saddr, pod);
-	icmp_check = csum_replace4(icmp_check, inner.saddr, pod);
+	inner_check = csum_replace4(inner.check, old_addr, new_addr);
+	icmp_check = csum_replace4(icmp_check, old_addr, new_addr);
 	icmp_check = csum_replace2(icmp_check, inner.check, inner_check);
-	icmp_check = csum_replace2(icmp_check, old_port, pod_port);
+	icmp_check = csum_replace2(icmp_check, old_port, new_port);
 
 	if (csum_off && bpf_skb_store_bytes(skb, csum_off, &new_l4_check, 2, 0) < 0)
 		return HR_DROP_NAT_FAILED;
-	if (bpf_skb_store_bytes(skb, port_off, &pod_port, 2, 0) < 0 ||
+	if (bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0) < 0 ||
 	    bpf_skb_store_bytes(skb, ip_off + HR_IP_CHECK_OFF, &inner_check, 2, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, ip_off + HR_IP_SADDR_OFF, &pod, 4, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ip_off + (out ? HR_IP_DADDR_OFF : HR_IP_SADDR_OFF), &new_addr,
+				4, 0) < 0 ||
 	    bpf_skb_store_bytes(skb, pkt->l4_off + HR_ICMP_CSUM_OFF, &icmp_check, 2, 0) < 0)
 		return HR_DROP_NAT_FAILED;
-	/* the outer header: destination node IP -> pod */
-	if (bpf_l3_csum_replace(skb, ETH_HLEN + HR_IP_CHECK_OFF, pkt->daddr, pod, 4) < 0 ||
-	    bpf_skb_store_bytes(skb, ETH_HLEN + HR_IP_DADDR_OFF, &pod, 4, 0) < 0)
+	/* the outer header: in, destination node IP -> pod; out, source pod -> node IP */
+	old_addr = out ? pkt->saddr : pkt->daddr;
+	if (bpf_l3_csum_replace(skb, ETH_HLEN + HR_IP_CHECK_OFF, old_addr, new_addr, 4) < 0 ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN + (out ? HR_IP_SADDR_OFF : HR_IP_DADDR_OFF),
+				&new_addr, 4, 0) < 0)
 		return HR_DROP_NAT_FAILED;
-	*pod_ip = pod;
+	*new_ip = new_addr;
 	return 0;
+}
+
+/* An ICMP error to the node IP about a flow it NATed, back to the pod (nat_icmp_error). */
+static __always_inline int rnat_icmp_error(struct __sk_buff *skb, struct hr_pkt *pkt,
+					   struct hr_config *cfg, __u32 *pod_ip)
+{
+	return nat_icmp_error(skb, pkt, cfg, 0, pod_ip);
 }
 
 #endif /* HR_NAT_H */
