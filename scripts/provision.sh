@@ -23,6 +23,131 @@ test_tools=0
 say() { printf 'provision: %s\n' "$*"; }
 die() { printf 'provision: error: %s\n' "$*" >&2; exit 1; }
 
+# netperf is outside the distros' main archives: Debian ships it in non-free,
+# Ubuntu in multiverse. Enable exactly that component, in a file of our own,
+# from the same archive (URIs and Signed-By) as the machine's own source of
+# the release's main component: a mirror, a proxy or a CI runner's regional
+# mirror is followed, and this script names no archive host of its own.
+# Both formats are read: one-line (sources.list, *.list) and deb822 (*.sources).
+# PROVISION_APT_SOURCES_LIST / PROVISION_APT_SOURCES_PARTS move them (tests).
+apt_sources_list=${PROVISION_APT_SOURCES_LIST:-/etc/apt/sources.list}
+apt_sources_parts=${PROVISION_APT_SOURCES_PARTS:-/etc/apt/sources.list.d}
+netperf_sources_name=ebpf-hostrouting-netperf.sources
+
+# Every source entry of one file as a line: types, URIs, suites, components,
+# signed-by (a deb822 multi-line value joined by \001), enabled; tab-separated.
+_one_line_entries() {
+	awk '{
+		sub(/#.*/, "")
+		if (NF < 3 || ($1 != "deb" && $1 != "deb-src")) next
+		i = 2; signed = ""; opts = ""
+		if ($2 ~ /^\[/) {
+			for (; i <= NF; i++) { opts = opts " " $i; if ($i ~ /\]$/) { i++; break } }
+			gsub(/[][]/, " ", opts)
+			n = split(opts, kv, /[ \t]+/)
+			for (j = 1; j <= n; j++)
+				if (tolower(substr(kv[j], 1, 10)) == "signed-by=") signed = substr(kv[j], 11)
+		}
+		comps = ""
+		for (j = i + 2; j <= NF; j++) comps = comps (comps == "" ? "" : " ") $j
+		printf "%s\t%s\t%s\t%s\t%s\tyes\n", $1, $i, $(i + 1), comps, signed
+	}' "$1"
+}
+
+_deb822_entries() {
+	awk '
+	function trim(s) { gsub(/^[ \t]+|[ \t]+$/, "", s); return s }
+	function flush() {
+		if (n) printf "%s\t%s\t%s\t%s\t%s\t%s\n", f["types"], f["uris"], f["suites"],
+			f["components"], f["signed-by"], (f["enabled"] == "" ? "yes" : tolower(f["enabled"]))
+		n = 0; key = ""; delete f
+	}
+	/^#/ { next }
+	/^[ \t]*$/ { flush(); next }
+	/^[ \t]/ {
+		if (key == "signed-by") f[key] = f[key] "\001" $0
+		else if (key != "") f[key] = trim(f[key] " " trim($0))
+		next
+	}
+	{
+		c = index($0, ":"); if (!c) next
+		key = tolower(trim(substr($0, 1, c - 1))); f[key] = trim(substr($0, c + 1)); n++
+	}
+	END { flush() }' "$1"
+}
+
+_apt_source_entries() {
+	local f
+	[ -r "$apt_sources_list" ] && _one_line_entries "$apt_sources_list"
+	for f in "$apt_sources_parts"/*.list; do
+		[ -r "$f" ] && _one_line_entries "$f"
+	done
+	for f in "$apt_sources_parts"/*.sources; do
+		[ "${f##*/}" = "$netperf_sources_name" ] && continue  # ours: derived, not a source
+		[ -r "$f" ] && _deb822_entries "$f"
+	done
+	return 0
+}
+
+# The first enabled "deb" entry whose suites include $1 and components $2:
+# prints its URIs, a tab, and its Signed-By (empty when it has none).
+apt_archive_of() {
+	_apt_source_entries | awk -F'\t' -v suite="$1" -v comp="$2" '
+	function has(list, word,   i, n, w) {
+		n = split(list, w, /[ \t]+/)
+		for (i = 1; i <= n; i++) if (w[i] == word) return 1
+		return 0
+	}
+	!found && $6 != "no" && has($1, "deb") && has($3, suite) && has($4, comp) {
+		print $2 "\t" $5; found = 1      # no early exit: the writer must not see SIGPIPE
+	}
+	END { exit !found }'
+}
+
+# The file that enables netperf's component for $ID / $VERSION_CODENAME, on
+# stdout; nothing when a source of the machine has that component already.
+netperf_sources() {
+	local component suites archive uris signed
+	case "$ID" in
+	debian) component=non-free suites=$VERSION_CODENAME ;;
+	ubuntu) component=multiverse suites="$VERSION_CODENAME ${VERSION_CODENAME}-updates" ;;
+	*) die "unsupported distribution '$ID' (Debian 12 and Ubuntu 24.04 are supported)" ;;
+	esac
+	apt_archive_of "$VERSION_CODENAME" "$component" >/dev/null && return 0
+	archive=$(apt_archive_of "$VERSION_CODENAME" main) ||
+		die "no apt source of $ID $VERSION_CODENAME main in $apt_sources_list or $apt_sources_parts: cannot tell which archive to take $component from"
+	uris=${archive%%$'\t'*} signed=${archive#*$'\t'}
+	printf '# Added by ebpf-hostrouting scripts/provision.sh: netperf lives in %s.\n' "$component"
+	printf '# The archive and key of this machine'"'"'s own %s main source.\n' "$VERSION_CODENAME"
+	printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: %s\n' "$uris" "$suites" "$component"
+	signed=${signed//$'\001'/$'\n'}  # an embedded key: its continuation lines as they were
+	case "$signed" in
+	'') ;;
+	$'\n'*) printf 'Signed-By:%s\n' "$signed" ;;
+	*) printf 'Signed-By: %s\n' "$signed" ;;
+	esac
+}
+
+# Writes (or rewrites, e.g. a file of an older version of this script) the
+# component's file; returns 0 when it changed anything, 1 when not.
+enable_netperf_component() {
+	local file="$apt_sources_parts/$netperf_sources_name" want
+	want=$(netperf_sources) || exit 1  # its error is printed; `set -e` is off in `f && x`
+	if [ -z "$want" ]; then
+		[ -e "$file" ] || return 1
+		rm -f "$file"
+		say "netperf's component is enabled by this machine's own sources: removed $file"
+		return 0
+	fi
+	[ -e "$file" ] && [ "$(cat "$file")" = "$want" ] && return 1
+	printf '%s\n' "$want" >"$file.tmp"
+	mv "$file.tmp" "$file"
+	say "enabled the apt component that carries netperf ($file)"
+}
+
+# Sourced (tests/test_provision.py): the functions above, and nothing is run.
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
+
 for arg in "$@"; do
 	case "$arg" in
 	--no-venv) make_venv=0 ;;
@@ -35,37 +160,6 @@ done
 [ "$(id -u)" -eq 0 ] || die "must run as root (try: sudo $0)"
 [ -r /etc/os-release ] || die "/etc/os-release missing: unsupported distribution"
 . /etc/os-release
-
-# netperf is outside the distros' main archives: Debian ships it in non-free,
-# Ubuntu in multiverse. Enable exactly that component, in a file of our own.
-enable_netperf_component() {
-	local list=/etc/apt/sources.list.d/ebpf-hostrouting-netperf.sources
-	[ -e "$list" ] && return 1
-	case "$ID" in
-	debian)
-		cat >"$list" <<SRC
-# Added by ebpf-hostrouting scripts/provision.sh: netperf lives in non-free.
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: $VERSION_CODENAME
-Components: non-free
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-		;;
-	ubuntu)
-		cat >"$list" <<SRC
-# Added by ebpf-hostrouting scripts/provision.sh: netperf lives in multiverse.
-Types: deb
-URIs: http://archive.ubuntu.com/ubuntu
-Suites: $VERSION_CODENAME ${VERSION_CODENAME}-updates
-Components: multiverse
-Signed-By: /usr/share/keyrings/ubuntu-archive-keyring.gpg
-SRC
-		;;
-	*) die "unsupported distribution '$ID' (Debian 12 and Ubuntu 24.04 are supported)" ;;
-	esac
-	say "enabled the apt component that carries netperf ($list)"
-}
 
 # Kernel headers: the exact ones for the running kernel where the distro has
 # them, else the distro's generic headers. bcc looks in /lib/modules/$(uname
