@@ -157,7 +157,7 @@ NAT_CONFIG_DEFAULTS: dict[str, int] = {
     "nat_port_min": 1024,
     "nat_port_max": 65535,
     "nat_timeout_tcp_syn": 60,
-    "nat_timeout_tcp_established": 3600,
+    "nat_timeout_tcp_established": 7500,      # > Linux's keepalive time (7200 s)
     "nat_timeout_tcp_closing": 10,
     "nat_timeout_udp": 60,
     "nat_timeout_icmp": 30,

@@ -23,13 +23,13 @@ File format::
     pods = 2                          # a count, or a list of pod names (at most 64)
 
     [nat]                             # BPF SNAT of traffic leaving the cluster (eBPF mode)
-    max_flows = 262144                # per node (the LRU map holds two entries per flow)
+    max_flows = 262144                # per node (two entries each; a full table refuses new flows)
     port_min = 1024                   # NAT ports, per destination (5-tuple unique)
     port_max = 65535
     exclude = []                      # more destinations never masqueraded (as
                                       #   ip-masq-agent's nonMasqueradeCIDRs)
     timeout_tcp_syn = 60              # seconds idle before an entry expires
-    timeout_tcp_established = 3600
+    timeout_tcp_established = 7500    # > Linux's keepalive time (7200 s)
     timeout_tcp_closing = 10          # after RST, or FIN both ways
     timeout_udp = 60
     timeout_icmp = 30
@@ -96,7 +96,7 @@ class NatSettings:
     port_max: int = 65535
     exclude: tuple[str, ...] = ()
     timeout_tcp_syn: int = 60
-    timeout_tcp_established: int = 3600
+    timeout_tcp_established: int = 7500
     timeout_tcp_closing: int = 10
     timeout_udp: int = 60
     timeout_icmp: int = 30

@@ -376,7 +376,7 @@ def test_flows_pair_the_two_entries_and_name_the_tcp_state(snat, route_ns):
         ("tcp", f"{SRC}:40000", f"{EXT}:80", f"{NODE_IP}:{port}")
     assert flow.state == "established" and flow.complete
     assert (flow.packets_out, flow.packets_in) == (1, 1)
-    assert 3590 < flow.expires_in_s <= 3600          # the established timeout
+    assert 7490 < flow.expires_in_s <= 7500          # the established timeout
     run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="R")))
     (flow,) = nat_table.flows(snat.maps)
     assert flow.state == "reset" and flow.expires_in_s <= 10
@@ -887,3 +887,27 @@ def test_an_icmp_error_of_the_pods_about_no_flow_is_still_dropped(snat, route_ns
     _, res = run_out(snat, route_ns, out_pkt(ICMP(type=3, code=3), payload=b"") / quoted)
     assert res.retval == TC_ACT_SHOT
     assert counters(snat) == {"drop_nat_unsupported": 1}
+
+
+def test_an_idle_established_flow_outlives_tcp_keepalive(snat, route_ns):
+    """Linux sends its first keepalive after 7200 s idle (tcp_keepalive_time): the NAT
+    flow must still be there, or the probe leaves from a new port and the remote resets
+    the connection. The default established timeout is 2 h 5 min, in the datapath's
+    defaults and in the topology's."""
+    from netns_lab.topology import NatSettings
+    assert st.NAT_CONFIG_DEFAULTS["nat_timeout_tcp_established"] >= 7500
+    assert NatSettings().timeout_tcp_established >= 7500
+    snat.maps.set_config(ROUTER_IP, trace=True, node_ip=NODE_IP,
+                         nat={"nat_port_min": PORT_MIN, "nat_port_max": PORT_MAX})
+    _, res = run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="S", seq=1)))
+    port = Ether(res.data_out)[TCP].sport
+    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="SA", seq=500, ack=2)))
+    from datapath import nat_table as nt
+    (flow,) = nt.flows(snat.maps)
+    assert flow.state == "established" and flow.expires_in_s > 7200 + 60
+    # (the monotonic clock of a freshly booted VM cannot be set 2 h back: the datapath's
+    # side of the same rule, idle <= timeout, is what the sweep and flows() mirror)
+    assert nt.alive(snat.maps.config(), st.NatKey(SRC, EXT, 40000, 80, TCP_PROTO, "out"),
+                    dataclasses.replace(snat.maps.nat_entries()[0][1], last_seen_ns=0,
+                                        state=st.NAT_STATE_BITS["seen_reply"]),
+                    None, (7200 + 60) * 10**9)
