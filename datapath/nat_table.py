@@ -1,11 +1,11 @@
 """The BPF SNAT table of a node, read and swept from user space.
 
-The datapath keeps two entries per flow in the `nat` LRU map (see
+The datapath keeps two entries per flow in the `nat` hash map (see
 bpf_c/include/nat.h): OUT, keyed by the pod's packet, and IN, keyed by the
 reply. This module pairs them into flows for ``hostrouting nat list``, and
 deletes flows that have been idle longer than their timeout (``sweep``), which
-the rule guard runs every few seconds while eBPF host routing is on, so that
-the table stays bounded by expiry and not only by LRU eviction.
+the rule guard runs every few seconds while eBPF host routing is on: the
+table is bounded by expiry (a full table refuses new flows, it evicts none).
 
 Expiry follows the datapath's rule exactly: a flow is alive while the most
 recent packet of either entry is younger than the timeout of its state (TCP:
@@ -86,7 +86,7 @@ class Flow:
     bytes_out: int
     packets_in: int
     bytes_in: int
-    complete: bool      # both entries present (False: one was evicted or is being swept)
+    complete: bool      # both entries present (False: one is being swept or put back)
 
     def to_dict(self) -> dict:
         return asdict(self)
