@@ -306,7 +306,7 @@ def test_an_evicted_reverse_entry_is_restored_with_the_same_port(snat, route_ns)
     _, res = run_out(snat, route_ns, out_pkt(UDP(sport=40000, dport=53)))
     port = Ether(res.data_out)[UDP].sport
     in_key = st.NatKey(EXT, NODE_IP, 53, port, UDP_PROTO, "in")
-    assert snat.maps.nat_delete(in_key)               # as if the LRU had evicted it
+    assert snat.maps.nat_delete(in_key)               # gone (a race with a delete)
     _, res = run_out(snat, route_ns, out_pkt(UDP(sport=40000, dport=53)))
     assert Ether(res.data_out)[UDP].sport == port
     assert nat_table(snat)[in_key].addr == SRC
@@ -539,7 +539,7 @@ def test_an_evicted_forward_entry_is_restored_by_the_next_reply(snat, route_ns):
     _, res = run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="S")))
     port = Ether(res.data_out)[TCP].sport
     out_key = st.NatKey(SRC, EXT, 40000, 80, TCP_PROTO, "out")
-    assert snat.maps.nat_delete(out_key)              # as if the LRU had evicted it
+    assert snat.maps.nat_delete(out_key)              # gone (a race with a delete)
     _, res = run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="SA")))
     assert res.retval == TC_ACT_REDIRECT
     assert nat_table(snat)[out_key].port == port
