@@ -31,7 +31,7 @@ Being the lab's one long-lived process while eBPF host routing is on, the
 guard also keeps the BPF SNAT tables bounded: every ``NAT_SWEEP_S`` it
 deletes expired flows (datapath/nat_table.py) and records a Warning event when
 flows were dropped for want of a free NAT port (``NatPortsExhausted``) or a
-table is nearly full, so that LRU eviction starts (``NatTableFull``).
+table is nearly full or refused new flows (``NatTableFull``).
 """
 
 from __future__ import annotations
@@ -276,31 +276,42 @@ class Guard:
     def sweep_nat(self) -> None:
         from . import nat_table
         from .host_routing import DatapathMaps
-        exhausted_seen: dict[str, int] = {}
+        seen: dict[tuple[str, str], int] = {}
         full_warned: set[str] = set()
         while not self.stopping.wait(NAT_SWEEP_S):
             for node, prog_id in self.nat_progs.items():
                 try:
                     with DatapathMaps.from_prog_id(prog_id) as maps:
                         nat_table.sweep(maps)
-                        exhausted = maps.counters()["drop_nat_exhausted"][0]
+                        counters = maps.counters()
                         used, capacity = len(maps.nat_raw_entries()), maps.nat_capacity()
                 except (OSError, RuntimeError):
                     continue    # the program is going away with the lab
-                before = exhausted_seen.get(node, 0)
-                exhausted_seen[node] = exhausted
-                if exhausted > before:
+                exhausted = self._counter_rise(seen, node, counters, "drop_nat_exhausted")
+                refused = self._counter_rise(seen, node, counters, "drop_nat_table_full")
+                if exhausted:
                     events.record(self.lab, events.WARNING, "NatPortsExhausted", f"node/{node}",
-                                  f"{exhausted - before} packet(s) of new flows dropped: no free "
+                                  f"{exhausted} packet(s) of new flows dropped: no free "
                                   "NAT port towards their destination (widen [nat] port_min.."
-                                  "port_max)", dropped=exhausted - before)
-                if used >= NAT_FULL_FRACTION * capacity and node not in full_warned:
+                                  "port_max)", dropped=exhausted)
+                if (refused or used >= NAT_FULL_FRACTION * capacity) and node not in full_warned:
                     full_warned.add(node)
                     events.record(self.lab, events.WARNING, "NatTableFull", f"node/{node}",
-                                  f"BPF SNAT table at {used} of {capacity} entries: the least "
-                                  "recently used flows are evicted (raise [nat] max_flows)")
-                elif used < NAT_FULL_FRACTION * capacity / 2:
+                                  f"BPF SNAT table at {used} of {capacity} entries"
+                                  + (f", {refused} packet(s) of new flows refused"
+                                     if refused else "")
+                                  + ": new flows are refused (drop_nat_table_full) until flows "
+                                  "expire (raise [nat] max_flows)", used=used, capacity=capacity)
+                elif not refused and used < NAT_FULL_FRACTION * capacity / 2:
                     full_warned.discard(node)
+
+    @staticmethod
+    def _counter_rise(seen: dict, node: str, counters: dict, reason: str) -> int:
+        """How much a drop counter rose since the last sweep."""
+        now = counters[reason][0]
+        before = seen.get((node, reason), 0)
+        seen[(node, reason)] = now
+        return max(0, now - before)
 
     def run(self, cgroup_fd: int, no_cgroup: str) -> int:
         for node, ns in self.nodes.items():
