@@ -155,7 +155,7 @@ def unpack_endpoint(raw: bytes) -> Endpoint:
 #: NAT settings of struct hr_config, field name -> default (ports host order, timeouts in s).
 NAT_CONFIG_DEFAULTS: dict[str, int] = {
     "nat_port_min": 1024,
-    "nat_port_max": 65535,
+    "nat_port_max": 60999,               # below the lab nodes' ephemeral ports (61000-65535)
     "nat_timeout_tcp_syn": 60,
     "nat_timeout_tcp_established": 7500,      # > Linux's keepalive time (7200 s)
     "nat_timeout_tcp_closing": 10,

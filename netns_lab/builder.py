@@ -29,6 +29,15 @@ _ROUTER_SYSCTLS = {"net.ipv4.ip_forward": 1, "net.ipv4.conf.all.rp_filter": 0,
                    "net.ipv4.conf.default.rp_filter": 0}
 
 
+def _node_sysctls(topo: Topology) -> dict[str, str]:
+    """A node's own connections take their ports from a range the topology keeps disjoint
+    from the BPF SNAT ports ([nat] port_min..port_max): the datapath does not track the node's
+    flows, and a node connection on a pod's NAT port towards the same remote would have its
+    replies translated to the pod."""
+    low, high = topo.node_local_port_range
+    return {"net.ipv4.ip_local_port_range": f"{low} {high}"}
+
+
 def _up(ipr, ifname: str, mtu: int | None = None, alias: str | None = None) -> int:
     index = netns.ifindex(ipr, ifname)
     if mtu:
@@ -100,7 +109,7 @@ def _build(topo: Topology) -> None:
             netns.sysctl(name, _NS_SYSCTLS)
         netns.sysctl(topo.fabric_netns, _ROUTER_SYSCTLS)
         for node in topo.nodes:
-            netns.sysctl(node.netns, _ROUTER_SYSCTLS)
+            netns.sysctl(node.netns, {**_ROUTER_SYSCTLS, **_node_sysctls(topo)})
         _build_fabric(topo, socks)
         for node in topo.nodes:
             _build_node(topo, node, socks)

@@ -12,6 +12,8 @@ File format::
     underlay_mtu = 1500
     external_mtu = 1500               # the router <-> external link
     pods_reach_nodes = false          # eBPF mode: may pods reach other nodes' host namespaces?
+    node_local_port_range = [61000, 65535]  # the nodes' ephemeral ports (their sysctl
+                                      #   net.ipv4.ip_local_port_range), disjoint from [nat]'s
 
     [external]
     cidr = "203.0.113.0/24"           # router .1, external host .10
@@ -24,8 +26,9 @@ File format::
 
     [nat]                             # BPF SNAT of traffic leaving the cluster (eBPF mode)
     max_flows = 262144                # per node (two entries each; a full table refuses new flows)
-    port_min = 1024                   # NAT ports, per destination (5-tuple unique)
-    port_max = 65535
+    port_min = 1024                   # NAT ports, per destination (5-tuple unique); must not
+    port_max = 60999                  #   overlap node_local_port_range: a node's own connection
+                                      #   would take a pod's NAT port towards the same remote
     exclude = []                      # more destinations never masqueraded (as
                                       #   ip-masq-agent's nonMasqueradeCIDRs)
     timeout_tcp_syn = 60              # seconds idle before an entry expires
@@ -54,6 +57,10 @@ DEFAULT_EXTERNAL_IP = "203.0.113.10"
 FIRST_POD_HOST = 10
 MAX_NODES = 64
 MAX_PODS_PER_NODE = 64
+# The nodes' ephemeral ports (net.ipv4.ip_local_port_range, set in every node namespace):
+# above Linux's default range (32768-60999), so that BPF SNAT keeps 1024-60999, the rest.
+DEFAULT_NODE_LOCAL_PORTS = (61000, 65535)
+MIN_LOCAL_PORT = 1024
 
 
 class TopologyError(ValueError):
@@ -93,7 +100,7 @@ class NatSettings:
     """The [nat] table: BPF SNAT sizing, port range, exclusions and idle timeouts."""
     max_flows: int = 262144
     port_min: int = 1024
-    port_max: int = 65535
+    port_max: int = 60999
     exclude: tuple[str, ...] = ()
     timeout_tcp_syn: int = 60
     timeout_tcp_established: int = 7500
@@ -131,6 +138,7 @@ class Topology:
     uplink_ifname: str = ""
     nat: NatSettings = field(default_factory=NatSettings)
     pods_reach_nodes: bool = False
+    node_local_port_range: tuple[int, int] = DEFAULT_NODE_LOCAL_PORTS
 
     @property
     def cluster_cidrs(self) -> list[str]:
@@ -181,6 +189,7 @@ class Topology:
             "underlay_mtu": self.underlay_mtu,
             "external_mtu": self.external_mtu,
             "pods_reach_nodes": self.pods_reach_nodes,
+            "node_local_port_range": list(self.node_local_port_range),
             "external": {"cidr": self.external.cidr, "ip": self.external.ip},
             "nodes": [{"name": n.name, "pod_cidr": n.pod_cidr,
                        "pods": [p.name for p in n.pods]} for n in self.nodes],
@@ -317,13 +326,14 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
         raise TopologyError(f"lab name {lab!r}: 1 to 8 lowercase letters and digits, "
                             "starting with a letter")
     known_top = {"lab", "external", "nodes", "underlay_cidr", "router_ip", "underlay_mtu",
-                 "external_mtu", "nat", "pods_reach_nodes"}
+                 "external_mtu", "nat", "pods_reach_nodes", "node_local_port_range"}
     for key in data:
         if key not in known_top:
             raise TopologyError(f"{loc.where('', 0, key)}: unknown key {key!r}")
     labsec = data.get("lab", {}) if isinstance(data.get("lab", {}), dict) else {}
     for key in labsec:
-        if key not in ("underlay_cidr", "underlay_mtu", "external_mtu", "pods_reach_nodes"):
+        if key not in ("underlay_cidr", "underlay_mtu", "external_mtu", "pods_reach_nodes",
+                       "node_local_port_range"):
             raise TopologyError(f"{loc.where('lab', 0, key)}: unknown key {key!r}")
 
     def lab_value(key, default):
@@ -341,6 +351,8 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
     if not isinstance(value, bool):
         raise TopologyError(f"{where}: {value!r} must be true or false")
     pods_reach_nodes = value
+    value, where = lab_value("node_local_port_range", list(DEFAULT_NODE_LOCAL_PORTS))
+    node_ports, node_ports_where = _port_range(value, where), where
 
     ext = data.get("external", {})
     if not isinstance(ext, dict):
@@ -408,6 +420,16 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
                           fabric_ifname(lab, i + 1)))
 
     nat = _nat_settings(data.get("nat", {}), loc)
+    if nat.port_min <= node_ports[1] and node_ports[0] <= nat.port_max:
+        raw_nat = data.get("nat", {})
+        # name what the file set: the NAT range if it is there, else the nodes' range
+        key = next((k for k in ("port_max", "port_min") if k in raw_nat), None)
+        where = loc.where("nat", 0, key) if key else node_ports_where
+        named = "" if where == node_ports_where else " (lab.node_local_port_range)"
+        raise TopologyError(f"{where}: NAT ports {nat.port_min}-{nat.port_max} overlap the "
+                            f"nodes' local ports {node_ports[0]}-{node_ports[1]}{named}: a "
+                            "node's own connection could take a pod's NAT port towards the same "
+                            "remote; make the ranges disjoint")
 
     return Topology(
         lab=lab,
@@ -421,7 +443,18 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
         uplink_ifname=_fits(f"{lab}-uplink"),
         nat=nat,
         pods_reach_nodes=pods_reach_nodes,
+        node_local_port_range=node_ports,
     )
+
+
+def _port_range(value, where: str) -> tuple[int, int]:
+    """[low, high] of a node's ephemeral ports (net.ipv4.ip_local_port_range)."""
+    if not isinstance(value, list) or len(value) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value) or \
+            not MIN_LOCAL_PORT <= value[0] <= value[1] <= 65535:
+        raise TopologyError(f"{where}: {value!r} must be [low, high], two integers with "
+                            f"{MIN_LOCAL_PORT} <= low <= high <= 65535")
+    return value[0], value[1]
 
 
 def _nat_settings(raw, loc: _Locator) -> NatSettings:
