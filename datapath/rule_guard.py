@@ -101,7 +101,8 @@ def start(lab: str, node_netns: dict[str, str], nat_progs: dict[str, int] | None
     """Start the guard for these nodes ({node name: netns}) and wait until it blocks.
 
     Returns its pid and the mechanism in force per backend. nat_progs ({node
-    name: from_pod program id}) are the datapaths whose NAT tables it sweeps.
+    name: id of a program of its datapath}, from_underlay: always attached) are
+    the datapaths whose NAT tables it sweeps.
     refuse_xtables=False polls x_tables instead of refusing writes (the
     fallback, for its tests).
     """
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datapath.rule_guard")
     parser.add_argument("--lab", required=True)
     parser.add_argument("--nodes", required=True, help="node=netns,node=netns")
-    parser.add_argument("--nat", default="", help="node=from_pod program id,...")
+    parser.add_argument("--nat", default="", help="node=datapath program id,...")
     parser.add_argument("--cgroup-fd", type=int, default=-1,
                         help="an open fd of the cgroup v2 root (for the x_tables refusal)")
     parser.add_argument("--no-cgroup", default="", help="why there is no cgroup fd")

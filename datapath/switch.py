@@ -136,7 +136,7 @@ def enable_ebpf(state: LabState, topo: Topology, force: bool = False) -> None:
                               f"the iptables MASQUERADE rule")
         state.guard_pid, state.guard_backends = rule_guard.start(
             topo.lab, {n.name: n.netns for n in topo.nodes},
-            {n.name: state.datapath[n.name]["programs"][FROM_POD] for n in topo.nodes})
+            {n.name: state.datapath[n.name]["programs"][FROM_UNDERLAY] for n in topo.nodes})
     except BaseException:
         _detach_all(state, topo)
         state.mode = "legacy"
