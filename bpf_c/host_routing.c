@@ -28,6 +28,7 @@
 #include "hostrouting_shared.h"
 #include "parse.h"
 #include "csum.h"
+#include "ipv4_check.h"
 
 #ifndef AF_INET
 #define AF_INET 2
@@ -300,6 +301,9 @@ int from_pod(struct __sk_buff *skb)
 		return verdict(slot, skb, HR_HOOK_FROM_POD, 0, len, HR_PASS_NOT_IPV4, 0, TC_ACT_OK);
 	if (rc != HR_PARSE_OK)
 		return verdict(slot, skb, HR_HOOK_FROM_POD, 0, len, HR_DROP_MALFORMED, 0, TC_ACT_SHOT);
+	if (!ipv4_csum_ok(skb, &pkt))
+		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_DROP_BAD_CHECKSUM, 0,
+			       TC_ACT_SHOT);
 	parse_ports(skb, &pkt);
 	if (skb->pkt_type == PACKET_BROADCAST || skb->pkt_type == PACKET_MULTICAST)
 		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_L2_MULTICAST, 0,
@@ -483,6 +487,9 @@ int from_underlay(struct __sk_buff *skb)
 		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, 0, len, HR_PASS_NOT_IPV4, 0, TC_ACT_OK);
 	if (rc != HR_PARSE_OK)
 		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, 0, len, HR_DROP_MALFORMED, 0,
+			       TC_ACT_SHOT);
+	if (!ipv4_csum_ok(skb, &pkt))
+		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_DROP_BAD_CHECKSUM, 0,
 			       TC_ACT_SHOT);
 	parse_ports(skb, &pkt);
 	if (skb->pkt_type == PACKET_BROADCAST || skb->pkt_type == PACKET_MULTICAST)

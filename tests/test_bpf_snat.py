@@ -15,7 +15,7 @@ import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as hst
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP, IPOption_RR
 from scapy.layers.l2 import Ether
 
 from datapath import host_routing, libbpf, shared_types as st
@@ -911,3 +911,59 @@ def test_an_idle_established_flow_outlives_tcp_keepalive(snat, route_ns):
                     dataclasses.replace(snat.maps.nat_entries()[0][1], last_seen_ns=0,
                                         state=st.NAT_STATE_BITS["seen_reply"]),
                     None, (7200 + 60) * 10**9)
+
+
+# -- the IPv4 header checksum (issue 17: the fuzzer's finding) ----------------------------------
+
+def with_bad_checksum(frame, word: int = 0) -> bytes:
+    """The frame with its IPv4 header checksum wrong (a bit flipped in header word `word`)."""
+    raw = bytearray(bytes(frame))
+    raw[14 + 4 * word + 1] ^= 0x01 if word != 2 else 0    # word 2 holds TTL, proto, checksum
+    if word == 2:
+        raw[14 + 10] ^= 0x01
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("options", [[], [IPOption_NOP()] * 4, [IPOption_RR()]])
+def test_a_bad_ipv4_header_checksum_is_dropped_before_routing_in_both_programs(snat, route_ns,
+                                                                               options):
+    """As ip_rcv() would: a corrupt header is neither routed, nor NATed, nor delivered."""
+    out = Ether(src=POD_MAC, dst=HIN_MAC) / IP(src=SRC, dst=EXT, options=options) / \
+        UDP(sport=40000, dport=53) / b"hello"
+    ihl_words = bytes(out[IP])[0] & 0xf
+    words = sorted({0, 2, 4, ihl_words - 1})         # first, checksum, address, last option word
+    for word in words:
+        _, res = run_out(snat, route_ns, with_bad_checksum(out, word))
+        assert res.retval == TC_ACT_SHOT, word
+    assert counters(snat) == {"drop_bad_checksum": len(words)}
+    assert nat_table(snat) == {}
+    _, res = run_out(snat, route_ns, out)             # the same, intact: NATed and routed
+    assert res.retval == TC_ACT_REDIRECT
+    nat_port = Ether(res.data_out)[UDP].sport
+
+    reply = Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01") / \
+        IP(src=EXT, dst=NODE_IP, options=options) / UDP(sport=53, dport=nat_port) / b"world"
+    for word in words:
+        _, res = run_in(snat, route_ns, with_bad_checksum(reply, word))
+        assert res.retval == TC_ACT_SHOT, word
+    _, res = run_in(snat, route_ns, reply)
+    assert res.retval == TC_ACT_REDIRECT
+    assert counters(snat) == {"drop_bad_checksum": 2 * len(words), "snat_redirect_neigh": 1,
+                              "rnat_redirect_peer": 1}
+
+
+def test_a_bad_header_checksum_is_dropped_inside_the_cluster_too(snat, route_ns):
+    """Pod to pod and node to pod (no NAT involved): the same check comes first."""
+    from tests.test_bpf_unit import LOCAL_DST, add_local_pod
+    add_local_pod(snat)
+    to_pod = Ether(src=POD_MAC, dst=HIN_MAC) / IP(src=SRC, dst=LOCAL_DST) / UDP() / b"x"
+    from_other_node = Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01") / \
+        IP(src="198.18.2.20", dst=LOCAL_DST) / UDP() / b"x"
+    _, res = run_out(snat, route_ns, with_bad_checksum(to_pod))
+    assert res.retval == TC_ACT_SHOT
+    _, res = run_in(snat, route_ns, with_bad_checksum(from_other_node))
+    assert res.retval == TC_ACT_SHOT
+    assert counters(snat) == {"drop_bad_checksum": 2}
+    for run, pkt in ((run_out, to_pod), (run_in, from_other_node)):
+        _, res = run(snat, route_ns, pkt)
+        assert res.retval == TC_ACT_REDIRECT

@@ -50,7 +50,8 @@ enum hr_reason {
 					 * (which does not route it; a redirect would drop it unseen) */
 	HR_DROP_NAT_TABLE_FULL = 28,	/* a new flow, but the NAT table is full: refused, as
 					 * nf_conntrack_max refuses one (the sweep frees expired flows) */
-	HR_REASON_MAX = 29
+	HR_DROP_BAD_CHECKSUM = 29,	/* IPv4 header checksum wrong: dropped, as ip_rcv() would */
+	HR_REASON_MAX = 30
 };
 
 /* Where a trace event was taken. */
