@@ -15,15 +15,15 @@ import textwrap
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as hst
-from scapy.layers.inet import ICMP, IP, UDP, TCP, IPOption_NOP, IPerror, UDPerror
+from scapy.layers.inet import ICMP, IP, UDP, TCP, IPOption_NOP, IPerror, TCPerror, UDPerror
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from datapath import bpf_build, libbpf, shared_types as st, tc_attach
 from datapath.host_routing import DatapathMaps
 from tests.bpf_helpers import (CLUSTER_CIDRS, HIN_MAC, NARROW_MTU, POD_MAC, ROUTER_IP, dp,  # noqa: F401
-                               loaded, nonzero_counters, private_netns, route_ns, run_prog,
-                               send_raw, wait_for)
+                               ip_batch, loaded, nonzero_counters, private_netns, route_ns,
+                               run_prog, send_raw, wait_for)
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
@@ -314,12 +314,12 @@ def test_frag_needed_with_df_returns_icmp_to_the_pod(dp, route_ns, options):
     assert (out.dst, out.src) == (POD_MAC, HIN_MAC)
     ip = out[IP]
     assert (ip.src, ip.dst, ip.ttl, ip.proto, ip.ihl) == (ROUTER_IP, SRC, 64, 1, 5)
-    assert ip.len == 20 + 8 + len(orig_ip_hdr) + 8 == len(res.data_out) - 14
+    assert ip.len == 576 == len(res.data_out) - 14          # RFC 1812: up to 576 bytes
     icmp = out[ICMP]
     assert (icmp.type, icmp.code, icmp.nexthopmtu) == (3, 4, NARROW_MTU)
-    # quoted: the original header (options included) and its first 8 payload bytes
+    # quoted: the original header (options included) and as much payload as fits
     quoted = res.data_out[14 + 20 + 8:]
-    assert quoted == orig_ip_hdr + bytes(orig[UDP])[:8]
+    assert quoted == bytes(orig[IP])[:548] and quoted.startswith(orig_ip_hdr)
     assert isinstance(icmp.payload, IPerror) and icmp[IPerror].id == 0x1234
     assert isinstance(icmp[IPerror].payload, UDPerror)
     # checksums: rebuild without them and compare
@@ -350,6 +350,107 @@ def test_fits_exactly_at_mtu_is_forwarded(dp, route_ns):
     _, res = from_pod(dp, route_ns, pkt)
     assert res.retval == TC_ACT_REDIRECT
     only_counter(dp, "redirect_neigh", 1, len(pkt))
+
+
+def assert_valid_frag_needed(raw: bytes, orig: bytes, mtu: int):
+    """A frag-needed for `orig` (an Ethernet frame) with next-hop `mtu`: the whole reply's
+    checksums are right (scapy recomputes them) and it quotes the original datagram's
+    first min(its length, 548) bytes, as the kernel's icmp_send() does."""
+    out = Ether(raw)
+    orig_ip = bytes(Ether(orig)[IP])
+    quoted = min(len(orig_ip), 548)
+    assert out[IP].len == 20 + 8 + quoted == len(raw) - 14
+    assert (out[ICMP].type, out[ICMP].code, out[ICMP].nexthopmtu) == (3, 4, mtu)
+    assert raw[14 + 20 + 8:] == orig_ip[:quoted]
+    rebuilt = out.copy()
+    del rebuilt[IP].chksum
+    del rebuilt[ICMP].chksum
+    assert bytes(Ether(bytes(rebuilt))) == raw, "IPv4 or ICMP checksum is wrong"
+
+
+@pytest.mark.parametrize("over", [1, 4])
+def test_a_few_bytes_over_the_mtu_get_frag_needed(dp, route_ns, over):
+    """bpf_fib_lookup's own check (tot_len 0) allows 4 bytes over the MTU (room for a VLAN
+    tag): a 1281..1284-byte datagram must not leave on the 1280 link."""
+    pkt = pod_packet("198.18.3.30", flags="DF", payload=b"z" * (NARROW_MTU - 28 + over))
+    data, res = from_pod(dp, route_ns, pkt)
+    assert res.retval == TC_ACT_REDIRECT
+    assert_valid_frag_needed(res.data_out, data, NARROW_MTU)
+    only_counter(dp, "icmp_frag_needed", 1, len(data))
+
+
+@pytest.fixture
+def tiny_link(route_ns):
+    """198.18.5.0/24 via a 500-byte link: too-big packets shorter than a full 548-byte quote."""
+    ip_batch(route_ns.name, [
+        "link add tiny mtu 500 type veth peer name tiny-p mtu 500",
+        "link set tiny up", "link set tiny-p up",
+        "addr add 198.19.5.1/24 dev tiny",
+        "route add 198.18.5.0/24 via 198.19.5.2 dev tiny",
+        "neigh replace 198.19.5.2 lladdr 02:00:00:00:05:02 dev tiny nud permanent",
+    ])
+    yield
+    ip_batch(route_ns.name, ["link del tiny"])
+
+
+@pytest.mark.parametrize("payload", [501 - 28, 547 - 28, 600 - 28],
+                         ids=["odd_501", "odd_547", "over_548"])
+def test_frag_needed_quotes_a_short_datagram_whole(dp, route_ns, tiny_link, payload):
+    """Quotes of any length (odd ones too: summed with zero padding) get a right checksum."""
+    pkt = pod_packet("198.18.5.30", flags="DF", payload=bytes((7 * i) & 0xff for i in range(payload)))
+    data, res = from_pod(dp, route_ns, pkt)
+    assert res.retval == TC_ACT_REDIRECT
+    assert_valid_frag_needed(res.data_out, data, 500)
+
+
+def test_tcp_segment_too_big_quotes_the_tcp_header_whole(dp, route_ns):
+    """An offloaded TCP segment can only be cut after its checksum field (18 bytes into TCP):
+    the quote holds the whole TCP header, which the pod's TCP needs anyway."""
+    pkt = (Ether(src=POD_MAC, dst=HIN_MAC) / IP(src=SRC, dst="198.18.3.30", flags="DF")
+           / TCP(sport=40000, dport=5201, flags="A", seq=1000) / (b"t" * 1448))
+    data, res = from_pod(dp, route_ns, pkt)
+    assert res.retval == TC_ACT_REDIRECT
+    assert_valid_frag_needed(res.data_out, data, NARROW_MTU)
+    assert Ether(res.data_out)[ICMP][TCPerror].seq == 1000
+
+
+# A pod of this node whose link is narrower (its host-side veth is route_ns's 1280 "narrow").
+NARROW_POD = "198.18.1.12"
+
+
+@pytest.mark.parametrize("size, df, verdict, action", [
+    (NARROW_MTU, True, "redirect_peer", TC_ACT_REDIRECT),
+    (NARROW_MTU + 1, True, "icmp_frag_needed", TC_ACT_REDIRECT),
+    (1500, False, "pass_frag_needed", TC_ACT_OK),
+], ids=["fits", "too_big_df", "too_big_no_df"])
+def test_same_node_pod_with_a_narrower_link(dp, route_ns, size, df, verdict, action):
+    """The peer redirect skips the veth's MTU check: the datapath checks the destination
+    pod's link itself and answers as for a routed packet (the stack fragments without DF)."""
+    dp.maps.set_endpoint(NARROW_POD, route_ns.narrow, DST_MAC, DST_NODE_MAC)
+    pkt = pod_packet(NARROW_POD, flags="DF" if df else 0, payload=b"n" * (size - 28))
+    data, res = from_pod(dp, route_ns, pkt)
+    assert res.retval == action
+    only_counter(dp, verdict, 1, len(data))
+    if verdict == "icmp_frag_needed":
+        assert_valid_frag_needed(res.data_out, data, NARROW_MTU)
+        assert Ether(res.data_out)[IP].dst == SRC
+    elif verdict == "pass_frag_needed":
+        assert res.data_out == data
+
+
+@pytest.mark.parametrize("size, verdict, action", [
+    (NARROW_MTU, "redirect_peer", TC_ACT_REDIRECT),
+    (NARROW_MTU + 1, "pass_frag_needed", TC_ACT_OK),
+], ids=["fits", "too_big"])
+def test_underlay_to_a_pod_with_a_narrower_link(dp, route_ns, size, verdict, action):
+    """Too big for the pod's link: the stack answers the sender on its node (or fragments)."""
+    dp.maps.set_endpoint(NARROW_POD, route_ns.narrow, DST_MAC, DST_NODE_MAC)
+    pkt = (Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01")
+           / IP(src="198.18.2.20", dst=NARROW_POD, ttl=63, flags="DF")
+           / UDP(sport=5201, dport=40000) / (b"u" * (size - 28)))
+    data, res = from_underlay(dp, route_ns, pkt)
+    assert res.retval == action
+    only_counter(dp, verdict, 1, len(data))
 
 
 # -- from_underlay ---------------------------------------------------------------------------
