@@ -21,7 +21,7 @@ from datapath.bpf_build import BPF_DIR, compile_bpf, load_program
 SOURCE = BPF_DIR / "host_routing.c"
 PROGRAMS = ("from_pod", "from_underlay")
 MAP_NAMES = ("endpoints", "config", "counters", "trace_events", "cluster_cidrs", "node_routes",
-             "nat")
+             "nat", "nat_frags")
 # Every program uses these; the route maps only from_pod does.
 REQUIRED_MAPS = ("endpoints", "config", "counters", "trace_events")
 
@@ -37,6 +37,9 @@ _EXPECTED = {
     "cluster_cidrs": (libbpf.BPF_MAP_TYPE_LPM_TRIE, st.SIZEOF_LPM_KEY, 4),
     "node_routes": (libbpf.BPF_MAP_TYPE_LPM_TRIE, st.SIZEOF_LPM_KEY, st.SIZEOF_ROUTE),
     "nat": (libbpf.BPF_MAP_TYPE_HASH, st.SIZEOF_NAT_KEY, st.SIZEOF_NAT_ENTRY),
+    # fragmented datagrams through BPF SNAT (bpf_c/include/frag.h)
+    "nat_frags": (libbpf.BPF_MAP_TYPE_LRU_HASH, st.ffi.sizeof("struct hr_frag_key"),
+                  st.ffi.sizeof("struct hr_frag_entry")),
 }
 
 

@@ -191,7 +191,7 @@ link_headers_for_bcc() {
 }
 
 packages=(python3-bpfcc bpfcc-tools libbpf1 clang llvm iproute2 iptables nftables
-	conntrack netperf iputils-ping python3-venv python3-pip procps ethtool tcpdump make)
+	conntrack netperf iputils-ping python3-venv python3-pip procps ethtool tcpdump socat make)
 
 # Test-only tools are added only where the archive has them (apt-cache policy
 # is local and fast, so a machine without them stays quick on every run).

@@ -211,7 +211,7 @@ def check_snat_invariants(dp, data: bytes, res) -> None:
     elif res.retval == TC_ACT_OK and reason != "snat_pass_frag_needed":
         assert reason.startswith("pass_") and res.data_out == data, reason
     elif reason in ("snat_redirect_neigh", "snat_pass_frag_needed", "rnat_redirect_peer",
-                    "rnat_icmp_error"):
+                    "rnat_icmp_error", "snat_fragment", "rnat_fragment"):
         out, ihl = res.data_out, (data[14] & 0x0F) * 4
         assert ip_checksum_ok(out[14:14 + ihl])
         before = l4_checksum_ok(data[14:])
@@ -284,9 +284,17 @@ def reply_to(draw, flow, stranger: bool):
             (b"q" * draw(hst.sampled_from([0, 8, 200])))
         quote = bytes(inner)[:draw(hst.sampled_from([28, 36, 48, 1000]))]
         l4 = ICMP(type=draw(hst.sampled_from([3, 11, 12])), code=draw(hst.integers(0, 5))) / quote
+    # a reply in fragments (frag.h): its first (MF), or a later one (its record there or not)
+    frag = draw(hst.sampled_from(["whole", "whole", "first", "later"])) if kind == "reply" \
+        else "whole"
     frame = Ether(src="02:00:00:00:00:fe", dst="02:00:00:00:00:01") / \
         IP(src=flow.saddr if kind == "reply" else "198.19.0.254", dst=flow.daddr,
-           ttl=draw(hst.sampled_from([1, 64, 64, 64]))) / l4
+           ttl=draw(hst.sampled_from([1, 64, 64, 64])), id=draw(hst.sampled_from([1, 2])),
+           flags="MF" if frag == "first" else "", frag=185 if frag == "later" else 0) / l4
+    if frag == "later":             # no L4 header in it: the bytes after the IPv4 header
+        frame = Ether(bytes(frame)[:34]) / (b"r" * draw(hst.sampled_from([8, 200])))
+        frame[IP].len = None
+        frame[IP].chksum = None
     data = bytearray(bytes(frame))
     if draw(hst.sampled_from(["none", "none", "none", "flip"])) == "flip":
         data[draw(hst.integers(34, len(data) - 1))] ^= draw(hst.integers(1, 255))

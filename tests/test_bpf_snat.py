@@ -15,7 +15,7 @@ import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as hst
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP, IPOption_RR
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP, IPOption_RR, fragment
 from scapy.layers.l2 import Ether
 
 from datapath import host_routing, libbpf, shared_types as st
@@ -32,13 +32,17 @@ EXT = "203.0.113.10"
 ROUTER = "198.19.0.254"
 UPLINK_MAC = "02:00:00:00:00:fe"
 PORT_MIN, PORT_MAX = 20000, 20999
+SIZEOF_FRAG_KEY = st.ffi.sizeof("struct hr_frag_key")
+SIZEOF_FRAG_ENTRY = st.ffi.sizeof("struct hr_frag_entry")
 TCP_PROTO, UDP_PROTO, ICMP_PROTO = 6, 17, 1
 
 
 @pytest.fixture
 def snat(dp):
-    """dp with BPF SNAT on: node IP NODE_IP, ports PORT_MIN..PORT_MAX."""
+    """dp with BPF SNAT on: node IP NODE_IP, ports PORT_MIN..PORT_MAX, no fragment records."""
     set_nat(dp)
+    for key in list(libbpf.map_keys(dp.maps.fd("nat_frags"), SIZEOF_FRAG_KEY)):
+        libbpf.map_delete(dp.maps.fd("nat_frags"), key)
     return dp
 
 
@@ -230,8 +234,10 @@ def test_no_nat_hole_unknown_flows_to_the_node_ip_stay_with_the_node(snat, route
                               "drop_not_from_cluster": 1}
 
 
-def test_fragments_and_other_protocols_to_the_outside_are_dropped(snat, route_ns):
-    frag = Ether(src=POD_MAC, dst=HIN_MAC) / IP(src=SRC, dst=EXT, flags="MF") / UDP() / (b"x" * 64)
+def test_tcp_fragments_and_other_protocols_to_the_outside_are_dropped(snat, route_ns):
+    """UDP and ICMP echo fragments are NATed (test_fragmented_*); a TCP fragment is not."""
+    frag = Ether(src=POD_MAC, dst=HIN_MAC) / IP(src=SRC, dst=EXT, flags="MF") / \
+        TCP(sport=1, dport=80) / (b"x" * 64)
     gre = Ether(src=POD_MAC, dst=HIN_MAC) / IP(src=SRC, dst=EXT, proto=47) / (b"\0" * 16)
     for pkt in (frag, gre, out_pkt(ICMP(type=13))):                # 13: timestamp request
         _, res = run_out(snat, route_ns, pkt)
@@ -911,6 +917,146 @@ def test_an_idle_established_flow_outlives_tcp_keepalive(snat, route_ns):
                     dataclasses.replace(snat.maps.nat_entries()[0][1], last_seen_ns=0,
                                         state=st.NAT_STATE_BITS["seen_reply"]),
                     None, (7200 + 60) * 10**9)
+
+
+# -- fragments through SNAT (issue 17, frag.h) --------------------------------------------------
+
+def fragments(ip_pkt, eth_src=POD_MAC, eth_dst=HIN_MAC, size=1480):
+    """The frames a sender with a 1500-byte MTU sends for one datagram (3 for 4,000 bytes)."""
+    return [Ether(src=eth_src, dst=eth_dst) / f for f in fragment(ip_pkt, fragsize=size)]
+
+
+def reassemble(frames: list[bytes]) -> bytes:
+    """The IPv4 datagram (header of the first fragment, no MF) the fragments make up."""
+    parts = {}
+    for f in frames:
+        ip = f[14:]
+        ihl = (ip[0] & 0xf) * 4
+        total = struct.unpack("!H", ip[2:4])[0]
+        parts[(struct.unpack("!H", ip[6:8])[0] & 0x1fff) * 8] = (ip[:ihl], ip[ihl:total])
+    data, hdr = b"", parts[0][0]
+    for off in sorted(parts):
+        assert off == len(data), "a hole between fragments"
+        data += parts[off][1]
+    hdr = bytearray(hdr)
+    hdr[2:4] = struct.pack("!H", len(hdr) + len(data))
+    hdr[6:8] = b"\0\0"
+    return bytes(hdr) + data
+
+
+def check_datagram(ip_bytes: bytes) -> None:
+    """The L4 checksum of a reassembled datagram (its header checksum is not the wire's)."""
+    hdr = bytearray(ip_bytes[:20])
+    hdr[10:12] = b"\0\0"
+    hdr[10:12] = struct.pack("!H", 0xffff - ones_sum(bytes(hdr)))
+    check_ip_and_l4(bytes(hdr) + ip_bytes[20:])
+
+
+def frag_records(dp) -> list[bytes]:
+    return list(libbpf.map_keys(dp.maps.fd("nat_frags"), SIZEOF_FRAG_KEY))
+
+
+@pytest.mark.parametrize("proto", ["udp", "icmp"])
+def test_a_fragmented_datagram_leaves_from_the_node_ip_and_a_fragmented_reply_comes_back(
+        snat, route_ns, proto):
+    """4,000 bytes in 3 fragments each way: the first is translated by its L4 header, the
+    others by the fragment map; every fragment is redirected (none dropped, none to the stack,
+    where the node would reassemble it for itself), and the datagrams stay whole and valid."""
+    payload = bytes(range(256)) * 15 + b"z" * 160                      # 4,000 bytes
+    l4 = UDP(sport=40000, dport=5353) if proto == "udp" else ICMP(type=8, id=0x1234, seq=3)
+    frames = fragments(IP(src=SRC, dst=EXT, id=0x4242) / l4 / payload)
+    assert len(frames) == 3
+    outs = []
+    for f in frames:
+        data, res = run_out(snat, route_ns, f)
+        assert res.retval == TC_ACT_REDIRECT, counters(snat)
+        ip = ip_of(res.data_out)
+        assert ones_sum(ip[:20]) == 0xffff, "IPv4 header checksum"
+        assert ip[12:16] == bytes(map(int, NODE_IP.split("."))) and ip[22 - 14] == 63
+        # a later fragment: only its IPv4 header changes; the first: its L4 header too
+        skip = 8 if f is frames[0] else 0
+        assert ip[20 + skip:] == data[34 + skip:]
+        outs.append(res.data_out)
+    dgram = IP(reassemble(outs))
+    check_datagram(reassemble(outs))
+    nat_port = dgram[UDP].sport if proto == "udp" else dgram[ICMP].id
+    assert PORT_MIN <= nat_port <= PORT_MAX and dgram.src == NODE_IP and dgram.id == 0x4242
+    assert bytes(dgram[IP].payload.payload) == payload
+    assert counters(snat) == {"snat_fragment": 3}
+    assert len(frag_records(snat)) == 1
+
+    reply_l4 = UDP(sport=5353, dport=nat_port) if proto == "udp" else ICMP(type=0, id=nat_port,
+                                                                          seq=3)
+    back = []
+    for f in fragments(IP(src=EXT, dst=NODE_IP, id=0x5151) / reply_l4 / payload[::-1],
+                       eth_src=UPLINK_MAC, eth_dst="02:00:00:00:00:01"):
+        _, res = run_in(snat, route_ns, f)
+        assert res.retval == TC_ACT_REDIRECT, counters(snat)
+        assert Ether(res.data_out).dst == POD_MAC and ones_sum(ip_of(res.data_out)[:20]) == 0xffff
+        back.append(res.data_out)
+    dgram = IP(reassemble(back))
+    check_datagram(reassemble(back))
+    assert dgram.src == EXT and dgram.dst == SRC
+    if proto == "udp":
+        assert (dgram[UDP].sport, dgram[UDP].dport) == (5353, 40000)
+    else:
+        assert (dgram[ICMP].type, dgram[ICMP].id) == (0, 0x1234)
+    assert bytes(dgram[IP].payload.payload) == payload[::-1]
+    assert counters(snat) == {"snat_fragment": 3, "rnat_fragment": 3}
+    assert len(frag_records(snat)) == 2
+    entry = nat_table(snat)[st.NatKey(EXT, NODE_IP, l4.dport if proto == "udp" else 0, nat_port,
+                                      UDP_PROTO if proto == "udp" else ICMP_PROTO, "in")]
+    assert entry.packets == 3 and entry.state & st.NAT_STATE_BITS["seen_reply"]
+
+
+def test_a_later_fragment_whose_first_was_not_seen_is_counted(snat, route_ns):
+    """Out: it cannot leave with the pod's address, nor be NATed: dropped and counted. In: it
+    may be the node's own datagram, so it goes to the stack untouched, and is counted."""
+    first, middle, last = fragments(IP(src=SRC, dst=EXT, id=7) / UDP(sport=40000, dport=53) /
+                                    (b"a" * 4000))
+    for f in (middle, last):
+        _, res = run_out(snat, route_ns, f)
+        assert res.retval == TC_ACT_SHOT
+    assert counters(snat) == {"drop_frag_untracked": 2}
+    # the first fragment opens the flow; a later datagram with another id is still unknown
+    _, res = run_out(snat, route_ns, first)
+    assert res.retval == TC_ACT_REDIRECT
+    other = fragments(IP(src=SRC, dst=EXT, id=8) / UDP(sport=40000, dport=53) / (b"b" * 4000))
+    _, res = run_out(snat, route_ns, other[1])
+    assert res.retval == TC_ACT_SHOT
+    flow_port = [k.dport for k in nat_table(snat) if k.dir == "in"][0]
+    inbound = fragments(IP(src=EXT, dst=NODE_IP, id=9) / UDP(sport=53, dport=flow_port) /
+                        (b"c" * 4000), eth_src=UPLINK_MAC, eth_dst="02:00:00:00:00:01")
+    data, res = run_in(snat, route_ns, inbound[2])
+    assert res.retval == TC_ACT_OK and res.data_out == bytes(inbound[2])
+    assert counters(snat) == {"drop_frag_untracked": 3, "snat_fragment": 1,
+                              "pass_frag_untracked": 1}
+
+
+def test_a_fragment_record_older_than_the_reassembly_timeout_is_not_used(snat, route_ns):
+    """A datagram reusing an old IP id must not go by the ports an older one recorded."""
+    first, middle, _ = fragments(IP(src=SRC, dst=EXT, id=77) / UDP(sport=40000, dport=53) /
+                                 (b"a" * 4000))
+    _, res = run_out(snat, route_ns, first)
+    assert res.retval == TC_ACT_REDIRECT
+    (key,) = frag_records(snat)
+    raw = bytearray(libbpf.map_lookup(snat.maps.fd("nat_frags"), key, SIZEOF_FRAG_ENTRY))
+    raw[0:8] = (1).to_bytes(8, "little")            # recorded at boot: long past 30 s
+    libbpf.map_update(snat.maps.fd("nat_frags"), key, bytes(raw))
+    _, res = run_out(snat, route_ns, middle)
+    assert res.retval == TC_ACT_SHOT
+    assert counters(snat) == {"snat_fragment": 1, "drop_frag_untracked": 1}
+
+
+def test_a_fragment_of_an_unknown_flow_to_the_node_ip_stays_with_the_node(snat, route_ns):
+    """The node's own fragmented datagrams: the first is a NAT miss, the rest untracked."""
+    frames = fragments(IP(src=EXT, dst=NODE_IP, id=5) / UDP(sport=53, dport=33333) / (b"d" * 4000),
+                       eth_src=UPLINK_MAC, eth_dst="02:00:00:00:00:01")
+    for f in frames:
+        _, res = run_in(snat, route_ns, f)
+        assert res.retval == TC_ACT_OK and res.data_out == bytes(f)
+    assert counters(snat) == {"pass_nat_miss": 1, "pass_frag_untracked": 2}
+    assert frag_records(snat) == [] and nat_table(snat) == {}
 
 
 # -- the IPv4 header checksum (issue 17: the fuzzer's finding) ----------------------------------

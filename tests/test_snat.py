@@ -298,8 +298,8 @@ while True:
 def test_too_big_without_df_is_natted_then_fragmented_by_the_stack(make_lab, tmp_path):
     """The node's uplink is narrower than the pod's link: the stack must fragment a 1450-byte
     datagram, so BPF NATs it first and hands it over (the node IP as source needs
-    accept_local on the pod's veth, which enable sets). The answer is short: NAT of
-    fragments coming back is not done (docs/design.md)."""
+    accept_local on the pod's veth, which enable sets). The answer is short (fragmented
+    answers: test_fragmented_udp_and_ping_go_both_ways_through_bpf_snat)."""
     topo_file = tmp_path / "narrow.toml"
     topo_file.write_text("[lab]\nunderlay_mtu = 1400\n")
     _, topo = make_lab("ebpf", topology=str(topo_file))
@@ -413,3 +413,57 @@ def test_a_full_nat_table_costs_new_flows_never_another_flows_replies(make_lab, 
             break
         time.sleep(0.5)
     assert found and found[0]["object"] == f"node/{node.name}"
+
+
+UDP_BIG_DATAGRAMS = """
+import json, os, socket, sys
+host, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+sent = received = matched = 0
+for i in range(n):
+    data = os.urandom(size)
+    s.sendto(data, (host, 5353))
+    sent += len(data)
+    reply, _ = s.recvfrom(65535)
+    received += len(reply)
+    expect = data + (" from %s" % sys.argv[4]).encode()
+    assert reply == expect, "datagram %d: %d bytes back, %d expected" % (i, len(reply), len(expect))
+    matched += 1
+print(json.dumps({"datagrams": matched, "sent": sent, "received": received}))
+"""
+
+
+def test_fragmented_udp_and_ping_go_both_ways_through_bpf_snat(ebpf_lab):
+    """Issue 17: 4,000-byte datagrams with 1500-byte MTUs leave each pod in 3 fragments and
+    come back in 3 (the echo server's answer): every fragment is NATed by BPF (the first by its
+    header, the others by the fragment map), every byte comes back, `ping -s 4000` works, and
+    the nodes' conntrack never sees the flows. Before, the fragments were dropped on the way
+    out (drop_nat_unsupported) and a fragmented reply was left to the node, which kept it."""
+    import json
+    _, topo = ebpf_lab
+    ext = topo.external
+    n, size, pings = 6, 4000, 3
+    with udp_echo(ext.netns):
+        for node in topo.nodes:
+            for pod in node.pods:
+                proc = netns.run(pod.netns, [sys.executable, "-c", UDP_BIG_DATAGRAMS, ext.ip,
+                                             str(n), str(size), node.ip], check=False, timeout=60)
+                assert proc.returncode == 0, proc.stderr
+                figures = json.loads(proc.stdout)
+                print(f"{pod.netns}: {figures}")
+                assert figures == {"datagrams": n, "sent": n * size,
+                                   "received": n * (size + len(f" from {node.ip}"))}
+                assert_ping(pod.netns, ext.ip, count=pings, size=size)
+    no_conntrack_for(topo, ext.ip)
+    c = counters(topo)
+    for node in topo.nodes:
+        print(f"{node.name}: " + ", ".join(f"{k}={v}" for k, v in sorted(c[node.name].items())
+                                           if v and ("frag" in k or "nat" in k)))
+        per_node = len(node.pods) * (n + pings) * 3      # 3 fragments each way
+        assert c[node.name].get("snat_fragment") == per_node
+        assert c[node.name].get("rnat_fragment") == per_node
+        assert not c[node.name].get("drop_frag_untracked")
+        assert not c[node.name].get("drop_nat_unsupported")
+    protos = {f.protocol for fl in nat_flows(topo).values() for f in fl}
+    assert protos == {"udp", "icmp"}

@@ -36,7 +36,7 @@ enum hr_reason {
 	HR_RNAT_ICMP_ERROR = 17,	/* ICMP error about a NATed flow: translated back, into the pod */
 	HR_PASS_NAT_MISS = 18,		/* for the node IP, no NAT entry: to the stack (the node's own) */
 	HR_DROP_NAT_EXHAUSTED = 19,	/* no free NAT port for this destination after bounded retries */
-	HR_DROP_NAT_UNSUPPORTED = 20,	/* leaves the cluster but cannot be NATed: fragment, protocol
+	HR_DROP_NAT_UNSUPPORTED = 20,	/* leaves the cluster but cannot be NATed: TCP fragment, protocol
 					 * other than TCP/UDP/ICMP echo, truncated L4 header */
 	HR_DROP_NAT_FAILED = 21,	/* a helper failed while rewriting, or a racing flow won */
 	HR_DROP_NAT_NO_ENDPOINT = 22,	/* translated back to a pod this node does not have (any more) */
@@ -51,7 +51,16 @@ enum hr_reason {
 	HR_DROP_NAT_TABLE_FULL = 28,	/* a new flow, but the NAT table is full: refused, as
 					 * nf_conntrack_max refuses one (the sweep frees expired flows) */
 	HR_DROP_BAD_CHECKSUM = 29,	/* IPv4 header checksum wrong: dropped, as ip_rcv() would */
-	HR_REASON_MAX = 30
+	HR_SNAT_FRAGMENT = 30,		/* a fragment of a UDP / ICMP echo datagram leaving the cluster:
+					 * NATed (the first by its L4 header, which it records in
+					 * `nat_frags`; later ones by that record), redirected */
+	HR_RNAT_FRAGMENT = 31,		/* a fragment of a reply to a NATed flow: translated back (the
+					 * first by its L4 header, later ones by `nat_frags`), into the pod */
+	HR_DROP_FRAG_UNTRACKED = 32,	/* a later fragment leaving the cluster whose first fragment was
+					 * not seen (out of order, or its record gone): cannot be NATed */
+	HR_PASS_FRAG_UNTRACKED = 33,	/* a later fragment for the node IP without a record: to the
+					 * stack (the node's own, or a reply whose first fragment is late) */
+	HR_REASON_MAX = 34
 };
 
 /* Where a trace event was taken. */
@@ -153,6 +162,29 @@ struct hr_nat_entry {
 	__u32 seq_end;		/* OUT, TCP: the sequence number after the pod's last segment
 				 * (network order): a SYN that takes the port of this flow once it
 				 * ended must start beyond it (the remote's TIME_WAIT); 0: none */
+};
+
+/*
+ * Key of the `nat_frags` LRU hash: one fragmented datagram as it is on the
+ * wire (before translation), as IPv4 reassembly tells datagrams apart.
+ */
+struct hr_frag_key {
+	__u32 saddr;		/* network order */
+	__u32 daddr;
+	__u16 id;		/* IPv4 identification (network order) */
+	__u8 protocol;
+	__u8 pad;
+};
+
+/*
+ * Value of `nat_frags`: the ports (ICMP echo: the identifier, as in the NAT
+ * key) the first fragment carried, for the later ones, which carry none.
+ */
+struct hr_frag_entry {
+	__u64 seen_ns;		/* bpf_ktime_get_ns() of the first fragment */
+	__u16 sport;		/* network order, as in struct hr_nat_key (before translation) */
+	__u16 dport;
+	__u32 pad;
 };
 
 /* One per-CPU slot of the `counters` array, per enum hr_reason. */

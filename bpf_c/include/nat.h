@@ -8,6 +8,9 @@
  * datapath/nat_table.py deletes expired flows, both entries together. A full
  * table refuses new flows (HR_DROP_NAT_TABLE_FULL) and never evicts one
  * entry of a live flow: the two entries of a flow live and die together.
+ * Fragmented UDP and ICMP echo datagrams go through their flow both ways:
+ * the first fragment by its L4 header, the later ones by the ports it
+ * recorded in `nat_frags` (frag.h).
  *
  * An entry is deleted by key only by the CPU that claimed it first
  * (nat_claim: compare-and-swap of its last_seen_ns with the value it judged
@@ -31,6 +34,7 @@
 #include "hostrouting_shared.h"
 #include "parse.h"
 #include "csum.h"
+#include "frag.h"
 
 /* Random ports tried before a flow is dropped as exhausted. */
 #define HR_NAT_RETRIES		32
@@ -89,6 +93,8 @@ struct hr_nat_scratch {
 	struct hr_nat_key rk;		/* the IN key being claimed */
 	struct hr_nat_key tk;		/* a twin being looked at */
 	struct hr_nat_entry val;	/* an entry about to be inserted */
+	struct hr_frag_key fk;		/* the datagram of a fragment (frag.h) */
+	struct hr_frag_entry fv;	/* its record, about to be written */
 };
 
 /* Accessors of the `nat` and `nat_scratch` maps, defined in host_routing.c. */
@@ -653,11 +659,107 @@ static __always_inline void nat_restore_out(struct hr_nat_scratch *s, struct hr_
 
 static __always_inline int nat_icmp_error(struct __sk_buff *skb, struct hr_pkt *pkt,
 					  struct hr_config *cfg, int out, __u32 *new_ip);
+static __always_inline struct hr_nat_entry *rnat_find(struct hr_config *cfg,
+						      struct hr_nat_scratch *s, __u64 now);
+
+/*
+ * Rewrite one address of a later fragment (no L4 header in it: only the
+ * IPv4 header and its checksum change). Returns -1 when a helper failed.
+ */
+static __always_inline int frag_rewrite(struct __sk_buff *skb, int source, __u32 old_addr,
+					__u32 new_addr)
+{
+	if (bpf_l3_csum_replace(skb, ETH_HLEN + HR_IP_CHECK_OFF, old_addr, new_addr,
+				sizeof(new_addr)) < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, ETH_HLEN + (source ? HR_IP_SADDR_OFF : HR_IP_DADDR_OFF),
+				&new_addr, sizeof(new_addr), 0) < 0)
+		return -1;
+	return 0;
+}
+
+/* The NAT key (s->key) of a later fragment's flow, from its datagram's record `f`. */
+static __always_inline void frag_nat_key(struct hr_nat_scratch *s, struct hr_pkt *pkt,
+					 struct hr_frag_entry *f, __u8 dir)
+{
+	__builtin_memset(&s->key, 0, sizeof(s->key));
+	s->key.saddr = pkt->saddr;
+	s->key.daddr = pkt->daddr;
+	s->key.sport = f->sport;
+	s->key.dport = f->dport;
+	s->key.protocol = pkt->protocol;
+	s->key.dir = dir;
+}
+
+/*
+ * A later fragment leaving the cluster (datagram in s->fk): from the node IP,
+ * as its first fragment. Returns 0 once rewritten (packet pointers stale),
+ * HR_DROP_FRAG_UNTRACKED when its first fragment was not seen or its flow is
+ * gone, or the hr_reason of another drop.
+ */
+static __always_inline int snat_frag_later(struct __sk_buff *skb, struct hr_pkt *pkt,
+					   struct hr_config *cfg, struct hr_nat_scratch *s,
+					   __u64 now)
+{
+	struct hr_frag_entry *f = frag_find(&s->fk, now);
+	struct hr_nat_entry *e;
+	__u32 addr;
+
+	if (!f)
+		return HR_DROP_FRAG_UNTRACKED;
+	frag_nat_key(s, pkt, f, HR_NAT_OUT);
+	/*
+	 * The first fragment went through this entry (and refreshed it) moments
+	 * ago: its own freshness is the test, no twin to look at (nor stack to
+	 * spend on it), and no state bits to fold in.
+	 */
+	e = nat_lookup(&s->key);
+	if (!e || !nat_fresh(now, e->last_seen_ns, nat_timeout_ns(cfg, s->key.protocol, e->state)))
+		return HR_DROP_FRAG_UNTRACKED;
+	addr = e->addr;
+	e->last_seen_ns = now;
+	__sync_fetch_and_add(&e->packets, 1);
+	__sync_fetch_and_add(&e->bytes, skb->len);
+	if (frag_rewrite(skb, 1, pkt->saddr, addr) < 0)
+		return HR_DROP_NAT_FAILED;
+	return 0;
+}
+
+/*
+ * A later fragment for the node IP (datagram in s->fk): to the pod, as its
+ * first fragment. Returns 0 once rewritten (*pod_ip set, packet pointers
+ * stale), or HR_PASS_FRAG_UNTRACKED when no record or flow matches (the
+ * packet is untouched: the node's own datagram, or a reply's whose first
+ * fragment is late).
+ */
+static __always_inline int rnat_frag_later(struct __sk_buff *skb, struct hr_pkt *pkt,
+					   struct hr_config *cfg, struct hr_nat_scratch *s,
+					   __u64 now, __u32 *pod_ip)
+{
+	struct hr_frag_entry *f = frag_find(&s->fk, now);
+	struct hr_nat_entry *e;
+	__u32 addr;
+
+	if (!f)
+		return HR_PASS_FRAG_UNTRACKED;
+	frag_nat_key(s, pkt, f, HR_NAT_IN);
+	e = rnat_find(cfg, s, now);
+	if (!e)
+		return HR_PASS_FRAG_UNTRACKED;
+	addr = e->addr;
+	nat_touch(s, &s->key, e, HR_NAT_SEEN_REPLY, skb->len, now);
+	if (frag_rewrite(skb, 0, pkt->daddr, addr) < 0)
+		return HR_DROP_NAT_FAILED;
+	*pod_ip = addr;
+	return 0;
+}
 
 /*
  * Source-NAT a packet leaving the cluster. Returns 0 once the packet carries
  * the node IP and NAT port (packet pointers are stale then), or the
- * hr_reason of the drop.
+ * hr_reason of the drop. A fragment (UDP, ICMP echo): the first is NATed by
+ * its L4 header and records its ports for the later ones (frag.h), which
+ * only get the node IP; without a record, HR_DROP_FRAG_UNTRACKED.
  */
 static __always_inline int snat_out(struct __sk_buff *skb, struct hr_pkt *pkt,
 				    struct hr_config *cfg)
@@ -679,7 +781,15 @@ static __always_inline int snat_out(struct __sk_buff *skb, struct hr_pkt *pkt,
 		if (reason != HR_PASS_NAT_MISS)
 			return reason;
 	}
-	if (pkt->fragment || nat_read_l4(skb, pkt, &l4, 1) < 0)
+	if (pkt->fragment) {
+		/* UDP and ICMP echo; a TCP segment is never fragmented by its sender (PMTU) */
+		if (pkt->protocol != IPPROTO_UDP && pkt->protocol != IPPROTO_ICMP)
+			return HR_DROP_NAT_UNSUPPORTED;
+		frag_key_of(&s->fk, pkt);
+		if (frag_is_later(pkt))
+			return snat_frag_later(skb, pkt, cfg, s, now);
+	}
+	if (nat_read_l4(skb, pkt, &l4, 1) < 0)
 		return HR_DROP_NAT_UNSUPPORTED;
 	nat_packet_key(&s->key, pkt, &l4, HR_NAT_OUT);
 
@@ -703,6 +813,9 @@ static __always_inline int snat_out(struct __sk_buff *skb, struct hr_pkt *pkt,
 				e->seq_end = bpf_htonl(l4.seq_end);
 		}
 	}
+	/* a first fragment: its datagram's later fragments go by the ports it carries */
+	if (pkt->fragment)
+		frag_record(&s->fk, &s->fv, l4.sport, l4.dport, now);
 	if (nat_rewrite(skb, pkt, 1, pkt->saddr, addr, l4.sport, port) < 0)
 		return HR_DROP_NAT_FAILED;
 	return 0;
@@ -727,9 +840,10 @@ static __always_inline struct hr_nat_entry *rnat_find(struct hr_config *cfg,
 
 /*
  * Translate a reply (TCP, UDP, ICMP echo reply) to the node IP back to the
- * pod. Returns 0 when translated (*pod_ip set, packet pointers stale),
- * HR_PASS_NAT_MISS when no live flow matches (the packet is untouched), or
- * the hr_reason of a drop.
+ * pod, fragments included (frag.h). Returns 0 when translated (*pod_ip set,
+ * packet pointers stale), HR_PASS_NAT_MISS when no live flow matches, or
+ * HR_PASS_FRAG_UNTRACKED for a later fragment without a record (the packet
+ * is untouched then), or the hr_reason of a drop.
  */
 static __always_inline int rnat_in(struct __sk_buff *skb, struct hr_pkt *pkt,
 				   struct hr_config *cfg, __u32 *pod_ip)
@@ -744,7 +858,14 @@ static __always_inline int rnat_in(struct __sk_buff *skb, struct hr_pkt *pkt,
 	s = nat_scratch_get();
 	if (!s)
 		return HR_DROP_NAT_FAILED;
-	if (pkt->fragment || nat_read_l4(skb, pkt, &l4, 0) < 0)
+	if (pkt->fragment) {
+		if (pkt->protocol != IPPROTO_UDP && pkt->protocol != IPPROTO_ICMP)
+			return HR_PASS_NAT_MISS;
+		frag_key_of(&s->fk, pkt);
+		if (frag_is_later(pkt))
+			return rnat_frag_later(skb, pkt, cfg, s, now, pod_ip);
+	}
+	if (nat_read_l4(skb, pkt, &l4, 0) < 0)
 		return HR_PASS_NAT_MISS;
 	nat_packet_key(&s->key, pkt, &l4, HR_NAT_IN);
 	e = rnat_find(cfg, s, now);
@@ -752,6 +873,9 @@ static __always_inline int rnat_in(struct __sk_buff *skb, struct hr_pkt *pkt,
 		return HR_PASS_NAT_MISS;
 	addr = e->addr;
 	port = e->port;
+	/* a first fragment: its datagram's later fragments go by the ports it carries */
+	if (pkt->fragment)
+		frag_record(&s->fk, &s->fv, l4.sport, l4.dport, now);
 	bits = nat_state_bits(pkt->protocol, &l4, 0);
 	if ((bits & (HR_NAT_RST | HR_NAT_FIN_IN)) && !nat_close_plausible(s, e, &l4))
 		/* delivered, the pod judges it; the NAT state ignores it */
