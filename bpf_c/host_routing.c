@@ -45,9 +45,18 @@
 #define HR_ICMP_TTL	64
 /* IP precedence "internetwork control", as the kernel's own ICMP errors use. */
 #define HR_ICMP_TOS	0xc0
-/* RFC 792: the offending header plus the first 64 bits of its payload. */
+/* RFC 792: the offending header plus the first 64 bits of its payload, at least. */
 #define HR_ICMP_QUOTE	8
-#define HR_IP_MAX_HLEN	60
+/*
+ * At most: RFC 1812 4.3.2.3 (and the kernel's own icmp_send()) quote as much
+ * of the packet as fits in a 576-byte ICMP datagram, 548 bytes. Quoting that
+ * much is also what makes the reply possible at all for a segment whose L4
+ * checksum is left to the device (CHECKSUM_PARTIAL): bpf_skb_change_tail()
+ * refuses (-EINVAL) to cut such a packet before the end of its checksum field
+ * (csum_start + csum_offset + 2, 18 bytes into TCP), so "IPv4 header + 8 bytes"
+ * could never be built from an offloaded TCP segment.
+ */
+#define HR_ICMP_QUOTE_MAX	(576 - 20 - 8)
 
 /*
  * Linux 6.3+: find the route and next hop but leave the neighbour alone
@@ -104,6 +113,11 @@ BPF_PERCPU_ARRAY(nat_scratch, struct hr_nat_scratch, 1);
 #define HR_FRAG_MAP_SIZE 8192
 #endif
 BPF_TABLE("lru_hash", struct hr_frag_key, struct hr_frag_entry, nat_frags, HR_FRAG_MAP_SIZE);
+/* The quote of a frag-needed, for its checksum: too big for the 512-byte stack. */
+struct hr_icmp_quote {
+	__u8 data[HR_ICMP_QUOTE_MAX + 4];	/* + 4: zeros, summed with an odd-sized quote */
+};
+BPF_PERCPU_ARRAY(icmp_quote, struct hr_icmp_quote, 1);
 
 static __always_inline struct hr_nat_entry *nat_lookup(struct hr_nat_key *key)
 {
@@ -228,38 +242,85 @@ static __always_inline int in_cluster(__u32 addr)
 }
 
 /*
+ * Does the packet fit the MTU of egress device `ifindex`? A GSO packet is
+ * checked segment by segment (BPF_MTU_CHK_SEGS; the kernel's ip_forward()
+ * does the same), any other by its IPv4 total length, whatever the device's
+ * link-layer header. The device's MTU is left in *mtu. A device that cannot be checked
+ * (gone) counts as fitting: the redirect to it fails on its own.
+ */
+static __always_inline int fits_egress(struct __sk_buff *skb, struct hr_pkt *pkt, __u32 ifindex,
+				       __u32 *mtu)
+{
+	long rc;
+
+	if (skb->gso_size) {
+		*mtu = 0;	/* with BPF_MTU_CHK_SEGS: must be 0, the skb is measured */
+		rc = hr_check_mtu(skb, ifindex, mtu, 0, BPF_MTU_CHK_SEGS);
+	} else {
+		*mtu = bpf_ntohs(pkt->ip->tot_len);
+		rc = hr_check_mtu(skb, ifindex, mtu, 0, 0);
+	}
+	return rc != BPF_MTU_CHK_RET_FRAG_NEEDED && rc != BPF_MTU_CHK_RET_SEGS_TOOBIG;
+}
+
+/*
  * Answer a packet too big for the egress device (DF set) with an ICMP
  * Destination Unreachable / Fragmentation Needed built from the packet:
  *
  *   before: eth | IPv4 (ihl_len) | payload ...
- *   after:  eth (MACs swapped) | IPv4 (20) | ICMP (8) | IPv4 (ihl_len) | 8 bytes payload
+ *   after:  eth (MACs swapped) | IPv4 (20) | ICMP (8) | the packet's first
+ *           quote_len bytes: its IPv4 header and payload, 548 bytes at most
  *
  * and send it back into the pod it came from. Returns 0, or -1 when a helper
  * failed (the packet may then be half rewritten: the caller drops it).
+ *
+ * A TCP segment from a pod usually has its checksum left to the device
+ * (CHECKSUM_PARTIAL), and no helper changes that state: the reply keeps it,
+ * with csum_start/csum_offset now pointing at the quoted TCP checksum field.
+ * That is harmless where the reply goes, the ingress of the pod's eth0
+ * (CHECKSUM_PARTIAL counts as verified there and nothing finishes it); its
+ * ICMP checksum is computed here over the bytes as they are.
  */
 static __always_inline int icmp_frag_needed(struct __sk_buff *skb, struct hr_pkt *pkt, __u32 mtu)
 {
-	__u8 quote[HR_IP_MAX_HLEN + HR_ICMP_QUOTE] = {};
+	struct hr_icmp_quote *quote;
 	__u8 macs[2 * ETH_ALEN];
 	struct icmphdr icmp = {};
 	struct iphdr ip = {};
 	struct hr_config *cfg;
-	__u32 quote_len, zero = 0;
+	__u64 quote_len, ip_len, *word;
+	__u32 zero = 0, i;
 	__s64 sum;
 
 	cfg = config.lookup(&zero);
 	if (!cfg)
 		return -1;
+	quote = icmp_quote.lookup(&zero);
+	if (!quote)
+		return -1;
 
-	/* ihl_len is 20..60 and a multiple of 4; the mask tells the verifier so. */
-	quote_len = (pkt->ihl_len & 0x3c) + HR_ICMP_QUOTE;
-	if (skb->len < sizeof(struct ethhdr) + quote_len)
+	/* The datagram without Ethernet padding (a GSO packet's may be 0: then skb->len). */
+	quote_len = skb->len - sizeof(struct ethhdr);
+	ip_len = bpf_ntohs(pkt->ip->tot_len);
+	if (ip_len && ip_len < quote_len)
+		quote_len = ip_len;
+	if (quote_len > HR_ICMP_QUOTE_MAX)
+		quote_len = HR_ICMP_QUOTE_MAX;
+	if (quote_len < pkt->ihl_len + HR_ICMP_QUOTE)
+		return -1;
+	quote_len &= 0x3ff;	/* already 28..548: tells the verifier so */
+	if (quote_len < 1 || quote_len > HR_ICMP_QUOTE_MAX)
 		return -1;
 
 	/* Everything the reply needs from the packet, read before it changes. */
 	__builtin_memcpy(macs, pkt->eth->h_source, ETH_ALEN);
 	__builtin_memcpy(macs + ETH_ALEN, pkt->eth->h_dest, ETH_ALEN);
-	if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), quote, quote_len) < 0)
+	/* zeros after the quote, so that summing the whole buffer sums the quote */
+	word = (__u64 *)quote->data;
+#pragma unroll
+	for (i = 0; i < sizeof(*quote) / sizeof(*word); i++)
+		word[i] = 0;
+	if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), quote->data, quote_len) < 0)
 		return -1;
 
 	ip.version = 4;
@@ -281,12 +342,17 @@ static __always_inline int icmp_frag_needed(struct __sk_buff *skb, struct hr_pkt
 	sum = hr_csum_diff(0, 0, (void *)&icmp, sizeof(icmp), 0);
 	if (sum < 0)
 		return -1;
-	sum = hr_csum_diff(0, 0, (void *)quote, quote_len, (__u32)sum);
+	/* in two halves: older kernels sum at most 512 bytes a call */
+	sum = hr_csum_diff(0, 0, (void *)quote->data, sizeof(*quote) / 2, (__u32)sum);
+	if (sum < 0)
+		return -1;
+	sum = hr_csum_diff(0, 0, (void *)(quote->data + sizeof(*quote) / 2), sizeof(*quote) / 2,
+			   (__u32)sum);
 	if (sum < 0)
 		return -1;
 	icmp.checksum = csum_fold32((__u32)sum);
 
-	/* Trim to eth + quoted header + 8 bytes, then open room behind eth. */
+	/* Trim to eth + the quote (the quote stays where it is), then open room behind eth. */
 	if (bpf_skb_change_tail(skb, sizeof(struct ethhdr) + quote_len, 0) < 0)
 		return -1;
 	if (bpf_skb_adjust_room(skb, sizeof(ip) + sizeof(icmp), BPF_ADJ_ROOM_MAC, 0) < 0)
@@ -313,7 +379,7 @@ int from_pod(struct __sk_buff *skb)
 	__u32 len = skb->len;
 	__u32 ifindex;
 	int rc, external, stack_fragments, external_to_stack;
-	__u32 *range;
+	__u32 *range, mtu;
 
 	rc = parse_ipv4(skb, &pkt);
 	if (rc == HR_PARSE_NOT_IPV4)
@@ -353,7 +419,17 @@ int from_pod(struct __sk_buff *skb)
 	if (ep) {
 		if (pkt.ip->ttl <= 1)
 			return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_TTL, 0, TC_ACT_OK);
-		return to_local_pod(slot, skb, HR_HOOK_FROM_POD, &pkt, len, ep, HR_REDIRECT_PEER);
+		/*
+		 * The peer redirect skips the MTU check of the pod's veth: check
+		 * against its host side (a CNI gives both ends the pod's MTU).
+		 */
+		if (fits_egress(skb, &pkt, ep->ifindex, &mtu))
+			return to_local_pod(slot, skb, HR_HOOK_FROM_POD, &pkt, len, ep,
+					    HR_REDIRECT_PEER);
+		/* too big for the pod's link: answered as a routed packet would be */
+		rc = BPF_FIB_LKUP_RET_FRAG_NEEDED;
+		fib.mtu_result = mtu;
+		goto too_big;
 	}
 
 	/* Without a node IP to masquerade to, the stack (and its MASQUERADE) takes it. */
@@ -365,7 +441,7 @@ int from_pod(struct __sk_buff *skb)
 	fib.l4_protocol = pkt.protocol;
 	fib.sport = pkt.sport;
 	fib.dport = pkt.dport;
-	fib.tot_len = 0;	/* 0: the kernel checks skb against the egress MTU, GSO-aware */
+	fib.tot_len = 0;	/* 0: the kernel checks skb->len against the egress device */
 	fib.ifindex = skb->ifindex;
 	fib.ipv4_src = pkt.saddr;
 	fib.ipv4_dst = pkt.daddr;
@@ -380,20 +456,25 @@ int from_pod(struct __sk_buff *skb)
 		/*
 		 * Forwarding is off in the node, so the kernel refuses the lookup:
 		 * other nodes' pods (and, by a default route, the outside) are still
-		 * reached with the datapath's own routes, and the egress MTU is
-		 * checked by bpf_check_mtu (GSO-aware).
+		 * reached with the datapath's own routes (the MTU check follows).
 		 */
 		struct hr_lpm_key key = { .prefixlen = 32, .addr = pkt.daddr };
 		struct hr_route *route = node_routes.lookup(&key);
-		__u32 mtu = 0;
 
 		if (!route)
 			return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FWD_DISABLED, 0,
 				       TC_ACT_OK);
 		fib.ifindex = route->ifindex;
 		fib.ipv4_dst = route->nexthop;
-		rc = hr_check_mtu(skb, route->ifindex, &mtu, 0, 0) == BPF_MTU_CHK_RET_SUCCESS ?
-			BPF_FIB_LKUP_RET_SUCCESS : BPF_FIB_LKUP_RET_FRAG_NEEDED;
+		rc = BPF_FIB_LKUP_RET_SUCCESS;
+	}
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		/*
+		 * The lookup's own check (tot_len 0) passes every GSO packet, and
+		 * others up to 4 bytes (a VLAN tag) over the MTU: check again.
+		 */
+		rc = fits_egress(skb, &pkt, fib.ifindex, &mtu) ? BPF_FIB_LKUP_RET_SUCCESS :
+			BPF_FIB_LKUP_RET_FRAG_NEEDED;
 		fib.mtu_result = mtu;
 	}
 	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
@@ -412,6 +493,7 @@ int from_pod(struct __sk_buff *skb)
 		/* no route (blackhole, unreachable, prohibit): the stack answers the pod */
 		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FIB_MISS, 0, TC_ACT_OK);
 	}
+too_big:
 	/* The stack checks the TTL before the MTU: so do we. */
 	if (pkt.ip->ttl <= 1)
 		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_TTL, 0, TC_ACT_OK);
@@ -500,6 +582,7 @@ int from_underlay(struct __sk_buff *skb)
 	struct hr_config *cfg;
 	struct hr_pkt pkt = {};
 	__u32 len = skb->len;
+	__u32 mtu;
 	int rc;
 
 	rc = parse_ipv4(skb, &pkt);
@@ -541,5 +624,12 @@ int from_underlay(struct __sk_buff *skb)
 			       TC_ACT_SHOT);
 	if (pkt.ip->ttl <= 1)
 		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_PASS_TTL, 0, TC_ACT_OK);
+	/*
+	 * Too big for the pod's link (narrower than the underlay): the stack
+	 * fragments it, or with DF answers the sender on its other node.
+	 */
+	if (!fits_egress(skb, &pkt, ep->ifindex, &mtu))
+		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_PASS_FRAG_NEEDED, 0,
+			       TC_ACT_OK);
 	return to_local_pod(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, ep, HR_REDIRECT_PEER);
 }
