@@ -11,8 +11,11 @@ devices exactly, even after a crash half-way.
 Traffic leaving the cluster is then source-NATed by BPF to the node IP, so
 the legacy MASQUERADE rule of each node is removed once its programs are
 attached (and put back on disable): nothing in the node's netfilter applies
-to pod traffic any more. Flows to the outside that were open across a switch
-break (their NAT port changes); pod-to-pod flows carry on.
+to pod traffic any more. Flows to the outside that are open across a switch
+carry on with their NAT port (datapath/nat_handover.py): ``enable`` imports
+the node's masqueraded conntrack entries into the BPF SNAT table before the
+programs are attached, ``disable`` writes the live BPF flows into conntrack
+before MASQUERADE is restored and the programs are detached.
 
 Pod-to-pod packets are the same bytes on either path, so TCP connections that
 are open across a switch carry on.
@@ -24,7 +27,8 @@ from netns_lab import legacy, netns
 from netns_lab.state import LabState
 from netns_lab.topology import Node, Topology
 
-from . import events, host_routing, iptables_rules, rule_guard, shared_types as st, tc_attach
+from . import (events, host_routing, iptables_rules, nat_handover, rule_guard,
+               shared_types as st, tc_attach)
 
 FROM_POD = "from_pod"
 FROM_UNDERLAY = "from_underlay"
@@ -56,7 +60,7 @@ def _attach_points(topo: Topology, node: Node) -> list[tuple[str, str]]:
         [(topo.uplink_ifname, FROM_UNDERLAY)]
 
 
-def _enable_node(state: LabState, topo: Topology, node: Node) -> None:
+def _enable_node(state: LabState, topo: Topology, node: Node) -> tuple[int, int]:
     loaded = host_routing.load(router_ip=node.gateway, node_ip=node.ip,
                                nat=topo.nat.datapath_config(), nat_max_flows=topo.nat.max_flows)
     try:
@@ -76,6 +80,9 @@ def _enable_node(state: LabState, topo: Topology, node: Node) -> None:
                 maps.set_node_route(other.pod_cidr, other.ip, uplink)
         # the outside, for when forwarding is off in the node (the FIB lookup is refused)
         maps.set_node_route("0.0.0.0/0", topo.router_ip, uplink)
+        # the flows MASQUERADE translates now, with their ports: the first packet BPF
+        # translates (once attached, below) finds its flow
+        handed = nat_handover.import_conntrack(topo, node, maps)
         record = state.datapath.setdefault(node.name, {"attached": []})
         record["programs"] = {name: loaded.prog_ids[name] for name in (FROM_POD, FROM_UNDERLAY)}
         for ifname, prog in _attach_points(topo, node):
@@ -85,6 +92,7 @@ def _enable_node(state: LabState, topo: Topology, node: Node) -> None:
             state.save()
     finally:
         loaded.close()
+    return handed
 
 
 def _refuse_or_force(state: LabState, topo: Topology, force: bool) -> None:
@@ -117,11 +125,18 @@ def enable_ebpf(state: LabState, topo: Topology, force: bool = False) -> None:
     state.save()
     try:
         for node in topo.nodes:
-            _enable_node(state, topo, node)
+            imported, skipped = _enable_node(state, topo, node)
             progs = state.datapath[node.name]["programs"]
             events.record(topo.lab, events.NORMAL, "ProgramsAttached", f"node/{node.name}",
                           f"from_pod (id {progs[FROM_POD]}) on {len(node.pods)} pod veth(s), "
                           f"from_underlay (id {progs[FROM_UNDERLAY]}) on {topo.uplink_ifname}")
+            if imported or skipped:
+                events.record(topo.lab, events.WARNING if skipped else events.NORMAL,
+                              "NatFlowsImported", f"node/{node.name}",
+                              f"{imported} masqueraded flow(s) carried into the BPF SNAT table "
+                              "with their ports" + (f"; {skipped} could not be (table full or "
+                                                    "key taken)" if skipped else ""),
+                              imported=imported, skipped=skipped)
             # A packet BPF has NATed and hands to the stack (to fragment it) carries the
             # node IP as its source: the stack takes it only with accept_local. Pods cannot
             # abuse it: from_pod drops any source but the pod's own.
@@ -154,6 +169,16 @@ def _detach_all(state: LabState, topo: Topology) -> None:
     state.guard_pid, state.guard_backends = 0, {}
     for node in topo.nodes:
         record = state.datapath.get(node.name, {"attached": []})
+        # While the programs are attached no pod packet meets netfilter: conntrack learns the
+        # BPF flows and MASQUERADE comes back first, then the stack takes over the packets.
+        if record.get("masquerade_removed") and netns.exists(node.netns):
+            if record["attached"]:
+                _export_flows(topo, node, record)
+            if not legacy.masquerade_installed(topo, node):
+                legacy.install_masquerade(topo, node)
+            events.record(topo.lab, events.NORMAL, "MasqueradeRestored", f"node/{node.name}",
+                          "the iptables MASQUERADE rule masquerades traffic leaving the cluster "
+                          "again")
         for att in reversed(record["attached"]):
             if netns.exists(node.netns):
                 tc_attach.detach(node.netns, att["ifname"], "ingress", att["created_qdisc"])
@@ -162,14 +187,25 @@ def _detach_all(state: LabState, topo: Topology) -> None:
                           f"detached from {len(record['attached'])} device(s)")
         if record["attached"] and netns.exists(node.netns):
             netns.sysctl(node.netns, _accept_local(node, 0))
-        if record.get("masquerade_removed") and netns.exists(node.netns):
-            if not legacy.masquerade_installed(topo, node):
-                legacy.install_masquerade(topo, node)
-            events.record(topo.lab, events.NORMAL, "MasqueradeRestored", f"node/{node.name}",
-                          "the iptables MASQUERADE rule masquerades traffic leaving the cluster "
-                          "again")
         state.datapath.pop(node.name, None)
         state.save()
+
+
+def _export_flows(topo: Topology, node: Node, record: dict) -> None:
+    """The node's live BPF SNAT flows into its conntrack (never stops a disable)."""
+    try:
+        with host_routing.DatapathMaps.from_prog_id(record["programs"][FROM_UNDERLAY]) as maps:
+            written, failed = nat_handover.export_to_conntrack(topo, node, maps)
+    except Exception as e:      # programs gone half-way (a crash): nothing to carry over
+        events.record(topo.lab, events.WARNING, "NatFlowsLost", f"node/{node.name}",
+                      f"BPF SNAT flows not carried into conntrack: {e}")
+        return
+    if written or failed:
+        events.record(topo.lab, events.WARNING if failed else events.NORMAL,
+                      "NatFlowsExported", f"node/{node.name}",
+                      f"{written} BPF SNAT flow(s) carried into conntrack with their ports"
+                      + (f"; {failed} refused or given another port" if failed else ""),
+                      written=written, failed=failed)
 
 
 def disable_ebpf(state: LabState, topo: Topology) -> None:

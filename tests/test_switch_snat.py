@@ -20,7 +20,7 @@ import pytest
 
 from netns_lab import netns
 from netns_lab.topology import TopologyError, load_topology
-from tests.labtools import background
+from tests.labtools import background, wait_port
 
 PEER_ECHO = """
 import socket, sys, threading
@@ -127,3 +127,262 @@ def test_a_node_and_a_pod_connection_to_the_same_remote_port_both_work(make_lab,
     assert node_client.local in (60002, 60003)
     for proc, out in zip(clients, outputs):
         assert proc.returncode == 0 and out.strip() == "ok 200", out
+
+
+# -- part 3: switching without breaking pod-to-external connections ------------------------------
+
+# Both ends agree on the bytes: the stream is PATTERN repeated (a prime length, so that no
+# chunk boundary lines up with it); the receiver checks every byte.
+PATTERN_CODE = """
+import random
+PATTERN = random.Random(17).randbytes(1000003)
+def expected(offset, n):
+    out = bytearray()
+    while n:
+        start = offset % len(PATTERN)
+        take = min(n, len(PATTERN) - start)
+        out += PATTERN[start:start + take]
+        offset += take
+        n -= take
+    return bytes(out)
+"""
+
+# Sender: a chunk every 10 ms (about 3 MB/s) until the stop file exists, then EOF.
+SEND_CODE = """
+def send_until(sock, stop, report):
+    sent = 0
+    while not os.path.exists(stop):
+        chunk = expected(sent, 32768)
+        sock.sendall(chunk)
+        sent += len(chunk)
+        time.sleep(0.01)
+    sock.shutdown(socket.SHUT_WR)
+    return sent
+"""
+
+# Receiver: every byte checked, the running total written to `progress`.
+RECV_CODE = """
+def receive_all(sock, progress):
+    got, bad, last = 0, 0, 0.0
+    while True:
+        data = sock.recv(262144)
+        if not data:
+            break
+        if data != expected(got, len(data)):
+            bad += 1
+        got += len(data)
+        if time.monotonic() - last > 0.1:
+            with open(progress + ".tmp", "w") as f:
+                f.write(str(got))
+            os.replace(progress + ".tmp", progress)
+            last = time.monotonic()
+    with open(progress, "w") as f:
+        f.write(str(got))
+    return got, bad
+"""
+
+PRELUDE = "import os, socket, sys, time\n" + PATTERN_CODE + SEND_CODE + RECV_CODE
+
+# External: port A streams to whoever connects (download), port B receives (upload). Each
+# prints the peer it accepted and its totals.
+TRANSFER_SERVER = PRELUDE + """
+ip, mode, port, stop, progress = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((ip, port)); srv.listen(1)
+c, peer = srv.accept()
+print("peer %s:%d" % peer, flush=True)
+try:
+    if mode == "download":
+        print("sent", send_until(c, stop, progress), flush=True)
+        c.recv(1)
+    else:
+        got, bad = receive_all(c, progress)
+        print("received", got, "bad", bad, flush=True)
+        c.sendall(b"done")
+except OSError as e:
+    print("error", type(e).__name__, e, flush=True)
+"""
+
+TRANSFER_CLIENT = PRELUDE + """
+host, mode, port, stop, progress = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+s = socket.create_connection((host, port), timeout=30)
+print("local", s.getsockname()[1], flush=True)
+try:
+    if mode == "download":
+        got, bad = receive_all(s, progress)
+        print("received", got, "bad", bad, flush=True)
+    else:
+        print("sent", send_until(s, stop, progress), flush=True)
+        print("ack", s.recv(4).decode(), flush=True)
+except OSError as e:
+    print("error", type(e).__name__, e, flush=True)
+"""
+
+
+# UDP: the external server answers each datagram with the source port it came from; the pod's
+# client sends one every 20 ms, counts the answers (in `progress`) and the ports it was told.
+UDP_PORT_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(data + b" %d" % peer[1], peer)
+"""
+
+UDP_PORT_CLIENT = """
+import os, socket, sys, time
+host, port, stop, progress = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((host, port))
+s.settimeout(0.2)
+print("local", s.getsockname()[1], flush=True)
+answers, seen, i = 0, set(), 0
+while not os.path.exists(stop):
+    i += 1
+    s.send(b"%d" % i)
+    try:
+        reply = s.recv(2048).split()
+    except socket.timeout:
+        continue
+    answers += 1
+    seen.add(int(reply[1]))
+    with open(progress + ".tmp", "w") as f:
+        f.write(str(answers))
+    os.replace(progress + ".tmp", progress)
+    time.sleep(0.02)
+print("answers", answers, "ports", ",".join(map(str, sorted(seen))), flush=True)
+"""
+
+
+def _progress(path) -> int:
+    try:
+        return int(path.read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def _wait_more(path, at_least: int, what: str, procs) -> int:
+    """Wait until the receiver behind `path` has `at_least` more bytes (the transfer goes on)."""
+    start = _progress(path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now = _progress(path)
+        if now >= start + at_least:
+            return now
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.05)
+    outs = [p.communicate(timeout=5)[0] if p.poll() is not None else "(running)" for p in procs]
+    raise AssertionError(f"{what}: stuck at {_progress(path)} bytes (from {start}): {outs}")
+
+
+def _ports_in_bpf(topo, node) -> dict[tuple[str, int, int], int]:
+    """(pod ip, pod port, remote port) -> NAT port, from the BPF SNAT table (TCP and UDP)."""
+    from datapath import switch
+    from netns_lab.state import load_state
+    flows = switch.nat_flows(load_state(topo.lab), topo, node.name)[node.name]
+    found = {}
+    for f in flows:
+        if f.protocol in ("tcp", "udp") and f.complete:
+            pod_ip, pod_port = f.pod.split(":")
+            found[(pod_ip, int(pod_port), int(f.remote.split(":")[1]))] = int(f.nat.split(":")[1])
+    return found
+
+
+def _ports_in_conntrack(topo, node) -> dict[tuple[str, int, int], int]:
+    from datapath import nat_handover
+    return {(f.pod, f.pod_port, f.remote_port): f.nat_port
+            for f in nat_handover.masqueraded(topo, node) if f.protocol in (6, 17)}
+
+
+def test_long_download_and_upload_carry_on_across_enable_disable_enable(make_lab, tmp_path):
+    from datapath import switch
+    from netns_lab.state import load_state
+    _, topo = make_lab("legacy", nodes=1, pods_per_node=1)
+    node, pod, ext = topo.nodes[0], topo.nodes[0].pods[0], topo.external
+    stop = tmp_path / "stop"
+    progress = {m: tmp_path / f"{m}.progress" for m in ("download", "upload", "udp")}
+    ports = {"download": 9401, "upload": 9402}
+    servers, clients = {}, {}
+    try:
+        for mode, port in ports.items():
+            servers[mode] = subprocess.Popen(
+                ["ip", "netns", "exec", ext.netns, sys.executable, "-c", TRANSFER_SERVER,
+                 ext.ip, mode, str(port), str(stop), str(progress[mode])],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for mode, port in ports.items():
+            wait_port(ext.netns, port)
+            clients[mode] = subprocess.Popen(
+                ["ip", "netns", "exec", pod.netns, sys.executable, "-c", TRANSFER_CLIENT,
+                 ext.ip, mode, str(port), str(stop), str(progress[mode])],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        servers["udp"] = subprocess.Popen(
+            ["ip", "netns", "exec", ext.netns, sys.executable, "-c", UDP_PORT_ECHO, ext.ip,
+             "9403"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_port(ext.netns, 9403, "udp")
+        clients["udp"] = subprocess.Popen(
+            ["ip", "netns", "exec", pod.netns, sys.executable, "-c", UDP_PORT_CLIENT, ext.ip,
+             "9403", str(stop), str(progress["udp"])],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        udp_local = int(clients["udp"].stdout.readline().split()[1])
+        procs = list(servers.values()) + list(clients.values())
+        peers = {m: servers[m].stdout.readline().split() for m in ports}
+        local = {m: clients[m].stdout.readline().split() for m in ports}
+        flows = {}
+        for m in ports:
+            assert peers[m][:1] == ["peer"] and local[m][:1] == ["local"], (peers, local)
+            ip, nat_port = peers[m][1].split(":")
+            assert ip == node.ip
+            flows[m] = (pod.ip, int(local[m][1]), ports[m], int(nat_port))
+        step = 1 << 20                                   # 1 MiB more after each step
+        for m in ports:
+            _wait_more(progress[m], step, f"{m} before enable", procs)
+        _wait_more(progress["udp"], 5, "udp before enable", procs)
+        udp_nat = _ports_in_conntrack(topo, node)[(pod.ip, udp_local, 9403)]
+        started = time.monotonic()
+        for step_name in ("enable", "disable", "enable"):
+            if step_name == "enable":
+                switch.enable_ebpf(load_state(topo.lab), topo)
+                table = _ports_in_bpf(topo, node)
+            else:
+                switch.disable_ebpf(load_state(topo.lab), topo)
+                table = _ports_in_conntrack(topo, node)
+            for m in ports:
+                _wait_more(progress[m], step, f"{m} after {step_name}", procs)
+            _wait_more(progress["udp"], 5, f"udp after {step_name}", procs)
+            for m in ports:
+                pod_ip, pod_port, remote_port, nat_port = flows[m]
+                # the same NAT port the external server saw at accept
+                assert table.get((pod_ip, pod_port, remote_port)) == nat_port, (step_name, table)
+            assert table.get((pod.ip, udp_local, 9403)) == udp_nat, (step_name, table)
+        switched_s = time.monotonic() - started
+        stop.touch()
+        outs = {name: p.communicate(timeout=60)[0]
+                for name, p in (("download server", servers["download"]),
+                                ("download client", clients["download"]),
+                                ("upload server", servers["upload"]),
+                                ("upload client", clients["upload"]),
+                                ("udp client", clients["udp"]))}
+    finally:
+        stop.touch()
+        for p in list(servers.values()) + list(clients.values()):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    text = "\n".join(f"{k}: {v}" for k, v in outs.items())
+    assert "error" not in text, text                   # no reset, no timeout
+    sent_down = int(outs["download server"].split("sent")[1].split()[0])
+    got_down = outs["download client"].split("received")[1].split()
+    assert got_down == [str(sent_down), "bad", "0"], text
+    sent_up = int(outs["upload client"].split("sent")[1].split()[0])
+    got_up = outs["upload server"].split("received")[1].split()
+    assert got_up == [str(sent_up), "bad", "0"], text
+    assert "ack done" in outs["upload client"], text
+    assert sent_down > 3 * step and sent_up > 3 * step
+    # every answer named the same source port: the datagrams never left from another one
+    assert outs["udp client"].split()[-2:] == ["ports", str(udp_nat)], text
+    print(f"download {sent_down} B, upload {sent_up} B, switched in {switched_s:.1f} s, "
+          f"TCP NAT ports {[f[3] for f in flows.values()]}, UDP {udp_nat} "
+          f"({outs['udp client'].split()[1]} answers)")

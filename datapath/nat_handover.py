@@ -1,0 +1,255 @@
+"""Handing open pod-to-external flows over between conntrack and the BPF SNAT table.
+
+In legacy mode a flow's NAT mapping (pod address and port <-> node IP and
+port) lives in the node's conntrack, made by the MASQUERADE rule; in eBPF
+mode it lives in the `nat` map (two entries per flow, bpf_c/include/nat.h).
+Without a handover every switch changes the port of every open flow, and the
+remote resets it. So:
+
+- ``import_conntrack`` (enable): every masqueraded conntrack entry of the
+  node's pods becomes both BPF entries of its flow, with the same node port
+  and the state the datapath would have given it (TCP: SYN-sent,
+  established, or closing; UDP and ICMP: replied or not), last seen now. It
+  runs after the maps are filled and before the programs are attached: the
+  first packet BPF translates finds the flow.
+- ``export_to_conntrack`` (disable): every live BPF flow becomes a conntrack
+  entry with the same mapping (``conntrack -I ... --src-nat NODE:PORT``;
+  TCP by its state, with what is left of its BPF timeout), after the node's
+  stale masqueraded entries (left from before ``enable``) are deleted, and
+  before MASQUERADE is restored and the programs are detached: the first
+  packet the stack handles finds its entry. Conntrack has no window data for
+  such an entry (nor the window scale), so the node namespace's
+  ``nf_conntrack_tcp_be_liberal`` is set (``liberal_tcp_tracking``, on
+  enable too): without it, segments out of the window conntrack knows would
+  be INVALID, leave un-NATed, and replies would reach the node's own stack,
+  which resets them.
+
+A flow opened in the milliseconds between the import and the attach is not
+carried over (its next packet gets a new port). conntrack cannot be told an
+ICMP echo's translated identifier, so an echo flow whose BPF identifier is
+not the pod's own goes over without it (later requests get a new mapping).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass
+
+from netns_lab import netns
+from netns_lab.topology import Node, Topology
+
+from . import libbpf, nat_table, shared_types as st
+from .host_routing import DatapathMaps
+
+_BITS = st.NAT_STATE_BITS
+_PROTOS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "icmp": socket.IPPROTO_ICMP}
+_PROTO_NAMES = {v: k for k, v in _PROTOS.items()}
+_CLOSING = _BITS["seen_reply"] | _BITS["fin_out"] | _BITS["fin_in"]
+#: conntrack's TCP state -> the datapath's state bits. Half-closed states keep the
+#: established bits only: conntrack does not say which side sent the FIN.
+_TCP_STATE_BITS = {"NONE": 0, "SYN_SENT": 0, "SYN_SENT2": 0,
+                   "SYN_RECV": _BITS["seen_reply"], "ESTABLISHED": _BITS["seen_reply"],
+                   "FIN_WAIT": _BITS["seen_reply"], "CLOSE_WAIT": _BITS["seen_reply"],
+                   "LAST_ACK": _CLOSING, "TIME_WAIT": _CLOSING, "CLOSE": _CLOSING}
+
+
+@dataclass(frozen=True)
+class CtFlow:
+    """A conntrack entry of a masqueraded flow, as the handover needs it."""
+    protocol: int
+    pod: str
+    pod_port: int       # ICMP echo: the identifier
+    remote: str
+    remote_port: int    # ICMP echo: 0
+    nat_addr: str
+    nat_port: int       # ICMP echo: the identifier in replies
+    tcp_state: str      # "" unless TCP
+    replied: bool
+
+
+def parse_conntrack(text: str) -> list[CtFlow]:
+    """IPv4 TCP, UDP and ICMP echo entries of ``conntrack -L -o extended``."""
+    found = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 6 or words[0] != "ipv4" or words[2] not in _PROTOS:
+            continue
+        proto = _PROTOS[words[2]]
+        state = words[5] if proto == socket.IPPROTO_TCP and "=" not in words[5] else ""
+        orig: dict[str, str] = {}
+        reply: dict[str, str] = {}
+        for w in words:
+            if "=" in w:
+                k, v = w.split("=", 1)
+                (reply if k in orig else orig).setdefault(k, v)
+        try:
+            if proto == socket.IPPROTO_ICMP:
+                if orig.get("type") != "8":
+                    continue
+                ports = int(orig["id"]), 0, int(reply["id"])
+            else:
+                ports = int(orig["sport"]), int(orig["dport"]), int(reply["dport"])
+            found.append(CtFlow(proto, orig["src"], ports[0], orig["dst"], ports[1],
+                                reply["dst"], ports[2], state, "[UNREPLIED]" not in words))
+        except (KeyError, ValueError):
+            continue
+    return found
+
+
+def liberal_tcp_tracking(node: Node) -> None:
+    """nf_conntrack_tcp_be_liberal in the node: conntrack judges no TCP window.
+
+    Across a switch, conntrack sees only part of a flow's segments (one direction
+    while BPF already handles the other, or none for a while) and, for entries
+    written by ``conntrack -I``, no window scale: strict tracking would mark the
+    next segments INVALID, which are then neither NATed nor translated back, and a
+    reply reaching the node's own stack is answered with an RST that ends the pod's
+    connection. (Without nf_conntrack loaded there is nothing to set.)
+    """
+    netns.run(node.netns, ["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_be_liberal=1"],
+              check=False)
+
+
+def masqueraded(topo: Topology, node: Node) -> list[CtFlow]:
+    """The node's conntrack entries of its pods' flows masqueraded to the node IP."""
+    proc = netns.run(node.netns, ["conntrack", "-L", "-o", "extended"], check=False)
+    pods = ipaddress.IPv4Network(node.pod_cidr)
+    inside = [ipaddress.IPv4Network(c) for c in topo.non_masquerade_cidrs]
+    return [f for f in parse_conntrack(proc.stdout)
+            if ipaddress.IPv4Address(f.pod) in pods and f.nat_addr == node.ip
+            and not any(ipaddress.IPv4Address(f.remote) in net for net in inside)]
+
+
+def _state_bits(flow: CtFlow) -> int:
+    if flow.protocol == socket.IPPROTO_TCP:
+        return _TCP_STATE_BITS.get(flow.tcp_state, _BITS["seen_reply"])
+    return _BITS["seen_reply"] if flow.replied else 0
+
+
+def import_conntrack(topo: Topology, node: Node, maps: DatapathMaps,
+                     now_ns: int | None = None) -> tuple[int, int]:
+    """Both BPF entries for each masqueraded flow of the node's pods; (imported, skipped).
+
+    Skipped: a flow whose entries cannot both be inserted (the table full, or a key
+    taken already); nothing half-inserted stays.
+    """
+    liberal_tcp_tracking(node)
+    now_ns = time.monotonic_ns() if now_ns is None else now_ns
+    fd = maps.fd("nat")
+    imported = skipped = 0
+    for f in masqueraded(topo, node):
+        bits = _state_bits(f)
+        out_key = st.NatKey(f.pod, f.remote, f.pod_port, f.remote_port, f.protocol, "out")
+        in_key = st.NatKey(f.remote, f.nat_addr, f.remote_port, f.nat_port, f.protocol, "in")
+        out_val = st.NatEntry(now_ns, now_ns, 0, 0, f.nat_addr, f.nat_port, bits)
+        in_val = st.NatEntry(now_ns, now_ns, 0, 0, f.pod, f.pod_port, bits)
+        try:
+            libbpf.map_update(fd, st.pack_nat_key(in_key), st.pack_nat_entry(in_val),
+                              libbpf.BPF_NOEXIST)
+        except OSError:
+            skipped += 1
+            continue
+        try:
+            libbpf.map_update(fd, st.pack_nat_key(out_key), st.pack_nat_entry(out_val),
+                              libbpf.BPF_NOEXIST)
+        except OSError:
+            libbpf.map_delete(fd, st.pack_nat_key(in_key))
+            skipped += 1
+            continue
+        imported += 1
+    return imported, skipped
+
+
+@dataclass(frozen=True)
+class BpfFlow:
+    protocol: int
+    pod: str
+    pod_port: int
+    remote: str
+    remote_port: int
+    nat_addr: str
+    nat_port: int
+    state: int
+    remaining_s: int
+
+
+def live_flows(maps: DatapathMaps, now_ns: int | None = None) -> list[BpfFlow]:
+    """Every live flow of the table with both entries (as the datapath would judge it)."""
+    now_ns = time.monotonic_ns() if now_ns is None else now_ns
+    cfg = maps.config()
+    table = dict(maps.nat_entries())
+    found = []
+    for key, out in table.items():
+        if key.dir != "out":
+            continue
+        tkey = nat_table.twin_key(key, out)
+        twin = table.get(tkey)
+        if twin is None or (twin.addr, twin.port) != (key.saddr, key.sport):
+            continue
+        if not nat_table.alive(cfg, key, out, twin, now_ns):
+            continue
+        state = out.state | twin.state
+        last = max(out.last_seen_ns, twin.last_seen_ns)
+        timeout = nat_table.timeout_s(cfg, key.protocol, state)
+        remaining = max(1, int(timeout - max(0, now_ns - last) / 1e9))
+        found.append(BpfFlow(key.protocol, key.saddr, key.sport, key.daddr, key.dport,
+                             out.addr, out.port, state, remaining))
+    return found
+
+
+def _ct_tuple(protocol: int, pod: str, pod_port: int, remote: str, remote_port: int) -> list[str]:
+    argv = ["-p", _PROTO_NAMES[protocol], "-s", pod, "-d", remote]
+    if protocol == socket.IPPROTO_ICMP:
+        return argv + ["--icmp-type", "8", "--icmp-code", "0", "--icmp-id", str(pod_port)]
+    return argv + ["--sport", str(pod_port), "--dport", str(remote_port)]
+
+
+def _ct_state(flow: BpfFlow) -> list[str]:
+    if flow.protocol != socket.IPPROTO_TCP:
+        return ["-u", "SEEN_REPLY,ASSURED"] if flow.state & _BITS["seen_reply"] else []
+    if flow.state & _BITS["rst"]:
+        tcp = "CLOSE"
+    elif flow.state & (_BITS["fin_out"] | _BITS["fin_in"]) == _BITS["fin_out"] | _BITS["fin_in"]:
+        tcp = "TIME_WAIT"
+    elif flow.state & _BITS["fin_out"]:
+        tcp = "FIN_WAIT"
+    elif flow.state & _BITS["fin_in"]:
+        tcp = "CLOSE_WAIT"
+    elif flow.state & _BITS["seen_reply"]:
+        tcp = "ESTABLISHED"
+    else:
+        return ["--state", "SYN_SENT"]
+    return ["--state", tcp, "-u", "SEEN_REPLY,ASSURED"]
+
+
+def export_to_conntrack(topo: Topology, node: Node, maps: DatapathMaps) -> tuple[int, int]:
+    """A conntrack entry with the same NAT mapping for every live BPF flow; (written, failed).
+
+    ``failed`` counts flows conntrack refused and flows it gave another port (checked
+    on a fresh listing).
+    """
+    liberal_tcp_tracking(node)
+    flows = live_flows(maps)
+    # stale masqueraded entries (from before enable) would clash on either tuple
+    for f in masqueraded(topo, node):
+        netns.run(node.netns, ["conntrack", "-D", *_ct_tuple(f.protocol, f.pod, f.pod_port,
+                                                             f.remote, f.remote_port)],
+                  check=False)
+    failed = 0
+    for f in flows:
+        nat = f.nat_addr if f.protocol == socket.IPPROTO_ICMP else f"{f.nat_addr}:{f.nat_port}"
+        argv = ["conntrack", "-I", *_ct_tuple(f.protocol, f.pod, f.pod_port, f.remote,
+                                              f.remote_port),
+                *_ct_state(f), "-t", str(f.remaining_s), "--src-nat", nat]
+        if netns.run(node.netns, argv, check=False).returncode != 0:
+            failed += 1
+    if flows:
+        have = {(c.protocol, c.pod, c.pod_port, c.remote, c.remote_port): c.nat_port
+                for c in masqueraded(topo, node)}
+        def kept(f: BpfFlow) -> bool:
+            port = have.get((f.protocol, f.pod, f.pod_port, f.remote, f.remote_port))
+            return port is not None and (f.protocol == socket.IPPROTO_ICMP or port == f.nat_port)
+        failed = sum(1 for f in flows if not kept(f))
+    return len(flows) - failed, failed
