@@ -5,6 +5,12 @@ sets up a node: forwarding in the kernel, and traffic leaving the cluster
 masqueraded to the node IP by an iptables MASQUERADE rule, which loads the
 nat table and with it conntrack, so every routed flow is tracked.
 
+MASQUERADE takes its TCP and UDP ports from the topology's ``[nat]`` range, as
+BPF SNAT does: a pod's source port is kept when it is in the range and free,
+and a port it picks is never one of the node's own ephemeral ports
+(``node_local_port_range``), so flows handed over to BPF at ``enable`` keep
+that guarantee.
+
 The rules live in a chain of their own, ``HOSTROUTING-MASQ``, jumped to from
 POSTROUTING with a comment naming the project, so that they can be told apart
 from user rules and removed exactly.
@@ -36,6 +42,10 @@ def install_masquerade(topo: Topology, node: Node) -> None:
     netns.run(node.netns, ipt + ["-N", CHAIN])
     for cidr in topo.non_masquerade_cidrs:
         netns.run(node.netns, ipt + ["-A", CHAIN, "-d", cidr, "-j", "RETURN"])
+    ports = f"{topo.nat.port_min}-{topo.nat.port_max}"
+    for proto in ("tcp", "udp"):        # --to-ports needs a protocol with ports
+        netns.run(node.netns, ipt + ["-A", CHAIN, "-s", node.pod_cidr, "-p", proto,
+                                     "-j", "MASQUERADE", "--to-ports", ports])
     netns.run(node.netns, ipt + ["-A", CHAIN, "-s", node.pod_cidr, "-j", "MASQUERADE"])
     netns.run(node.netns, ipt + ["-A", *_jump_rule(topo)])
 

@@ -129,6 +129,47 @@ def test_a_node_and_a_pod_connection_to_the_same_remote_port_both_work(make_lab,
         assert proc.returncode == 0 and out.strip() == "ok 200", out
 
 
+def test_legacy_masquerade_takes_its_ports_from_the_nat_range_too(make_lab, tmp_path):
+    """A pod's source port outside [nat] is not kept: MASQUERADE picks one inside it (TCP and
+    UDP), never one of the node's own ports, and the flows stay so when handed to BPF."""
+    topo_file = tmp_path / "topo.toml"
+    topo_file.write_text("[nat]\nport_min = 45000\nport_max = 45000\n")
+    _, topo = make_lab("legacy", topology=str(topo_file))
+    node, pod, ext = topo.nodes[0], topo.nodes[0].pods[0], topo.external
+    go = tmp_path / "go"
+    go.touch()
+    with background(ext.netns, [sys.executable, "-c", PEER_ECHO, ext.ip, "9300"], port=9300):
+        proc = netns.run(pod.netns, [sys.executable, "-c", PEER_CLIENT, ext.ip, "9300", "pod",
+                                     str(go)], check=False, timeout=60)
+    words = proc.stdout.split()
+    assert proc.returncode == 0 and words[-2:] == ["ok", "200"], proc.stdout + proc.stderr
+    assert words[1] == f"{node.ip}:45000", words        # not the pod's own port (32768-60999)
+    with background(ext.netns, [sys.executable, "-c", UDP_PORT_ECHO_ONCE, ext.ip, "9301"],
+                    port=9301, proto="udp"):
+        seen = netns.run(pod.netns, [sys.executable, "-c", UDP_ASK, ext.ip, "9301"],
+                         timeout=30).stdout.split()
+    assert seen[1] == "45000", seen
+
+
+UDP_PORT_ECHO_ONCE = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(b"%d" % peer[1], peer)
+"""
+
+UDP_ASK = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"port?")
+print(s.getsockname()[1], s.recv(100).decode())
+"""
+
+
 # -- part 3: switching without breaking pod-to-external connections ------------------------------
 
 # Both ends agree on the bytes: the stream is PATTERN repeated (a prime length, so that no
