@@ -397,7 +397,8 @@ def tiny_link(route_ns):
                          ids=["odd_501", "odd_547", "over_548"])
 def test_frag_needed_quotes_a_short_datagram_whole(dp, route_ns, tiny_link, payload):
     """Quotes of any length (odd ones too: summed with zero padding) get a right checksum."""
-    pkt = pod_packet("198.18.5.30", flags="DF", payload=bytes((7 * i) & 0xff for i in range(payload)))
+    pkt = pod_packet("198.18.5.30", flags="DF",
+                     payload=bytes((7 * i) & 0xff for i in range(payload)))
     data, res = from_pod(dp, route_ns, pkt)
     assert res.retval == TC_ACT_REDIRECT
     assert_valid_frag_needed(res.data_out, data, 500)

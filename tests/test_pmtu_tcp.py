@@ -13,11 +13,16 @@ the frag-needed it sent.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
+import subprocess
 import time
 
 import pytest
+from scapy.layers.inet import ICMP, IP, TCPerror
+from scapy.utils import rdpcap
 
 from netns_lab import netns
 from tests.labtools import background, lab_counters
@@ -125,6 +130,7 @@ def test_download_from_the_external_host(narrow_lab, tmp_path, offloads):
 
 # -- pod -> pod on another node, through the 1280 underlay ----------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offloads", OFFLOADS)
 def test_cross_node_transfers_both_ways_learn_the_underlay_mtu(narrow_lab, tmp_path, offloads):
     """A pod of node1 uploads to a pod of node2, another pod of node1 downloads from another
@@ -176,3 +182,74 @@ def test_same_node_pods_with_different_mtus(make_lab, tmp_path, mode, offloads):
                  upload=True, port=PORT + 1)
     if mode == "ebpf":
         assert frag_needed_sent(topo, node.name) >= 1
+
+
+# -- a pod of another node behind a narrower link ---------------------------------------------
+
+@pytest.mark.parametrize("offloads", OFFLOADS)
+@pytest.mark.parametrize("mode", ["ebpf", "legacy"])
+def test_pod_on_another_node_with_a_narrower_link(make_lab, tmp_path, mode, offloads):
+    """node2-pod1's link is 1280 (the underlay 1500): node1-pod1's full-size segments arrive
+    at node2 too big for it; node2's stack answers (from_underlay hands them over), node1
+    delivers the frag-needed, node1-pod1 learns 1280."""
+    _, topo = make_lab(mode)
+    sender, narrow = topo.nodes[0].pods[0], topo.nodes[1].pods[0]
+    narrow_pod_link(topo, topo.nodes[1], narrow, UNDERLAY_MTU)
+    for pod in (sender, narrow):
+        set_offloads(pod.netns, offloads)
+    tcp_transfer(tmp_path, client_ns=sender.netns, server_ns=narrow.netns, server_ip=narrow.ip,
+                 upload=True)
+    assert f"mtu {UNDERLAY_MTU}" in route_mtu(sender.netns, narrow.ip)
+    if mode == "ebpf":
+        assert lab_counters(topo)["node2"].get("pass_frag_needed", 0) >= 1
+
+
+# -- the frag-needed as the pod receives it ----------------------------------------------------
+
+@contextlib.contextmanager
+def icmp_capture(ns: str):
+    """tcpdump of the ICMP arriving on a pod's eth0; the list it yields is filled with the
+    packets (scapy) when the block ends."""
+    # --immediate-mode: without it, packets still in the capture ring when tcpdump is
+    # stopped are counted "received by filter" but never written
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, "tcpdump", "-i", "eth0", "-n",
+                             "--immediate-mode", "-U", "-w", "-", "icmp"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    packets: list = []
+    try:
+        line = proc.stderr.readline().decode()  # "listening on eth0 ...": capturing from here
+        assert "listening on" in line, line
+        yield packets
+    finally:
+        time.sleep(0.2)                          # the last packets reach the capture
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    packets.extend(rdpcap(io.BytesIO(out)))
+
+
+@pytest.mark.parametrize("offloads", OFFLOADS)
+def test_the_frag_needed_a_pod_receives_is_valid(narrow_lab, tmp_path, offloads):
+    """The replies to offloaded (CHECKSUM_PARTIAL) segments, as captured in the pod: valid IPv4
+    and ICMP checksums, next-hop MTU 1280, from the pod's gateway, quoting the pod's own
+    segment (its TCP ports and sequence number) within 576 bytes."""
+    topo = narrow_lab("ebpf")
+    node, ext = topo.nodes[0], topo.external
+    pod = node.pods[0]
+    set_offloads(pod.netns, offloads)
+    with icmp_capture(pod.netns) as captured:
+        tcp_transfer(tmp_path, client_ns=pod.netns, server_ns=ext.netns, server_ip=ext.ip,
+                     upload=True)
+    replies = [p for p in captured if ICMP in p and p[ICMP].type == 3]
+    assert replies, "no frag-needed reached the pod"
+    for pkt in replies:
+        raw = bytes(pkt)
+        rebuilt = pkt.copy()
+        del rebuilt[IP].chksum
+        del rebuilt[ICMP].chksum
+        assert bytes(rebuilt.__class__(bytes(rebuilt))) == raw, "a checksum is wrong"
+        assert (pkt[ICMP].code, pkt[ICMP].nexthopmtu) == (4, UNDERLAY_MTU)
+        assert (pkt[IP].src, pkt[IP].dst) == (node.gateway, pod.ip)
+        assert pkt[IP].len <= 576
+        quoted = pkt[ICMP][TCPerror]
+        assert (quoted.underlayer.src, quoted.underlayer.dst, quoted.dport) == (pod.ip, ext.ip,
+                                                                                PORT)
