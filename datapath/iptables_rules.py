@@ -74,15 +74,33 @@ def _nft_rule_texts(ns: str, family: str, table: str, chain: str) -> dict[int, s
     return texts
 
 
+def _nft_items(ns: str) -> tuple[list[dict], list[Rule]]:
+    """`nft -j list ruleset` items, read table by table where nft prints JSON it cannot
+    parse back (nft 1.0.6 does for a table with ``flags owner``); such a table is itself
+    reported, so that it is never taken for an empty ruleset."""
+    proc = netns.run(ns, ["nft", "-j", "list", "ruleset"], check=False)
+    try:
+        return json.loads(proc.stdout or "{}").get("nftables", []), []
+    except ValueError:
+        pass
+    items, unreadable = [], []
+    for line in netns.run(ns, ["nft", "list", "tables"], check=False).stdout.splitlines():
+        _, fam, name = line.split()
+        one = netns.run(ns, ["nft", "-j", "list", "table", fam, name], check=False)
+        try:
+            items += json.loads(one.stdout or "{}").get("nftables", [])
+        except ValueError:
+            unreadable.append(Rule(ns, "nftables", f"{fam} {name}", "-",
+                                   "a table nft cannot list as JSON (flags owner?)",
+                                   f"ip netns exec {ns} nft delete table {fam} {name}"))
+    return items, unreadable
+
+
 def _nft_rules(ns: str) -> list[Rule]:
     if shutil.which("nft") is None:
         return []
-    proc = netns.run(ns, ["nft", "-j", "list", "ruleset"], check=False)
-    try:
-        items = json.loads(proc.stdout or "{}").get("nftables", [])
-    except ValueError:
-        return []
-    rules, texts = [], {}
+    items, rules = _nft_items(ns)
+    texts = {}
     for item in items:
         for kind in ("rule", "chain"):
             obj = item.get(kind)

@@ -17,12 +17,19 @@ the ruleset from `current` back to `baseline`:
 - any other change to a table (a policy, a removed or flushed rule, a changed
   set, a deleted chain) recreates the table from its baseline text, which
   ``nft list table`` printed when the baseline was taken; a table deleted
-  altogether is recreated the same way.
+  altogether is recreated the same way. An iptables-nft table whose rules use
+  extensions nft cannot write back (``xt match ...``) is recreated from
+  ``iptables-nft-save`` with ``iptables-nft-restore`` instead.
+
+Each table is reverted by a transaction of its own, so a table that cannot be
+reverted (one created with ``flags owner`` belongs to its creator's socket)
+holds back only itself.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 from netns_lab import netns
@@ -32,6 +39,15 @@ DELETABLE = {"chain": "chain", "set": "set", "map": "map", "flowtable": "flowtab
              "counter": "counter", "quota": "quota", "limit": "limit", "secmark": "secmark",
              "synproxy": "synproxy", "ct helper": "ct helper", "ct timeout": "ct timeout",
              "ct expectation": "ct expectation"}
+
+
+# iptables-nft's tables, which iptables-nft-restore can write back whole
+XTABLES = {"filter", "nat", "mangle", "raw", "security"}
+XT_RESTORE = {"ip": "iptables-nft-restore", "ip6": "ip6tables-nft-restore"}
+XT_SAVE = {"ip": "iptables-nft-save", "ip6": "ip6tables-nft-save"}
+# what `nft list` prints for an expression of an iptables extension it cannot translate
+_XT_COMPAT = re.compile(r"\bxt (match|target|watcher) ")
+UNREADABLE = "unreadable"       # the canonical form of a table nft cannot print as JSON
 
 
 class NftError(RuntimeError):
@@ -64,6 +80,8 @@ class Snapshot:
     rules: dict[tuple[str, str, str], list[tuple[int, str]]] = field(default_factory=dict)
     # table -> `nft list table` text (taken for baselines only)
     texts: dict[TableKey, str] = field(default_factory=dict)
+    # iptables-nft table -> `iptables-nft-save -t` text, where nft cannot write it back
+    xt_saves: dict[TableKey, str] = field(default_factory=dict)
 
     @property
     def tables(self) -> set[TableKey]:
@@ -101,15 +119,42 @@ def parse(listing: str) -> Snapshot:
     return snap
 
 
-def snapshot(ns: str, with_texts: bool = False) -> Snapshot:
-    proc = netns.run(ns, ["nft", "-j", "list", "ruleset"], check=False)
+def _nft(ns: str, *args: str) -> str:
+    proc = netns.run(ns, ["nft", *args], check=False)
     if proc.returncode != 0:
-        raise NftError(f"{ns}: nft -j list ruleset: {proc.stderr.strip()}")
-    snap = parse(proc.stdout)
+        raise NftError(f"{ns}: nft {' '.join(args)}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _snapshot_by_table(ns: str) -> Snapshot:
+    """Table by table, for when nft prints the whole ruleset as JSON it cannot parse back
+    (nft 1.0.6 does for a table with ``flags owner``): such a table is UNREADABLE."""
+    snap = Snapshot()
+    for line in _nft(ns, "list", "tables").splitlines():
+        _, fam, name = line.split()
+        try:
+            part = parse(_nft(ns, "-j", "list", "table", fam, name))
+        except (ValueError, KeyError, TypeError):
+            snap.objects[(fam, name, "table", "")] = UNREADABLE
+            continue
+        snap.objects.update(part.objects)
+        snap.rules.update(part.rules)
+    return snap
+
+
+def snapshot(ns: str, with_texts: bool = False) -> Snapshot:
+    listing = _nft(ns, "-j", "list", "ruleset")
+    try:
+        snap = parse(listing)
+    except (ValueError, KeyError, TypeError):
+        snap = _snapshot_by_table(ns)
     if with_texts:
         for fam, table in snap.tables:
-            text = netns.run(ns, ["nft", "list", "table", fam, table], check=False)
-            snap.texts[(fam, table)] = text.stdout
+            text = netns.run(ns, ["nft", "list", "table", fam, table], check=False).stdout
+            snap.texts[(fam, table)] = text
+            if _XT_COMPAT.search(text) and fam in XT_SAVE and table in XTABLES:
+                snap.xt_saves[(fam, table)] = netns.run(
+                    ns, [XT_SAVE[fam], "-t", table], check=False).stdout
     return snap
 
 
@@ -146,22 +191,47 @@ def _additions_only(cur: Snapshot, base: Snapshot, table: TableKey) -> list[str]
     return deletes
 
 
-def revert_plan(cur: Snapshot, base: Snapshot) -> str:
-    """The nft script (one transaction) taking `cur` back to `base`; empty when equal."""
-    lines: list[str] = []
+Step = tuple[list[str], str]             # a command and its standard input
+
+
+def _recreate(base: Snapshot, table: TableKey, exists: bool) -> Step:
+    fam, name = table
+    if table in base.xt_saves:
+        return [XT_RESTORE[fam]], base.xt_saves[table]
+    return ["nft", "-f", "-"], (f"delete table {fam} {name}\n" if exists else "") + \
+        base.texts[table]
+
+
+def revert_plan(cur: Snapshot, base: Snapshot) -> dict[TableKey, Step]:
+    """Per table that differs, the command (one transaction) taking it back to `base`."""
+    plan: dict[TableKey, Step] = {}
     for fam, table in sorted(cur.tables - base.tables):
-        lines.append(f"delete table {fam} {table}")
+        plan[(fam, table)] = (["nft", "-f", "-"], f"delete table {fam} {table}")
     for key in sorted(base.tables):
         if key not in cur.tables:
-            lines.append(base.texts[key])
-            continue
-        if cur.table_same_as(base, key):
-            continue
-        plan = _additions_only(cur, base, key)
-        if plan is None:
-            plan = [f"delete table {key[0]} {key[1]}", base.texts[key]]
-        lines += plan
-    return "\n".join(lines)
+            plan[key] = _recreate(base, key, exists=False)
+        elif not cur.table_same_as(base, key):
+            deletes = _additions_only(cur, base, key)
+            plan[key] = _recreate(base, key, exists=True) if deletes is None else \
+                (["nft", "-f", "-"], "\n".join(deletes))
+    return plan
+
+
+_CHANGE = re.compile(r"^(?:add|insert|replace|create|delete|destroy|flush|reset) "
+                     r"(?:table|chain|rule|set|map|element|flowtable|counter|quota|limit|"
+                     r"secmark|synproxy|ct helper|ct timeout|ct expectation) (\S+) (\S+)")
+
+
+def tables_of(lines: list[str]) -> set[TableKey] | None:
+    """The tables `nft monitor` lines of one transaction touched; None if one is not
+    understood (or there are none: a flush of the whole ruleset touches them all)."""
+    tables = set()
+    for line in lines:
+        m = _CHANGE.match(line)
+        if not m:
+            return None
+        tables.add((m.group(1), m.group(2)))
+    return tables or None
 
 
 def summary(lines: list[str]) -> str:

@@ -160,7 +160,8 @@ class Guard:
         self.lab, self.nodes = lab, nodes
         self.nat_progs = nat_progs or {}
         self.stopping = threading.Event()
-        self.monitors: list[subprocess.Popen] = []
+        self.watching = threading.Semaphore(0)   # released once per node watched
+        self.monitors: dict[str, subprocess.Popen] = {}
         self.refusal: xtables_refusal.XtablesRefusal | None = None
         self.backends: dict[str, str] = {}
         self.node_by_cookie: dict[int, str] = {}
@@ -176,9 +177,38 @@ class Guard:
 
     # -- nf_tables: revert every foreign transaction ----------------------------------------
 
-    def watch_nftables(self, node: str, ns: str, proc: subprocess.Popen,
-                       baseline: nft_ruleset.Snapshot) -> None:
-        ours: set[int] = set()
+    def watch_nftables(self, node: str, ns: str) -> None:
+        """Subscribe to the node's nf_tables transactions (again, if the monitor ends while
+        the namespace lives) and revert every one that is not ours."""
+        lock, ours = threading.Lock(), set()
+        baseline = None
+        while not self.stopping.is_set() and netns.exists(ns):
+            proc = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "-a", "monitor"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    bufsize=1)
+            self.monitors[node] = proc
+            threading.Thread(target=self.watch_monitor_errors,
+                             args=(node, ns, proc, lambda: baseline, lock, ours),
+                             daemon=True).start()
+            if baseline is None:
+                # taken after subscribing, so no change falls between the two
+                try:
+                    baseline = nft_ruleset.snapshot(ns, with_texts=True)
+                except Exception as e:  # no baseline, no guard: say so to start()
+                    print(f"cannot read the nf_tables ruleset of {ns}: {e}", file=sys.stderr,
+                          flush=True)
+                    os._exit(1)
+                self.watching.release()
+            else:   # what changed while nobody listened
+                self.resync(node, ns, baseline, lock, ours, "the nf_tables monitor ended: "
+                            "restarted it")
+            self.read_monitor(node, ns, proc, baseline, lock, ours)
+            proc.wait()
+            self.stopping.wait(0.2)     # a monitor that cannot run is not restarted in a spin
+
+    def read_monitor(self, node: str, ns: str, proc: subprocess.Popen,
+                     baseline: nft_ruleset.Snapshot, lock: threading.Lock,
+                     ours: set[int]) -> None:
         pending: list[str] = []
         for line in proc.stdout:
             line = line.strip()
@@ -194,32 +224,66 @@ class Guard:
                 continue
             backend = comm if comm.startswith(("iptables", "ip6tables", "arptables",
                                               "ebtables")) else "nftables"
-            reverted, detail = self.revert_nftables(ns, baseline, ours)
-            self.blocked(node, backend, nft_ruleset.summary(change) or "(no details)", reverted,
-                         "reverted", f"{comm}[{pid}]", detail)
+            try:
+                with lock:
+                    failed = self.revert_nftables(ns, baseline, ours)
+            except Exception as e:  # a guard that stops reverting must say so, never die
+                failed = {None: f"guard error: {type(e).__name__}: {e}"}
+            # judged by the tables this transaction touched: another table that cannot be
+            # reverted (one owned by a process) does not make this change a failure
+            touched = nft_ruleset.tables_of(change)
+            mine = {t: err for t, err in failed.items() if t is None or touched is None
+                    or t in touched}
+            self.blocked(node, backend, nft_ruleset.summary(change) or "(no details)",
+                         not mine, "reverted", f"{comm}[{pid}]", _failures(mine))
+
+    def watch_monitor_errors(self, node: str, ns: str, proc: subprocess.Popen, baseline,
+                             lock: threading.Lock, ours: set[int]) -> None:
+        """nft monitor says when the kernel dropped notifications (a full socket buffer):
+        then no transaction can be trusted to have been seen, so compare the whole ruleset."""
+        for line in proc.stderr:
+            if "lost" in line.lower() and baseline() is not None:
+                self.resync(node, ns, baseline(), lock, ours,
+                            "nf_tables notifications were lost")
+
+    def resync(self, node: str, ns: str, baseline: nft_ruleset.Snapshot, lock: threading.Lock,
+               ours: set[int], why: str) -> None:
+        try:
+            with lock:
+                if not nft_ruleset.revert_plan(nft_ruleset.snapshot(ns), baseline):
+                    return
+                failed = self.revert_nftables(ns, baseline, ours)
+        except Exception as e:
+            failed = {None: f"guard error: {type(e).__name__}: {e}"}
+        self.blocked(node, "nftables", f"whatever changed meanwhile ({why})", not failed,
+                     "reverted", detail=_failures(failed))
 
     def revert_nftables(self, ns: str, baseline: nft_ruleset.Snapshot,
-                        ours: set[int]) -> tuple[bool, str]:
-        """Bring the namespace's ruleset back to the baseline; (done, why not)."""
-        error = ""
+                        ours: set[int]) -> dict:
+        """Bring the namespace's ruleset back to the baseline, table by table; returns
+        {table: why not} for what could not be reverted ({None: why} for all of it)."""
+        errors: dict = {}
         for _ in range(REVERT_TRIES):   # another writer may race the revert: look again
             try:
                 current = nft_ruleset.snapshot(ns)
             except nft_ruleset.NftError as e:
-                return False, str(e)
-            script = nft_ruleset.revert_plan(current, baseline)
-            if not script:
-                return True, ""
-            proc = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "-f", "-"],
-                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True)
-            ours.add(proc.pid)
-            _, err = proc.communicate(script)
-            if proc.returncode == 0:
-                return True, ""
-            ours.discard(proc.pid)
-            error = err.strip().splitlines()[0] if err.strip() else f"nft exited {proc.returncode}"
-        return False, error
+                return {None: str(e)}
+            plan = nft_ruleset.revert_plan(current, baseline)
+            if not plan:
+                return {}
+            errors = {}
+            for table, (argv, script) in plan.items():
+                proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv],
+                                        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True)
+                ours.add(proc.pid)
+                _, err = proc.communicate(script)
+                if proc.returncode != 0:
+                    ours.discard(proc.pid)
+                    errors[table] = (err.strip().splitlines() or [f"exit {proc.returncode}"])[0]
+            if not errors:
+                return {}
+        return errors
 
     # -- x_tables: refused in the kernel, or polled -----------------------------------------
 
@@ -316,14 +380,9 @@ class Guard:
 
     def run(self, cgroup_fd: int, no_cgroup: str) -> int:
         for node, ns in self.nodes.items():
-            proc = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "-a", "monitor"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                    bufsize=1)
-            self.monitors.append(proc)
-            # taken after subscribing, so no change falls between the two
-            baseline = nft_ruleset.snapshot(ns, with_texts=True)
-            threading.Thread(target=self.watch_nftables, args=(node, ns, proc, baseline),
-                             daemon=True).start()
+            threading.Thread(target=self.watch_nftables, args=(node, ns), daemon=True).start()
+        for _ in self.nodes:            # every baseline taken, every monitor subscribed
+            self.watching.acquire()
         watcher = "nf_tables watcher (reverts each change)"
         self.backends = {b: watcher for b in NFT_BACKENDS}
         why_not = self.start_refusal(cgroup_fd) if cgroup_fd >= 0 else no_cgroup
@@ -337,11 +396,17 @@ class Guard:
             threading.Thread(target=self.sweep_nat, daemon=True).start()
         time.sleep(0.2)  # let every monitor subscribe before saying so
         print("ready " + json.dumps(self.backends), flush=True)
-        # Ends when the lab goes (its namespaces' processes are killed) or on SIGTERM.
-        while all(p.poll() is None for p in self.monitors):
+        # Ends when the lab goes (its namespaces are deleted) or on SIGTERM; a monitor
+        # that ends while its namespace lives is started again by its watcher.
+        while all(netns.exists(ns) for ns in self.nodes.values()):
             time.sleep(0.2)
         self.stopping.set()
         return 0
+
+
+def _failures(failed: dict) -> str:
+    return "; ".join(err if table is None else f"table {table[0]} {table[1]}: {err}"
+                     for table, err in failed.items())
 
 
 def _legacy_tables(ns: str, tool: str) -> dict[str, list[str]]:
@@ -386,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     guard = Guard(args.lab, nodes, nat_progs)
 
     def terminate(signum, frame):
-        for p in guard.monitors:
+        guard.stopping.set()
+        for p in list(guard.monitors.values()):
             p.terminate()
         sys.exit(0)
 

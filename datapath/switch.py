@@ -95,32 +95,53 @@ def _enable_node(state: LabState, topo: Topology, node: Node) -> tuple[int, int]
     return handed
 
 
-def _refuse_or_force(state: LabState, topo: Topology, force: bool) -> None:
-    """AKS's pre-enable check: user firewall rules in a node would be bypassed silently."""
-    found = [rule for node in topo.nodes for rule in iptables_rules.user_rules(node.netns)]
+def _user_rules(topo: Topology) -> list[iptables_rules.Rule]:
+    return [rule for node in topo.nodes for rule in iptables_rules.user_rules(node.netns)]
+
+
+def _listing(rules: list[iptables_rules.Rule]) -> list[dict]:
+    return [{"netns": r.netns, "backend": r.backend, "table": r.table, "chain": r.chain,
+             "rule": r.text} for r in rules]
+
+
+def _refuse(topo: Topology, found: list[iptables_rules.Rule], when: str = "") -> None:
+    events.record(topo.lab, events.WARNING, "EnableRefused", f"lab/{topo.lab}",
+                  f"refused: {len(found)} user firewall rule(s) in node namespaces would be "
+                  f"bypassed by eBPF host routing{when}", rules=_listing(found))
+    lines = "\n".join(f"  {r.describe()}\n    remove: {r.remove}" for r in found)
+    raise SwitchError(f"lab {topo.lab}: refusing to enable eBPF host routing: {len(found)} "
+                      f"user firewall rule(s) in node namespaces{when} would silently stop "
+                      f"applying to pod traffic:\n{lines}\nremove them, or enable with --force")
+
+
+def _refuse_late_rules(topo: Topology, accepted: list[iptables_rules.Rule]) -> None:
+    """Rules added while enable ran, before the guard took its baseline, would be frozen in
+    as if forced: check again once the guard blocks, and refuse (the caller rolls back)."""
+    known = {r.describe() for r in accepted}
+    late = [r for r in _user_rules(topo) if r.describe() not in known]
+    if late:
+        _refuse(topo, late, " (added while enable ran)")
+
+
+def _refuse_or_force(state: LabState, topo: Topology, force: bool) -> list:
+    """AKS's pre-enable check: user firewall rules in a node would be bypassed silently.
+    Returns the rules accepted with --force."""
+    found = _user_rules(topo)
     if not found:
-        return
-    listing = [{"netns": r.netns, "backend": r.backend, "table": r.table, "chain": r.chain,
-                "rule": r.text} for r in found]
+        return []
     if force:
         events.record(topo.lab, events.WARNING, "ForcedEnable", f"lab/{topo.lab}",
                       f"enabled with --force: {len(found)} user firewall rule(s) in node "
                       "namespaces no longer apply to pod traffic: "
-                      + "; ".join(r.describe() for r in found), rules=listing)
-        return
-    events.record(topo.lab, events.WARNING, "EnableRefused", f"lab/{topo.lab}",
-                  f"refused: {len(found)} user firewall rule(s) in node namespaces would be "
-                  "bypassed by eBPF host routing", rules=listing)
-    lines = "\n".join(f"  {r.describe()}\n    remove: {r.remove}" for r in found)
-    raise SwitchError(f"lab {topo.lab}: refusing to enable eBPF host routing: {len(found)} "
-                      "user firewall rule(s) in node namespaces would silently stop applying to "
-                      f"pod traffic:\n{lines}\nremove them, or enable with --force")
+                      + "; ".join(r.describe() for r in found), rules=_listing(found))
+        return found
+    _refuse(topo, found)
 
 
 def enable_ebpf(state: LabState, topo: Topology, force: bool = False) -> None:
     if state.mode == "ebpf":
         raise SwitchError(f"lab {topo.lab}: eBPF host routing is enabled already")
-    _refuse_or_force(state, topo, force)
+    accepted = _refuse_or_force(state, topo, force)
     state.mode = "switching"
     state.save()
     try:
@@ -152,6 +173,7 @@ def enable_ebpf(state: LabState, topo: Topology, force: bool = False) -> None:
         state.guard_pid, state.guard_backends = rule_guard.start(
             topo.lab, {n.name: n.netns for n in topo.nodes},
             {n.name: state.datapath[n.name]["programs"][FROM_UNDERLAY] for n in topo.nodes})
+        _refuse_late_rules(topo, accepted)
     except BaseException:
         _detach_all(state, topo)
         state.mode = "legacy"
@@ -302,6 +324,10 @@ def print_status(status_: dict) -> None:
     blocking = status_["rule_blocking"]
     console.print(f"new firewall rules in node namespaces: blocked by {blocking['active']}"
                   + (f" (guard pid {blocking['guard_pid']})" if blocking["guard_pid"] else ""))
+    if status_["mode"] == "ebpf" and not blocking["guard_pid"]:
+        console.print("[bold red]the rule guard is not running: firewall changes in node "
+                      "namespaces are not blocked[/] (hostrouting disable, then enable, "
+                      "starts it again)")
     for backend, how in blocking["backends"].items():
         console.print(f"  {backend}: {how}")
     console.print(f"BPF LSM: {blocking['bpf_lsm']['detail']}")
