@@ -271,8 +271,10 @@ static __always_inline int fits_egress(struct __sk_buff *skb, struct hr_pkt *pkt
  *   after:  eth (MACs swapped) | IPv4 (20) | ICMP (8) | the packet's first
  *           quote_len bytes: its IPv4 header and payload, 548 bytes at most
  *
- * and send it back into the pod it came from. Returns 0, or -1 when a helper
- * failed (the packet may then be half rewritten: the caller drops it).
+ * from `saddr` (0: the pods' gateway, cfg->router_ip), for the caller to send
+ * back where it came from (into a pod, or out of the underlay to a remote).
+ * Returns 0, or -1 when a helper failed (the packet may then be half
+ * rewritten: the caller drops it).
  *
  * A TCP segment from a pod usually has its checksum left to the device
  * (CHECKSUM_PARTIAL), and no helper changes that state: the reply keeps it,
@@ -281,7 +283,8 @@ static __always_inline int fits_egress(struct __sk_buff *skb, struct hr_pkt *pkt
  * (CHECKSUM_PARTIAL counts as verified there and nothing finishes it); its
  * ICMP checksum is computed here over the bytes as they are.
  */
-static __always_inline int icmp_frag_needed(struct __sk_buff *skb, struct hr_pkt *pkt, __u32 mtu)
+static __always_inline int icmp_frag_needed(struct __sk_buff *skb, struct hr_pkt *pkt, __u32 mtu,
+					    __u32 saddr)
 {
 	struct hr_icmp_quote *quote;
 	__u8 macs[2 * ETH_ALEN];
@@ -329,7 +332,7 @@ static __always_inline int icmp_frag_needed(struct __sk_buff *skb, struct hr_pkt
 	ip.tot_len = bpf_htons(sizeof(ip) + sizeof(icmp) + quote_len);
 	ip.ttl = HR_ICMP_TTL;
 	ip.protocol = IPPROTO_ICMP;
-	ip.saddr = cfg->router_ip;
+	ip.saddr = saddr ? saddr : cfg->router_ip;
 	ip.daddr = pkt->saddr;
 	sum = hr_csum_diff(0, 0, (void *)&ip, sizeof(ip), 0);
 	if (sum < 0)
@@ -505,7 +508,7 @@ too_big:
 		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FRAG_NEEDED, 0, TC_ACT_OK);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && !stack_fragments) {
 		ifindex = skb->ifindex;
-		if (icmp_frag_needed(skb, &pkt, fib.mtu_result) < 0)
+		if (icmp_frag_needed(skb, &pkt, fib.mtu_result, 0) < 0)
 			return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_DROP_ICMP_FAILED, 0,
 				       TC_ACT_SHOT);
 		/* Back into the pod it came from: the peer of this very veth. */
@@ -539,13 +542,35 @@ too_big:
 /*
  * A packet for the node IP: a reply to a flow BPF SNAT opened (or an ICMP
  * error about one) goes back into its pod; anything else is the node's own.
+ *
+ * A reply too big for the pod's link (narrower than the underlay) is checked
+ * after the translation, when the pod is known (the length does not change):
+ *
+ * - DF clear (and every ICMP error, which Linux sends with DF clear): to the
+ *   stack, pod-addressed, which fragments it on the way to the pod
+ *   (pass_frag_needed). Handed over untranslated it would be for the node
+ *   IP, and the node (no conntrack entry: BPF did the NAT) would take it as
+ *   its own.
+ * - DF set, TCP or UDP: the frag-needed is built here, after the translation
+ *   is undone, so that it quotes the datagram as the remote sent it (to the
+ *   node IP and NAT port) and comes from the node IP; it leaves by the
+ *   underlay device it came in on (icmp_frag_needed). The stack would answer
+ *   a pod-addressed packet quoting the pod's address and port, a datagram the
+ *   remote never sent: its TCP or UDP finds no socket for the quote and
+ *   learns nothing (legacy mode gets this right through conntrack, which
+ *   translates the quote of an error about a NATed flow back).
+ * - DF set, ICMP echo reply (Linux replies with DF clear; another host
+ *   might not): to the stack, whose frag-needed quotes the pod's identifier;
+ *   an echo only loses that reply.
  */
 static __always_inline int from_outside_to_node(__u32 *slot, struct __sk_buff *skb,
 						struct hr_pkt *pkt, struct hr_config *cfg,
 						__u32 len)
 {
 	struct hr_endpoint *ep;
-	__u32 pod_ip = 0, reason = HR_RNAT_REDIRECT_PEER;
+	__u32 pod_ip = 0, reason = HR_RNAT_REDIRECT_PEER, mtu, ifindex;
+	__u32 node_ip = pkt->daddr;
+	__u16 nat_port = pkt->dport;	/* TCP, UDP: parse_ports read it */
 	int rc;
 
 	rc = rnat_in(skb, pkt, cfg, &pod_ip);
@@ -570,6 +595,25 @@ static __always_inline int from_outside_to_node(__u32 *slot, struct __sk_buff *s
 	if (pkt->ip->ttl <= 1)
 		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len, HR_DROP_NAT_TTL, 0,
 			       TC_ACT_SHOT);
+	if (!fits_egress(skb, pkt, ep->ifindex, &mtu)) {
+		if (!(pkt->ip->frag_off & HR_HTONS(HR_IP_DF)) || reason == HR_RNAT_ICMP_ERROR ||
+		    (pkt->protocol != IPPROTO_TCP && pkt->protocol != IPPROTO_UDP))
+			return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len,
+				       HR_PASS_FRAG_NEEDED, 0, TC_ACT_OK);
+		/* back to the node IP and NAT port, then answered as the remote's datagram */
+		parse_ports(skb, pkt);
+		if (nat_rewrite(skb, pkt, 0, pod_ip, node_ip, pkt->dport, nat_port) < 0 ||
+		    parse_ipv4(skb, pkt) != HR_PARSE_OK)
+			return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, 0, len, HR_DROP_ICMP_FAILED, 0,
+				       TC_ACT_SHOT);
+		ifindex = skb->ifindex;
+		if (icmp_frag_needed(skb, pkt, mtu, node_ip) < 0)
+			return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len, HR_DROP_ICMP_FAILED,
+				       0, TC_ACT_SHOT);
+		/* out of the underlay device, MACs swapped: to the sender's next hop */
+		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len, HR_ICMP_FRAG_NEEDED, ifindex,
+			       (int)bpf_redirect(ifindex, 0));
+	}
 	return to_local_pod(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len, ep,
 			    pkt->fragment ? HR_RNAT_FRAGMENT : reason);
 }

@@ -19,9 +19,9 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP, IPOption_RR, fra
 from scapy.layers.l2 import Ether
 
 from datapath import host_routing, libbpf, shared_types as st
-from tests.bpf_helpers import (CLUSTER_CIDRS, HIN_MAC, NODE_IP, POD_MAC, ROUTER_IP,  # noqa: F401
+from tests.bpf_helpers import (CLUSTER_CIDRS, HIN_MAC, NARROW_MTU, NODE_IP, POD_MAC, ROUTER_IP,  # noqa: F401
                                SRC_POD, dp, loaded, nonzero_counters, route_ns, run_prog)
-from tests.test_bpf_unit import from_pod, from_underlay
+from tests.test_bpf_unit import assert_valid_frag_needed, from_pod, from_underlay
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
@@ -316,6 +316,50 @@ def test_an_evicted_reverse_entry_is_restored_with_the_same_port(snat, route_ns)
     _, res = run_out(snat, route_ns, out_pkt(UDP(sport=40000, dport=53)))
     assert Ether(res.data_out)[UDP].sport == port
     assert nat_table(snat)[in_key].addr == SRC
+
+
+# -- a reply too big for the pod's link -------------------------------------------------------
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+@pytest.mark.parametrize("size, df, verdict", [
+    (NARROW_MTU, True, "rnat_redirect_peer"),
+    (NARROW_MTU + 1, True, "icmp_frag_needed"),
+    (NARROW_MTU + 1, False, "pass_frag_needed"),
+], ids=["fits", "too_big_df", "too_big_df_clear"])
+def test_a_reply_too_big_for_the_pods_link(snat, route_ns, proto, size, df, verdict):
+    """The pod's link is 1280 (route_ns's "narrow"), the underlay 1500. Too big with DF:
+    the remote gets the frag-needed, from the node IP, mtu 1280, quoting its datagram as it
+    sent it (to the node IP and NAT port: what its socket knows), out of the underlay device
+    with the MACs swapped. DF clear: translated, to the stack, which fragments it."""
+    l4 = TCP(sport=40000, dport=80, flags="A", seq=1, ack=1) if proto == "tcp" \
+        else UDP(sport=40000, dport=53)
+    _, port = _open_flow(snat, route_ns, l4)
+    snat.maps.set_endpoint(SRC, route_ns.narrow, POD_MAC, HIN_MAC)   # the pod behind 1280
+    reply = TCP(sport=80, dport=port, flags="A", seq=1, ack=41) if proto == "tcp" \
+        else UDP(sport=53, dport=port)
+    pkt = (Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01")
+           / IP(src=EXT, dst=NODE_IP, ttl=60, flags="DF" if df else 0) / reply)
+    pkt = pkt / (b"r" * (size - len(pkt[IP])))
+    before = counters(snat)
+    data, res = run_in(snat, route_ns, pkt)
+    after = counters(snat)
+    got = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+    assert got == {verdict: 1}
+    if verdict == "icmp_frag_needed":
+        assert res.retval == TC_ACT_REDIRECT
+        out = Ether(res.data_out)
+        assert (out.src, out.dst) == ("02:00:00:00:00:01", UPLINK_MAC)
+        assert (out[IP].src, out[IP].dst) == (NODE_IP, EXT)
+        assert_valid_frag_needed(res.data_out, data, NARROW_MTU)   # quotes `data` as it came
+        quoted = IP(bytes(out[ICMP].payload))
+        assert (quoted.dst, quoted.payload.dport, quoted.ttl) == (NODE_IP, port, 60)
+        ev = [e for e in snat.maps.read_trace_events() if e.reason == verdict][-1]
+        assert ev.ifindex_out == route_ns.uplink
+    else:
+        assert res.retval == (TC_ACT_REDIRECT if verdict == "rnat_redirect_peer" else TC_ACT_OK)
+        back = IP(ip_of(res.data_out))
+        assert (back.dst, back.payload.dport, back.len) == (SRC, 40000, size)
+        check_ip_and_l4(ip_of(res.data_out))
 
 
 # -- ICMP errors about a translated flow -----------------------------------------------------

@@ -204,6 +204,32 @@ def test_pod_on_another_node_with_a_narrower_link(make_lab, tmp_path, mode, offl
         assert lab_counters(topo)["node2"].get("pass_frag_needed", 0) >= 1
 
 
+# -- a download from the outside to a pod behind a narrower link ------------------------------
+
+@pytest.mark.parametrize("offloads", OFFLOADS)
+@pytest.mark.parametrize("mode", ["ebpf", "legacy"])
+def test_download_from_the_external_host_to_a_pod_with_a_narrower_link(make_lab, tmp_path, mode,
+                                                                       offloads):
+    """node1-pod1's link is 1280, everything else 1500; the pod downloads 4 MB from the
+    external host. The host's full-size segments (to the node IP and NAT port) are too big for
+    the pod's link: the node answers with a frag-needed that quotes them as sent (BPF in eBPF
+    mode, conntrack's translated quote in legacy), so the host's TCP finds its socket and its
+    route to the node IP learns 1280, and every byte arrives."""
+    _, topo = make_lab(mode)
+    node, ext = topo.nodes[0], topo.external
+    pod = node.pods[0]
+    narrow_pod_link(topo, node, pod, UNDERLAY_MTU)
+    set_offloads(pod.netns, offloads)
+    set_offloads(ext.netns, offloads)
+    tcp_transfer(tmp_path, client_ns=pod.netns, server_ns=ext.netns, server_ip=ext.ip,
+                 upload=False)
+    assert f"mtu {UNDERLAY_MTU}" in route_mtu(ext.netns, node.ip)
+    if mode == "ebpf":
+        counters = lab_counters(topo)[node.name]
+        assert counters.get("icmp_frag_needed", 0) >= 1, counters
+        assert counters.get("drop_icmp_failed", 0) == 0, counters
+
+
 # -- the frag-needed as the pod receives it ----------------------------------------------------
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ enum hr_reason {
 	HR_PASS_TTL = 6,		/* TTL would expire: the stack sends Time Exceeded */
 	HR_PASS_NOT_ENDPOINT = 7,	/* underlay: not for a pod of this node: to the stack */
 	HR_PASS_FRAG_NEEDED = 8,	/* too big, DF clear: the stack fragments it */
-	HR_ICMP_FRAG_NEEDED = 9,	/* too big, DF set: ICMP frag needed sent back to the pod */
+	HR_ICMP_FRAG_NEEDED = 9,	/* too big, DF set: ICMP frag needed sent back (to the pod, or out to a remote) */
 	HR_DROP_MALFORMED = 10,		/* truncated Ethernet/IPv4 header or bad IHL / total length */
 	HR_DROP_ICMP_FAILED = 11,	/* building the frag-needed reply failed */
 	HR_PASS_FWD_DISABLED = 12,	/* forwarding off in the node and no datapath route: to the stack */
