@@ -318,6 +318,31 @@ def test_an_evicted_reverse_entry_is_restored_with_the_same_port(snat, route_ns)
     assert nat_table(snat)[in_key].addr == SRC
 
 
+def test_packets_never_overwrite_a_claimed_entrys_marker(snat, route_ns):
+    """An entry claimed for deletion by another CPU (nat_claim: last_seen_ns is
+    HR_NAT_CLAIMED, all ones) keeps its marker through the packets of its flow, out, back and
+    a later fragment: a refresh overwriting it would let the entry be claimed again."""
+    claimed = (1 << 64) - 1
+    _, res = run_out(snat, route_ns, out_pkt(UDP(sport=40000, dport=53)))
+    port = Ether(res.data_out)[UDP].sport
+    keys = [st.NatKey(SRC, EXT, 40000, 53, UDP_PROTO, "out"),
+            st.NatKey(EXT, NODE_IP, 53, port, UDP_PROTO, "in")]
+    for key in keys:
+        snat.maps.nat_update(key, dataclasses.replace(nat_table(snat)[key],
+                                                      last_seen_ns=claimed))
+    first, later = fragment(out_pkt(UDP(sport=40000, dport=53), payload=b"f" * 1200)[IP],
+                            fragsize=600)[:2]
+    for pkt, run in ((out_pkt(UDP(sport=40000, dport=53)), run_out),
+                     (in_pkt(UDP(sport=53, dport=port)), run_in),
+                     (Ether(src=POD_MAC, dst=HIN_MAC) / first, run_out),
+                     (Ether(src=POD_MAC, dst=HIN_MAC) / later, run_out)):
+        _, res = run(snat, route_ns, pkt)
+        assert res.retval == TC_ACT_REDIRECT          # a claimed entry still looks fresh
+    table = nat_table(snat)
+    assert [table[k].last_seen_ns for k in keys] == [claimed, claimed]
+    assert table[keys[0]].packets == 4 and table[keys[1]].packets == 1   # all counted
+
+
 # -- a reply too big for the pod's link -------------------------------------------------------
 
 @pytest.mark.parametrize("proto", ["tcp", "udp"])

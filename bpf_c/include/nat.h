@@ -360,6 +360,22 @@ static __always_inline __u64 nat_state_bits(__u8 protocol, struct hr_nat_l4 *l4,
 }
 
 /*
+ * Mark `e` seen at `now`, unless a CPU has claimed it for deletion
+ * (nat_claim): a plain store could overwrite HR_NAT_CLAIMED, and the entry,
+ * already being deleted, could then be judged and claimed again. A
+ * compare-and-swap from the value just read: a lost race with another
+ * packet's refresh leaves that one's `now`, as good; with a claim, the
+ * claim stands.
+ */
+static __always_inline void nat_refresh(struct hr_nat_entry *e, __u64 now)
+{
+	__u64 seen = e->last_seen_ns;
+
+	if (seen != HR_NAT_CLAIMED && seen != now)
+		__sync_val_compare_and_swap(&e->last_seen_ns, seen, now);
+}
+
+/*
  * Account a packet to entry `e` and fold in new state bits; a state change
  * is copied to the twin too (rare: a few times per flow), so that both
  * entries expire alike.
@@ -369,7 +385,7 @@ static __always_inline void nat_touch(struct hr_nat_scratch *s, struct hr_nat_ke
 {
 	struct hr_nat_entry *t;
 
-	e->last_seen_ns = now;
+	nat_refresh(e, now);
 	__sync_fetch_and_add(&e->packets, 1);
 	__sync_fetch_and_add(&e->bytes, len);
 	if ((e->state | bits) == e->state)
@@ -717,7 +733,7 @@ static __always_inline int snat_frag_later(struct __sk_buff *skb, struct hr_pkt 
 	if (!e || !nat_fresh(now, e->last_seen_ns, nat_timeout_ns(cfg, s->key.protocol, e->state)))
 		return HR_DROP_FRAG_UNTRACKED;
 	addr = e->addr;
-	e->last_seen_ns = now;
+	nat_refresh(e, now);
 	__sync_fetch_and_add(&e->packets, 1);
 	__sync_fetch_and_add(&e->bytes, skb->len);
 	if (frag_rewrite(skb, 1, pkt->saddr, addr) < 0)
