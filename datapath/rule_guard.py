@@ -271,7 +271,7 @@ class Guard:
             plan = nft_ruleset.revert_plan(current, baseline)
             if not plan:
                 return {}
-            errors = {}
+            previous, errors = errors, {}
             for table, (argv, script) in plan.items():
                 proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv],
                                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -281,8 +281,8 @@ class Guard:
                 if proc.returncode != 0:
                     ours.discard(proc.pid)
                     errors[table] = (err.strip().splitlines() or [f"exit {proc.returncode}"])[0]
-            if not errors:
-                return {}
+            if not errors or errors == previous:   # done, or nothing a retry would change
+                return errors
         return errors
 
     # -- x_tables: refused in the kernel, or polled -----------------------------------------

@@ -416,8 +416,12 @@ def test_a_table_owned_by_a_process_holds_back_only_itself(ebpf_lab):
         while "198.18.9.13" in _nft_text(ns) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert "198.18.9.13" not in _nft_text(ns)
-        time.sleep(0.3)
-        blocked = _blocked_events(topo.lab, since)
+        deadline = time.monotonic() + REMOVED_WITHIN_S   # the events come after the reverts
+        while time.monotonic() < deadline:
+            blocked = _blocked_events(topo.lab, since)
+            if any("198.18.9.13" in e["message"] for e in blocked):
+                break
+            time.sleep(0.05)
         own = [e for e in blocked if "add table ip own" in e["message"]]
         assert own and own[0]["details"]["blocked"] is False
         assert "Operation not permitted" in own[0]["message"]
