@@ -12,16 +12,13 @@ an empty built-in chain with an ACCEPT policy.
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import shutil
 from dataclasses import dataclass
 
+from datapath import nft_ruleset
 from netns_lab import legacy, netns
-
-# Tables iptables-nft creates in nf_tables; their rules are listed by iptables-nft-save.
-XTABLES = {"filter", "nat", "mangle", "raw", "security"}
 
 
 @dataclass(frozen=True)
@@ -74,37 +71,23 @@ def _nft_rule_texts(ns: str, family: str, table: str, chain: str) -> dict[int, s
     return texts
 
 
-def _nft_items(ns: str) -> tuple[list[dict], list[Rule]]:
-    """`nft -j list ruleset` items, read table by table where nft prints JSON it cannot
-    parse back (nft 1.0.6 does for a table with ``flags owner``); such a table is itself
-    reported, so that it is never taken for an empty ruleset."""
-    proc = netns.run(ns, ["nft", "-j", "list", "ruleset"], check=False)
-    try:
-        return json.loads(proc.stdout or "{}").get("nftables", []), []
-    except ValueError:
-        pass
-    items, unreadable = [], []
-    for line in netns.run(ns, ["nft", "list", "tables"], check=False).stdout.splitlines():
-        _, fam, name = line.split()
-        one = netns.run(ns, ["nft", "-j", "list", "table", fam, name], check=False)
-        try:
-            items += json.loads(one.stdout or "{}").get("nftables", [])
-        except ValueError:
-            unreadable.append(Rule(ns, "nftables", f"{fam} {name}", "-",
-                                   "a table nft cannot list as JSON (flags owner?)",
-                                   f"ip netns exec {ns} nft delete table {fam} {name}"))
-    return items, unreadable
-
-
 def _nft_rules(ns: str) -> list[Rule]:
     if shutil.which("nft") is None:
         return []
-    items, rules = _nft_items(ns)
+    try:
+        items, unreadable = nft_ruleset.ruleset_items(ns)
+    except nft_ruleset.NftError:
+        return []
+    rules = [Rule(ns, "nftables", f"{fam} {name}", "-",
+                  "a table nft cannot list as JSON (flags owner?)",
+                  f"ip netns exec {ns} nft delete table {fam} {name}")
+             for fam, name in unreadable]
     texts = {}
     for item in items:
         for kind in ("rule", "chain"):
             obj = item.get(kind)
-            if not obj or (obj["family"] in ("ip", "ip6") and obj["table"] in XTABLES):
+            if not obj or (obj["family"] in ("ip", "ip6")
+                           and obj["table"] in nft_ruleset.XTABLES):
                 continue  # iptables-nft's own tables: reported from iptables-nft-save
             where = f"{obj['family']} {obj['table']}"
             if kind == "rule":

@@ -41,7 +41,8 @@ DELETABLE = {"chain": "chain", "set": "set", "map": "map", "flowtable": "flowtab
              "ct expectation": "ct expectation"}
 
 
-# iptables-nft's tables, which iptables-nft-restore can write back whole
+# Tables iptables-nft creates in nf_tables: iptables-nft-save lists their rules, and
+# iptables-nft-restore can write them back whole.
 XTABLES = {"filter", "nat", "mangle", "raw", "security"}
 XT_RESTORE = {"ip": "iptables-nft-restore", "ip6": "ip6tables-nft-restore"}
 XT_SAVE = {"ip": "iptables-nft-save", "ip6": "ip6tables-nft-save"}
@@ -87,9 +88,6 @@ class Snapshot:
     def tables(self) -> set[TableKey]:
         return {(fam, table) for fam, table, kind, _ in self.objects if kind == "table"}
 
-    def same_as(self, other: "Snapshot") -> bool:
-        return self.objects == other.objects and self._rule_texts() == other._rule_texts()
-
     def table_same_as(self, other: "Snapshot", table: TableKey) -> bool:
         return (self._of(table) == other._of(table)
                 and self._rule_texts(table) == other._rule_texts(table))
@@ -97,15 +95,17 @@ class Snapshot:
     def _of(self, table: TableKey) -> dict:
         return {k: v for k, v in self.objects.items() if k[:2] == table}
 
-    def _rule_texts(self, table: TableKey | None = None) -> dict:
+    def _rule_texts(self, table: TableKey) -> dict:
         return {k: [text for _, text in v] for k, v in self.rules.items()
-                if v and (table is None or k[:2] == table)}
+                if v and k[:2] == table}
 
 
-def parse(listing: str) -> Snapshot:
-    """A Snapshot of ``nft -j list ruleset`` output."""
+def parse(items: list[dict], unreadable: list[TableKey] = ()) -> Snapshot:
+    """A Snapshot of ``nft -j list ruleset`` items; the unreadable tables are UNREADABLE."""
     snap = Snapshot()
-    for item in json.loads(listing or '{"nftables": []}').get("nftables", []):
+    for fam, name in unreadable:
+        snap.objects[(fam, name, "table", "")] = UNREADABLE
+    for item in items:
         ((kind, obj),) = item.items()
         if kind == "metainfo":
             continue
@@ -126,28 +126,34 @@ def _nft(ns: str, *args: str) -> str:
     return proc.stdout
 
 
-def _snapshot_by_table(ns: str) -> Snapshot:
-    """Table by table, for when nft prints the whole ruleset as JSON it cannot parse back
-    (nft 1.0.6 does for a table with ``flags owner``): such a table is UNREADABLE."""
-    snap = Snapshot()
+def _items(listing: str) -> list[dict]:
+    return json.loads(listing or '{"nftables": []}').get("nftables", [])
+
+
+def ruleset_items(ns: str) -> tuple[list[dict], list[TableKey]]:
+    """The ruleset as ``nft -j list ruleset`` items, and the tables it could not read.
+
+    Where nft prints the whole ruleset as JSON it cannot parse back (nft 1.0.6
+    does for a table with ``flags owner``), it is read table by table, and the
+    tables that still fail are returned apart, so that they are never taken for
+    an empty ruleset.
+    """
+    try:
+        return _items(_nft(ns, "-j", "list", "ruleset")), []
+    except ValueError:
+        pass
+    items, unreadable = [], []
     for line in _nft(ns, "list", "tables").splitlines():
         _, fam, name = line.split()
         try:
-            part = parse(_nft(ns, "-j", "list", "table", fam, name))
-        except (ValueError, KeyError, TypeError):
-            snap.objects[(fam, name, "table", "")] = UNREADABLE
-            continue
-        snap.objects.update(part.objects)
-        snap.rules.update(part.rules)
-    return snap
+            items += _items(_nft(ns, "-j", "list", "table", fam, name))
+        except ValueError:
+            unreadable.append((fam, name))
+    return items, unreadable
 
 
 def snapshot(ns: str, with_texts: bool = False) -> Snapshot:
-    listing = _nft(ns, "-j", "list", "ruleset")
-    try:
-        snap = parse(listing)
-    except (ValueError, KeyError, TypeError):
-        snap = _snapshot_by_table(ns)
+    snap = parse(*ruleset_items(ns))
     if with_texts:
         for fam, table in snap.tables:
             text = netns.run(ns, ["nft", "list", "table", fam, table], check=False).stdout

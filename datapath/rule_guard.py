@@ -224,11 +224,7 @@ class Guard:
                 continue
             backend = comm if comm.startswith(("iptables", "ip6tables", "arptables",
                                               "ebtables")) else "nftables"
-            try:
-                with lock:
-                    failed = self.revert_nftables(ns, baseline, ours)
-            except Exception as e:  # a guard that stops reverting must say so, never die
-                failed = {None: f"guard error: {type(e).__name__}: {e}"}
+            _, failed = self.revert_nftables(ns, baseline, lock, ours)
             # judged by the tables this transaction touched: another table that cannot be
             # reverted (one owned by a process) does not make this change a failure
             touched = nft_ruleset.tables_of(change)
@@ -248,29 +244,33 @@ class Guard:
 
     def resync(self, node: str, ns: str, baseline: nft_ruleset.Snapshot, lock: threading.Lock,
                ours: set[int], why: str) -> None:
+        changed, failed = self.revert_nftables(ns, baseline, lock, ours)
+        if changed:
+            self.blocked(node, "nftables", f"whatever changed meanwhile ({why})", not failed,
+                         "reverted", detail=_failures(failed))
+
+    def revert_nftables(self, ns: str, baseline: nft_ruleset.Snapshot, lock: threading.Lock,
+                        ours: set[int]) -> tuple[bool, dict]:
+        """Bring the namespace's ruleset back to the baseline, table by table; returns
+        whether it had changed, and {table: why not} for what could not be reverted
+        ({None: why} for all of it). A guard that cannot revert must say so, never die."""
         try:
             with lock:
-                if not nft_ruleset.revert_plan(nft_ruleset.snapshot(ns), baseline):
-                    return
-                failed = self.revert_nftables(ns, baseline, ours)
+                return self._revert(ns, baseline, ours)
         except Exception as e:
-            failed = {None: f"guard error: {type(e).__name__}: {e}"}
-        self.blocked(node, "nftables", f"whatever changed meanwhile ({why})", not failed,
-                     "reverted", detail=_failures(failed))
+            return True, {None: f"guard error: {type(e).__name__}: {e}"}
 
-    def revert_nftables(self, ns: str, baseline: nft_ruleset.Snapshot,
-                        ours: set[int]) -> dict:
-        """Bring the namespace's ruleset back to the baseline, table by table; returns
-        {table: why not} for what could not be reverted ({None: why} for all of it)."""
+    def _revert(self, ns: str, baseline: nft_ruleset.Snapshot,
+                ours: set[int]) -> tuple[bool, dict]:
         errors: dict = {}
-        for _ in range(REVERT_TRIES):   # another writer may race the revert: look again
+        for attempt in range(REVERT_TRIES):   # another writer may race the revert: look again
             try:
                 current = nft_ruleset.snapshot(ns)
             except nft_ruleset.NftError as e:
-                return {None: str(e)}
+                return True, {None: str(e)}
             plan = nft_ruleset.revert_plan(current, baseline)
             if not plan:
-                return {}
+                return attempt > 0, {}
             previous, errors = errors, {}
             for table, (argv, script) in plan.items():
                 proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv],
@@ -282,8 +282,8 @@ class Guard:
                     ours.discard(proc.pid)
                     errors[table] = (err.strip().splitlines() or [f"exit {proc.returncode}"])[0]
             if not errors or errors == previous:   # done, or nothing a retry would change
-                return errors
-        return errors
+                return True, errors
+        return True, errors
 
     # -- x_tables: refused in the kernel, or polled -----------------------------------------
 
@@ -332,9 +332,10 @@ class Guard:
         rm = netns.run(ns, [tool.replace("-legacy", "-legacy-restore")], check=False,
                        input=script)
         for table in sorted(changed):
-            was, now = set(baseline.get(table, [])), current.get(table, [])
-            diff = [f"+{line}" for line in now if line not in was] + \
-                [f"-{line}" for line in baseline.get(table, []) if line not in set(now)]
+            was, now = baseline.get(table, []), current.get(table, [])
+            kept, present = set(was), set(now)
+            diff = [f"+{line}" for line in now if line not in kept] + \
+                [f"-{line}" for line in was if line not in present]
             self.blocked(node, tool, f"table {table}: " + "; ".join(diff), rm.returncode == 0,
                          "reverted", detail=rm.stderr.strip())
 
