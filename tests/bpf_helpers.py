@@ -141,13 +141,18 @@ def route_ns():
                       narrow=ifindex(name, "narrow"))
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    dp = host_routing.load(ROUTER_IP)
+def loaded_datapath(**kw):
+    """A datapath loaded for a module (host_routing.load's options), closed after it."""
+    dp = host_routing.load(ROUTER_IP, **kw)
     try:
         yield dp
     finally:
         dp.close()
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    yield from loaded_datapath()
 
 
 @pytest.fixture

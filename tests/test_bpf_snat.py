@@ -18,9 +18,10 @@ from hypothesis import HealthCheck, given, settings, strategies as hst
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP, IPOption_RR, fragment
 from scapy.layers.l2 import Ether
 
-from datapath import host_routing, libbpf, shared_types as st
+from datapath import libbpf, shared_types as st
 from tests.bpf_helpers import (CLUSTER_CIDRS, HIN_MAC, NARROW_MTU, NODE_IP, POD_MAC, ROUTER_IP,  # noqa: F401
-                               SRC_POD, dp, loaded, nonzero_counters, route_ns, run_prog)
+                               SRC_POD, dp, loaded, loaded_datapath, nonzero_counters, route_ns,
+                               run_prog)
 from tests.test_bpf_unit import assert_valid_frag_needed, from_pod, from_underlay
 
 TC_ACT_OK = 0
@@ -727,11 +728,7 @@ def _fresh_dp(loaded_dp, route_ns):
 
 @pytest.fixture(scope="module")
 def small_table_loaded():
-    d = host_routing.load(ROUTER_IP, nat_max_flows=4)
-    try:
-        yield d
-    finally:
-        d.close()
+    yield from loaded_datapath(nat_max_flows=4)
 
 
 @pytest.fixture
@@ -741,11 +738,7 @@ def small_table(small_table_loaded, route_ns):
 
 @pytest.fixture(scope="module")
 def raced_loaded():
-    d = host_routing.load(ROUTER_IP, cflags=["-DHR_TEST_RACES"])
-    try:
-        yield d
-    finally:
-        d.close()
+    yield from loaded_datapath(cflags=["-DHR_TEST_RACES"])
 
 
 @pytest.fixture
