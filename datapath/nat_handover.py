@@ -186,7 +186,7 @@ def live_flows(maps: DatapathMaps, now_ns: int | None = None) -> list[BpfFlow]:
             continue
         tkey = nat_table.twin_key(key, out)
         twin = table.get(tkey)
-        if twin is None or (twin.addr, twin.port) != (key.saddr, key.sport):
+        if not nat_table.points_back(key, twin):
             continue
         if not nat_table.alive(cfg, key, out, twin, now_ns):
             continue

@@ -65,7 +65,8 @@ def twin_key(key: st.NatKey, entry: st.NatEntry) -> st.NatKey:
     return st.NatKey(entry.addr, key.saddr, entry.port, key.sport, key.protocol, "out")
 
 
-def _points_back(key: st.NatKey, twin: st.NatEntry | None) -> bool:
+def points_back(key: st.NatKey, twin: st.NatEntry | None) -> bool:
+    """Whether `twin` (found at twin_key) is this entry's partner, not another flow's."""
     if twin is None:
         return False
     if key.dir == "out":
@@ -104,7 +105,7 @@ def flows(maps: DatapathMaps, now_ns: int | None = None) -> list[Flow]:
             continue
         tkey = twin_key(key, entry)
         twin = table.get(tkey)
-        if not _points_back(key, twin):
+        if not points_back(key, twin):
             twin = None
         seen.add(key)
         if twin is not None:
@@ -171,14 +172,14 @@ def sweep(maps: DatapathMaps, now_ns: int | None = None) -> int:
     for key, entry in stale:
         tkey = twin_key(key, entry)
         twin = maps.nat_lookup(tkey)
-        if alive(cfg, key, entry, twin if _points_back(key, twin) else None, now_ns,
+        if alive(cfg, key, entry, twin if points_back(key, twin) else None, now_ns,
                  SWEEP_GRACE_NS):
             continue
         entry = maps.nat_lookup(key)          # as it is now
         if entry is None:
             continue
         twin = maps.nat_lookup(tkey)
-        twin = twin if _points_back(key, twin) else None
+        twin = twin if points_back(key, twin) else None
         if alive(cfg, key, entry, twin, now_ns, SWEEP_GRACE_NS):
             continue
         deleted += maps.nat_delete(key)
