@@ -116,11 +116,11 @@ class Bench:
         self.retries: list[dict] = []      # runs that failed once and were repeated
 
     def setup(self, say=print) -> None:
-        from datapath.cli import _configure_mode
+        from datapath.switch import configure_mode
         netperf.require_netperf()
         for mode, lab in self.labs.items():
             topo = load_topology(lab)
-            builder.lab_up(topo, _configure_mode(mode))
+            builder.lab_up(topo, configure_mode(mode))
             self.topos[mode] = topo
             say(f"lab {lab} up ({mode})")
         self.limit_ns = builder.add_veth_pair(self.labs["legacy"], "lima", "limb", *LIMIT_IPS)

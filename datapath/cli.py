@@ -74,22 +74,11 @@ def lab_json(state, topo: Topology) -> dict:
     }
 
 
-def _configure_mode(mode: str):
-    from netns_lab import legacy
-
-    def configure(state, topo):
-        legacy.enable_legacy(topo)
-        state.mode = "legacy"
-        if mode == "ebpf":
-            from datapath import switch
-            switch.enable_ebpf(state, topo)
-    return configure
-
-
 def cmd_lab_up(args) -> int:
     _require_root()
     topo = load_topology(args.lab, args.topology, args.nodes, args.pods_per_node)
-    state, seconds = lab_up(topo, _configure_mode(args.mode))
+    from datapath import switch
+    state, seconds = lab_up(topo, switch.configure_mode(args.mode))
     pods = sum(len(n.pods) for n in topo.nodes)
     print(f"lab {topo.lab}: {len(topo.nodes)} nodes, {pods} pods, mode {state.mode}, "
           f"{len(topo.namespaces)} namespaces, up in {seconds:.2f}s")

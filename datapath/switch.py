@@ -34,6 +34,17 @@ FROM_POD = "from_pod"
 FROM_UNDERLAY = "from_underlay"
 
 
+def configure_mode(mode: str):
+    """The step ``lab_up`` runs once the namespaces exist: legacy routing in
+    every node, then eBPF host routing over it when ``mode`` is "ebpf"."""
+    def configure(state: LabState, topo: Topology) -> None:
+        legacy.enable_legacy(topo)
+        state.mode = "legacy"
+        if mode == "ebpf":
+            enable_ebpf(state, topo)
+    return configure
+
+
 class SwitchError(RuntimeError):
     """The lab is not in a state where this switch makes sense."""
 

@@ -50,8 +50,8 @@ def _lab_letter() -> str:
 def fresh_lab_name() -> str:
     while True:
         name = _lab_letter() + secrets.token_hex(2)[:3]
-        if not any(n.startswith(name + "-") for n in os.listdir(netns.NETNS_DIR)
-                   if os.path.isdir(netns.NETNS_DIR)) and name not in lab_names():
+        existing = os.listdir(netns.NETNS_DIR) if os.path.isdir(netns.NETNS_DIR) else []
+        if not any(n.startswith(name + "-") for n in existing) and name not in lab_names():
             return name
 
 
@@ -70,10 +70,10 @@ def make_lab():
 
     def make(mode: str = "legacy", nodes: int | None = None, pods_per_node: int | None = None,
              topology: str | None = None):
-        from datapath.cli import _configure_mode
+        from datapath.switch import configure_mode
         topo = load_topology(fresh_lab_name(), topology, nodes, pods_per_node)
         made.append(topo.lab)
-        state, _ = lab_up(topo, _configure_mode(mode))
+        state, _ = lab_up(topo, configure_mode(mode))
         return state, topo
 
     yield make

@@ -228,7 +228,7 @@ def test_sigkill_at_random_points_then_down_all_leaves_nothing(tmp_path, command
 
 def test_fifty_cycles_leak_no_fds_programs_or_maps(tmp_path):
     """lab up / enable / disable / down in this very process, 50 times."""
-    from datapath.cli import _configure_mode
+    from datapath.switch import configure_mode
     from netns_lab.builder import lab_down, lab_up
     from netns_lab.topology import load_topology
     from tests.conftest import fresh_lab_name
@@ -238,7 +238,7 @@ def test_fifty_cycles_leak_no_fds_programs_or_maps(tmp_path):
 
     def cycle():
         topo = load_topology(fresh_lab_name(), str(topo_file), 1, 1)
-        lab_up(topo, _configure_mode("legacy"))
+        lab_up(topo, configure_mode("legacy"))
         switch.enable_ebpf(load_state(topo.lab), topo)
         assert len(_marked_bpf_objects(2 * flows)[0]) == 2        # from_pod, from_underlay
         switch.disable_ebpf(load_state(topo.lab), topo)

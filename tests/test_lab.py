@@ -33,8 +33,8 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 def test_root_namespace_is_identical_after_lab_up_and_down(lab_name):
     before = rootns.snapshot()
     topo = load_topology(lab_name)
-    from datapath.cli import _configure_mode
-    lab_up(topo, _configure_mode("legacy"))
+    from datapath.switch import configure_mode
+    lab_up(topo, configure_mode("legacy"))
     during = rootns.snapshot()
     lab_down(lab_name)
     after = rootns.snapshot()

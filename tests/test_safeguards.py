@@ -172,10 +172,10 @@ def _legacy_text(ns: str) -> str:
 @pytest.fixture(scope="module")
 def frozen_lab():
     """One eBPF lab for the change-by-change tests: (topology, node namespace, its rulesets)."""
-    from datapath.cli import _configure_mode
+    from datapath.switch import configure_mode
     topo = load_topology(fresh_lab_name(), None, 2, 1)
     try:
-        lab_up(topo, _configure_mode("ebpf"))
+        lab_up(topo, configure_mode("ebpf"))
         ns = topo.nodes[1].netns
         yield topo, ns, _nft_text(ns), _legacy_text(ns)
     finally:
