@@ -21,7 +21,7 @@ from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from datapath import bpf_build, libbpf, shared_types as st, tc_attach
 from datapath.host_routing import DatapathMaps
-from tests.bpf_helpers import (CLUSTER_CIDRS, HIN_MAC, NARROW_MTU, POD_MAC, ROUTER_IP, dp,  # noqa: F401
+from tests.bpf.bpf_helpers import (CLUSTER_CIDRS, HIN_MAC, NARROW_MTU, POD_MAC, ROUTER_IP, dp,  # noqa: F401
                                ip_batch, loaded, nonzero_counters, private_netns, route_ns,
                                run_prog, send_raw, wait_for)
 
@@ -722,7 +722,7 @@ def _ns_link(ns: str, dev: str) -> dict:
 def mini_node(loaded):
     """A node netns with two pods and an underlay (MTU 1280) to a router holding
     203.0.113.10; from_pod on both host-side veths, from_underlay on the underlay."""
-    from tests.bpf_helpers import ip_batch
+    from tests.bpf.bpf_helpers import ip_batch
     with contextlib.ExitStack() as stack:
         node, pa, pb, rt = (stack.enter_context(private_netns()) for _ in range(4))
         for ns in (node, pa, pb, rt):

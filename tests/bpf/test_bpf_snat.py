@@ -19,10 +19,10 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP, IPOption_RR, fra
 from scapy.layers.l2 import Ether
 
 from datapath import libbpf, shared_types as st
-from tests.bpf_helpers import (CLUSTER_CIDRS, HIN_MAC, NARROW_MTU, NODE_IP, POD_MAC, ROUTER_IP,  # noqa: F401
+from tests.bpf.bpf_helpers import (CLUSTER_CIDRS, HIN_MAC, NARROW_MTU, NODE_IP, POD_MAC, ROUTER_IP,  # noqa: F401
                                SRC_POD, dp, loaded, loaded_datapath, nonzero_counters, route_ns,
                                run_prog)
-from tests.test_bpf_unit import assert_valid_frag_needed, from_pod, from_underlay
+from tests.bpf.test_bpf_unit import assert_valid_frag_needed, from_pod, from_underlay
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
@@ -1162,7 +1162,7 @@ def test_a_bad_ipv4_header_checksum_is_dropped_before_routing_in_both_programs(s
 
 def test_a_bad_header_checksum_is_dropped_inside_the_cluster_too(snat, route_ns):
     """Pod to pod and node to pod (no NAT involved): the same check comes first."""
-    from tests.test_bpf_unit import LOCAL_DST, add_local_pod
+    from tests.bpf.test_bpf_unit import LOCAL_DST, add_local_pod
     add_local_pod(snat)
     to_pod = Ether(src=POD_MAC, dst=HIN_MAC) / IP(src=SRC, dst=LOCAL_DST) / UDP() / b"x"
     from_other_node = Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01") / \

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "provision.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "provision.sh"
 OURS = "ebpf-hostrouting-netperf.sources"
 
 

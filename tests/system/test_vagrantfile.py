@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 VAGRANT = shutil.which("vagrant")
 
 pytestmark = pytest.mark.skipif(

@@ -23,7 +23,7 @@ from netns_lab import netns
 from netns_lab.state import load_state
 from tests.labtools import lab_counters, background, conntrack_entries, netserver, udp_echo, udp_request
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "datapath.cli"]
 
 

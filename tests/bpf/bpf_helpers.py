@@ -1,4 +1,4 @@
-"""Fixtures and tools for the BPF unit tests (tests/test_bpf_unit.py).
+"""Fixtures and tools for the BPF unit tests (tests/bpf/test_bpf_unit.py).
 
 The datapath is compiled and loaded once per module. Programs that call
 bpf_fib_lookup() are run with BPF_PROG_TEST_RUN from inside a private test

@@ -6,11 +6,11 @@ through a copy of the CLI's stack and ran its clean-up (removing labs) while
 the parent waited for it, which hung `bench` and tore labs down mid-build.
 """
 
-import os
 import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 SCRIPT = textwrap.dedent("""
     import os, signal, sys, time
@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent("""
 def test_forked_child_exits_on_sigterm_and_parent_unwinds(tmp_path):
     marker = tmp_path / "cleanups"
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(marker)], capture_output=True,
-                          text=True, timeout=30, cwd=os.path.dirname(os.path.dirname(__file__)))
+                          text=True, timeout=30, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[:2] == [f"child {128 + signal.SIGTERM}", "parent unwound"]
     assert marker.read_text() == "cleanup in parent\n"

@@ -28,9 +28,9 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP, IPOption_RR
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Dot1Q, Ether
 
-from tests.bpf_helpers import HIN_MAC, POD_MAC, nonzero_counters, run_prog
-from tests.bpf_helpers import dp, loaded, route_ns  # noqa: F401  (fixtures)
-from tests.test_bpf_unit import (DST_MAC, DST_NODE_MAC, EXTERNAL_DST, LOCAL_DST, REMOTE_DST, SRC,
+from tests.bpf.bpf_helpers import HIN_MAC, POD_MAC, nonzero_counters, run_prog
+from tests.bpf.bpf_helpers import dp, loaded, route_ns  # noqa: F401  (fixtures)
+from tests.bpf.test_bpf_unit import (DST_MAC, DST_NODE_MAC, EXTERNAL_DST, LOCAL_DST, REMOTE_DST, SRC,
                                  TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, add_local_pod)
 
 FUZZ_CASES = 300
@@ -225,7 +225,7 @@ def check_snat_invariants(dp, data: bytes, res) -> None:
 
 
 def _snat_on(dp, ports: int = 64):
-    from tests.bpf_helpers import NODE_IP, ROUTER_IP
+    from tests.bpf.bpf_helpers import NODE_IP, ROUTER_IP
     dp.maps.set_config(ROUTER_IP, trace=True, node_ip=NODE_IP,
                        nat={"nat_port_min": 40000, "nat_port_max": 40000 + ports - 1})
 
