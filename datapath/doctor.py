@@ -5,12 +5,9 @@ them all and prints one table (rich) or, with ``json_output``, a JSON list of
 ``{check, ok, required, detail}``. The exit code is 1 when a required check
 failed; a failed check that is not required is a warning and does not fail.
 
-Kernel features are probed for real, not guessed from the version: a trivial
-sched_cls program and one per helper (bpf_redirect_peer, bpf_redirect_neigh,
-bpf_fib_lookup) are compiled with bcc and loaded, so the verifier itself says
-yes or no. Helpers are called by number, not by name, so the answer does not
-depend on how old the kernel headers are. bcc and the verifier print to fd 2;
-that is captured while probing and only the reason reaches the output.
+Kernel features are probed for real, not guessed from the version
+(``datapath/features.py``: the verifier itself says yes or no), afresh on
+every run.
 
 The clsact check works in a throwaway namespace ``hrdoctor-<random>`` holding
 a veth pair, removed however the check ends: the root network namespace is
@@ -36,8 +33,8 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
-from datapath import libbpf
-from datapath.bpf_build import capture_fd2
+from datapath import features, libbpf
+from datapath.features import HELPERS, PROBE_FUNCS, SCHED_CLS, Probes, first_line
 
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
 NETNS_PREFIX = "hrdoctor-"
@@ -48,52 +45,6 @@ NR_BPF = {"x86_64": 321, "i686": 357, "armv7l": 386, "ppc64le": 361, "s390x": 35
           "aarch64": 280, "riscv64": 280, "loongarch64": 280}
 BPF_MAP_CREATE = 0
 BPF_MAP_TYPE_ARRAY = 2
-
-# Helper ids from include/uapi/linux/bpf.h, and the release that added each.
-HELPERS = {
-    "bpf_redirect_peer": (155, "5.10"),
-    "bpf_redirect_neigh": (152, "5.10"),
-    "bpf_fib_lookup": (69, "4.18"),
-}
-
-PROBE_SOURCE = r"""
-int hr_probe_ok(struct __sk_buff *skb)
-{
-	return 0;
-}
-
-int hr_probe_redirect_peer(struct __sk_buff *skb)
-{
-	long (*redirect_peer)(__u32 ifindex, __u64 flags) = (void *)155;
-
-	return redirect_peer(skb->ifindex, 0);
-}
-
-int hr_probe_redirect_neigh(struct __sk_buff *skb)
-{
-	long (*redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) = (void *)152;
-
-	return redirect_neigh(skb->ifindex, 0, 0, 0);
-}
-
-int hr_probe_fib_lookup(struct __sk_buff *skb)
-{
-	long (*fib_lookup)(void *ctx, void *params, int plen, __u32 flags) = (void *)69;
-	struct bpf_fib_lookup params;
-
-	__builtin_memset(&params, 0, sizeof(params));
-	params.family = 2;	/* AF_INET */
-	params.ifindex = skb->ifindex;
-	return fib_lookup(skb, &params, sizeof(params), 0) == 0 ? 0 : 2;
-}
-"""
-PROBE_FUNCS = {
-    "sched_cls": "hr_probe_ok",
-    "bpf_redirect_peer": "hr_probe_redirect_peer",
-    "bpf_redirect_neigh": "hr_probe_redirect_neigh",
-    "bpf_fib_lookup": "hr_probe_fib_lookup",
-}
-
 
 @dataclass
 class Check:
@@ -113,91 +64,6 @@ def which(tool: str) -> str | None:
 def run(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=CMD_TIMEOUT,
                           stdin=subprocess.DEVNULL)
-
-
-def first_line(text: str) -> str:
-    return next((l.strip() for l in text.splitlines() if l.strip()), "")
-
-
-def last_line(text: str) -> str:
-    lines = [l.strip() for l in text.splitlines()
-             if l.strip() and not l.startswith("processed ")]
-    return lines[-1] if lines else ""
-
-
-def release_numbers(release: str) -> tuple[int, ...]:
-    m = re.match(r"(\d+)\.(\d+)", release)
-    return (int(m.group(1)), int(m.group(2))) if m else ()
-
-
-# ---------------------------------------------------------------- BPF probes
-
-class Probes:
-    """The probe programs, compiled once with bcc; ``load`` loads one as sched_cls."""
-
-    def __init__(self) -> None:
-        self.bpf = None
-        self.import_error = ""
-        self.compile_error = ""
-        self.fds: dict[str, int] = {}
-        try:
-            from bcc import BPF
-        except Exception as e:  # ImportError, or bcc's own failure to find libbcc
-            self.import_error = f"{type(e).__name__}: {e}"
-            return
-        self.BPF = BPF
-        with capture_fd2() as err:
-            try:
-                self.bpf = BPF(text=PROBE_SOURCE.encode(), cflags=["-w"])
-            except Exception as e:
-                self.compile_error = str(e)
-        if self.bpf is None:
-            self.compile_error = first_error(err[0]) or self.compile_error
-
-    def not_checked(self) -> str | None:
-        if self.import_error:
-            return f"not checked: bcc is not importable ({self.import_error})"
-        if self.bpf is None:
-            return f"not checked: bcc could not compile the probe programs: {self.compile_error}"
-        return None
-
-    def load(self, func: str) -> tuple[int | None, str, str]:
-        """(fd or None, exception text, verifier log)."""
-        with capture_fd2() as err:
-            try:
-                fn = self.bpf.load_func(func.encode(), self.BPF.SCHED_CLS)
-            except Exception as e:
-                fd, exc = None, str(e)
-            else:
-                fd, exc = fn.fd, ""
-        if fd is not None:
-            self.fds[func] = fd
-        return fd, exc, err[0]
-
-    def close(self) -> None:
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
-
-
-def first_error(text: str) -> str:
-    for line in text.splitlines():
-        if "error:" in line or "fatal" in line:
-            return line.strip()
-    return first_line(text)
-
-
-def explain_rejection(exc: str, log: str, min_kernel: str | None = None) -> str:
-    if re.search(r"Operation not permitted|Permission denied", exc + log):
-        return "not permitted to load BPF programs (needs root: CAP_BPF and CAP_NET_ADMIN)"
-    if re.search(r"invalid func unknown#\d+|unknown func", log):
-        need = f", needs Linux >= {min_kernel}" if min_kernel else ""
-        return f"rejected by the verifier (helper unknown{need})"
-    m = re.search(r"program of this type cannot use helper (\S+)", log)
-    if m:
-        return f"rejected by the verifier ({m.group(1)} is not allowed in sched_cls programs)"
-    reason = last_line(log)
-    return f"rejected: {reason}" if reason else f"load failed: {exc}"
 
 
 # ---------------------------------------------------------------- checks
@@ -290,35 +156,10 @@ def check_headers_version() -> Check:
                  "programs that use only uapi headers compile fine")
 
 
-def check_sched_cls(probes: Probes) -> Check:
-    name = "sched_cls program loads"
-    skipped = probes.not_checked()
-    if skipped:
-        return Check(name, False, True, skipped)
-    fd, exc, log = probes.load(PROBE_FUNCS["sched_cls"])
-    if fd is not None:
-        return Check(name, True, True, "a trivial BPF_PROG_TYPE_SCHED_CLS program loaded")
-    return Check(name, False, True, explain_rejection(exc, log))
-
-
-def check_helper(probes: Probes, helper: str) -> Check:
-    skipped = probes.not_checked()
-    if skipped:
-        return Check(helper, False, True, skipped)
-    number, min_kernel = HELPERS[helper]
-    fd, exc, log = probes.load(PROBE_FUNCS[helper])
-    if fd is not None:
-        return Check(helper, True, True, f"helper #{number} accepted by the verifier in sched_cls")
-    return Check(helper, False, True, f"{helper}: {explain_rejection(exc, log, min_kernel)}")
-
-
-def datapath_support() -> list[Check]:
-    """What eBPF host routing needs from the kernel: sched_cls and its three helpers."""
-    probes = Probes()
-    try:
-        return [check_sched_cls(probes)] + [check_helper(probes, h) for h in HELPERS]
-    finally:
-        probes.close()
+def check_features(probes: Probes) -> list[Check]:
+    """sched_cls and the helpers the datapath calls, each loaded by the verifier."""
+    found = [features.sched_cls(probes)] + [features.helper(probes, h) for h in HELPERS]
+    return [Check(f.name, f.ok, True, f.detail) for f in found]
 
 
 def check_clsact(probes: Probes) -> list[Check]:
@@ -355,7 +196,7 @@ def clsact_in(ns: str, name: str) -> Check:
 
 
 def attach_in(ns: str, name: str, probes: Probes, qdisc: Check) -> Check:
-    fd = probes.fds.get(PROBE_FUNCS["sched_cls"])
+    fd = probes.fds.get(PROBE_FUNCS[SCHED_CLS])
     if not qdisc.ok or fd is None:
         return Check(name, False, True, "not checked: needs the clsact qdisc and the sched_cls "
                                         "program")
@@ -363,7 +204,7 @@ def attach_in(ns: str, name: str, probes: Probes, qdisc: Check) -> Check:
     try:
         with IPRoute(netns=ns, flags=0) as ipr:
             idx = ipr.link_lookup(ifname="hrd0")[0]
-            ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name=PROBE_FUNCS["sched_cls"],
+            ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name=PROBE_FUNCS[SCHED_CLS],
                    parent=0xFFFFFFF2, classid=1, direct_action=True)
     except Exception as e:
         return Check(name, False, True, f"direct-action bpf filter refused: {e}")
@@ -437,8 +278,7 @@ def run_checks() -> list[Check]:
     probes = Probes()
     try:
         checks += [check_bcc(probes), check_kernel_headers(), check_headers_version(),
-                   check_sched_cls(probes)]
-        checks += [check_helper(probes, helper) for helper in HELPERS]
+                   *check_features(probes)]
         checks += check_clsact(probes)
     finally:
         probes.close()

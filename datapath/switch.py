@@ -273,12 +273,12 @@ def status(state: LabState, topo: Topology) -> dict:
 
 
 def _support() -> dict:
-    """Whether this kernel can run eBPF host routing, and if not exactly why."""
-    from .doctor import datapath_support
-    checks = datapath_support()
-    missing = [c.detail for c in checks if not c.ok]
-    return {"usable": not missing, "missing": missing,
-            "checked": [c.check for c in checks]}
+    """Whether this kernel can run eBPF host routing, and if not exactly why (probed once
+    per boot: the kernel's features do not change while it runs)."""
+    from . import features
+    found = features.known()
+    missing = [f.detail for f in found if not f.ok]
+    return {"usable": not missing, "missing": missing, "checked": [f.name for f in found]}
 
 
 def stats(state: LabState, topo: Topology) -> dict:

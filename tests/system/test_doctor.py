@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from datapath import doctor
+from datapath import doctor, features
 from tests import rootns
 
 REQUIRED = {"running as root", "bpf() syscall", "bcc (python3-bpfcc)", "kernel headers for bcc",
@@ -103,14 +103,14 @@ def test_headers_check_names_the_directory():
 
 def test_unknown_helper_is_named_with_the_kernel_it_needs():
     log = "0: R1=ctx() R10=fp0\n1: (85) call unknown#155\ninvalid func unknown#155\n"
-    assert doctor.explain_rejection("Invalid argument", log, "5.10") == \
+    assert features.explain_rejection("Invalid argument", log, "5.10") == \
         "rejected by the verifier (helper unknown, needs Linux >= 5.10)"
 
 
 def test_a_helper_the_verifier_rejects_fails_the_doctor(monkeypatch, capsys):
     """A helper number no kernel knows stands in for a kernel without bpf_redirect_peer."""
-    monkeypatch.setattr(doctor, "PROBE_SOURCE",
-                        doctor.PROBE_SOURCE.replace("(void *)155", "(void *)9999"))
+    monkeypatch.setattr(features, "PROBE_SOURCE",
+                        features.PROBE_SOURCE.replace("(void *)155", "(void *)9999"))
     assert doctor.run_doctor(json_output=True) == 1
     checks = {c["check"]: c for c in json.loads(capsys.readouterr().out)}
     peer = checks["bpf_redirect_peer"]
@@ -128,3 +128,26 @@ def test_a_missing_optional_tool_is_a_warning(monkeypatch, capsys):
     assert checks["nft"] == {"check": "nft", "ok": False, "required": False,
                              "detail": "nft not found (inspecting the nf_tables ruleset; "
                                        "package nftables)"}
+
+
+def test_status_probes_the_kernel_once_per_boot(monkeypatch, tmp_path):
+    """`status` asks features.known(): the verifier's answer is kept, so later calls load no
+    probe program; an answer bcc could not get (no compile) is not kept."""
+    monkeypatch.setenv("HOSTROUTING_STATE_DIR", str(tmp_path))
+    real_probes, made = features.Probes, []
+
+    def counted():
+        made.append(1)
+        return real_probes()
+    monkeypatch.setattr(features, "Probes", counted)
+    first = features.known()
+    assert [f.name for f in first] == [features.SCHED_CLS, *features.HELPERS]
+    assert all(f.ok for f in first), first
+    assert features.known() == first and len(made) == 1
+
+    monkeypatch.setattr(features, "PROBE_SOURCE", "this is not C")   # other probes: asked again
+    unanswered = features.known()
+    assert len(made) == 2 and not any(f.ok for f in unanswered)
+    assert "could not compile" in unanswered[0].detail
+    features.known()
+    assert len(made) == 3, "an answer without the verifier's word was kept"
