@@ -105,23 +105,8 @@ def cmd_lab_show(args) -> int:
     if args.json:
         _print_json(labs if args.all else labs[0])
         return 0
-    from rich.console import Console
-    from rich.table import Table
-    console = Console()
-    if not labs:
-        console.print("no labs")
-    for lab in labs:
-        table = Table(title=f"lab {lab['name']} (mode {lab['mode']}, {lab['phase']})")
-        for col in ("node", "netns", "ip", "pod", "pod netns", "pod ip"):
-            table.add_column(col)
-        for node in lab["nodes"]:
-            first = True
-            for pod in node["pods"] or [{"name": "", "netns": "", "ip": ""}]:
-                table.add_row(*(node["name"], node["netns"], node["ip"]) if first else ("", "", ""),
-                              pod["name"], pod["netns"], pod["ip"])
-                first = False
-        table.add_row("external", lab["external"]["netns"], lab["external"]["ip"], "", "", "")
-        console.print(table)
+    from datapath import cli_output
+    cli_output.print_labs(labs)
     return 0
 
 
@@ -166,38 +151,38 @@ def cmd_disable(args) -> int:
 
 def cmd_status(args) -> int:
     _require_root()
-    from datapath import switch
+    from datapath import cli_output, switch
     state, topo = _topology_of(args.lab)
     status = switch.status(state, topo)
     if args.json:
         _print_json(status)
     else:
-        switch.print_status(status)
+        cli_output.print_status(status)
     return 0
 
 
 def cmd_stats(args) -> int:
     _require_root()
-    from datapath import switch
+    from datapath import cli_output, switch
     state, topo = _topology_of(args.lab)
     stats = switch.stats(state, topo)
     if args.json:
         _print_json(stats)
     else:
-        switch.print_stats(stats)
+        cli_output.print_stats(stats)
     return 0
 
 
 def cmd_nat(args) -> int:
     _require_root()
-    from datapath import nat_table, switch
+    from datapath import cli_output, switch
     state, topo = _topology_of(args.lab)
     per_node = switch.nat_flows(state, topo, args.node)
     if args.json:
         _print_json({"lab": topo.lab, "nodes": {name: [f.to_dict() for f in flows]
                                                 for name, flows in per_node.items()}})
     else:
-        nat_table.print_flows(topo.lab, per_node)
+        cli_output.print_flows(topo.lab, per_node)
     return 0
 
 

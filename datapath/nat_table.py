@@ -191,23 +191,3 @@ def sweep(maps: DatapathMaps, now_ns: int | None = None) -> int:
 def flush(maps: DatapathMaps) -> int:
     """Delete every entry (the benchmark starts each sample with an empty table)."""
     return sum(libbpf.map_delete(maps.fd("nat"), key) for key, _ in maps.nat_raw_entries())
-
-
-def print_flows(lab: str, per_node: dict[str, list[Flow]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    table = Table(title=f"lab {lab}: BPF SNAT flows")
-    for col in ("node", "proto", "pod", "remote", "as (node IP:port)", "state", "idle s",
-                "expires in s", "pkts out/in", "bytes out/in"):
-        table.add_column(col, justify="right" if col.endswith(("s", "in")) else "left")
-    total = 0
-    for node, node_flows in per_node.items():
-        for f in node_flows:
-            total += 1
-            table.add_row(node, f.protocol, f.pod, f.remote, f.nat,
-                          f.state + ("" if f.complete else " (one entry)"),
-                          f"{f.idle_s:.1f}", f"{max(f.expires_in_s, 0):.1f}",
-                          f"{f.packets_out}/{f.packets_in}", f"{f.bytes_out}/{f.bytes_in}")
-    console = Console()
-    console.print(table)
-    console.print(f"{total} flow(s)")
