@@ -86,11 +86,16 @@ _ARCH_DIRS = {"x86_64": "x86", "i686": "x86", "aarch64": "arm64", "armv7l": "arm
               "riscv64": "riscv", "ppc64le": "powerpc", "s390x": "s390"}
 
 
-def check_kernel_headers(release: str | None = None) -> None:
-    """Raise KernelHeadersMissing naming what is absent; bcc's own error says much less.
+def check_kernel_headers(release: str | None = None) -> Path:
+    """The header tree bcc compiles against (/lib/modules/<release>/build); raises
+    KernelHeadersMissing naming what is absent, where bcc's own error says much less.
 
     bcc compiles against /lib/modules/<release>/build (generated headers of a
     configured tree) and .../source (the rest); both must exist, links resolved.
+    This is the one rule for "kernel headers present": ``enable`` compiles only
+    when it holds, and ``hostrouting doctor`` reports it. (bcc itself would also
+    try BCC_KERNEL_SOURCE or /sys/kernel/kheaders.tar.xz, which this rule does not
+    accept: the datapath was never built that way.)
     """
     release = release or platform.release()
     base = Path("/lib/modules") / release
@@ -108,6 +113,7 @@ def check_kernel_headers(release: str | None = None) -> None:
             f"kernel headers for {release} are missing: {', '.join(missing)} "
             "(install linux-headers for this kernel, or link a compatible header tree "
             "there: see scripts/provision.sh)")
+    return base / "build"
 
 
 def _import_bcc():

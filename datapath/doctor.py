@@ -32,8 +32,9 @@ import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from datapath import features, libbpf
+from datapath import bpf_build, features, libbpf
 from datapath.features import HELPERS, PROBE_FUNCS, SCHED_CLS, Probes, first_line
 
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
@@ -107,46 +108,36 @@ def check_bcc(probes: Probes) -> Check:
     return Check(name, True, True, f"bcc {version} from {os.path.dirname(bcc.__file__)}")
 
 
-def header_release(build: str) -> str | None:
+def header_release(build: Path) -> str | None:
     """The kernel release the headers in ``build`` are for (what uname -r would say)."""
-    uts = os.path.join(build, "include/generated/utsrelease.h")
     with contextlib.suppress(OSError):
-        m = re.search(r'UTS_RELEASE\s+"([^"]+)"', open(uts).read())
+        m = re.search(r'UTS_RELEASE\s+"([^"]+)"',
+                      (build / "include/generated/utsrelease.h").read_text())
         if m:
             return m.group(1)
     with contextlib.suppress(OSError):
-        return open(os.path.join(build, "include/config/kernel.release")).read().strip()
+        return (build / "include/config/kernel.release").read_text().strip()
     return None
 
 
-def kernel_headers_dir() -> tuple[str, str | None]:
-    """(how bcc finds the headers, the directory) the way bcc looks for them."""
-    env = os.environ.get("BCC_KERNEL_SOURCE")
-    if env:
-        return f"BCC_KERNEL_SOURCE={env}", env if os.path.isdir(env) else None
-    build = f"/lib/modules/{platform.release()}/build"
-    if os.path.isdir(os.path.join(build, "include")):
-        return build, os.path.realpath(build)
-    return build, None
-
-
 def check_kernel_headers() -> Check:
+    """The rule compile_bpf applies, so that the doctor passes exactly where enable compiles."""
     name = "kernel headers for bcc"
-    where, found = kernel_headers_dir()
-    if found:
-        shown = where if os.path.realpath(where) == where else f"{where} -> {found}"
-        return Check(name, True, True, shown)
-    if os.path.exists("/sys/kernel/kheaders.tar.xz"):
-        return Check(name, True, True, f"{where} missing; bcc uses /sys/kernel/kheaders.tar.xz")
-    return Check(name, False, True, f"{where} missing and no /sys/kernel/kheaders.tar.xz: bcc "
-                 "cannot compile (install linux-headers: scripts/provision.sh)")
+    try:
+        build = bpf_build.check_kernel_headers()
+    except bpf_build.KernelHeadersMissing as e:
+        return Check(name, False, True, str(e))
+    found = build.resolve()
+    return Check(name, True, True, str(build) if found == build else f"{build} -> {found}")
 
 
 def check_headers_version() -> Check:
     name = "kernel headers version"
     running = platform.release()
-    _, found = kernel_headers_dir()
-    release = header_release(found) if found else None
+    try:
+        release = header_release(bpf_build.check_kernel_headers().resolve())
+    except bpf_build.KernelHeadersMissing:
+        release = None
     if release is None:
         return Check(name, False, False, f"unknown (running {running}); programs that use "
                      "only uapi headers compile fine")
@@ -200,18 +191,16 @@ def attach_in(ns: str, name: str, probes: Probes, qdisc: Check) -> Check:
     if not qdisc.ok or fd is None:
         return Check(name, False, True, "not checked: needs the clsact qdisc and the sched_cls "
                                         "program")
-    from pyroute2 import IPRoute
+    from . import tc_attach
     try:
-        with IPRoute(netns=ns, flags=0) as ipr:
-            idx = ipr.link_lookup(ifname="hrd0")[0]
-            ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name=PROBE_FUNCS[SCHED_CLS],
-                   parent=0xFFFFFFF2, classid=1, direct_action=True)
-    except Exception as e:
+        tc_attach.attach(ns, "hrd0", fd, PROBE_FUNCS[SCHED_CLS], "ingress")
+    except Exception as e:  # TcError, or whatever else netlink answers: reported, not raised
         return Check(name, False, True, f"direct-action bpf filter refused: {e}")
     shown = run([which("tc"), "-n", ns, "filter", "show", "dev", "hrd0", "ingress"]).stdout
     if "direct-action" not in shown:
         return Check(name, False, True, f"attached but not listed: {first_line(shown)}")
-    return Check(name, True, True, "direct-action bpf filter attached with pyroute2")
+    return Check(name, True, True, "direct-action bpf filter attached as enable attaches "
+                                   "(tc_attach.attach)")
 
 
 def check_tool(name: str, tool: str, required: bool, why: str,
@@ -248,20 +237,20 @@ def tool_checks() -> list[Check]:
 def check_xtables_refusal() -> Check:
     """Can the rule guard refuse x_tables writes in the kernel (else it polls them)?"""
     from . import xtables_refusal
-    from .bpf_build import BpfBuildError, compile_bpf, load_program
     name = "x_tables refusal (cgroup/setsockopt)"
     where = xtables_refusal.cgroup2_root()
     if where is None:
         return Check(name, False, False, "no cgroup v2 hierarchy mounted: iptables-legacy rules "
                                          "in node namespaces are polled and reverted instead")
     try:
-        bpf = compile_bpf(xtables_refusal.SOURCE)
+        bpf = bpf_build.compile_bpf(xtables_refusal.SOURCE)
         try:
-            load_program(bpf, xtables_refusal.PROGRAM, xtables_refusal.BPF_PROG_TYPE_CGROUP_SOCKOPT,
-                         attach_type=libbpf.BPF_CGROUP_SETSOCKOPT)
+            bpf_build.load_program(bpf, xtables_refusal.PROGRAM,
+                                   xtables_refusal.BPF_PROG_TYPE_CGROUP_SOCKOPT,
+                                   attach_type=libbpf.BPF_CGROUP_SETSOCKOPT)
         finally:
             bpf.cleanup()
-    except BpfBuildError as e:
+    except bpf_build.BpfBuildError as e:
         return Check(name, False, False, f"{first_line(str(e))}: iptables-legacy rules in node "
                                          "namespaces are polled and reverted instead")
     return Check(name, True, False, f"{xtables_refusal.PROGRAM} loads; cgroup v2 root {where}")

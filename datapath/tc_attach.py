@@ -63,11 +63,6 @@ def _qdisc_kinds(ipr, idx: int) -> dict[int, str]:
     return {q["handle"]: q.get_attr("TCA_KIND") for q in ipr.get_qdiscs(index=idx)}
 
 
-def has_clsact(netns: str, ifname: str) -> bool:
-    with _ipr(netns) as ipr:
-        return "clsact" in _qdisc_kinds(ipr, _index(ipr, netns, ifname)).values()
-
-
 def attach(netns: str, ifname: str, prog_fd: int, prog_name: str,
            direction: str = "ingress") -> bool:
     """Attach a sched_cls program (direct action) to a device's clsact hook.

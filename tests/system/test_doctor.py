@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
 import pytest
 
-from datapath import doctor, features
+from datapath import bpf_build, doctor, features
 from tests import rootns
 
 REQUIRED = {"running as root", "bpf() syscall", "bcc (python3-bpfcc)", "kernel headers for bcc",
@@ -99,6 +100,19 @@ def test_headers_check_names_the_directory():
     assert not version.required
     if not version.ok:
         assert "uapi" in version.detail and os.uname().release in version.detail
+
+
+def test_headers_check_is_the_rule_enable_compiles_by(monkeypatch):
+    """Headers bcc could reach another way (here BCC_KERNEL_SOURCE; or kheaders) satisfied the
+    doctor while compile_bpf refused to start: now the doctor fails with compile_bpf's error."""
+    monkeypatch.setenv("BCC_KERNEL_SOURCE", f"/lib/modules/{os.uname().release}/build")
+    monkeypatch.setattr(platform, "release", lambda: "0.0.0-no-headers")
+    with pytest.raises(bpf_build.KernelHeadersMissing) as refused:
+        bpf_build.compile_bpf("probe.c", text="int f(struct __sk_buff *skb) { return 0; }")
+    check = doctor.check_kernel_headers()
+    assert not check.ok and check.required
+    assert check.detail == str(refused.value)
+    assert "0.0.0-no-headers" in check.detail
 
 
 def test_unknown_helper_is_named_with_the_kernel_it_needs():
