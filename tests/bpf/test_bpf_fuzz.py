@@ -19,31 +19,23 @@ FUZZ_CASES is the number of examples per program (reported in docs/reliability.m
 
 from __future__ import annotations
 
-import struct
-
 import errno
+import struct
 
 from hypothesis import HealthCheck, assume, event, given, settings, strategies as hst
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP, IPOption_RR
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Dot1Q, Ether
 
-from tests.bpf.bpf_helpers import HIN_MAC, POD_MAC, nonzero_counters, run_prog
-from tests.bpf.bpf_helpers import dp, loaded, route_ns  # noqa: F401  (fixtures)
-from tests.bpf.test_bpf_unit import (DST_MAC, DST_NODE_MAC, EXTERNAL_DST, LOCAL_DST, REMOTE_DST, SRC,
-                                 TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, add_local_pod)
+from tests.bpf.harness import add_local_pod, nonzero_counters, run_prog
+from tests.bpf.packets import (DST_MAC, DST_NODE_MAC, EXTERNAL_DST, HIN_MAC, LOCAL_DST, NODE_IP,
+                               POD_MAC, REMOTE_DST, ROUTER_IP, SRC, TC_ACT_OK, TC_ACT_REDIRECT,
+                               TC_ACT_SHOT, checksum_ok)
 
 FUZZ_CASES = 300
 DESTS = [LOCAL_DST, REMOTE_DST, EXTERNAL_DST, "198.18.99.1", "198.18.3.5", "198.19.0.1",
          "198.18.4.9"]
 ALLOWED = {TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT}
-
-
-def ip_checksum_ok(header: bytes) -> bool:
-    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total == 0xFFFF
 
 
 def parsed_header(data: bytes) -> bytes | None:
@@ -63,9 +55,9 @@ def check_header_checksum(data: bytes, reason: str) -> None:
     """Exactly the packets with a wrong header checksum are dropped for it, before all else."""
     header = parsed_header(data)
     if reason == "drop_bad_checksum":
-        assert header is not None and not ip_checksum_ok(header)
+        assert header is not None and not checksum_ok(header)
     elif header is not None:
-        assert ip_checksum_ok(header), reason
+        assert checksum_ok(header), reason
 
 
 @hst.composite
@@ -133,13 +125,13 @@ def check_invariants(dp, data: bytes, res) -> None:
         assert reason in ("redirect_peer", "redirect_neigh", "icmp_frag_needed"), reason
         ihl = (out[14] & 0x0F) * 4
         if reason == "icmp_frag_needed":
-            assert ip_checksum_ok(out[14:14 + ihl])
+            assert checksum_ok(out[14:14 + ihl])
             icmp_len = struct.unpack("!H", out[16:18])[0] - ihl
-            assert ip_checksum_ok(out[14 + ihl:14 + ihl + icmp_len] + b"\0" * (icmp_len % 2))
+            assert checksum_ok(out[14 + ihl:14 + ihl + icmp_len] + b"\0" * (icmp_len % 2))
             assert out[14 + ihl] == 3 and out[15 + ihl] == 4
         else:
             # Only a valid header is routed, and the incremental update keeps it valid.
-            assert ip_checksum_ok(out[14:14 + ihl])
+            assert checksum_ok(out[14:14 + ihl])
             assert out[22] == data[22] - 1  # TTL
             assert out[14 + ihl:] == data[14 + ihl:]  # L4 untouched by routing
             if reason == "redirect_peer":
@@ -185,7 +177,7 @@ def l4_checksum_ok(ip_bytes: bytes) -> bool | None:
         return True
     pseudo = b"" if proto == 1 else ip_bytes[12:20] + struct.pack("!BBH", 0, proto, len(l4))
     data = pseudo + l4 + b"\0" * (len(l4) % 2)
-    return ip_checksum_ok(data) if len(data) >= 2 else None
+    return checksum_ok(data) if len(data) >= 2 else None
 
 
 def nat_table_consistent(dp) -> None:
@@ -213,7 +205,7 @@ def check_snat_invariants(dp, data: bytes, res) -> None:
     elif reason in ("snat_redirect_neigh", "snat_pass_frag_needed", "rnat_redirect_peer",
                     "rnat_icmp_error", "snat_fragment", "rnat_fragment"):
         out, ihl = res.data_out, (data[14] & 0x0F) * 4
-        assert ip_checksum_ok(out[14:14 + ihl])
+        assert checksum_ok(out[14:14 + ihl])
         before = l4_checksum_ok(data[14:])
         if before is not None:
             assert l4_checksum_ok(out[14:]) == before, reason
@@ -225,7 +217,6 @@ def check_snat_invariants(dp, data: bytes, res) -> None:
 
 
 def _snat_on(dp, ports: int = 64):
-    from tests.bpf.bpf_helpers import NODE_IP, ROUTER_IP
     dp.maps.set_config(ROUTER_IP, trace=True, node_ip=NODE_IP,
                        nat={"nat_port_min": 40000, "nat_port_max": 40000 + ports - 1})
 

@@ -19,21 +19,15 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP, IPOption_RR, fra
 from scapy.layers.l2 import Ether
 
 from datapath import libbpf, shared_types as st
-from tests.bpf.bpf_helpers import (CLUSTER_CIDRS, HIN_MAC, NARROW_MTU, NODE_IP, POD_MAC, ROUTER_IP,  # noqa: F401
-                               SRC_POD, dp, loaded, loaded_datapath, nonzero_counters, route_ns,
-                               run_prog)
-from tests.bpf.test_bpf_unit import assert_valid_frag_needed, from_pod, from_underlay
+from tests.bpf.harness import (SIZEOF_FRAG_KEY, add_local_pod, loaded_datapath, nonzero_counters,
+                               reset_datapath, run_prog)
+from tests.bpf.harness import from_pod as run_out, from_underlay as run_in  # -> (bytes in, result)
+from tests.bpf.packets import (EXTERNAL_DST as EXT, HIN_MAC, LOCAL_DST, NARROW_MTU, NODE_IP,
+                               POD_MAC, ROUTER, ROUTER_IP, ROUTER_MAC, SRC, TC_ACT_OK,
+                               TC_ACT_REDIRECT, TC_ACT_SHOT, assert_valid_frag_needed, in_pkt,
+                               ones_sum, out_pkt)
 
-TC_ACT_OK = 0
-TC_ACT_SHOT = 2
-TC_ACT_REDIRECT = 7
-
-SRC = SRC_POD
-EXT = "203.0.113.10"
-ROUTER = "198.19.0.254"
-UPLINK_MAC = "02:00:00:00:00:fe"
 PORT_MIN, PORT_MAX = 20000, 20999
-SIZEOF_FRAG_KEY = st.ffi.sizeof("struct hr_frag_key")
 SIZEOF_FRAG_ENTRY = st.ffi.sizeof("struct hr_frag_entry")
 TCP_PROTO, UDP_PROTO, ICMP_PROTO = 6, 17, 1
 
@@ -42,8 +36,6 @@ TCP_PROTO, UDP_PROTO, ICMP_PROTO = 6, 17, 1
 def snat(dp):
     """dp with BPF SNAT on: node IP NODE_IP, ports PORT_MIN..PORT_MAX, no fragment records."""
     set_nat(dp)
-    for key in list(libbpf.map_keys(dp.maps.fd("nat_frags"), SIZEOF_FRAG_KEY)):
-        libbpf.map_delete(dp.maps.fd("nat_frags"), key)
     return dp
 
 
@@ -53,26 +45,6 @@ def set_nat(dp, **overrides):
 
 
 # -- packets and checksums ------------------------------------------------------------------
-
-def out_pkt(l4, dst=EXT, src=SRC, payload=b"hello", **ipkw):
-    return Ether(src=POD_MAC, dst=HIN_MAC) / IP(src=src, dst=dst, **ipkw) / l4 / payload
-
-
-def in_pkt(l4, src=EXT, dst=NODE_IP, payload=b"world"):
-    return Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01") / IP(src=src, dst=dst) / l4 / payload
-
-
-run_out, run_in = from_pod, from_underlay        # (dp, route_ns, pkt) -> (bytes in, result)
-
-
-def ones_sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xffff) + (total >> 16)
-    return total
-
 
 def check_ip_and_l4(ip_bytes: bytes, quoted: bool = False) -> None:
     """Assert the IPv4 header checksum and (unless `quoted` cuts it) the L4 checksum."""
@@ -363,7 +335,7 @@ def test_a_reply_too_big_for_the_pods_link(snat, route_ns, proto, size, df, verd
     snat.maps.set_endpoint(SRC, route_ns.narrow, POD_MAC, HIN_MAC)   # the pod behind 1280
     reply = TCP(sport=80, dport=port, flags="A", seq=1, ack=41) if proto == "tcp" \
         else UDP(sport=53, dport=port)
-    pkt = (Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01")
+    pkt = (Ether(src=ROUTER_MAC, dst="02:00:00:00:00:01")
            / IP(src=EXT, dst=NODE_IP, ttl=60, flags="DF" if df else 0) / reply)
     pkt = pkt / (b"r" * (size - len(pkt[IP])))
     before = counters(snat)
@@ -374,7 +346,7 @@ def test_a_reply_too_big_for_the_pods_link(snat, route_ns, proto, size, df, verd
     if verdict == "icmp_frag_needed":
         assert res.retval == TC_ACT_REDIRECT
         out = Ether(res.data_out)
-        assert (out.src, out.dst) == ("02:00:00:00:00:01", UPLINK_MAC)
+        assert (out.src, out.dst) == ("02:00:00:00:00:01", ROUTER_MAC)
         assert (out[IP].src, out[IP].dst) == (NODE_IP, EXT)
         assert_valid_frag_needed(res.data_out, data, NARROW_MTU)   # quotes `data` as it came
         quoted = IP(bytes(out[ICMP].payload))
@@ -413,7 +385,7 @@ def test_icmp_error_about_a_flow_is_translated_inner_header_included(snat, route
             "icmp-time-exceeded": ICMP(type=11, code=0),
             "tcp-quoted-8-bytes": ICMP(type=3, code=4, nexthopmtu=1280)}[case]
     quote = sent[:28] if case == "tcp-quoted-8-bytes" else sent    # RFC 792 minimum vs all
-    err = Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01") / IP(src=ROUTER, dst=NODE_IP) / icmp
+    err = Ether(src=ROUTER_MAC, dst="02:00:00:00:00:01") / IP(src=ROUTER, dst=NODE_IP) / icmp
     raw = bytes(err / quote)
     res = run_prog(snat.from_underlay.fd, raw, route_ns.name, route_ns.uplink)
     assert res.retval == TC_ACT_REDIRECT, counters(snat)
@@ -711,21 +683,6 @@ def test_an_rst_answering_the_syn_is_believed_only_if_it_acknowledges_it(snat, r
 
 # -- flow integrity: a full table, and races between CPUs -------------------------------------
 
-def _fresh_dp(loaded_dp, route_ns):
-    """What the dp fixture does, for a datapath loaded here (another table size, test hooks)."""
-    maps = loaded_dp.maps
-    for ip in list(maps.endpoints()):
-        maps.delete_endpoint(ip)
-    maps.set_endpoint(SRC, route_ns.hin, POD_MAC, HIN_MAC)
-    for key, _ in maps.nat_raw_entries():
-        libbpf.map_delete(maps.fd("nat"), key)
-    maps.reset_counters()
-    for cidr in CLUSTER_CIDRS:
-        maps.set_cluster_cidr(cidr)
-    set_nat(loaded_dp)
-    return loaded_dp
-
-
 @pytest.fixture(scope="module")
 def small_table_loaded():
     yield from loaded_datapath(nat_max_flows=4)
@@ -733,7 +690,8 @@ def small_table_loaded():
 
 @pytest.fixture
 def small_table(small_table_loaded, route_ns):
-    return _fresh_dp(small_table_loaded, route_ns)
+    set_nat(reset_datapath(small_table_loaded, route_ns))
+    return small_table_loaded
 
 
 @pytest.fixture(scope="module")
@@ -743,7 +701,8 @@ def raced_loaded():
 
 @pytest.fixture
 def raced(raced_loaded, route_ns):
-    return _fresh_dp(raced_loaded, route_ns)
+    set_nat(reset_datapath(raced_loaded, route_ns))
+    return raced_loaded
 
 
 RACE_DIR = 0xee
@@ -875,7 +834,7 @@ def test_an_icmp_error_does_not_keep_a_flow_alive(snat, route_ns):
     sent, port = _open_flow(snat, route_ns, UDP(sport=40000, dport=53))
     age_flows(snat, 30)
     before = {k: e.last_seen_ns for k, e in snat.maps.nat_entries()}
-    err = Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01") / IP(src=ROUTER, dst=NODE_IP) / \
+    err = Ether(src=ROUTER_MAC, dst="02:00:00:00:00:01") / IP(src=ROUTER, dst=NODE_IP) / \
         ICMP(type=3, code=1)
     res = run_prog(snat.from_underlay.fd, bytes(err / sent), route_ns.name, route_ns.uplink)
     assert res.retval == TC_ACT_REDIRECT
@@ -888,7 +847,7 @@ def test_an_icmp_error_followed_by_a_trailer_keeps_the_trailer_and_a_valid_check
     Ethernet padding: nothing may be written past the IPv4 total length, and the ICMP
     checksum must cover what is there (else the pod drops the error: a PMTU black hole)."""
     sent, port = _open_flow(snat, route_ns, TCP(sport=40000, dport=80, flags="A"))
-    err = Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01") / IP(src=ROUTER, dst=NODE_IP) / \
+    err = Ether(src=ROUTER_MAC, dst="02:00:00:00:00:01") / IP(src=ROUTER, dst=NODE_IP) / \
         ICMP(type=3, code=4, nexthopmtu=1280)
     trailer = bytes(range(0x40, 0x40 + 24))
     raw = bytes(err / sent[:28]) + trailer
@@ -903,16 +862,16 @@ def test_an_icmp_error_followed_by_a_trailer_keeps_the_trailer_and_a_valid_check
 
 def test_a_fragment_from_outside_to_a_pod_is_dropped_like_any_packet(snat, route_ns):
     """Only replies reach pods from outside: a fragment must not slip past the check."""
-    frag = Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01") / \
+    frag = Ether(src=ROUTER_MAC, dst="02:00:00:00:00:01") / \
         IP(src=EXT, dst=SRC, flags="MF") / UDP(sport=53, dport=40000) / (b"x" * 64)
-    later = Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01") / IP(src=EXT, dst=SRC, frag=8) / \
+    later = Ether(src=ROUTER_MAC, dst="02:00:00:00:00:01") / IP(src=EXT, dst=SRC, frag=8) / \
         (b"y" * 64)
     for pkt in (frag, later):
         _, res = run_in(snat, route_ns, pkt)
         assert res.retval == TC_ACT_SHOT
     assert counters(snat) == {"drop_not_from_cluster": 2}
     # from inside the cluster, fragments still go to the stack (which reassembles them)
-    inside = Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01") / \
+    inside = Ether(src=ROUTER_MAC, dst="02:00:00:00:00:01") / \
         IP(src="198.18.2.20", dst=SRC, flags="MF") / UDP() / (b"x" * 64)
     _, res = run_in(snat, route_ns, inside)
     assert res.retval == TC_ACT_OK
@@ -1051,7 +1010,7 @@ def test_a_fragmented_datagram_leaves_from_the_node_ip_and_a_fragmented_reply_co
                                                                           seq=3)
     back = []
     for f in fragments(IP(src=EXT, dst=NODE_IP, id=0x5151) / reply_l4 / payload[::-1],
-                       eth_src=UPLINK_MAC, eth_dst="02:00:00:00:00:01"):
+                       eth_src=ROUTER_MAC, eth_dst="02:00:00:00:00:01"):
         _, res = run_in(snat, route_ns, f)
         assert res.retval == TC_ACT_REDIRECT, counters(snat)
         assert Ether(res.data_out).dst == POD_MAC and ones_sum(ip_of(res.data_out)[:20]) == 0xffff
@@ -1088,7 +1047,7 @@ def test_a_later_fragment_whose_first_was_not_seen_is_counted(snat, route_ns):
     assert res.retval == TC_ACT_SHOT
     flow_port = [k.dport for k in nat_table(snat) if k.dir == "in"][0]
     inbound = fragments(IP(src=EXT, dst=NODE_IP, id=9) / UDP(sport=53, dport=flow_port) /
-                        (b"c" * 4000), eth_src=UPLINK_MAC, eth_dst="02:00:00:00:00:01")
+                        (b"c" * 4000), eth_src=ROUTER_MAC, eth_dst="02:00:00:00:00:01")
     data, res = run_in(snat, route_ns, inbound[2])
     assert res.retval == TC_ACT_OK and res.data_out == bytes(inbound[2])
     assert counters(snat) == {"drop_frag_untracked": 3, "snat_fragment": 1,
@@ -1113,7 +1072,7 @@ def test_a_fragment_record_older_than_the_reassembly_timeout_is_not_used(snat, r
 def test_a_fragment_of_an_unknown_flow_to_the_node_ip_stays_with_the_node(snat, route_ns):
     """The node's own fragmented datagrams: the first is a NAT miss, the rest untracked."""
     frames = fragments(IP(src=EXT, dst=NODE_IP, id=5) / UDP(sport=53, dport=33333) / (b"d" * 4000),
-                       eth_src=UPLINK_MAC, eth_dst="02:00:00:00:00:01")
+                       eth_src=ROUTER_MAC, eth_dst="02:00:00:00:00:01")
     for f in frames:
         _, res = run_in(snat, route_ns, f)
         assert res.retval == TC_ACT_OK and res.data_out == bytes(f)
@@ -1149,7 +1108,7 @@ def test_a_bad_ipv4_header_checksum_is_dropped_before_routing_in_both_programs(s
     assert res.retval == TC_ACT_REDIRECT
     nat_port = Ether(res.data_out)[UDP].sport
 
-    reply = Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01") / \
+    reply = Ether(src=ROUTER_MAC, dst="02:00:00:00:00:01") / \
         IP(src=EXT, dst=NODE_IP, options=options) / UDP(sport=53, dport=nat_port) / b"world"
     for word in words:
         _, res = run_in(snat, route_ns, with_bad_checksum(reply, word))
@@ -1162,10 +1121,9 @@ def test_a_bad_ipv4_header_checksum_is_dropped_before_routing_in_both_programs(s
 
 def test_a_bad_header_checksum_is_dropped_inside_the_cluster_too(snat, route_ns):
     """Pod to pod and node to pod (no NAT involved): the same check comes first."""
-    from tests.bpf.test_bpf_unit import LOCAL_DST, add_local_pod
     add_local_pod(snat)
     to_pod = Ether(src=POD_MAC, dst=HIN_MAC) / IP(src=SRC, dst=LOCAL_DST) / UDP() / b"x"
-    from_other_node = Ether(src=UPLINK_MAC, dst="02:00:00:00:00:01") / \
+    from_other_node = Ether(src=ROUTER_MAC, dst="02:00:00:00:00:01") / \
         IP(src="198.18.2.20", dst=LOCAL_DST) / UDP() / b"x"
     _, res = run_out(snat, route_ns, with_bad_checksum(to_pod))
     assert res.retval == TC_ACT_SHOT

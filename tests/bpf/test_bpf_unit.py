@@ -21,48 +21,12 @@ from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from datapath import bpf_build, libbpf, shared_types as st, tc_attach
 from datapath.host_routing import DatapathMaps
-from tests.bpf.bpf_helpers import (CLUSTER_CIDRS, HIN_MAC, NARROW_MTU, POD_MAC, ROUTER_IP, dp,  # noqa: F401
-                               ip_batch, loaded, nonzero_counters, private_netns, route_ns,
-                               run_prog, send_raw, wait_for)
-
-TC_ACT_OK = 0
-TC_ACT_SHOT = 2
-TC_ACT_REDIRECT = 7
-
-SRC = "198.18.1.10"
-LOCAL_DST = "198.18.1.11"
-DST_MAC = "02:00:00:00:01:0b"       # eth0 of the local destination pod
-DST_NODE_MAC = "02:00:00:00:01:02"  # its host-side veth
-DST_IFINDEX = 4242                  # its host-side veth (not checked by test_run)
-REMOTE_DST = "198.18.2.20"
-EXTERNAL_DST = "203.0.113.10"
-
-
-def pod_packet(dst: str, src: str = SRC, ttl: int = 64, payload: bytes = b"x" * 32, **ipkw):
-    return (Ether(src=POD_MAC, dst=HIN_MAC) / IP(src=src, dst=dst, ttl=ttl, **ipkw)
-            / UDP(sport=40000, dport=5201) / payload)
-
-
-def from_pod(dp, route_ns, pkt):
-    data = bytes(pkt)
-    return data, run_prog(dp.from_pod.fd, data, route_ns.name, route_ns.hin)
-
-
-def from_underlay(dp, route_ns, pkt):
-    data = bytes(pkt)
-    return data, run_prog(dp.from_underlay.fd, data, route_ns.name, route_ns.uplink)
-
-
-def add_local_pod(dp, ip=LOCAL_DST):
-    dp.maps.set_endpoint(ip, DST_IFINDEX, DST_MAC, DST_NODE_MAC)
-
-
-def assert_ip_checksum_ok(raw: bytes):
-    ip = Ether(raw)[IP]
-    claimed = ip.chksum
-    rebuilt = ip.copy()
-    del rebuilt.chksum
-    assert IP(bytes(rebuilt))[IP].chksum == claimed, "IPv4 header checksum is wrong"
+from tests.bpf.harness import (add_local_pod, from_pod, from_underlay, ip_batch, nonzero_counters,
+                               private_netns, run_prog, send_raw, wait_for)
+from tests.bpf.packets import (CLUSTER_CIDRS, DST_IFINDEX, DST_MAC, DST_NODE_MAC, EXTERNAL_DST,
+                               HIN_MAC, LOCAL_DST, NARROW_MTU, POD_MAC, REMOTE_DST, ROUTER_IP, SRC,
+                               TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, assert_ip_checksum_ok,
+                               assert_valid_frag_needed, pod_packet, underlay_packet)
 
 
 def only_counter(dp, name: str, packets: int, nbytes: int):
@@ -352,22 +316,6 @@ def test_fits_exactly_at_mtu_is_forwarded(dp, route_ns):
     only_counter(dp, "redirect_neigh", 1, len(pkt))
 
 
-def assert_valid_frag_needed(raw: bytes, orig: bytes, mtu: int):
-    """A frag-needed for `orig` (an Ethernet frame) with next-hop `mtu`: the whole reply's
-    checksums are right (scapy recomputes them) and it quotes the original datagram's
-    first min(its length, 548) bytes, as the kernel's icmp_send() does."""
-    out = Ether(raw)
-    orig_ip = bytes(Ether(orig)[IP])
-    quoted = min(len(orig_ip), 548)
-    assert out[IP].len == 20 + 8 + quoted == len(raw) - 14
-    assert (out[ICMP].type, out[ICMP].code, out[ICMP].nexthopmtu) == (3, 4, mtu)
-    assert raw[14 + 20 + 8:] == orig_ip[:quoted]
-    rebuilt = out.copy()
-    del rebuilt[IP].chksum
-    del rebuilt[ICMP].chksum
-    assert bytes(Ether(bytes(rebuilt))) == raw, "IPv4 or ICMP checksum is wrong"
-
-
 @pytest.mark.parametrize("over", [1, 4])
 def test_a_few_bytes_over_the_mtu_get_frag_needed(dp, route_ns, over):
     """bpf_fib_lookup's own check (tot_len 0) allows 4 bytes over the MTU (room for a VLAN
@@ -455,12 +403,6 @@ def test_underlay_to_a_pod_with_a_narrower_link(dp, route_ns, size, verdict, act
 
 
 # -- from_underlay ---------------------------------------------------------------------------
-
-def underlay_packet(dst: str, ttl: int = 63, **ipkw):
-    return (Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01")
-            / IP(src="198.18.2.20", dst=dst, ttl=ttl, **ipkw) / UDP(sport=5201, dport=40000)
-            / (b"u" * 16))
-
 
 def test_underlay_to_local_pod_is_redirected_to_peer(dp, route_ns):
     add_local_pod(dp)
@@ -722,7 +664,6 @@ def _ns_link(ns: str, dev: str) -> dict:
 def mini_node(loaded):
     """A node netns with two pods and an underlay (MTU 1280) to a router holding
     203.0.113.10; from_pod on both host-side veths, from_underlay on the underlay."""
-    from tests.bpf.bpf_helpers import ip_batch
     with contextlib.ExitStack() as stack:
         node, pa, pb, rt = (stack.enter_context(private_netns()) for _ in range(4))
         for ns in (node, pa, pb, rt):
