@@ -205,18 +205,18 @@ def _csv(kind, choices=None):
 
 
 def cmd_bench(args) -> int:
-    from datapath import bench_report
+    from datapath.bench import report
     if args.bench_command == "compare":
         try:
-            a, b = bench_report.load_result(args.a), bench_report.load_result(args.b)
+            a, b = report.load_result(args.a), report.load_result(args.b)
         except ValueError as e:
             raise CliError(str(e)) from None
-        bench_report.print_compare(bench_report.compare(a, b))
+        report.print_compare(report.compare(a, b))
         return 0
     _require_root()
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
-    from datapath.bench import QUICK, BenchConfig, run_bench
+    from datapath.bench.runner import QUICK, BenchConfig, run_bench
     cfg = BenchConfig(quick=args.quick, lab_prefix=args.lab_prefix)
     if args.quick:
         cfg.duration, cfg.repeat, cfg.sizes = QUICK["duration"], QUICK["repeat"], QUICK["sizes"]
@@ -228,14 +228,13 @@ def cmd_bench(args) -> int:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()) as progress:
         result = run_bench(cfg, progress=progress)
-    bench_report.with_summary(result)
-    bench_report.print_tables(result)
+    report.with_summary(result)
+    report.print_tables(result)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        report.save(result, args.json)
         print(f"samples and summary written to {args.json}")
     if args.plot:
-        bench_report.plot(result, args.plot)
+        report.plot(result, args.plot)
         print(f"plot written to {args.plot}")
     return 0
 
@@ -336,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON (one object per line with -f)")
     p.set_defaults(func=cmd_events)
 
-    from datapath.bench import MODES, SCENARIOS, TESTS
+    from datapath.bench.runner import MODES, SCENARIOS, TESTS
     p = sub.add_parser("bench", help="legacy vs eBPF vs the limit, with netperf",
                        description="Builds two labs (legacy and eBPF) and a single-veth pair, "
                        f"runs netperf over scenarios x modes ({', '.join(MODES)}) interleaved, "

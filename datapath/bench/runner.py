@@ -1,16 +1,17 @@
-"""``hostrouting bench``: legacy routing vs eBPF host routing vs the lab's limit.
+"""The benchmark's labs and its sampling loop.
 
 Two labs of the same shape are built side by side, one per mode, so modes
 can be interleaved point by point (legacy, eBPF, limit; the order reversed
 on every other repetition) with no switching in between; the machine's noise
-then lands on every mode alike, and the medians and their ratios are the
-result. The limit of each scenario is measured in the same run: two
-namespaces joined by one veth pair (same node), node to node over the
-underlay (cross node), node to the external host without NAT (external).
+then lands on every mode alike. The limit of each scenario is measured in the
+same run: two namespaces joined by one veth pair (same node), node to node
+over the underlay (cross node), node to the external host without NAT
+(external).
 
 CPU cost is the machine's system + softirq time (from /proc/stat) during each
-test, divided by its transactions or gigabytes: every namespace shares the
-same cores, so this is what the packet path costs, whichever side pays.
+test, divided by its transactions or gigabytes (in report.py): every namespace
+shares the same cores, so this is what the packet path costs, whichever side
+pays.
 """
 
 from __future__ import annotations

@@ -131,6 +131,12 @@ def print_tables(result: dict, console=None) -> None:
                       f"{retry['mode']} (repeat {retry['repeat'] + 1}): {retry['error']}")
 
 
+def save(result: dict, path: str) -> None:
+    """Every sample and the summary, as JSON that ``load_result`` (bench compare) reads."""
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def load_result(path: str) -> dict:
     try:
         with open(path) as f:
