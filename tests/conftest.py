@@ -1,22 +1,27 @@
-"""Shared fixtures: root check, a private state directory, labs that always go away.
+"""Fixtures for the whole suite: root check, a private state directory, labs that always go away.
 
-Every lab a test builds has a fresh short name (a letter per pytest-xdist
-worker + 3 hex digits) so that tests can run side by side (``pytest -n 2``), and its namespaces are removed however the test
-ends. The state directory is private to the test session, so a developer's
-own labs are never seen or removed by the suite.
+The suite goes by kind: tests/bpf/ runs the programs under BPF_PROG_TEST_RUN (its own
+fixtures in tests/bpf/conftest.py), tests/lab/ sends real packets through labs, tests/system/
+checks the product as a whole (hardening, signals, doctor, provisioning, CLI, topology).
+Tests that build a lab are marked `slow`: `pytest -m "not slow"` is the quick loop.
+
+Every lab a test builds has a fresh short name (labtools.fresh_lab_name: a letter per
+pytest-xdist worker + 3 hex digits) so that tests can run side by side (``pytest -n 2``),
+and its namespaces are removed however the test ends. The state directory is private to the
+test session, so a developer's own labs are never seen or removed by the suite.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 
 import pytest
 
-from netns_lab import netns
 from netns_lab.builder import lab_down, lab_up
 from netns_lab.state import lab_names
 from netns_lab.topology import load_topology
+from tests.labtools import fresh_lab_name
+
 
 def pytest_configure(config):
     if os.geteuid() != 0:
@@ -36,23 +41,6 @@ def private_state_dir(tmp_path_factory):
         del os.environ["HOSTROUTING_STATE_DIR"]
     else:
         os.environ["HOSTROUTING_STATE_DIR"] = old
-
-
-def _lab_letter() -> str:
-    """One first letter per pytest-xdist worker ("t" without xdist), so that workers running
-    side by side never pick the same lab name (4 characters of the 8 a lab name may have)."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    if not worker.startswith("gw"):
-        return "t"
-    return "uvwxyzabcdefghijklmnopqrs"[int(worker[2:]) % 25]
-
-
-def fresh_lab_name() -> str:
-    while True:
-        name = _lab_letter() + secrets.token_hex(2)[:3]
-        existing = os.listdir(netns.NETNS_DIR) if os.path.isdir(netns.NETNS_DIR) else []
-        if not any(n.startswith(name + "-") for n in existing) and name not in lab_names():
-            return name
 
 
 @pytest.fixture

@@ -1,13 +1,34 @@
-"""Driving real traffic in a lab: ping, servers and clients inside namespaces."""
+"""Labs for tests: fresh lab names, and driving real traffic in a lab (ping, servers and
+clients inside namespaces)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
 import subprocess
 import sys
 import time
 
 from netns_lab import netns
+from netns_lab.state import lab_names
+
+
+def _lab_letter() -> str:
+    """One first letter per pytest-xdist worker ("t" without xdist), so that workers running
+    side by side never pick the same lab name (4 characters of the 8 a lab name may have)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return "t"
+    return "uvwxyzabcdefghijklmnopqrs"[int(worker[2:]) % 25]
+
+
+def fresh_lab_name() -> str:
+    while True:
+        name = _lab_letter() + secrets.token_hex(2)[:3]
+        existing = os.listdir(netns.NETNS_DIR) if os.path.isdir(netns.NETNS_DIR) else []
+        if not any(n.startswith(name + "-") for n in existing) and name not in lab_names():
+            return name
 
 
 def ping(ns: str, dst: str, count: int = 1, size: int | None = None, df: bool = False,

@@ -21,6 +21,8 @@ from netns_lab.state import load_state
 from tests.labtools import (lab_counters, assert_ping, background, conntrack_entries, netperf, netserver,
                             ping, udp_echo, udp_request)
 
+pytestmark = pytest.mark.slow     # every test here builds a lab
+
 DROP_ALL = r"""
 #include <uapi/linux/pkt_cls.h>
 int drop_all(struct __sk_buff *skb) { return TC_ACT_SHOT; }

@@ -30,6 +30,7 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           timeout=timeout, env=os.environ.copy())
 
 
+@pytest.mark.slow
 def test_root_namespace_is_identical_after_lab_up_and_down(lab_name):
     before = rootns.snapshot()
     topo = load_topology(lab_name)
@@ -43,6 +44,7 @@ def test_root_namespace_is_identical_after_lab_up_and_down(lab_name):
     assert lab_namespaces(lab_name) == []
 
 
+@pytest.mark.slow
 def test_lab_up_builds_every_namespace_quickly_and_down_removes_them(lab_name):
     topo = load_topology(lab_name)
     state, seconds = lab_up(topo)
@@ -66,6 +68,7 @@ def test_invalid_topology_creates_nothing(tmp_path, lab_name):
     assert lab_namespaces(lab_name) == []
 
 
+@pytest.mark.slow
 def test_lab_up_refuses_an_existing_lab_and_keeps_it(legacy_lab):
     _, topo = legacy_lab
     with pytest.raises(Exception, match="exists already"):
@@ -73,6 +76,7 @@ def test_lab_up_refuses_an_existing_lab_and_keeps_it(legacy_lab):
     assert sorted(lab_namespaces(topo.lab)) == sorted(topo.namespaces)
 
 
+@pytest.mark.slow
 def test_failure_midway_removes_what_was_made(lab_name):
     topo = load_topology(lab_name)
 
@@ -84,6 +88,7 @@ def test_failure_midway_removes_what_was_made(lab_name):
     assert lab_namespaces(lab_name) == []
 
 
+@pytest.mark.slow
 def test_show_json_has_the_documented_fields(legacy_lab):
     _, topo = legacy_lab
     proc = cli("lab", "show", "--lab", topo.lab, "--json")
@@ -98,6 +103,7 @@ def test_show_json_has_the_documented_fields(legacy_lab):
     assert node["pods"][0]["ip"] == "198.18.1.10"
 
 
+@pytest.mark.slow
 def test_lab_exec_runs_in_the_pod(legacy_lab):
     _, topo = legacy_lab
     proc = cli("lab", "exec", "--lab", topo.lab, "node2-pod1", "--", "ip", "-4", "-o", "addr",
@@ -106,6 +112,7 @@ def test_lab_exec_runs_in_the_pod(legacy_lab):
     assert "198.18.2.10/32" in proc.stdout
 
 
+@pytest.mark.slow
 def test_two_labs_coexist_with_the_same_addresses(make_lab):
     from tests.labtools import assert_ping
     _, a = make_lab()
@@ -115,6 +122,7 @@ def test_two_labs_coexist_with_the_same_addresses(make_lab):
     assert sorted(lab_namespaces(b.lab)) == sorted(b.namespaces)
 
 
+@pytest.mark.slow
 def test_down_all_after_sigkill_during_lab_up(lab_name):
     """SIGKILL at random points of `lab up`; `lab down --all` leaves nothing."""
     rng = random.Random(1234)
@@ -140,11 +148,12 @@ def test_cli_errors_are_one_line(lab_name):
     assert lab_namespaces(lab_name) == []
 
 
+@pytest.mark.slow
 def test_longest_lab_name_with_ten_nodes_comes_up_routes_and_goes(private_state_dir):
     """An 8-character lab name and --nodes 10 (both allowed) gave 'node10' pods host veths
     of 20 characters; Linux allows 15. Interface names are now <lab>-<node #>-<pod #>, with
     the readable name as the interface's alias."""
-    from tests.conftest import fresh_lab_name
+    from tests.labtools import fresh_lab_name
     lab = fresh_lab_name() + "long"
     assert len(lab) == 8
     try:

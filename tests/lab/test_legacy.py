@@ -8,6 +8,8 @@ from netns_lab import legacy
 from tests.labtools import (assert_ping, conntrack_entries, netperf, netserver, udp_echo,
                             udp_request)
 
+pytestmark = pytest.mark.slow     # every test here builds a lab
+
 
 def pods(topo):
     (a1, a2), (b1, _) = topo.nodes[0].pods, topo.nodes[1].pods

@@ -6,10 +6,14 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from datapath.monitor import run_monitor
 from datapath.switch import node_maps
 from netns_lab.state import load_state
 from tests.labtools import assert_ping
+
+pytestmark = pytest.mark.slow     # every test here builds a lab
 
 SEND_BAD_IHL = """
 from scapy.all import Ether, IP, ICMP, sendp, get_if_hwaddr

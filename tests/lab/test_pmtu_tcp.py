@@ -27,6 +27,8 @@ from scapy.utils import rdpcap
 from netns_lab import netns
 from tests.labtools import background, lab_counters
 
+pytestmark = pytest.mark.slow     # every test here builds a lab
+
 UNDERLAY_MTU = 1280
 SIZE = 4 * 1024 * 1024       # bytes per transfer
 TRANSFER_TIMEOUT = 20        # seconds a transfer may take at most (a stall ends here)
@@ -130,7 +132,6 @@ def test_download_from_the_external_host(narrow_lab, tmp_path, offloads):
 
 # -- pod -> pod on another node, through the 1280 underlay ----------------------------------
 
-@pytest.mark.slow
 @pytest.mark.parametrize("offloads", OFFLOADS)
 def test_cross_node_transfers_both_ways_learn_the_underlay_mtu(narrow_lab, tmp_path, offloads):
     """A pod of node1 uploads to a pod of node2, another pod of node1 downloads from another

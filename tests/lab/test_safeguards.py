@@ -18,7 +18,9 @@ from netns_lab import netns
 from netns_lab.builder import lab_down, lab_up
 from netns_lab.state import lab_names, load_state
 from netns_lab.topology import load_topology
-from tests.conftest import fresh_lab_name
+from tests.labtools import fresh_lab_name
+
+pytestmark = pytest.mark.slow     # every test here builds a lab
 
 REMOVED_WITHIN_S = 3.0  # the bound this test holds the guard to (legacy poll is 0.5 s)
 CLI = [sys.executable, "-m", "datapath.cli"]

@@ -12,12 +12,15 @@ import sys
 import textwrap
 import time
 
+import pytest
 
 from datapath import switch
 from netns_lab import legacy, netns
 from netns_lab.state import load_state
 from tests.labtools import (lab_counters, assert_ping, background, conntrack_entries, ping, udp_echo,
                             udp_request)
+
+pytestmark = pytest.mark.slow     # every test here builds a lab
 
 
 counters = lab_counters

@@ -65,6 +65,7 @@ def _node_ports(ns: str) -> tuple[int, int]:
     return int(low), int(high)
 
 
+@pytest.mark.slow
 def test_node_ephemeral_ports_are_disjoint_from_the_nat_ports_by_default(ebpf_lab):
     _, topo = ebpf_lab
     assert topo.node_local_port_range == (61000, 65535)
@@ -97,6 +98,7 @@ def test_a_nat_range_overlapping_the_nodes_local_ports_is_refused(tmp_path, text
     assert "\n" not in message
 
 
+@pytest.mark.slow
 def test_a_node_and_a_pod_connection_to_the_same_remote_port_both_work(make_lab, tmp_path):
     """One NAT port (60000) and two node ports (60002-60003): the collision is certain if the
     ranges overlap (the node's connect() takes its range's first free port); here they
@@ -129,6 +131,7 @@ def test_a_node_and_a_pod_connection_to_the_same_remote_port_both_work(make_lab,
         assert proc.returncode == 0 and out.strip() == "ok 200", out
 
 
+@pytest.mark.slow
 def test_legacy_masquerade_takes_its_ports_from_the_nat_range_too(make_lab, tmp_path):
     """A pod's source port outside [nat] is not kept: MASQUERADE picks one inside it (TCP and
     UDP), never one of the node's own ports, and the flows stay so when handed to BPF."""
@@ -338,6 +341,7 @@ def _ports_in_conntrack(topo, node) -> dict[tuple[str, int, int], int]:
             for f in nat_handover.masqueraded(topo, node) if f.protocol in (6, 17)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start, steps", [("ebpf", ("disable", "enable", "disable")),
                                           ("legacy", ("enable", "disable", "enable"))])
 def test_long_transfers_carry_on_across_switches(make_lab, tmp_path, start, steps):

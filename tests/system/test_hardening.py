@@ -58,6 +58,7 @@ print(" ".join(got))
 """
 
 
+@pytest.mark.slow
 def test_a_pod_cannot_send_with_another_source_ip_or_mac(make_lab):
     _, topo = make_lab("ebpf")
     (a1, a2), (b1, _) = topo.nodes[0].pods, topo.nodes[1].pods
@@ -81,6 +82,7 @@ def test_a_pod_cannot_send_with_another_source_ip_or_mac(make_lab):
     assert counters(topo)["node1"]["drop_spoofed"] - before == 15
 
 
+@pytest.mark.slow
 def test_other_nodes_host_namespaces_are_closed_to_pods_unless_the_topology_allows(make_lab,
                                                                                    tmp_path):
     _, topo = make_lab("ebpf")
@@ -104,6 +106,7 @@ def test_other_nodes_host_namespaces_are_closed_to_pods_unless_the_topology_allo
         assert netns.run(a1.netns, get, check=False).returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["legacy", "ebpf"])
 def test_the_outside_reaches_pods_only_with_replies(make_lab, mode):
     """A fabric that routes pod CIDRs (a flat network): legacy lets the external host in,
@@ -188,9 +191,10 @@ def _topology(tmp_path: Path, flows: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["enable", "disable", "bench"])
 def test_sigkill_at_random_points_then_down_all_leaves_nothing(tmp_path, command):
-    from tests.conftest import fresh_lab_name
+    from tests.labtools import fresh_lab_name
     rng = random.Random(f"sigkill-{command}")      # seeded: the same points every run
     state_dir = tmp_path / "state"
     env = _env(state_dir)
@@ -226,12 +230,13 @@ def test_sigkill_at_random_points_then_down_all_leaves_nothing(tmp_path, command
     print(f"SIGKILL during {command} at {', '.join(f'{p:.2f}s' for p in points)}: nothing left")
 
 
+@pytest.mark.slow
 def test_fifty_cycles_leak_no_fds_programs_or_maps(tmp_path):
     """lab up / enable / disable / down in this very process, 50 times."""
     from datapath.switch import configure_mode
     from netns_lab.builder import lab_down, lab_up
     from netns_lab.topology import load_topology
-    from tests.conftest import fresh_lab_name
+    from tests.labtools import fresh_lab_name
 
     flows = 4321
     topo_file = _topology(tmp_path, flows)
@@ -325,6 +330,7 @@ def _link_packets(ns: str, ifname: str) -> tuple[int, int]:
     return stats["rx"]["packets"], stats["tx"]["packets"]
 
 
+@pytest.mark.slow
 def test_sustained_load_every_packet_is_counted_and_the_nat_table_drains(make_lab, tmp_path):
     """netperf streams plus thousands of short SNAT flows (TCP_CRR) from several pods.
 
