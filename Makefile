@@ -2,7 +2,7 @@
 #
 #   sudo make demo          provision, then benchmark legacy vs eBPF (quick)
 #   sudo make test          provision (with test tools), then the test suite
-#   sudo make test PYTEST_ARGS='tests/test_doctor.py -x'
+#   sudo make test PYTEST_ARGS='tests/system/test_doctor.py -x'
 #   sudo make clean-labs    remove every lab, also after a crash
 #
 # All need root: provisioning uses apt-get, labs are network namespaces, and
@@ -10,7 +10,7 @@
 # couple of seconds when nothing is missing, so demo and test run it each time.
 #
 # `make test` passes --test-tools to scripts/provision.sh: it also installs
-# vagrant (where the distro packages it) for tests/test_vagrantfile.py, which
+# vagrant (where the distro packages it) for tests/system/test_vagrantfile.py, which
 # a demo machine does not need.
 #
 # PYTEST_STATUS_FILE (optional): `make test` writes pytest's exit status there,

@@ -8,7 +8,7 @@
 # USAGE: sudo scripts/provision.sh [--no-venv] [--test-tools]
 #   --no-venv     system packages only (no .venv)
 #   --test-tools  also what only the test suite uses: vagrant, for
-#                 tests/test_vagrantfile.py (`vagrant validate`). `make test`
+#                 tests/system/test_vagrantfile.py (`vagrant validate`). `make test`
 #                 passes it, `make demo` does not, so a demo machine gets no
 #                 Ruby stack. Best effort: where the distro has no vagrant
 #                 package it says so and that one test skips.
@@ -145,7 +145,7 @@ enable_netperf_component() {
 	say "enabled the apt component that carries netperf ($file)"
 }
 
-# Sourced (tests/test_provision.py): the functions above, and nothing is run.
+# Sourced (tests/system/test_provision.py): the functions above, and nothing is run.
 [ "${BASH_SOURCE[0]}" = "$0" ] || return 0
 
 for arg in "$@"; do
@@ -199,7 +199,7 @@ add_test_tools() {
 	if apt-cache policy vagrant 2>/dev/null | grep -q 'Candidate: [0-9]'; then
 		packages+=(vagrant)
 	elif ! command -v vagrant >/dev/null; then
-		say "vagrant: no package in this distribution's archives; tests/test_vagrantfile.py will skip"
+		say "vagrant: no package in this distribution's archives; tests/system/test_vagrantfile.py will skip"
 	fi
 }
 
