@@ -217,7 +217,8 @@ def cmd_bench(args) -> int:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
     from datapath.bench.runner import QUICK, BenchConfig, run_bench
-    cfg = BenchConfig(quick=args.quick, lab_prefix=args.lab_prefix)
+    cfg = BenchConfig(quick=args.quick, lab_prefix=args.lab_prefix, aa=args.aa,
+                      cpu_pin=args.cpu_pin)
     if args.quick:
         cfg.duration, cfg.repeat, cfg.sizes = QUICK["duration"], QUICK["repeat"], QUICK["sizes"]
     for name in ("duration", "repeat", "sizes", "tests", "scenarios", "iptables_rules"):
@@ -225,11 +226,13 @@ def cmd_bench(args) -> int:
             setattr(cfg, name, getattr(args, name))
     if cfg.duration <= 0 or cfg.repeat < 1:
         raise CliError("--duration must be positive and --repeat at least 1")
+    console = report.console_for_output()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()) as progress:
+                  TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                  console=console) as progress:
         result = run_bench(cfg, progress=progress)
     report.with_summary(result)
-    report.print_tables(result)
+    report.print_tables(result, console)
     if args.json:
         report.save(result, args.json)
         print(f"samples and summary written to {args.json}")
@@ -335,22 +338,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON (one object per line with -f)")
     p.set_defaults(func=cmd_events)
 
-    from datapath.bench.runner import MODES, SCENARIOS, TESTS
+    from datapath.bench.runner import MODES, QUICK, SCENARIOS, TESTS
     p = sub.add_parser("bench", help="legacy vs eBPF vs the limit, with netperf",
-                       description="Builds two labs (legacy and eBPF) and a single-veth pair, "
-                       f"runs netperf over scenarios x modes ({', '.join(MODES)}) interleaved, "
-                       "and prints medians and ratios.")
-    p.add_argument("--quick", action="store_true", help="about two minutes: 1s tests, 2 "
-                   "repetitions, sizes 64 and 16384")
+                       description="Builds a lab per mode (legacy, eBPF, the limit: no "
+                       "netfilter at all, the floor: a constant redirect), runs netperf over "
+                       f"scenarios x modes ({', '.join(MODES)}) back to back in rotated order, "
+                       "and prints medians and paired ratios with 95% bootstrap intervals.")
+    p.add_argument("--quick", action="store_true", help="about two to three minutes: 1s "
+                   f"tests, {QUICK['repeat']} repetitions, TCP_STREAM size "
+                   f"{','.join(map(str, QUICK['sizes']))}")
     p.add_argument("--duration", type=float, help="seconds per test (default 5)")
-    p.add_argument("--repeat", type=int, help="repetitions of every point (default 3)")
+    p.add_argument("--repeat", type=int, help="repetitions of every point (default 10)")
     p.add_argument("--sizes", type=_csv(int), help="TCP_STREAM message sizes, e.g. 64,1024")
     p.add_argument("--tests", type=_csv(str, TESTS), help=f"from {','.join(TESTS)}")
     p.add_argument("--scenarios", type=_csv(str, SCENARIOS), help=f"from {','.join(SCENARIOS)}")
     p.add_argument("--iptables-rules", type=_csv(int), metavar="N[,N...]",
                    help="fill node namespaces with N kube-proxy-like rules, for each N")
-    p.add_argument("--json", metavar="FILE", help="write every sample and the summary")
-    p.add_argument("--plot", metavar="FILE.png", help="throughput and latency plot")
+    p.add_argument("--aa", action="store_true", help="two identical legacy labs against each "
+                   "other: the noise floor of this machine (the A/A ratio's interval)")
+    p.add_argument("--cpu-pin", action="store_true", help="every point twice: netperf and "
+                   "netserver on the same CPU, and on two CPUs (netperf -T)")
+    p.add_argument("--json", metavar="FILE", help="write every sample, the summary, the "
+                   "machine and the labs' settings")
+    p.add_argument("--plot", metavar="FILE.png", help="ratios with their intervals, then "
+                   "throughput and latency")
     p.add_argument("--lab-prefix", default="hrb", help="labs PREFIXl and PREFIXe (default hrb)")
     p.set_defaults(func=cmd_bench, bench_command=None)
     bsub = p.add_subparsers(dest="bench_command", metavar="[compare A.json B.json]")

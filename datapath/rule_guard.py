@@ -155,6 +155,33 @@ def stop(pid: int, timeout: float = 5) -> None:
         pass
 
 
+def pause_file(lab: str) -> Path:
+    """While this file holds a time still to come, the guard's periodic work waits: the
+    bench writes it around each sample so that nothing of ours runs beside the measured
+    path. A deadline, not a flag: a bench that dies mid-sample cannot leave the guard
+    paused. The nf_tables watcher is not paused (it wakes only on a change)."""
+    from netns_lab.state import labs_dir
+    return labs_dir() / f"{lab}.guard-paused"
+
+
+def pause(lab: str, seconds: float) -> None:
+    """Pause the guard's NAT sweep and iptables-legacy poll for at most ``seconds``."""
+    path = pause_file(lab)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{time.time() + seconds:.3f}\n")
+
+
+def resume(lab: str) -> None:
+    pause_file(lab).unlink(missing_ok=True)
+
+
+def paused(lab: str) -> bool:
+    try:
+        return time.time() < float(pause_file(lab).read_text())
+    except (OSError, ValueError):
+        return False
+
+
 class Guard:
     def __init__(self, lab: str, nodes: dict[str, str], nat_progs: dict[str, int] | None = None):
         self.lab, self.nodes = lab, nodes
@@ -316,6 +343,8 @@ class Guard:
         baseline = {(ns, tool): _legacy_tables(ns, tool)
                     for ns in self.nodes.values() for tool in LEGACY_TOOLS}
         while not self.stopping.wait(LEGACY_POLL_S):
+            if paused(self.lab):
+                continue
             for node, ns in self.nodes.items():
                 for tool in LEGACY_TOOLS:
                     current = _legacy_tables(ns, tool)
@@ -345,6 +374,8 @@ class Guard:
         seen: dict[tuple[str, str], int] = {}
         full_warned: set[str] = set()
         while not self.stopping.wait(NAT_SWEEP_S):
+            if paused(self.lab):
+                continue
             for node, prog_id in self.nat_progs.items():
                 try:
                     with DatapathMaps.from_prog_id(prog_id) as maps:

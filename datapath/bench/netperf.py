@@ -74,10 +74,11 @@ class Result:
 
 
 def run_test(ns: str, host: str, test: str, duration: float, size: int | None = None,
-             port: int = PORT) -> Result:
+             port: int = PORT, cpus: str | None = None) -> Result:
+    """One test; ``cpus`` ("local,remote") binds netperf and netserver to those CPUs (-T)."""
     selectors = SELECTORS[test]
     argv = ["netperf", "-H", host, "-p", str(port), "-t", test, "-l", f"{duration:g}", "-P", "0",
-            "--", "-o", ",".join(selectors)]
+            *(["-T", cpus] if cpus else []), "--", "-o", ",".join(selectors)]
     if size is not None:
         argv += ["-m", str(size)] if test == "TCP_STREAM" else ["-r", f"{size},{size}"]
     started = time.monotonic()

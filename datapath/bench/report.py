@@ -1,16 +1,24 @@
-"""Turning benchmark samples into medians, ratios, tables, comparisons and a plot.
+"""Turning benchmark samples into paired ratios, confidence intervals, tables, JSON and a plot.
 
-A summary row is one (iptables rules, scenario, test, size, metric): the
-median, min and max of each mode, the ratios eBPF/legacy and eBPF/limit of the
-medians, and the published AKS ratio where one exists. For latencies and CPU
-cost lower is better, so a ratio below 1 is the gain there.
+Every repetition of a point measures every mode back to back (runner.py),
+so the modes are compared within a repetition: for each repetition the
+ratio eBPF/legacy (eBPF/limit, ...) is taken, and the result is the median
+of those per-repetition ratios with a 95% bootstrap confidence interval
+(``1.12x [1.08-1.15]``). Pairing cancels what drifts between repetitions
+(the machine's other load), which ratios of per-mode medians do not.
+Absolute values are the median of each mode, with the same kind of interval.
+
+A summary row is one (iptables rules, scenario, test, size, CPU placement,
+metric). For latencies and CPU cost lower is better, so a ratio below 1 is the
+gain there.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 from collections import defaultdict
+
+import numpy as np
 
 # Azure CNI powered by Cilium (ACNS) eBPF host routing vs legacy, as published.
 PUBLISHED = {
@@ -28,16 +36,52 @@ METRICS = {
 UNITS = {"mbps": "Mbit/s", "tps": "trans/s", "cps": "conn/s", "p50_us": "p50 µs",
          "p90_us": "p90 µs", "p99_us": "p99 µs", "cpu_us_per_trans": "CPU µs/trans",
          "cpu_s_per_gb": "CPU s/GB", "mean_us": "mean µs"}
+TITLES = {"TCP_STREAM": "Throughput by message size (TCP_STREAM)",
+          "TCP_RR": "Request/response latency and transactions (TCP_RR)",
+          "TCP_CRR": "New connections (TCP_CRR)"}
+# (numerator, denominator) of each ratio reported, when both modes were measured
+RATIOS = (("ebpf", "legacy"), ("ebpf", "limit"), ("ebpf", "floor"), ("floor", "limit"),
+          ("legacy-b", "legacy"))
+MODE_NAMES = {"legacy": "legacy", "ebpf": "eBPF", "limit": "limit", "floor": "floor",
+              "legacy-b": "legacy B"}
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 14     # a fixed seed: the same samples always give the same interval
+WIDE_CONSOLE = 200      # columns for tables when stdout is not a terminal
+
+
+def bootstrap_ci(values: list[float], level: float = 0.95,
+                 resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+                 ) -> tuple[float, float, float]:
+    """(median, low, high): the median of ``values`` and its percentile bootstrap interval.
+
+    With one value the interval is that value; with few, it is no wider than
+    their range (a median of resampled values never leaves it)."""
+    if not values:
+        raise ValueError("no values")
+    data = np.asarray(values, dtype=float)
+    median = float(np.median(data))
+    if len(data) == 1:
+        return median, median, median
+    rng = np.random.default_rng(seed)
+    medians = np.median(data[rng.integers(0, len(data), size=(resamples, len(data)))], axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(medians, [tail, 100 - tail])
+    return median, float(low), float(high)
 
 
 def derived(sample: dict, duration: float) -> dict[str, float]:
-    """The sample's values plus its CPU cost per transaction or per gigabyte."""
+    """The sample's values plus its CPU cost per transaction or per gigabyte.
+
+    CPU time and what was transferred are taken over the same interval (the
+    sample's ``cpu_window_s``; results from before it existed: the nominal
+    duration)."""
     values = dict(sample["values"])
-    transactions = (values.get("tps") or values.get("cps") or 0) * duration
+    seconds = sample.get("cpu_window_s") or duration
+    transactions = (values.get("tps") or values.get("cps") or 0) * seconds
     if transactions:
         values["cpu_us_per_trans"] = sample["cpu_s"] / transactions * 1e6
     if values.get("mbps"):
-        gigabytes = values["mbps"] * 1e6 / 8 * duration / 1e9
+        gigabytes = values["mbps"] * 1e6 / 8 * seconds / 1e9
         values["cpu_s_per_gb"] = sample["cpu_s"] / gigabytes
     return values
 
@@ -46,26 +90,48 @@ def published(scenario: str, test: str, metric: str, size) -> float | None:
     return PUBLISHED.get((scenario, test, metric, size)) or PUBLISHED.get((scenario, test, metric))
 
 
+def ratio_name(num: str, den: str) -> str:
+    return f"{num}/{den}"
+
+
+def paired_ratios(by_rep: dict[int, dict[str, float]], num: str, den: str) -> list[float]:
+    """num/den within each repetition that measured both (a repetition is one pair)."""
+    return [modes[num] / modes[den] for _, modes in sorted(by_rep.items())
+            if num in modes and modes.get(den)]
+
+
+def _key(s: dict) -> tuple:
+    return (s["rules"], s["scenario"], s["test"], s["size"], s.get("pin"))
+
+
 def summarise(result: dict) -> list[dict]:
     duration = result["environment"]["config"]["duration"]
-    groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    # key -> metric -> repetition -> mode -> value
+    groups: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     for s in result["samples"]:
         values = derived(s, duration)
         for metric in METRICS[s["test"]]:
             if metric in values:
-                key = (s["rules"], s["scenario"], s["test"], s["size"], metric)
-                groups[key][s["mode"]].append(values[metric])
+                groups[_key(s)][metric][s["repeat"]][s["mode"]] = values[metric]
     rows = []
-    for (rules, scenario, test, size, metric), by_mode in groups.items():
-        row = {"rules": rules, "scenario": scenario, "test": test, "size": size, "metric": metric}
-        for mode, vals in by_mode.items():
-            row[mode] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
-                         "n": len(vals)}
-        med = {m: row[m]["median"] for m in ("legacy", "ebpf", "limit") if m in row}
-        row["ebpf_vs_legacy"] = med["ebpf"] / med["legacy"] if med.get("legacy") and "ebpf" in med else None
-        row["ebpf_vs_limit"] = med["ebpf"] / med["limit"] if med.get("limit") and "ebpf" in med else None
-        row["published"] = published(scenario, test, metric, size)
-        rows.append(row)
+    for (rules, scenario, test, size, pin), metrics in groups.items():
+        for metric, by_rep in metrics.items():
+            row = {"rules": rules, "scenario": scenario, "test": test, "size": size, "pin": pin,
+                   "metric": metric, "ratios": {}}
+            modes = {m for reps in by_rep.values() for m in reps}
+            for mode in sorted(modes):
+                vals = [reps[mode] for _, reps in sorted(by_rep.items()) if mode in reps]
+                median, low, high = bootstrap_ci(vals)
+                row[mode] = {"median": median, "ci": [low, high], "min": min(vals),
+                             "max": max(vals), "n": len(vals)}
+            for num, den in RATIOS:
+                ratios = paired_ratios(by_rep, num, den)
+                if ratios:
+                    median, low, high = bootstrap_ci(ratios)
+                    row["ratios"][ratio_name(num, den)] = {"median": median, "ci": [low, high],
+                                                           "n": len(ratios), "each": ratios}
+            row["published"] = published(scenario, test, metric, size)
+            rows.append(row)
     return rows
 
 
@@ -82,50 +148,96 @@ def _fmt(v: float | None, metric: str = "") -> str:
     return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
 
 
-def _ratio(v: float | None) -> str:
+def format_ratio(r: dict | None) -> str:
+    """``1.12x [1.08-1.15]``; ``-`` when not measured."""
+    if not r:
+        return "-"
+    low, high = r["ci"]
+    return f"{r['median']:.2f}x [{low:.2f}-{high:.2f}]"
+
+
+def _plain_ratio(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
-def print_tables(result: dict, console=None) -> None:
+def console_for_output(console=None):
+    """A rich console that does not cut tables to 80 columns when stdout is a pipe or a log."""
     from rich.console import Console
+    if console is not None:
+        return console
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=WIDE_CONSOLE)
+
+
+def _row_label(r: dict) -> str:
+    label = (f"{r['size']} B {UNITS[r['metric']]}" if r["test"] == "TCP_STREAM"
+             else UNITS[r["metric"]])
+    return f"{label} {r['pin']}" if r.get("pin") else label
+
+
+def _row_order(r: dict) -> tuple:
+    return (r["scenario"], r.get("pin") or "", r["size"] or 0,
+            METRICS[r["test"]].index(r["metric"]))
+
+
+def print_tables(result: dict, console=None) -> None:
     from rich.table import Table
-    console = console or Console()
+    console = console_for_output(console)
     env = result["environment"]
+    cfg = env["config"]
+    modes = [m for m in env.get("modes", ("legacy", "ebpf", "limit"))]
     console.print(f"[bold]hostrouting bench[/] on {env['kernel']}, {env['cpu']}, {env['cores']} "
-                  f"cores; {env['config']['duration']:g}s per test, {env['config']['repeat']} "
-                  "repetitions, modes interleaved; medians, ratios of medians")
+                  f"cores; {cfg['duration']:g}s per test, {cfg['repeat']} repetitions, modes "
+                  "back to back in rotated order; medians, ratios: median of the "
+                  "per-repetition ratios [95% bootstrap CI]")
     rows = result.get("summary") or summarise(result)
+    aa = "legacy-b" in modes
+    ratios = [("legacy-b", "legacy")] if aa else \
+        [(n, d) for n, d in RATIOS if n in modes and d in modes and n != "legacy-b"]
     for rules in sorted({r["rules"] for r in rows}):
-        for test in ("TCP_STREAM", "TCP_RR", "TCP_CRR"):
+        for test in TITLES:
             sel = [r for r in rows if r["rules"] == rules and r["test"] == test]
             if not sel:
                 continue
-            title = {"TCP_STREAM": "Throughput by message size (TCP_STREAM)",
-                     "TCP_RR": "Request/response latency and transactions (TCP_RR)",
-                     "TCP_CRR": "New connections (TCP_CRR)"}[test]
-            table = Table(title=f"{title}, {rules} iptables rules per node")
-            for col in ("scenario", "size" if test == "TCP_STREAM" else "metric", "legacy",
-                        "eBPF", "limit", "eBPF/legacy", "eBPF/limit", "published"):
-                table.add_column(col, justify="left" if col == "scenario" else "right")
-            for r in sorted(sel, key=lambda r: (r["scenario"], r["size"] or 0,
-                                                METRICS[test].index(r["metric"]))):
-                label = (f"{r['size']} B {UNITS[r['metric']]}" if test == "TCP_STREAM"
-                         else UNITS[r["metric"]])
-                table.add_row(r["scenario"], label,
-                              *[_fmt(r.get(m, {}).get("median"), r["metric"])
-                                for m in ("legacy", "ebpf", "limit")],
-                              _ratio(r["ebpf_vs_legacy"]), _ratio(r["ebpf_vs_limit"]),
-                              _ratio(r["published"]))
+            title = f"{TITLES[test]}, {rules} iptables rules per node"
+            table = Table(title=("A/A noise floor: " if aa else "") + title)
+            cols = ["scenario", "size" if test == "TCP_STREAM" else "metric",
+                    *(MODE_NAMES[m] for m in modes),
+                    *(f"{MODE_NAMES[n]}/{MODE_NAMES[d]}" for n, d in ratios)]
+            for col in cols:
+                table.add_column(col, justify="left" if col == "scenario" else "right",
+                                 no_wrap=True)
+            for r in sorted(sel, key=_row_order):
+                cells = [r["scenario"], _row_label(r),
+                         *(_fmt(r.get(m, {}).get("median"), r["metric"]) for m in modes),
+                         *(format_ratio(r["ratios"].get(ratio_name(n, d))) for n, d in ratios)]
+                table.add_row(*cells)
             console.print(table)
-    if len({r["rules"] for r in rows}) > 1:
+    shown = sorted({(r["scenario"], r["test"], UNITS[r["metric"]], r["published"]) for r in rows
+                    if r["published"] and not aa})
+    if shown:
+        console.print("published eBPF/legacy (Azure CNI powered by Cilium): " + "; ".join(
+            f"{scenario} {test} {unit} {_plain_ratio(v)}" for scenario, test, unit, v in shown))
+    if aa:
+        widest = max((r["ratios"]["legacy-b/legacy"] for r in rows
+                      if "legacy-b/legacy" in r["ratios"]),
+                     key=lambda x: x["ci"][1] - x["ci"][0], default=None)
+        if widest:
+            console.print(f"noise floor: two identical legacy labs differ by up to "
+                          f"{format_ratio(widest)} (the widest A/A interval above); a ratio "
+                          "whose interval stays inside such a range is not a difference")
+    if len({r["rules"] for r in rows}) > 1 and not aa:
         table = Table(title="Rule load: TCP_RR transactions/s by iptables rules per node")
         for col in ("scenario", "rules", "legacy", "eBPF", "eBPF/legacy"):
             table.add_column(col, justify="right")
         for r in sorted((r for r in rows if r["test"] == "TCP_RR" and r["metric"] == "tps"),
                         key=lambda r: (r["scenario"], r["rules"])):
             table.add_row(r["scenario"], str(r["rules"]), _fmt(r["legacy"]["median"]),
-                          _fmt(r["ebpf"]["median"]), _ratio(r["ebpf_vs_legacy"]))
+                          _fmt(r["ebpf"]["median"]), format_ratio(r["ratios"].get("ebpf/legacy")))
         console.print(table)
+    if env.get("steal_s"):
+        console.print(f"steal time during the run: {env['steal_s']:.1f} s (the hypervisor ran "
+                      "something else on these CPUs)")
     for retry in env.get("retried_runs", []):
         console.print(f"[yellow]retried once[/]: {retry['scenario']} {retry['test']} "
                       f"{retry['mode']} (repeat {retry['repeat'] + 1}): {retry['error']}")
@@ -138,82 +250,142 @@ def save(result: dict, path: str) -> None:
 
 
 def load_result(path: str) -> dict:
+    """A saved result, its summary computed again from the samples (older files had none
+    with intervals)."""
     try:
         with open(path) as f:
-            result = json.load(f)
-        return result if "summary" in result else with_summary(result)
-    except (OSError, ValueError, KeyError) as e:
+            return with_summary(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a hostrouting bench result ({e})") from None
 
 
+def _row_key(r: dict) -> tuple:
+    return (r["rules"], r["scenario"], r["test"], r["size"], r.get("pin"), r["metric"])
+
+
+def _overlap(a: list[float], b: list[float]) -> bool:
+    return not (b[0] > a[1] or b[1] < a[0])
+
+
 def compare(a: dict, b: dict) -> list[dict]:
-    """Rows present in both runs: medians, the change, and whether ranges overlap (noise)."""
-    index = {(r["rules"], r["scenario"], r["test"], r["size"], r["metric"]): r for r in a["summary"]}
+    """Every ratio (and every mode's median) present in both runs: A, B with their
+    intervals, and whether the intervals overlap (then the change is noise)."""
+    index = {_row_key(r): r for r in a["summary"]}
     out = []
     for rb in b["summary"]:
-        key = (rb["rules"], rb["scenario"], rb["test"], rb["size"], rb["metric"])
-        ra = index.get(key)
+        ra = index.get(_row_key(rb))
         if not ra:
             continue
-        for mode in ("legacy", "ebpf", "limit"):
-            if mode in ra and mode in rb:
-                x, y = ra[mode], rb[mode]
-                out.append({"key": key, "mode": mode, "a": x["median"], "b": y["median"],
-                            "change": (y["median"] - x["median"]) / x["median"] if x["median"] else None,
-                            "within_noise": not (y["min"] > x["max"] or y["max"] < x["min"]),
-                            "a_range": (x["min"], x["max"]), "b_range": (y["min"], y["max"])})
+        items = [(name, ra["ratios"][name], rb["ratios"][name]) for name in rb["ratios"]
+                 if name in ra["ratios"]]
+        items += [(mode, ra[mode], rb[mode]) for mode in MODE_NAMES if mode in ra and mode in rb]
+        for what, x, y in items:
+            x_ci, y_ci = x.get("ci", [x["min"], x["max"]]), y.get("ci", [y["min"], y["max"]])
+            out.append({"key": _row_key(rb), "what": what, "a": x["median"], "b": y["median"],
+                        "a_ci": x_ci, "b_ci": y_ci,
+                        "change": (y["median"] - x["median"]) / x["median"] if x["median"]
+                        else None, "within_noise": _overlap(x_ci, y_ci)})
     return out
 
 
 def print_compare(rows: list[dict], console=None) -> None:
-    from rich.console import Console
     from rich.table import Table
-    console = console or Console()
-    table = Table(title="bench compare: A -> B (medians; noise = the min..max ranges overlap)")
-    for col in ("scenario", "test", "size/metric", "mode", "A", "B", "change", "verdict"):
+    console = console_for_output(console)
+    table = Table(title="bench compare: A -> B (medians [95% CI]; noise = the intervals overlap)")
+    for col in ("scenario", "test", "size/metric", "what", "A", "B", "change", "verdict"):
         table.add_column(col, justify="right")
     for r in rows:
-        rules, scenario, test, size, metric = r["key"]
+        rules, scenario, test, size, pin, metric = r["key"]
         better = (r["change"] or 0) < 0 if metric in LOWER_IS_BETTER else (r["change"] or 0) > 0
         verdict = "noise" if r["within_noise"] else ("better" if better else "worse")
-        table.add_row(scenario, test, f"{size or ''} {UNITS[metric]}".strip(), r["mode"],
-                      _fmt(r["a"], metric), _fmt(r["b"], metric),
+        ratio = "/" in r["what"]
+
+        def cell(v, ci):
+            if ratio:
+                return format_ratio({"median": v, "ci": ci})
+            return f"{_fmt(v, metric)} [{_fmt(ci[0], metric)}-{_fmt(ci[1], metric)}]"
+        label = f"{size or ''} {UNITS[metric]}{f' {pin}' if pin else ''}".strip()
+        table.add_row(scenario, test, label, r["what"], cell(r["a"], r["a_ci"]),
+                      cell(r["b"], r["b_ci"]),
                       "-" if r["change"] is None else f"{r['change']:+.1%}", verdict)
     console.print(table)
 
 
+def _errorbar(stat: dict) -> tuple[float, float, float]:
+    """(value, distance down, distance up) of a median and its interval."""
+    low, high = stat.get("ci", [stat.get("min", stat["median"]), stat.get("max", stat["median"])])
+    return stat["median"], stat["median"] - low, high - stat["median"]
+
+
 def plot(result: dict, path: str) -> None:
+    """First the ratios a reader wants (eBPF/legacy, eBPF/limit per point, 95% CI error bars,
+    a line at 1.0), then the absolute values: markers with error bars where measured, never a
+    line joining sizes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in (result.get("summary") or summarise(result)) if r["rules"] == 0] or \
-        result["summary"]
+    rows = result.get("summary") or summarise(result)
+    rows = [r for r in rows if r["rules"] == min(x["rules"] for x in rows)]
+    headline = {"tps", "cps", "mbps"}
+    points = sorted((r for r in rows if r["metric"] in headline),
+                    key=lambda r: (r["scenario"], r["test"], r.get("pin") or "", r["size"] or 0))
+    ratios = [name for name in ("ebpf/legacy", "ebpf/limit", "legacy-b/legacy")
+              if any(name in r["ratios"] for r in points)]
     scenarios = sorted({r["scenario"] for r in rows})
-    fig, axes = plt.subplots(2, len(scenarios), figsize=(5 * len(scenarios), 8), squeeze=False)
+    fig = plt.figure(figsize=(max(8, 0.6 * len(points) + 3), 12))
+    grid = fig.add_gridspec(3, len(scenarios))
+    ax = fig.add_subplot(grid[0, :])
+    width = 0.8 / max(1, len(ratios))
+    for i, name in enumerate(ratios):
+        xs, ys, down, up = [], [], [], []
+        for x, r in enumerate(points):
+            if name in r["ratios"]:
+                y, d, u = _errorbar(r["ratios"][name])
+                xs.append(x + (i - (len(ratios) - 1) / 2) * width)
+                ys.append(y)
+                down.append(d)
+                up.append(u)
+        ax.errorbar(xs, ys, yerr=[down, up], fmt="o", capsize=3, label=name.replace("ebpf", "eBPF"))
+    ax.axhline(1.0, color="grey", linewidth=1)
+    ax.set_xticks(range(len(points)),
+                  [f"{r['scenario']}\n{r['test']}{' ' + str(r['size']) if r['size'] else ''}"
+                   f"{' ' + r['pin'] if r.get('pin') else ''}" for r in points],
+                  rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("ratio (median of per-repetition ratios)")
+    ax.set_title("ratios per point, 95% bootstrap CI (above 1: more throughput)")
+    ax.legend()
+    modes = [m for m in MODE_NAMES if any(m in r for r in rows)]
     for col, scenario in enumerate(scenarios):
-        ax = axes[0][col]
-        stream = sorted((r for r in rows if r["scenario"] == scenario and r["metric"] == "mbps"),
-                        key=lambda r: r["size"])
-        for mode in ("legacy", "ebpf", "limit"):
-            pts = [(r["size"], r[mode]["median"]) for r in stream if mode in r]
+        ax = fig.add_subplot(grid[1, col])
+        stream = sorted((r for r in rows if r["scenario"] == scenario and r["metric"] == "mbps"
+                         and not r.get("pin")), key=lambda r: r["size"])
+        for i, mode in enumerate(modes):
+            pts = [(r["size"] * (1 + 0.06 * (i - len(modes) / 2)), *_errorbar(r[mode]))
+                   for r in stream if mode in r]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=mode)
+                xs, ys, down, up = zip(*pts)
+                ax.errorbar(xs, ys, yerr=[down, up], fmt="o", linestyle="none", capsize=3,
+                            label=MODE_NAMES[mode])
         ax.set_xscale("log", base=2)
         ax.set_title(f"{scenario}: TCP_STREAM")
         ax.set_xlabel("message size (bytes)")
         ax.set_ylabel("Mbit/s")
-        ax.legend()
-        ax = axes[1][col]
-        lat = {r["metric"]: r for r in rows if r["scenario"] == scenario and r["test"] == "TCP_RR"}
+        ax.legend(fontsize=7)
+        ax = fig.add_subplot(grid[2, col])
+        lat = {r["metric"]: r for r in rows if r["scenario"] == scenario and r["test"] == "TCP_RR"
+               and not r.get("pin")}
         pcts = [m for m in ("p50_us", "p90_us", "p99_us") if m in lat]
-        width = 0.25
-        for i, mode in enumerate(("legacy", "ebpf", "limit")):
-            vals = [lat[m][mode]["median"] if mode in lat[m] else 0 for m in pcts]
-            ax.bar([x + i * width for x in range(len(pcts))], vals, width, label=mode)
-        ax.set_xticks([x + width for x in range(len(pcts))], [m[:3] for m in pcts])
+        for i, mode in enumerate(modes):
+            pts = [(x + (i - (len(modes) - 1) / 2) * 0.15, *_errorbar(lat[m][mode]))
+                   for x, m in enumerate(pcts) if mode in lat[m]]
+            if pts:
+                xs, ys, down, up = zip(*pts)
+                ax.errorbar(xs, ys, yerr=[down, up], fmt="o", capsize=3, label=MODE_NAMES[mode])
+        ax.set_xticks(range(len(pcts)), [m[:3] for m in pcts])
         ax.set_title(f"{scenario}: TCP_RR latency")
         ax.set_ylabel("µs")
-        ax.legend()
+        if pcts:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,17 +1,31 @@
 """The benchmark's labs and its sampling loop.
 
-Two labs of the same shape are built side by side, one per mode, so modes
-can be interleaved point by point (legacy, eBPF, limit; the order reversed
-on every other repetition) with no switching in between; the machine's noise
-then lands on every mode alike. The limit of each scenario is measured in the
-same run: two namespaces joined by one veth pair (same node), node to node
-over the underlay (cross node), node to the external host without NAT
-(external).
+Every mode has a lab of its own, built side by side, so that one repetition
+of a point runs every mode back to back (legacy, eBPF, limit, floor, the
+order rotated by one on each repetition) with no switching in between; the
+report pairs the modes within a repetition (report.py). The labs:
 
-CPU cost is the machine's system + softirq time (from /proc/stat) during each
-test, divided by its transactions or gigabytes (in report.py): every namespace
-shares the same cores, so this is what the packet path costs, whichever side
-pays.
+- legacy: kernel routing, iptables MASQUERADE, conntrack (``<prefix>l``);
+- ebpf: eBPF host routing over the same (``<prefix>e``);
+- limit: a lab built with no mode at all, so no netfilter rule and no
+  conntrack anywhere (``<prefix>c``). Same node: two namespaces joined by one
+  veth; cross node: node to node over the bridge, the lab's own uplinks;
+  pod to external: node to the external host, no NAT. A path the datapath
+  cannot beat: eBPF above it beyond the noise is a bug in the bench;
+- floor: a lab with no mode whose hooks hold only a constant redirect
+  (floor.py), the redirect mechanism without the program's logic
+  (``<prefix>f``).
+
+``--aa`` builds two identical legacy labs instead (``legacy`` and ``legacy-b``):
+their ratio is the noise floor of the machine.
+
+Nothing of ours runs during a sample but the path under test: the eBPF lab's
+rule guard pauses its periodic work (rule_guard.pause) for each sample.
+CPU cost is system + softirq time per CPU (/proc/stat, read every
+``CPU_READ_S`` by a thread while netperf runs), taken over the part of the
+run inside netperf's measurement (not its start, control connection or
+teardown), and divided in report.py by what was transferred in that same
+interval.
 """
 
 from __future__ import annotations
@@ -19,8 +33,10 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from netns_lab import builder, netns
 from netns_lab.state import load_state
@@ -29,13 +45,33 @@ from netns_lab.topology import load_topology
 from . import netperf
 
 SCENARIOS = ("same-node", "cross-node", "pod-to-external")
-MODES = ("legacy", "ebpf", "limit")
+MODES = ("legacy", "ebpf", "limit", "floor")
+AA_MODES = ("legacy", "legacy-b")
+LAB_SUFFIX = {"legacy": "l", "ebpf": "e", "limit": "c", "floor": "f", "legacy-b": "b"}
 TESTS = ("TCP_STREAM", "TCP_RR", "TCP_CRR")
 SIZES = (64, 256, 1024, 4096, 16384, 65536)
-QUICK = {"duration": 1.0, "repeat": 2, "sizes": (64, 16384)}
+QUICK = {"duration": 1.0, "repeat": 3, "sizes": (16384,)}
+PINS = {"same-cpu": "0,0", "cross-cpu": "0,1"}   # netperf -T local,remote
 LIMIT_IPS = ("198.18.255.1", "198.18.255.2")
 SERVICE_NET = "198.18.240.0/20"  # where fake kube-proxy rules point, never matched
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+CPU_READ_S = 0.1        # how often /proc/stat is read during a sample
+EDGE_S = 0.05           # left out at each end of netperf's run: its start and teardown
+GUARD_PAUSE_MARGIN_S = 60
+
+
+@dataclass(frozen=True)
+class Point:
+    """One cell of the matrix; every mode is measured at it once per repetition."""
+    rules: int
+    scenario: str
+    test: str
+    size: int | None = None
+    pin: str | None = None      # a PINS key: where netperf and netserver run
+
+    def label(self) -> str:
+        return " ".join(str(p) for p in (self.scenario, self.test, self.size and f"{self.size}B",
+                                          self.pin) if p)
 
 
 @dataclass
@@ -44,23 +80,38 @@ class BenchConfig:
     tests: tuple[str, ...] = TESTS
     sizes: tuple[int, ...] = SIZES
     duration: float = 5.0
-    repeat: int = 3
+    repeat: int = 10
     iptables_rules: tuple[int, ...] = (0,)
     lab_prefix: str = "hrb"
     quick: bool = False
+    aa: bool = False
+    cpu_pin: bool = False
 
-    def points(self) -> list[tuple[int, str, str, int | None]]:
-        """(rules, scenario, test, size) in run order; modes are interleaved inside each."""
-        pts = []
-        for rules in self.iptables_rules:
-            for scenario in self.scenarios:
-                for test in self.tests:
-                    for size in (self.sizes if test == "TCP_STREAM" else (None,)):
-                        pts.append((rules, scenario, test, size))
-        return pts
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return AA_MODES if self.aa else MODES
+
+    def workloads(self) -> list[tuple[str, int | None]]:
+        """(test, size) of every workload, in run order."""
+        return [(test, size) for test in self.tests
+                for size in (self.sizes if test == "TCP_STREAM" else (None,))]
+
+    def points(self) -> list[Point]:
+        """Every point in run order (rule counts outermost: filled once each)."""
+        pins = tuple(PINS) if self.cpu_pin else (None,)
+        return [Point(rules, scenario, test, size, pin)
+                for rules in self.iptables_rules for scenario in self.scenarios
+                for test, size in self.workloads() for pin in pins]
 
     def runs(self) -> int:
-        return len(self.points()) * len(MODES) * self.repeat
+        return len(self.points()) * len(self.modes) * self.repeat
+
+
+def rotated(modes: tuple[str, ...], rep: int) -> tuple[str, ...]:
+    """The order of the modes in repetition ``rep``: each mode goes first in turn, so no mode
+    always follows the same one (a warm cache or a just-finished neighbour)."""
+    k = rep % len(modes)
+    return modes[k:] + modes[:k]
 
 
 @dataclass
@@ -72,9 +123,73 @@ class Sample:
     size: int | None
     repeat: int
     values: dict[str, float]
-    seconds: float
-    cpu_s: float
+    seconds: float              # wall time of the netperf run
+    cpu_s: float                # system + softirq, all CPUs, over cpu_window_s
+    cpu_window_s: float = 0.0   # the part of netperf's measurement CPU was read over
+    cpu_by_cpu: list[float] = field(default_factory=list)
+    steal_s: float = 0.0        # stolen by the hypervisor over the same window
+    pin: str | None = None
     started_at: float = field(default_factory=time.time)
+
+
+# -- the machine -----------------------------------------------------------------------------
+
+def read_proc_stat() -> tuple[list[int], int]:
+    """(system + softirq jiffies per CPU, steal jiffies of all CPUs)."""
+    per_cpu, steal = [], 0
+    with open("/proc/stat") as f:
+        for line in f:
+            if not line.startswith("cpu"):
+                break
+            fields = line.split()
+            if fields[0] == "cpu":
+                steal = int(fields[8])
+            else:
+                per_cpu.append(int(fields[3]) + int(fields[7]))
+    return per_cpu, steal
+
+
+class CpuReader:
+    """/proc/stat every CPU_READ_S while a test runs, for ``between`` to cut a window from."""
+
+    def __init__(self, interval: float = CPU_READ_S):
+        self.interval = interval
+        self.readings: list[tuple[float, list[int], int]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+
+    def _read(self) -> None:
+        while True:
+            self.readings.append((time.monotonic(), *read_proc_stat()))
+            if self.stop.wait(self.interval):
+                break
+
+    def __enter__(self) -> "CpuReader":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.readings.append((time.monotonic(), *read_proc_stat()))
+
+    def between(self, start: float, end: float) -> tuple[float, list[float], float]:
+        """(seconds, system + softirq per CPU, steal) between the first reading at or after
+        ``start`` and the last at or before ``end``; all CPU figures in seconds."""
+        inside = [r for r in self.readings if start <= r[0] <= end]
+        if len(inside) < 2:     # a run too short for the interval: take it whole
+            inside = [self.readings[0], self.readings[-1]]
+        (t0, cpu0, st0), (t1, cpu1, st1) = inside[0], inside[-1]
+        return (t1 - t0, [(b - a) / CLK_TCK for a, b in zip(cpu0, cpu1)],
+                (st1 - st0) / CLK_TCK)
+
+
+def _mitigations() -> dict[str, str]:
+    d = Path("/sys/devices/system/cpu/vulnerabilities")
+    try:
+        return {p.name: p.read_text().strip() for p in sorted(d.iterdir())}
+    except OSError:
+        return {}
 
 
 def environment(cfg: BenchConfig) -> dict:
@@ -92,28 +207,71 @@ def environment(cfg: BenchConfig) -> dict:
     except ImportError:
         bcc_version = None
     return {
-        "kernel": platform.release(), "cpu": cpu, "cores": os.cpu_count(),
+        "kernel": platform.release(), "kernel_version": platform.version(), "cpu": cpu,
+        "cores": os.cpu_count(), "mitigations": _mitigations(),
         "python": platform.python_version(), "bcc": bcc_version,
         "netperf": version(["netperf", "-V"]), "iptables": version(["iptables", "--version"]),
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+        "modes": list(cfg.modes),
         "started_at": time.time(),
     }
 
 
-def _cpu_jiffies() -> int:
-    with open("/proc/stat") as f:
-        fields = f.readline().split()
-    return int(fields[3]) + int(fields[7])  # system + softirq
+def namespace_sysctls(ns: str) -> dict[str, str]:
+    """The net.* sysctls of a namespace (those that are per namespace), as sysctl prints them."""
+    proc = netns.run(ns, ["sysctl", "-a", "-r", r"^net\."], check=False)
+    out = {}
+    for line in proc.stdout.splitlines():
+        key, sep, value = line.partition(" = ")
+        if sep:
+            out[key] = value.strip()
+    return out
 
+
+def _default_key(key: str) -> str:
+    """A per-device key (net.ipv4.conf.eth0.x, net.ipv4.neigh.eth0.x) as its 'default' twin."""
+    parts = key.split(".")
+    if len(parts) > 4 and parts[2] in ("conf", "neigh") and parts[3] not in ("all", "default"):
+        return ".".join(parts[:3] + ["default"] + parts[4:])
+    return key
+
+
+def sysctl_differences(values: dict[str, str], fresh: dict[str, str]) -> dict[str, str]:
+    """What a namespace has that a fresh one has not (per-device keys against 'default';
+    a device's IPv6 mtu is its link's MTU, recorded with the offloads' devices, not a setting)."""
+    return {k: v for k, v in sorted(values.items())
+            if (f := fresh.get(k, fresh.get(_default_key(k)))) is not None and f != v
+            and not (k != _default_key(k) and k.endswith(".mtu"))}
+
+
+def device_offloads(ns: str) -> dict[str, dict[str, str]]:
+    """``ethtool -k`` of every device of a namespace: {device: {feature: on/off[ fixed]}}."""
+    with netns.ipr(ns) as ipr:
+        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+    out = {}
+    for dev in names:
+        proc = netns.run(ns, ["ethtool", "-k", dev], check=False)
+        feats = {}
+        for line in proc.stdout.splitlines()[1:]:
+            key, sep, value = line.strip().partition(": ")
+            if sep:
+                feats[key] = value.strip()
+        out[dev] = feats
+    return out
+
+
+# -- the labs --------------------------------------------------------------------------------
 
 class Bench:
-    """The two labs, the limit pair and the netservers, for one run."""
+    """The labs of one run (one per mode), the limit pair, the floor and the netservers."""
 
     def __init__(self, cfg: BenchConfig):
         self.cfg = cfg
-        self.labs = {"legacy": f"{cfg.lab_prefix}l", "ebpf": f"{cfg.lab_prefix}e"}
+        self.labs = {mode: f"{cfg.lab_prefix}{LAB_SUFFIX[mode]}" for mode in cfg.modes}
         self.topos: dict = {}
         self.servers: list[netperf.Netserver] = []
+        self.floor = None
+        self.limit_ns: tuple[str, str] | None = None
         self.retries: list[dict] = []      # runs that failed once and were repeated
 
     def setup(self, say=print) -> None:
@@ -121,20 +279,29 @@ class Bench:
         netperf.require_netperf()
         for mode, lab in self.labs.items():
             topo = load_topology(lab)
-            builder.lab_up(topo, configure_mode(mode))
+            configure = {"ebpf": configure_mode("ebpf"), "legacy": configure_mode("legacy"),
+                         "legacy-b": configure_mode("legacy")}.get(mode)  # limit, floor: none
+            builder.lab_up(topo, configure)
             self.topos[mode] = topo
             say(f"lab {lab} up ({mode})")
-        self.limit_ns = builder.add_veth_pair(self.labs["legacy"], "lima", "limb", *LIMIT_IPS)
-        server_ns = {self.limit_ns[1]}
-        for topo in self.topos.values():
-            server_ns |= {topo.nodes[0].pods[1].netns, topo.nodes[1].pods[0].netns,
-                          topo.external.netns, topo.nodes[1].netns}
+        if "limit" in self.labs:
+            self.limit_ns = builder.add_veth_pair(self.labs["limit"], "lima", "limb", *LIMIT_IPS)
+        if "floor" in self.labs:
+            from .floor import Floor
+            self.floor = Floor(self.topos["floor"])
+            self.floor.route_replies()
+        server_ns = set()
+        for scenario in self.cfg.scenarios:
+            for mode in self.labs:
+                server_ns.add(self.server_netns(scenario, mode))
         for ns in sorted(server_ns):
             self.servers.append(netperf.Netserver(ns))
 
     def teardown(self) -> None:
         for server in self.servers:
             server.close()
+        if self.floor:
+            self.floor.close()
         for lab in self.labs.values():
             try:
                 builder.lab_down(lab)
@@ -143,7 +310,7 @@ class Bench:
 
     def target(self, scenario: str, mode: str) -> tuple[str, str]:
         """(client namespace, server address) of a scenario in a mode."""
-        topo = self.topos["legacy" if mode == "limit" else mode]
+        topo = self.topos[mode]
         (a1, a2), (b1, _) = topo.nodes[0].pods[:2], topo.nodes[1].pods[:2]
         if mode == "limit":
             return {"same-node": (self.limit_ns[0], LIMIT_IPS[1]),
@@ -152,16 +319,28 @@ class Bench:
         return {"same-node": (a1.netns, a2.ip), "cross-node": (a1.netns, b1.ip),
                 "pod-to-external": (a1.netns, topo.external.ip)}[scenario]
 
+    def server_netns(self, scenario: str, mode: str) -> str:
+        topo = self.topos[mode]
+        if mode == "limit":
+            return {"same-node": self.limit_ns[1], "cross-node": topo.nodes[1].netns,
+                    "pod-to-external": topo.external.netns}[scenario]
+        return {"same-node": topo.nodes[0].pods[1].netns,
+                "cross-node": topo.nodes[1].pods[0].netns,
+                "pod-to-external": topo.external.netns}[scenario]
+
     def fill_iptables(self, count: int) -> None:
-        """kube-proxy-like rule chains in every node namespace of both labs.
+        """kube-proxy-like rule chains in every node namespace of the legacy and eBPF labs.
 
         The eBPF lab blocks new rules while enabled (as AKS does), so it goes
         back to legacy for the fill and is enabled again with --force, which
-        is what an operator who accepts the bypass does.
+        is what an operator who accepts the bypass does. The limit and floor
+        labs stay without rules.
         """
         from datapath import switch
         rules = iptables_rules(count)
         for mode, topo in self.topos.items():
+            if mode not in ("legacy", "legacy-b", "ebpf"):
+                continue
             if mode == "ebpf":
                 switch.disable_ebpf(load_state(topo.lab), topo)
             for node in topo.nodes:
@@ -170,8 +349,8 @@ class Bench:
             if mode == "ebpf":
                 switch.enable_ebpf(load_state(topo.lab), topo, force=True)
 
-    def empty_connection_tables(self) -> None:
-        """Conntrack of the legacy nodes, the BPF SNAT tables of the eBPF nodes.
+    def empty_connection_tables(self, mode: str) -> None:
+        """Conntrack of a legacy lab's nodes, the BPF SNAT tables of the eBPF nodes.
 
         Each sample starts with empty tables. Without this a run of TCP_CRR
         samples (10,000 connections a second, each held 120 s in TIME_WAIT by
@@ -179,30 +358,76 @@ class Bench:
         262,144 here) within half a minute, after which the kernel drops new
         connections ("nf_conntrack: table full") and netperf stalls: that
         measures the table's size, not the path. docs/benchmarks.md reports it.
+        The limit and floor labs track nothing.
         """
         from datapath import nat_table, switch
-        for node in self.topos["legacy"].nodes:
-            netns.run(node.netns, ["conntrack", "-F"], check=False)
-        ebpf = self.topos["ebpf"]
-        for node in ebpf.nodes:
-            with switch.node_maps(load_state(ebpf.lab), node) as maps:
-                nat_table.flush(maps)
+        topo = self.topos[mode]
+        if mode in ("legacy", "legacy-b"):
+            for node in topo.nodes:
+                netns.run(node.netns, ["conntrack", "-F"], check=False)
+        elif mode == "ebpf":
+            for node in topo.nodes:
+                with switch.node_maps(load_state(topo.lab), node) as maps:
+                    nat_table.flush(maps)
 
-    def measure(self, rules, scenario, mode, test, size, rep) -> Sample:
-        ns, host = self.target(scenario, mode)
-        self.empty_connection_tables()
+    def record_lab_settings(self) -> dict:
+        """Every lab sysctl that differs from a fresh namespace's, and every device's offloads."""
+        lab = next(iter(self.labs.values()))
+        fresh = f"{lab}-fresh"
+        state = load_state(lab)
+        state.namespaces.append(fresh)       # recorded first: removed with the lab whatever happens
+        state.save()
+        netns.create(fresh)
         try:
-            before = _cpu_jiffies()
-            result = netperf.run_test(ns, host, test, self.cfg.duration, size)
-        except (netperf.NetperfError, netns.NetnsError) as first:
-            # one more try: a run that hangs or fails once should not cost the whole bench;
-            # a second failure is real and ends it
-            self.retries.append({"scenario": scenario, "mode": mode, "test": test,
-                                 "size": size, "repeat": rep, "error": str(first)})
-            before = _cpu_jiffies()
-            result = netperf.run_test(ns, host, test, self.cfg.duration, size)
-        cpu_s = (_cpu_jiffies() - before) / CLK_TCK
-        return Sample(rules, scenario, mode, test, size, rep, result.values, result.seconds, cpu_s)
+            defaults = namespace_sysctls(fresh)
+        finally:
+            netns.remove(fresh)
+        out = {"sysctls": {}, "offloads": {}}
+        for ns in sorted({n for topo in self.topos.values() for n in topo.namespaces}
+                         | set(self.limit_ns or ())):
+            diff = sysctl_differences(namespace_sysctls(ns), defaults)
+            if diff:
+                out["sysctls"][ns] = diff
+            out["offloads"][ns] = device_offloads(ns)
+        return out
+
+    def measure(self, point: Point, mode: str, rep: int) -> Sample:
+        ns, host = self.target(point.scenario, mode)
+        self.empty_connection_tables(mode)
+        if mode == "floor":
+            self.floor.use(point.scenario)
+        guard_labs = [lab for m, lab in self.labs.items() if m == "ebpf"]
+        try:
+            try:
+                return self._measure_once(point, mode, rep, ns, host, guard_labs)
+            except (netperf.NetperfError, netns.NetnsError) as first:
+                # one more try: a run that hangs or fails once should not cost the whole
+                # bench; a second failure is real and ends it
+                self.retries.append({"scenario": point.scenario, "mode": mode,
+                                     "test": point.test, "size": point.size, "repeat": rep,
+                                     "error": str(first)})
+                return self._measure_once(point, mode, rep, ns, host, guard_labs)
+        finally:
+            from datapath import rule_guard
+            for lab in guard_labs:
+                rule_guard.resume(lab)
+
+    def _measure_once(self, point: Point, mode: str, rep: int, ns: str, host: str,
+                      guard_labs: list[str]) -> Sample:
+        from datapath import rule_guard
+        duration = self.cfg.duration
+        for lab in guard_labs:
+            rule_guard.pause(lab, duration + GUARD_PAUSE_MARGIN_S)
+        with CpuReader() as cpu:
+            result = netperf.run_test(ns, host, point.test, duration, point.size,
+                                      cpus=PINS.get(point.pin))
+            ended = time.monotonic()
+        # netperf measures for `duration` and then tears down: the measurement lies within
+        # [ended - duration, ended]; the edges hold its start and end
+        window, by_cpu, steal = cpu.between(ended - duration + EDGE_S, ended - EDGE_S)
+        return Sample(point.rules, point.scenario, mode, point.test, point.size, rep,
+                      result.values, result.seconds, sum(by_cpu), window, by_cpu, steal,
+                      point.pin)
 
 
 def iptables_rules(count: int) -> str:
@@ -231,25 +456,28 @@ def iptables_rules(count: int) -> str:
 
 
 def run_bench(cfg: BenchConfig, on_sample=None, progress=None) -> dict:
-    """Run the whole matrix; returns {"environment", "samples"} (summary added by the report)."""
+    """Run the whole matrix; returns {"environment", "lab_settings", "samples"} (the summary
+    is added by the report)."""
     bench = Bench(cfg)
     samples: list[Sample] = []
     env = environment(cfg)
+    settings: dict = {}
+    _, steal_before = read_proc_stat()
     try:
         bench.setup(say=(progress.log if progress else print))
+        settings = bench.record_lab_settings()
         task = progress.add_task("starting", total=cfg.runs()) if progress else None
         filled = 0
-        for rules, scenario, test, size in cfg.points():
-            if rules != filled:  # outermost loop: filled once per count
-                bench.fill_iptables(rules)
-                filled = rules
+        for point in cfg.points():
+            if point.rules != filled:  # outermost loop: filled once per count
+                bench.fill_iptables(point.rules)
+                filled = point.rules
             for rep in range(cfg.repeat):
-                order = MODES if rep % 2 == 0 else tuple(reversed(MODES))
-                for mode in order:
-                    label = f"{scenario} {test}{'' if size is None else f' {size}B'} {mode}"
+                for mode in rotated(cfg.modes, rep):
                     if progress:
-                        progress.update(task, description=f"{label} ({rep + 1}/{cfg.repeat})")
-                    sample = bench.measure(rules, scenario, mode, test, size, rep)
+                        progress.update(task, description=f"{point.label()} {mode} "
+                                        f"({rep + 1}/{cfg.repeat})")
+                    sample = bench.measure(point, mode, rep)
                     samples.append(sample)
                     if on_sample:
                         on_sample(sample)
@@ -258,5 +486,7 @@ def run_bench(cfg: BenchConfig, on_sample=None, progress=None) -> dict:
     finally:
         bench.teardown()
         env["finished_at"] = time.time()
+        env["steal_s"] = (read_proc_stat()[1] - steal_before) / CLK_TCK
         env["retried_runs"] = bench.retries
-    return {"environment": env, "samples": [asdict(s) for s in samples]}
+    return {"environment": env, "lab_settings": settings,
+            "samples": [asdict(s) for s in samples]}

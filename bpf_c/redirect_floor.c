@@ -1,0 +1,45 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * The benchmark's mechanism floor (datapath/bench/floor.py): on the hooks
+ * host_routing.c uses, a redirect and nothing else. No maps, no parsing
+ * beyond the EtherType, no MAC or TTL rewrite, no FIB lookup: the target
+ * device is a constant, FLOOR_IFINDEX, compiled in at load time (one build
+ * per constant). What eBPF host routing costs above this floor is its own
+ * logic; what the floor costs above the lab's limit is the redirect itself.
+ *
+ *   floor_peer   bpf_redirect_peer(): straight into the peer of FLOOR_IFINDEX
+ *                (a pod's eth0), as from_pod/from_underlay hand packets to pods
+ *   floor_neigh  bpf_redirect_neigh() out of FLOOR_IFINDEX (the node's uplink),
+ *                the next hop found by the kernel's FIB, as from_pod routes
+ *
+ * Only IPv4 is redirected: ARP must reach the node, or no neighbour would
+ * ever be resolved. A peer redirect needs no MAC rewrite to be delivered:
+ * the kernel scrubs the skb to PACKET_HOST on the way into the peer.
+ *
+ * Built with bcc (datapath/bpf_build.py).
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/pkt_cls.h>
+
+#ifndef FLOOR_IFINDEX
+#error "FLOOR_IFINDEX: the target device's ifindex, given at load time (-DFLOOR_IFINDEX=n)"
+#endif
+
+/* bcc 0.26 declares bpf_redirect_neigh() with the wrong prototype (as host_routing.c notes). */
+static long (*floor_redirect_neigh)(__u32 ifindex, struct bpf_redir_neigh *params, int plen,
+				    __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
+
+int floor_peer(struct __sk_buff *skb)
+{
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	return bpf_redirect_peer(FLOOR_IFINDEX, 0);
+}
+
+int floor_neigh(struct __sk_buff *skb)
+{
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	return floor_redirect_neigh(FLOOR_IFINDEX, NULL, 0, 0);
+}
