@@ -9,79 +9,34 @@
  *
  * A packet for a pod of this node goes straight into the pod's eth0 with
  * bpf_redirect_peer(); anything else a pod sends is routed with
- * bpf_fib_lookup() and bpf_redirect_neigh(); what leaves the cluster is
- * source-NATed to the node IP on the way (nat.h) and its replies translated
- * back in from_underlay. Whatever the programs do not
- * handle goes to the stack unchanged (TC_ACT_OK), so the legacy path is the
- * fallback. Every verdict is counted per reason (enum hr_reason) and, while
- * a monitor asks for it, traced to the `trace_events` ring buffer.
+ * bpf_fib_lookup() and bpf_redirect_neigh(); one too big for its way out is
+ * answered or left to the stack (pmtu.h); what leaves the cluster is
+ * source-NATed to the node IP on the way (nat.h, frag.h) and its replies
+ * translated back in from_underlay. Whatever the programs do not handle goes
+ * to the stack unchanged (TC_ACT_OK), so the legacy path is the fallback.
+ * Every verdict is counted per reason (enum hr_reason) and, while a monitor
+ * asks for it, traced to the `trace_events` ring buffer.
  *
- * Built with bcc (datapath/bpf_build.py): maps use bcc's macros.
+ * This file holds the maps and the programs; the mechanics of each decision
+ * live in the header named after it (parse.h, ipv4_check.h, pmtu.h, nat.h;
+ * csum.h the checksums, compat.h what bcc 0.26 lacks).
+ *
+ * Built with bcc (datapath/bpf_build.py): maps use bcc's macros, which bcc
+ * rewrites in this file only, so the headers reach their maps through the
+ * accessors defined here.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
-#include <uapi/linux/icmp.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/pkt_cls.h>
 
 #include "hostrouting_shared.h"
+#include "compat.h"
 #include "parse.h"
 #include "csum.h"
 #include "ipv4_check.h"
-
-#ifndef AF_INET
-#define AF_INET 2
-#endif
-#ifndef EINVAL
-#define EINVAL 22
-#endif
-/* skb->pkt_type, as uapi/linux/if_packet.h numbers them */
-#ifndef PACKET_BROADCAST
-#define PACKET_BROADCAST	1
-#define PACKET_MULTICAST	2
-#endif
-
-#define HR_ICMP_TTL	64
-/* IP precedence "internetwork control", as the kernel's own ICMP errors use. */
-#define HR_ICMP_TOS	0xc0
-/* RFC 792: the offending header plus the first 64 bits of its payload, at least. */
-#define HR_ICMP_QUOTE	8
-/*
- * At most: RFC 1812 4.3.2.3 (and the kernel's own icmp_send()) quote as much
- * of the packet as fits in a 576-byte ICMP datagram, 548 bytes. Quoting that
- * much is also what makes the reply possible at all for a segment whose L4
- * checksum is left to the device (CHECKSUM_PARTIAL): bpf_skb_change_tail()
- * refuses (-EINVAL) to cut such a packet before the end of its checksum field
- * (csum_start + csum_offset + 2, 18 bytes into TCP), so "IPv4 header + 8 bytes"
- * could never be built from an offloaded TCP segment.
- */
-#define HR_ICMP_QUOTE_MAX	(576 - 20 - 8)
-
-/*
- * Linux 6.3+: find the route and next hop but leave the neighbour alone
- * (the 6.1 uapi headers bcc compiles against do not have it yet).
- * bpf_redirect_neigh() resolves the next hop itself, queueing the packet
- * meanwhile, so the first packets towards a next hop not yet in the
- * neighbour table need not take the stack's path (and its conntrack).
- */
-#ifndef BPF_FIB_LOOKUP_SKIP_NEIGH
-#define BPF_FIB_LOOKUP_SKIP_NEIGH	(1U << 2)
-#endif
-
-/*
- * bcc 0.26 declares these two helpers with the wrong prototype: the kernel's
- * bpf_redirect_neigh() takes (ifindex, params, plen, flags), and
- * bpf_csum_diff() returns a 64-bit value whose low 32 bits are the sum (an
- * int would turn sums >= 2^31 into "errors"). Declare them as the kernel does.
- */
-static long (*hr_check_mtu)(void *ctx, __u32 ifindex, __u32 *mtu_len, __s32 len_diff,
-			    __u64 flags) = (void *)BPF_FUNC_check_mtu;
-static long (*hr_redirect_neigh)(__u32 ifindex, struct bpf_redir_neigh *params, int plen,
-				 __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
-static __s64 (*hr_csum_diff)(void *from, __u32 from_size, void *to, __u32 to_size,
-			     __u32 seed) = (void *)BPF_FUNC_csum_diff;
-
+#include "pmtu.h"
 #include "nat.h"
 
 BPF_HASH(endpoints, __u32, struct hr_endpoint, 1024);
@@ -113,12 +68,9 @@ BPF_PERCPU_ARRAY(nat_scratch, struct hr_nat_scratch, 1);
 #define HR_FRAG_MAP_SIZE 8192
 #endif
 BPF_TABLE("lru_hash", struct hr_frag_key, struct hr_frag_entry, nat_frags, HR_FRAG_MAP_SIZE);
-/* The quote of a frag-needed, for its checksum: too big for the 512-byte stack. */
-struct hr_icmp_quote {
-	__u8 data[HR_ICMP_QUOTE_MAX + 4];	/* + 4: zeros, summed with an odd-sized quote */
-};
-BPF_PERCPU_ARRAY(icmp_quote, struct hr_icmp_quote, 1);
+BPF_PERCPU_ARRAY(icmp_quote, struct hr_icmp_quote, 1);	/* pmtu.h */
 
+/* Map accessors for the headers (bcc rewrites map calls in this file only). */
 static __always_inline struct hr_nat_entry *nat_lookup(struct hr_nat_key *key)
 {
 	return nat.lookup(key);
@@ -150,6 +102,13 @@ static __always_inline struct hr_frag_entry *frag_lookup(struct hr_frag_key *key
 static __always_inline void frag_update(struct hr_frag_key *key, struct hr_frag_entry *value)
 {
 	nat_frags.update(key, value);
+}
+
+static __always_inline struct hr_icmp_quote *icmp_quote_get(void)
+{
+	__u32 zero = 0;
+
+	return icmp_quote.lookup(&zero);
 }
 
 /*
@@ -239,135 +198,6 @@ static __always_inline __u32 *cluster_range(__u32 addr)
 static __always_inline int in_cluster(__u32 addr)
 {
 	return cluster_range(addr) != 0;
-}
-
-/*
- * Does the packet fit the MTU of egress device `ifindex`? A GSO packet is
- * checked segment by segment (BPF_MTU_CHK_SEGS; the kernel's ip_forward()
- * does the same), any other by its IPv4 total length, whatever the device's
- * link-layer header. The device's MTU is left in *mtu. A device that cannot be checked
- * (gone) counts as fitting: the redirect to it fails on its own.
- */
-static __always_inline int fits_egress(struct __sk_buff *skb, struct hr_pkt *pkt, __u32 ifindex,
-				       __u32 *mtu)
-{
-	long rc;
-
-	if (skb->gso_size) {
-		*mtu = 0;	/* with BPF_MTU_CHK_SEGS: must be 0, the skb is measured */
-		rc = hr_check_mtu(skb, ifindex, mtu, 0, BPF_MTU_CHK_SEGS);
-	} else {
-		*mtu = bpf_ntohs(pkt->ip->tot_len);
-		rc = hr_check_mtu(skb, ifindex, mtu, 0, 0);
-	}
-	return rc != BPF_MTU_CHK_RET_FRAG_NEEDED && rc != BPF_MTU_CHK_RET_SEGS_TOOBIG;
-}
-
-/*
- * Answer a packet too big for the egress device (DF set) with an ICMP
- * Destination Unreachable / Fragmentation Needed built from the packet:
- *
- *   before: eth | IPv4 (ihl_len) | payload ...
- *   after:  eth (MACs swapped) | IPv4 (20) | ICMP (8) | the packet's first
- *           quote_len bytes: its IPv4 header and payload, 548 bytes at most
- *
- * from `saddr` (0: the pods' gateway, cfg->router_ip), for the caller to send
- * back where it came from (into a pod, or out of the underlay to a remote).
- * Returns 0, or -1 when a helper failed (the packet may then be half
- * rewritten: the caller drops it).
- *
- * A TCP segment from a pod usually has its checksum left to the device
- * (CHECKSUM_PARTIAL), and no helper changes that state: the reply keeps it,
- * with csum_start/csum_offset now pointing at the quoted TCP checksum field.
- * That is harmless where the reply goes, the ingress of the pod's eth0
- * (CHECKSUM_PARTIAL counts as verified there and nothing finishes it); its
- * ICMP checksum is computed here over the bytes as they are.
- */
-static __always_inline int icmp_frag_needed(struct __sk_buff *skb, struct hr_pkt *pkt, __u32 mtu,
-					    __u32 saddr)
-{
-	struct hr_icmp_quote *quote;
-	__u8 macs[2 * ETH_ALEN];
-	struct icmphdr icmp = {};
-	struct iphdr ip = {};
-	struct hr_config *cfg;
-	__u64 quote_len, ip_len, *word;
-	__u32 zero = 0, i;
-	__s64 sum;
-
-	cfg = config.lookup(&zero);
-	if (!cfg)
-		return -1;
-	quote = icmp_quote.lookup(&zero);
-	if (!quote)
-		return -1;
-
-	/* The datagram without Ethernet padding (a GSO packet's may be 0: then skb->len). */
-	quote_len = skb->len - sizeof(struct ethhdr);
-	ip_len = bpf_ntohs(pkt->ip->tot_len);
-	if (ip_len && ip_len < quote_len)
-		quote_len = ip_len;
-	if (quote_len > HR_ICMP_QUOTE_MAX)
-		quote_len = HR_ICMP_QUOTE_MAX;
-	if (quote_len < pkt->ihl_len + HR_ICMP_QUOTE)
-		return -1;
-	quote_len &= 0x3ff;	/* already 28..548: tells the verifier so */
-	if (quote_len < 1 || quote_len > HR_ICMP_QUOTE_MAX)
-		return -1;
-
-	/* Everything the reply needs from the packet, read before it changes. */
-	__builtin_memcpy(macs, pkt->eth->h_source, ETH_ALEN);
-	__builtin_memcpy(macs + ETH_ALEN, pkt->eth->h_dest, ETH_ALEN);
-	/* zeros after the quote, so that summing the whole buffer sums the quote */
-	word = (__u64 *)quote->data;
-#pragma unroll
-	for (i = 0; i < sizeof(*quote) / sizeof(*word); i++)
-		word[i] = 0;
-	if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), quote->data, quote_len) < 0)
-		return -1;
-
-	ip.version = 4;
-	ip.ihl = 5;
-	ip.tos = HR_ICMP_TOS;
-	ip.tot_len = bpf_htons(sizeof(ip) + sizeof(icmp) + quote_len);
-	ip.ttl = HR_ICMP_TTL;
-	ip.protocol = IPPROTO_ICMP;
-	ip.saddr = saddr ? saddr : cfg->router_ip;
-	ip.daddr = pkt->saddr;
-	sum = hr_csum_diff(0, 0, (void *)&ip, sizeof(ip), 0);
-	if (sum < 0)
-		return -1;
-	ip.check = csum_fold32((__u32)sum);
-
-	icmp.type = ICMP_DEST_UNREACH;
-	icmp.code = ICMP_FRAG_NEEDED;
-	icmp.un.frag.mtu = bpf_htons((__u16)mtu);
-	sum = hr_csum_diff(0, 0, (void *)&icmp, sizeof(icmp), 0);
-	if (sum < 0)
-		return -1;
-	/* in two halves: older kernels sum at most 512 bytes a call */
-	sum = hr_csum_diff(0, 0, (void *)quote->data, sizeof(*quote) / 2, (__u32)sum);
-	if (sum < 0)
-		return -1;
-	sum = hr_csum_diff(0, 0, (void *)(quote->data + sizeof(*quote) / 2), sizeof(*quote) / 2,
-			   (__u32)sum);
-	if (sum < 0)
-		return -1;
-	icmp.checksum = csum_fold32((__u32)sum);
-
-	/* Trim to eth + the quote (the quote stays where it is), then open room behind eth. */
-	if (bpf_skb_change_tail(skb, sizeof(struct ethhdr) + quote_len, 0) < 0)
-		return -1;
-	if (bpf_skb_adjust_room(skb, sizeof(ip) + sizeof(icmp), BPF_ADJ_ROOM_MAC, 0) < 0)
-		return -1;
-
-	if (bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0) < 0)
-		return -1;
-	if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &ip, sizeof(ip), 0) < 0)
-		return -1;
-	if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr) + sizeof(ip), &icmp, sizeof(icmp), 0) < 0)
-		return -1;
-	return 0;
 }
 
 /* Traffic leaving a pod, at ingress of its host-side veth. */
@@ -508,7 +338,7 @@ too_big:
 		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FRAG_NEEDED, 0, TC_ACT_OK);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && !stack_fragments) {
 		ifindex = skb->ifindex;
-		if (icmp_frag_needed(skb, &pkt, fib.mtu_result, 0) < 0)
+		if (icmp_frag_needed(skb, &pkt, fib.mtu_result, cfg->router_ip) < 0)
 			return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_DROP_ICMP_FAILED, 0,
 				       TC_ACT_SHOT);
 		/* Back into the pod it came from: the peer of this very veth. */

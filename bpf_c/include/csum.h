@@ -11,9 +11,7 @@
 
 #include <uapi/linux/ip.h>
 
-#ifndef __always_inline
-#define __always_inline inline __attribute__((always_inline))
-#endif
+#include "compat.h"
 
 /* Fold a 32-bit partial sum (as returned by bpf_csum_diff) to the 16-bit checksum. */
 static __always_inline __u16 csum_fold32(__u32 sum)
@@ -21,6 +19,20 @@ static __always_inline __u16 csum_fold32(__u32 sum)
 	sum = (sum & 0xffff) + (sum >> 16);
 	sum = (sum & 0xffff) + (sum >> 16);
 	return (__u16)~sum;
+}
+
+/* Incremental checksum update (RFC 1624) of a 16-bit checksum for a 4-byte change. */
+static __always_inline __u16 csum_replace4(__u16 check, __u32 from, __u32 to)
+{
+	__s64 sum = hr_csum_diff(&from, sizeof(from), &to, sizeof(to), (__u16)~check);
+
+	return sum < 0 ? check : csum_fold32((__u32)sum);
+}
+
+/* The same for a 2-byte field (held in the low half, in packet byte order). */
+static __always_inline __u16 csum_replace2(__u16 check, __u16 from, __u16 to)
+{
+	return csum_replace4(check, (__u32)from, (__u32)to);
 }
 
 /*

@@ -17,8 +17,7 @@
  * by), so that a delete never hits a fresh entry another CPU put under the
  * same key meanwhile.
  *
- * Included by host_routing.c after its helper declarations (hr_csum_diff).
- * bcc rewrites map calls (`nat_lookup()`) only in the file it compiles, not
+ * bcc rewrites map calls (`nat.lookup()`) only in the file it compiles, not
  * in headers, so the map accesses here go through accessors that
  * host_routing.c defines, next to the maps (declared below).
  */
@@ -102,20 +101,6 @@ static __always_inline struct hr_nat_entry *nat_lookup(struct hr_nat_key *key);
 static __always_inline int nat_insert(struct hr_nat_key *key, struct hr_nat_entry *value);
 static __always_inline void nat_remove(struct hr_nat_key *key);
 static __always_inline struct hr_nat_scratch *nat_scratch_get(void);
-
-/* Incremental checksum update (RFC 1624) of a 16-bit checksum for a 4-byte change. */
-static __always_inline __u16 csum_replace4(__u16 check, __u32 from, __u32 to)
-{
-	__s64 sum = hr_csum_diff(&from, sizeof(from), &to, sizeof(to), (__u16)~check);
-
-	return sum < 0 ? check : csum_fold32((__u32)sum);
-}
-
-/* The same for a 2-byte field (held in the low half, in packet byte order). */
-static __always_inline __u16 csum_replace2(__u16 check, __u16 from, __u16 to)
-{
-	return csum_replace4(check, (__u32)from, (__u32)to);
-}
 
 /*
  * Read ports (TCP, UDP) or the ICMP type and identifier. `out` says which

@@ -19,10 +19,7 @@
 #include <uapi/linux/udp.h>
 
 #include "hostrouting_shared.h"
-
-#ifndef __always_inline
-#define __always_inline inline __attribute__((always_inline))
-#endif
+#include "compat.h"
 
 /* Byte-order conversion usable in constant expressions (BPF is little-endian here). */
 #define HR_HTONS(x) ((__u16)__builtin_bswap16((__u16)(x)))
