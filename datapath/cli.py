@@ -129,13 +129,23 @@ def cmd_doctor(args) -> int:
     return run_doctor(args.json)
 
 
+def _built(lab: str) -> tuple:
+    """The lab's record and topology, for a command that changes a finished lab."""
+    state, topo = _topology_of(lab)
+    if state.phase != "ready":
+        raise CliError(f"lab {lab}: lab up has not finished (phase {state.phase}: still "
+                       f"running, or killed); remove it with: hostrouting lab down --lab {lab}")
+    return state, topo
+
+
 def cmd_enable(args) -> int:
     _require_root()
     from datapath import switch
     with lab_lock(args.lab):
-        state, topo = _topology_of(args.lab)
-        switch.enable_ebpf(state, topo, force=args.force)
-    print(f"lab {args.lab}: eBPF host routing enabled on {len(topo.nodes)} nodes")
+        state, topo = _built(args.lab)
+        done = switch.enable_ebpf(state, topo, force=args.force)
+    print(f"lab {args.lab}: eBPF host routing enabled on {len(topo.nodes)} nodes" if done else
+          f"lab {args.lab}: eBPF host routing is enabled already; nothing to do")
     return 0
 
 
@@ -143,13 +153,15 @@ def cmd_disable(args) -> int:
     _require_root()
     from datapath import switch
     with lab_lock(args.lab):
-        state, topo = _topology_of(args.lab)
-        switch.disable_ebpf(state, topo)
-    print(f"lab {args.lab}: back to legacy routing on {len(topo.nodes)} nodes")
+        state, topo = _built(args.lab)
+        done = switch.disable_ebpf(state, topo)
+    print(f"lab {args.lab}: back to legacy routing on {len(topo.nodes)} nodes" if done else
+          f"lab {args.lab}: legacy routing already; nothing to do")
     return 0
 
 
 def cmd_status(args) -> int:
+    """Exit 0 when the kernel has what the record wants, 3 when they differ."""
     _require_root()
     from datapath import cli_output, switch
     state, topo = _topology_of(args.lab)
@@ -158,6 +170,10 @@ def cmd_status(args) -> int:
         _print_json(status)
     else:
         cli_output.print_status(status)
+    if not status["converged"]:
+        print(f"hostrouting: lab {args.lab} differs from its record; converge with: "
+              f"{status['fix']}", file=sys.stderr)
+        return 3
     return 0
 
 

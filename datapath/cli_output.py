@@ -35,23 +35,32 @@ def print_labs(labs: list[dict]) -> None:
 
 
 def print_status(status: dict) -> None:
-    table = Table(title=f"lab {status['lab']}: {status['mode']} routing")
-    for col in ("node", "device", "hook", "program", "id"):
+    table = Table(title=f"lab {status['lab']}: {status['mode']} routing wanted")
+    for col in ("node", "observed", "device", "hook", "program", "id"):
         table.add_column(col)
     for node in status["nodes"]:
-        for att in node["attached"]:
+        first = True
+        for att in node["attached"] or [{"ifname": "-", "hook": "-", "programs": []}]:
             progs = att["programs"] or [{"name": "-", "id": "-"}]
             for p in progs:
-                table.add_row(node["name"], att["ifname"], att["hook"], p["name"], str(p["id"]))
+                table.add_row(node["name"] if first else "", node["mode"] if first else "",
+                              att["ifname"], att["hook"], p["name"], str(p["id"]))
+                first = False
     console = Console()
     console.print(table)
+    if status["converged"]:
+        console.print("observed = desired")
+    else:
+        console.print("[bold red]observed differs from desired:[/]")
+        for line in status["differences"]:
+            console.print(f"  lab: {line}")
+        for node in status["nodes"]:
+            for line in node["differences"]:
+                console.print(f"  {node['name']}: {line}")
+        console.print(f"converge with: [bold]{status['fix']}[/]")
     blocking = status["rule_blocking"]
-    console.print(f"new firewall rules in node namespaces: blocked by {blocking['active']}"
-                  + (f" (guard pid {blocking['guard_pid']})" if blocking["guard_pid"] else ""))
-    if status["mode"] == "ebpf" and not blocking["guard_pid"]:
-        console.print("[bold red]the rule guard is not running: firewall changes in node "
-                      "namespaces are not blocked[/] (hostrouting disable, then enable, "
-                      "starts it again)")
+    console.print(f"new firewall rules in node namespaces: blocked by {blocking['active']} "
+                  f"(rule guard {blocking['guard']})")
     for backend, how in blocking["backends"].items():
         console.print(f"  {backend}: {how}")
     console.print(f"BPF LSM: {blocking['bpf_lsm']['detail']}")

@@ -43,7 +43,7 @@ def saved_rules(ns: str, backend: str) -> list[Rule]:
     tool = f"{backend}-save"
     if shutil.which(tool) is None:
         return []
-    proc = netns.run(ns, [tool], check=False)
+    proc = netns.run(ns, [tool], check=False, changes=False)
     rules, table = [], ""
     for line in proc.stdout.splitlines():
         if line.startswith("*"):
@@ -63,7 +63,8 @@ def saved_rules(ns: str, backend: str) -> list[Rule]:
 
 def _nft_rule_texts(ns: str, family: str, table: str, chain: str) -> dict[int, str]:
     """handle -> the rule in nft syntax, as `nft -a list chain` prints it."""
-    proc = netns.run(ns, ["nft", "-a", "list", "chain", family, table, chain], check=False)
+    proc = netns.run(ns, ["nft", "-a", "list", "chain", family, table, chain], check=False,
+                     changes=False)
     texts = {}
     for line in proc.stdout.splitlines():
         if m := re.match(r"^\s*(.*\S)\s+# handle (\d+)$", line):

@@ -4,14 +4,18 @@ The programs emit a trace record per verdict into each node's ring buffer,
 but only while the ``trace`` flag of that node's config map is set, so the
 datapath pays nothing for tracing when nobody listens. The monitor sets the
 flag on every node, polls the ring buffers, prints what matches, and clears
-the flag again however it ends (Ctrl-C, SIGTERM, --count reached). If two
-monitors run at once, the first to stop switches tracing off for both.
+the flag again however it ends (Ctrl-C, SIGTERM, --count reached), unless
+another monitor of the lab still runs. Each monitor keeps a pidfile
+(``<lab>.monitor-<pid>``) while it runs: a monitor killed with SIGKILL leaves
+tracing on, and ``status`` reports that (tracing on, no monitor running) as a
+difference that ``enable`` repairs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from datetime import datetime
 
@@ -54,10 +58,15 @@ def run_monitor(state, topo: Topology, kind: str = "trace", pod: str | None = No
                 count: int | None = None, duration: float | None = None, as_json: bool = False,
                 emit=print) -> int:
     """Stream events until count/duration/interrupt; returns how many were printed."""
+    from datapath.observe import monitor_pidfile, monitors
     from datapath.switch import node_maps
+    from netns_lab import procs
     pod_ip = topo.find_pod(pod)[1].ip if pod else None
     printed = 0
+    pidfile = monitor_pidfile(topo.lab, os.getpid())
     with contextlib.ExitStack() as stack:
+        procs.write_pidfile(pidfile)
+        stack.callback(pidfile.unlink, missing_ok=True)
         readers = []
         for node in topo.nodes:
             maps = stack.enter_context(node_maps(state, node))
@@ -66,7 +75,7 @@ def run_monitor(state, topo: Topology, kind: str = "trace", pod: str | None = No
             readers.append((node.name, names, pending, stack.enter_context(
                 contextlib.closing(maps.trace_reader(pending.append)))))
             maps.set_trace(True)
-            stack.callback(maps.set_trace, False)
+            stack.callback(_trace_off_unless_watched, topo.lab, maps, monitors)
         deadline = time.monotonic() + duration if duration else None
         while (count is None or printed < count) and \
                 (deadline is None or time.monotonic() < deadline):
@@ -79,3 +88,8 @@ def run_monitor(state, topo: Topology, kind: str = "trace", pod: str | None = No
                         printed += 1
                 pending.clear()
     return printed
+
+
+def _trace_off_unless_watched(lab: str, maps, monitors) -> None:
+    if not [p for p in monitors(lab) if p.pid != os.getpid()]:
+        maps.set_trace(False)

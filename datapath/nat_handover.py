@@ -114,7 +114,8 @@ def liberal_tcp_tracking(node: Node) -> None:
 
 def masqueraded(topo: Topology, node: Node) -> list[CtFlow]:
     """The node's conntrack entries of its pods' flows masqueraded to the node IP."""
-    proc = netns.run(node.netns, ["conntrack", "-L", "-o", "extended"], check=False)
+    proc = netns.run(node.netns, ["conntrack", "-L", "-o", "extended"], check=False,
+                     changes=False)
     pods = ipaddress.IPv4Network(node.pod_cidr)
     inside = [ipaddress.IPv4Network(c) for c in topo.non_masquerade_cidrs]
     return [f for f in parse_conntrack(proc.stdout)

@@ -120,7 +120,7 @@ def parse(items: list[dict], unreadable: list[TableKey] = ()) -> Snapshot:
 
 
 def _nft(ns: str, *args: str) -> str:
-    proc = netns.run(ns, ["nft", *args], check=False)
+    proc = netns.run(ns, ["nft", *args], check=False, changes=False)
     if proc.returncode != 0:
         raise NftError(f"{ns}: nft {' '.join(args)}: {proc.stderr.strip()}")
     return proc.stdout
@@ -156,11 +156,12 @@ def snapshot(ns: str, with_texts: bool = False) -> Snapshot:
     snap = parse(*ruleset_items(ns))
     if with_texts:
         for fam, table in snap.tables:
-            text = netns.run(ns, ["nft", "list", "table", fam, table], check=False).stdout
+            text = netns.run(ns, ["nft", "list", "table", fam, table], check=False,
+                             changes=False).stdout
             snap.texts[(fam, table)] = text
             if _XT_COMPAT.search(text) and fam in XT_SAVE and table in XTABLES:
                 snap.xt_saves[(fam, table)] = netns.run(
-                    ns, [XT_SAVE[fam], "-t", table], check=False).stdout
+                    ns, [XT_SAVE[fam], "-t", table], check=False, changes=False).stdout
     return snap
 
 

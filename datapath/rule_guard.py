@@ -27,6 +27,16 @@ blocked change is one ``BlockedRule`` Warning event naming it and its writer.
 The guard runs as a daemon inside the first node's namespace, so removing the
 lab ends it with everything else; ``disable`` stops it.
 
+The guard is known by its pidfile (``<lab>.guard`` in the state directory),
+which it writes itself once it blocks: its pid and start time (checked
+against /proc before it is trusted or signalled: pids are reused), the
+mechanisms in force, the nodes and programs it serves. Every ``HEARTBEAT_S``
+it touches the file, as long as every one of its threads runs; a guard whose
+thread died says so in an event and exits, and ``find`` calls a guard whose
+heartbeat is older than ``HEARTBEAT_STALE_S`` stuck. A guard not named by the
+pidfile but carrying its path on its command line (one whose start was
+killed) is an orphan; converge stops it.
+
 Being the lab's one long-lived process while eBPF host routing is on, the
 guard also keeps the BPF SNAT tables bounded: every ``NAT_SWEEP_S`` it
 deletes expired flows (datapath/nat_table.py) and records a Warning event when
@@ -45,15 +55,20 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import events, nft_ruleset, xtables_refusal
-from netns_lab import netns
+from netns_lab import faults, netns, procs
+from netns_lab.state import guard_pidfile
 
 LEGACY_POLL_S = 0.5
 NAT_SWEEP_S = 5.0
 NAT_FULL_FRACTION = 0.9
 REVERT_TRIES = 5
+HEARTBEAT_S = 1.0
+HEARTBEAT_STALE_S = 10.0
+MODULE = "datapath.rule_guard"
 LSM_LIST = Path("/sys/kernel/security/lsm")
 LEGACY_TOOLS = ("iptables-legacy", "ip6tables-legacy")
 NFT_BACKENDS = ("iptables-nft", "ip6tables-nft", "nftables")
@@ -71,29 +86,52 @@ def bpf_lsm_status() -> tuple[bool, str]:
     return False, f"'bpf' is not in the active LSM list ({active or 'empty'}): boot with lsm=...,bpf"
 
 
-def mechanisms(guard_pid: int, backends: dict[str, str] | None = None) -> dict:
+@dataclass
+class Found:
+    """The lab's guards as /proc and the pidfile have them."""
+    guard: procs.Process | None          # the one the pidfile names, when it runs
+    details: dict                        # what it recorded: backends, nodes, nat
+    heartbeat_age: float | None          # seconds since its last heartbeat
+    orphans: list[procs.Process]         # other guards of the lab
+
+    @property
+    def live(self) -> bool:
+        return self.guard is not None and self.heartbeat_age is not None and \
+            self.heartbeat_age <= HEARTBEAT_STALE_S
+
+    def describe(self) -> str:
+        if self.guard is None:
+            return "not running"
+        if not self.live:
+            return f"stuck (pid {self.guard.pid}, no heartbeat for {self.heartbeat_age:.0f}s)"
+        return f"running (pid {self.guard.pid})"
+
+
+def find(lab: str) -> Found:
+    """The guard the pidfile names (only while pid, start time and command line match), and
+    any other process carrying the pidfile's path on its command line."""
+    path = guard_pidfile(lab)
+    recorded = procs.read_pidfile(path)
+    guard, details, age = None, {}, None
+    if recorded and recorded[0].runs(MODULE, str(path)):
+        guard, details, age = recorded
+    orphans = [p for p in procs.find(MODULE, str(path)) if p != guard]
+    return Found(guard, details, age, orphans)
+
+
+def mechanisms(found: Found) -> dict:
     """What blocks rule changes now: per backend, as the running guard reported it."""
-    running = guard_pid > 0 and _alive(guard_pid)
     lsm_ok, lsm_detail = bpf_lsm_status()
-    backends = dict(backends or {}) if running else {}
+    backends = dict(found.details.get("backends") or {}) if found.live else {}
     kinds = sorted(set(backends.values()))
     return {
         "active": " + ".join(kinds) if kinds else "none",
-        "guard_pid": guard_pid if running else None,
+        "guard_pid": found.guard.pid if found.live else None,
+        "guard": found.describe(),
+        "orphans": [p.pid for p in found.orphans],
         "backends": backends,
         "bpf_lsm": {"available": lsm_ok, "detail": lsm_detail},
     }
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is not a guard
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def start(lab: str, node_netns: dict[str, str], nat_progs: dict[str, int] | None = None,
@@ -110,6 +148,9 @@ def start(lab: str, node_netns: dict[str, str], nat_progs: dict[str, int] | None
     nat_spec = ",".join(f"{name}={pid}" for name, pid in (nat_progs or {}).items())
     first_ns = next(iter(node_netns.values()))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    for name in (faults.AT_ENV, faults.TRACE_ENV):  # the guard's own calls are not counted
+        env.pop(name, None)
+    faults.point(f"start the rule guard of {lab}")
     try:
         if not refuse_xtables:
             raise xtables_refusal.RefusalUnavailable("not asked for")
@@ -118,7 +159,8 @@ def start(lab: str, node_netns: dict[str, str], nat_progs: dict[str, int] | None
         cgroup_fd, no_cgroup = -1, str(e)
     try:
         proc = subprocess.Popen(["ip", "netns", "exec", first_ns, sys.executable, "-m",
-                                 "datapath.rule_guard", "--lab", lab, "--nodes", spec,
+                                 MODULE, "--lab", lab, "--pidfile", str(guard_pidfile(lab)),
+                                 "--nodes", spec,
                                  "--nat", nat_spec, "--cgroup-fd", str(cgroup_fd),
                                  "--no-cgroup", no_cgroup],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -138,21 +180,20 @@ def start(lab: str, node_netns: dict[str, str], nat_progs: dict[str, int] | None
 
 
 def stop(pid: int, timeout: float = 5) -> None:
-    if pid <= 0 or not _alive(pid):
-        return
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.02)
-    if _alive(pid):
-        os.killpg(pid, signal.SIGKILL)
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
+    """Stop the guard with this pid, if that pid still is a guard (never another process
+    that got the number later)."""
+    proc = procs.Process.of(pid) if pid > 0 else None
+    if proc is not None:
+        proc.stop(MODULE, timeout=timeout)
+
+
+def stop_all(lab: str) -> int:
+    """Stop every guard of the lab (the pidfile's and orphans); returns how many ran."""
+    found = find(lab)
+    stopped = sum(p.stop(MODULE, str(guard_pidfile(lab)))
+                  for p in ([found.guard] if found.guard else []) + found.orphans)
+    guard_pidfile(lab).unlink(missing_ok=True)
+    return stopped
 
 
 def pause_file(lab: str) -> Path:
@@ -183,8 +224,10 @@ def paused(lab: str) -> bool:
 
 
 class Guard:
-    def __init__(self, lab: str, nodes: dict[str, str], nat_progs: dict[str, int] | None = None):
-        self.lab, self.nodes = lab, nodes
+    def __init__(self, lab: str, nodes: dict[str, str], nat_progs: dict[str, int] | None = None,
+                 pidfile: Path | None = None):
+        self.lab, self.nodes, self.pidfile = lab, nodes, pidfile
+        self.workers: list[threading.Thread] = []
         self.nat_progs = nat_progs or {}
         self.stopping = threading.Event()
         self.watching = threading.Semaphore(0)   # released once per node watched
@@ -325,7 +368,7 @@ class Guard:
         except (OSError, xtables_refusal.RefusalUnavailable) as e:
             return str(e)
         self.refusal.on_refusal(self.refused)
-        threading.Thread(target=self.read_refusals, daemon=True).start()
+        self.worker(self.read_refusals)
         return ""
 
     def refused(self, ev) -> None:
@@ -410,9 +453,15 @@ class Guard:
         seen[(node, reason)] = now
         return max(0, now - before)
 
+    def worker(self, target, *args) -> None:
+        """A thread the guard cannot do without: its end ends the heartbeat and the guard."""
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self.workers.append(thread)
+        thread.start()
+
     def run(self, cgroup_fd: int, no_cgroup: str) -> int:
         for node, ns in self.nodes.items():
-            threading.Thread(target=self.watch_nftables, args=(node, ns), daemon=True).start()
+            self.worker(self.watch_nftables, node, ns)
         for _ in self.nodes:            # every baseline taken, every monitor subscribed
             self.watching.acquire()
         watcher = "nf_tables watcher (reverts each change)"
@@ -422,15 +471,35 @@ class Guard:
             legacy = f"kernel refusal (cgroup/setsockopt program id {self.refusal.prog_id})"
         else:
             legacy = f"poll every {LEGACY_POLL_S:g}s (no kernel refusal: {why_not})"
-            threading.Thread(target=self.poll_legacy, daemon=True).start()
+            self.worker(self.poll_legacy)
         self.backends.update({tool: legacy for tool in LEGACY_TOOLS})
         if self.nat_progs:
-            threading.Thread(target=self.sweep_nat, daemon=True).start()
+            self.worker(self.sweep_nat)
         time.sleep(0.2)  # let every monitor subscribe before saying so
+        if self.pidfile:
+            procs.write_pidfile(self.pidfile, lab=self.lab, backends=self.backends,
+                                nodes=self.nodes, nat=self.nat_progs)
         print("ready " + json.dumps(self.backends), flush=True)
-        # Ends when the lab goes (its namespaces are deleted) or on SIGTERM; a monitor
-        # that ends while its namespace lives is started again by its watcher.
+        return self.keep_running()
+
+    def keep_running(self) -> int:
+        """Until the lab goes (its namespaces are deleted) or SIGTERM; a monitor that ends
+        while its namespace lives is started again by its watcher. The heartbeat goes on
+        while every worker thread runs and the pidfile still names this process."""
+        beat = time.monotonic()
         while all(netns.exists(ns) for ns in self.nodes.values()):
+            dead = [t.name for t in self.workers if not t.is_alive()]
+            if dead and all(netns.exists(ns) for ns in self.nodes.values()):
+                self.stopping.set()
+                events.record(self.lab, events.WARNING, "GuardFailed", f"lab/{self.lab}",
+                              f"rule guard pid {os.getpid()}: a thread ended ({', '.join(dead)}); "
+                              "the guard exits (hostrouting enable starts another)")
+                return 1
+            if self.pidfile and time.monotonic() - beat >= HEARTBEAT_S:
+                beat = time.monotonic()
+                recorded = procs.read_pidfile(self.pidfile)
+                if recorded and recorded[0].pid == os.getpid():
+                    procs.heartbeat(self.pidfile)
             time.sleep(0.2)
         self.stopping.set()
         return 0
@@ -471,6 +540,7 @@ def _legacy_table_text(table: str, lines: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datapath.rule_guard")
     parser.add_argument("--lab", required=True)
+    parser.add_argument("--pidfile", help="where to record pid, start time and mechanisms")
     parser.add_argument("--nodes", required=True, help="node=netns,node=netns")
     parser.add_argument("--nat", default="", help="node=datapath program id,...")
     parser.add_argument("--cgroup-fd", type=int, default=-1,
@@ -480,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     nodes = dict(item.split("=", 1) for item in args.nodes.split(","))
     nat_progs = {name: int(pid) for name, pid in
                  (item.split("=", 1) for item in args.nat.split(",") if item)}
-    guard = Guard(args.lab, nodes, nat_progs)
+    guard = Guard(args.lab, nodes, nat_progs, Path(args.pidfile) if args.pidfile else None)
 
     def terminate(signum, frame):
         guard.stopping.set()

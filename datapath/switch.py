@@ -1,12 +1,17 @@
 """Switching a lab between legacy routing and eBPF host routing.
 
+``enable``, ``disable`` (and ``lab down``, netns_lab/builder.py) only change
+what the lab's record wants, ``desired`` per node, and then run
+``converge.converge``, which reads the kernel and takes the steps that are
+missing, each safe to repeat (datapath/converge.py). Nothing else is
+recorded, so a command killed at any point leaves a record that is still
+true: running it again (or the opposite command) finishes the job.
+
 Enabling loads the programs of bpf_c/host_routing.c once per node (each node
 has its own maps: its endpoints, its counters), fills the endpoint map from the
 lab's pods, and only then attaches ``from_pod`` to every host-side veth and
 ``from_underlay`` to the uplink, so the first redirected packet already sees
-every endpoint. What was attached, and whether a clsact qdisc was created for
-it, is recorded in the lab's state after each step, so disabling restores the
-devices exactly, even after a crash half-way.
+every endpoint.
 
 Traffic leaving the cluster is then source-NATed by BPF to the node IP, so
 the legacy MASQUERADE rule of each node is removed once its programs are
@@ -23,252 +28,150 @@ are open across a switch carry on.
 
 from __future__ import annotations
 
-from netns_lab import legacy, netns
+from netns_lab import legacy
 from netns_lab.state import LabState
 from netns_lab.topology import Node, Topology
 
-from . import (events, host_routing, iptables_rules, nat_handover, rule_guard,
-               shared_types as st, tc_attach)
+from . import converge as cv, events, host_routing, observe as ob, rule_guard, \
+    shared_types as st, tc_attach
+from .converge import ConvergeError, SwitchError  # noqa: F401 (part of this module's API)
 
-FROM_POD = "from_pod"
-FROM_UNDERLAY = "from_underlay"
+FROM_POD = ob.FROM_POD
+FROM_UNDERLAY = ob.FROM_UNDERLAY
 
 
 def configure_mode(mode: str):
     """The step ``lab_up`` runs once the namespaces exist: legacy routing in
     every node, then eBPF host routing over it when ``mode`` is "ebpf"."""
     def configure(state: LabState, topo: Topology) -> None:
+        state.desire("legacy")
         legacy.enable_legacy(topo)
-        state.mode = "legacy"
         if mode == "ebpf":
             enable_ebpf(state, topo)
     return configure
 
 
-class SwitchError(RuntimeError):
-    """The lab is not in a state where this switch makes sense."""
+def _refuse_removed(state: LabState, topo: Topology) -> None:
+    if "absent" in state.desired.values():
+        raise SwitchError(f"lab {topo.lab} is being removed (a lab down was interrupted); "
+                          f"finish with: hostrouting lab down --lab {topo.lab}")
 
 
-def _endpoints(node: Node) -> list[tuple[str, int, str, str]]:
-    """(pod IP, host-side ifindex, pod MAC, host-side MAC) for every pod of a node."""
-    found = []
-    with netns.ipr(node.netns) as nsock:
-        for pod in node.pods:
-            hidx = netns.ifindex(nsock, pod.host_ifname)
-            host_mac = netns.link_mac(nsock, hidx)
-            with netns.ipr(pod.netns) as psock:
-                pod_mac = netns.link_mac(psock, netns.ifindex(psock, "eth0"))
-            found.append((pod.ip, hidx, pod_mac, host_mac))
-    return found
+def enable_ebpf(state: LabState, topo: Topology, force: bool = False) -> list[str]:
+    """Want eBPF on every node, and converge; returns what was done ([]: it was already).
 
-
-def _accept_local(node: Node, value: int) -> dict[str, int]:
-    return {f"net.ipv4.conf.{pod.host_ifname}.accept_local": value for pod in node.pods}
-
-
-def _attach_points(topo: Topology, node: Node) -> list[tuple[str, str]]:
-    return [(pod.host_ifname, FROM_POD) for pod in node.pods] + \
-        [(topo.uplink_ifname, FROM_UNDERLAY)]
-
-
-def _enable_node(state: LabState, topo: Topology, node: Node) -> tuple[int, int]:
-    loaded = host_routing.load(router_ip=node.gateway, node_ip=node.ip,
-                               nat=topo.nat.datapath_config(), nat_max_flows=topo.nat.max_flows)
-    try:
-        maps = loaded.maps
-        for ip, ifindex, mac, node_mac in _endpoints(node):
-            maps.set_endpoint(ip, ifindex, mac, node_mac)
-        for cidr in topo.non_masquerade_cidrs:
-            maps.set_cluster_cidr(cidr)
-        if not topo.pods_reach_nodes:
-            for other in topo.nodes:
-                if other is not node:
-                    maps.set_cluster_cidr(f"{other.ip}/32", deny_from_pod=True)
-        with netns.ipr(node.netns) as nsock:
-            uplink = netns.ifindex(nsock, topo.uplink_ifname)
-        for other in topo.nodes:
-            if other is not node:
-                maps.set_node_route(other.pod_cidr, other.ip, uplink)
-        # the outside, for when forwarding is off in the node (the FIB lookup is refused)
-        maps.set_node_route("0.0.0.0/0", topo.router_ip, uplink)
-        # the flows MASQUERADE translates now, with their ports: the first packet BPF
-        # translates (once attached, below) finds its flow
-        handed = nat_handover.import_conntrack(topo, node, maps)
-        record = state.datapath.setdefault(node.name, {"attached": []})
-        record["programs"] = {name: loaded.prog_ids[name] for name in (FROM_POD, FROM_UNDERLAY)}
-        for ifname, prog in _attach_points(topo, node):
-            created = tc_attach.attach(node.netns, ifname, loaded.programs[prog].fd, prog, "ingress")
-            record["attached"].append({"ifname": ifname, "program": prog,
-                                       "created_qdisc": created})
-            state.save()
-    finally:
-        loaded.close()
-    return handed
-
-
-def _user_rules(topo: Topology) -> list[iptables_rules.Rule]:
-    return [rule for node in topo.nodes for rule in iptables_rules.user_rules(node.netns)]
-
-
-def _listing(rules: list[iptables_rules.Rule]) -> list[dict]:
-    return [{"netns": r.netns, "backend": r.backend, "table": r.table, "chain": r.chain,
-             "rule": r.text} for r in rules]
-
-
-def _refuse(topo: Topology, found: list[iptables_rules.Rule], when: str = "") -> None:
-    events.record(topo.lab, events.WARNING, "EnableRefused", f"lab/{topo.lab}",
-                  f"refused: {len(found)} user firewall rule(s) in node namespaces would be "
-                  f"bypassed by eBPF host routing{when}", rules=_listing(found))
-    lines = "\n".join(f"  {r.describe()}\n    remove: {r.remove}" for r in found)
-    raise SwitchError(f"lab {topo.lab}: refusing to enable eBPF host routing: {len(found)} "
-                      f"user firewall rule(s) in node namespaces{when} would silently stop "
-                      f"applying to pod traffic:\n{lines}\nremove them, or enable with --force")
-
-
-def _refuse_late_rules(topo: Topology, accepted: list[iptables_rules.Rule]) -> None:
-    """Rules added while enable ran, before the guard took its baseline, would be frozen in
-    as if forced: check again once the guard blocks, and refuse (the caller rolls back)."""
-    known = {r.describe() for r in accepted}
-    late = [r for r in _user_rules(topo) if r.describe() not in known]
-    if late:
-        _refuse(topo, late, " (added while enable ran)")
-
-
-def _refuse_or_force(state: LabState, topo: Topology, force: bool) -> list:
-    """AKS's pre-enable check: user firewall rules in a node would be bypassed silently.
-    Returns the rules accepted with --force."""
-    found = _user_rules(topo)
-    if not found:
-        return []
-    if force:
+    User firewall rules in a node would be bypassed silently: refused unless
+    accepted with ``force`` (AKS's pre-enable check), before anything changes.
+    Rules that land while enable runs, before the guard took its baseline, would
+    be frozen in as if forced: checked again once the guard blocks, and refused
+    with a rollback to legacy. Any other failure rolls back to legacy too.
+    """
+    _refuse_removed(state, topo)
+    found = cv.unaccepted_rules(state, topo, list(topo.nodes))
+    if found and not force:
+        cv.refuse(topo, found)
+    if found:
         events.record(topo.lab, events.WARNING, "ForcedEnable", f"lab/{topo.lab}",
                       f"enabled with --force: {len(found)} user firewall rule(s) in node "
                       "namespaces no longer apply to pod traffic: "
-                      + "; ".join(r.describe() for r in found), rules=_listing(found))
-        return found
-    _refuse(topo, found)
-
-
-def enable_ebpf(state: LabState, topo: Topology, force: bool = False) -> None:
-    if state.mode == "ebpf":
-        raise SwitchError(f"lab {topo.lab}: eBPF host routing is enabled already")
-    accepted = _refuse_or_force(state, topo, force)
-    state.mode = "switching"
+                      + "; ".join(r.describe() for r in found), rules=cv._listing(found))
+        state.forced_rules += [r.describe() for r in found]
+    was = dict(state.desired)
+    state.desire("ebpf")
     state.save()
     try:
-        for node in topo.nodes:
-            imported, skipped = _enable_node(state, topo, node)
-            progs = state.datapath[node.name]["programs"]
-            events.record(topo.lab, events.NORMAL, "ProgramsAttached", f"node/{node.name}",
-                          f"from_pod (id {progs[FROM_POD]}) on {len(node.pods)} pod veth(s), "
-                          f"from_underlay (id {progs[FROM_UNDERLAY]}) on {topo.uplink_ifname}")
-            if imported or skipped:
-                events.record(topo.lab, events.WARNING if skipped else events.NORMAL,
-                              "NatFlowsImported", f"node/{node.name}",
-                              f"{imported} masqueraded flow(s) carried into the BPF SNAT table "
-                              "with their ports" + (f"; {skipped} could not be (table full or "
-                                                    "key taken)" if skipped else ""),
-                              imported=imported, skipped=skipped)
-            # A packet BPF has NATed and hands to the stack (to fragment it) carries the
-            # node IP as its source: the stack takes it only with accept_local. Pods cannot
-            # abuse it: from_pod drops any source but the pod's own.
-            netns.sysctl(node.netns, _accept_local(node, 1))
-            if legacy.masquerade_installed(topo, node):
-                state.datapath[node.name]["masquerade_removed"] = True
-                state.save()
-                legacy.remove_masquerade(topo, node)
-                events.record(topo.lab, events.NORMAL, "MasqueradeReplaced", f"node/{node.name}",
-                              f"BPF SNAT to {node.ip} (ports {topo.nat.port_min}-"
-                              f"{topo.nat.port_max}, up to {topo.nat.max_flows} flows) replaces "
-                              f"the iptables MASQUERADE rule")
-        state.guard_pid, state.guard_backends = rule_guard.start(
-            topo.lab, {n.name: n.netns for n in topo.nodes},
-            {n.name: state.datapath[n.name]["programs"][FROM_UNDERLAY] for n in topo.nodes})
-        _refuse_late_rules(topo, accepted)
+        done = cv.converge(state, topo)
+        late = cv.unaccepted_rules(state, topo, list(topo.nodes))
+        if late:
+            cv.refuse(topo, late, " (added while enable ran)")
+    except ConvergeError:
+        raise           # nothing to roll back to: the lab needs lab down
     except BaseException:
-        _detach_all(state, topo)
-        state.mode = "legacy"
-        state.save()
+        if "ebpf" not in was.values():
+            state.desired = was
+            state.save()
+            cv.converge(state, topo)
         raise
-    state.mode = "ebpf"
+    if done:
+        events.record(topo.lab, events.NORMAL, "Enabled", f"lab/{topo.lab}",
+                      f"eBPF host routing enabled on {len(topo.nodes)} node(s); new firewall "
+                      "rules in node namespaces are blocked")
+    return done
+
+
+def disable_ebpf(state: LabState, topo: Topology) -> list[str]:
+    """Want legacy routing on every node, and converge; returns what was done."""
+    _refuse_removed(state, topo)
+    state.desire("legacy")
+    state.forced_rules = []
     state.save()
-    events.record(topo.lab, events.NORMAL, "Enabled", f"lab/{topo.lab}",
-                  f"eBPF host routing enabled on {len(topo.nodes)} node(s); new firewall rules "
-                  "in node namespaces are blocked")
+    done = cv.converge(state, topo)
+    if done:
+        events.record(topo.lab, events.NORMAL, "Disabled", f"lab/{topo.lab}",
+                      "back to legacy routing; firewall rules can be added again")
+    return done
 
 
-def _detach_all(state: LabState, topo: Topology) -> None:
-    rule_guard.stop(state.guard_pid)
-    state.guard_pid, state.guard_backends = 0, {}
-    for node in topo.nodes:
-        record = state.datapath.get(node.name, {"attached": []})
-        # While the programs are attached no pod packet meets netfilter: conntrack learns the
-        # BPF flows and MASQUERADE comes back first, then the stack takes over the packets.
-        if record.get("masquerade_removed") and netns.exists(node.netns):
-            if record["attached"]:
-                _export_flows(topo, node, record)
-            if not legacy.masquerade_installed(topo, node):
-                legacy.install_masquerade(topo, node)
-            events.record(topo.lab, events.NORMAL, "MasqueradeRestored", f"node/{node.name}",
-                          "the iptables MASQUERADE rule masquerades traffic leaving the cluster "
-                          "again")
-        for att in reversed(record["attached"]):
-            if netns.exists(node.netns):
-                tc_attach.detach(node.netns, att["ifname"], "ingress", att["created_qdisc"])
-        if record["attached"]:
-            events.record(topo.lab, events.NORMAL, "ProgramsDetached", f"node/{node.name}",
-                          f"detached from {len(record['attached'])} device(s)")
-        if record["attached"] and netns.exists(node.netns):
-            netns.sysctl(node.netns, _accept_local(node, 0))
-        state.datapath.pop(node.name, None)
-        state.save()
+def node_programs(topo: Topology, node: Node) -> dict[str, int]:
+    """{program name: id} of the datapath attached on the node now ({}: none, or not one)."""
+    dp = ob.find_datapath(topo, node, {dev: tc_attach.attached(node.netns, dev, "ingress")
+                                       for dev, _ in ob.attach_points(topo, node)})
+    return dict(dp.programs) if dp else {}
 
 
-def _export_flows(topo: Topology, node: Node, record: dict) -> None:
-    """The node's live BPF SNAT flows into its conntrack (never stops a disable)."""
+def node_maps(state: LabState, node: Node) -> host_routing.DatapathMaps:
+    """The maps of the datapath attached on the node; SwitchError (one line, with the
+    command that repairs it) when there is none."""
+    topo = Topology.from_dict(state.topology)
     try:
-        with host_routing.DatapathMaps.from_prog_id(record["programs"][FROM_UNDERLAY]) as maps:
-            written, failed = nat_handover.export_to_conntrack(topo, node, maps)
-    except Exception as e:      # programs gone half-way (a crash): nothing to carry over
-        events.record(topo.lab, events.WARNING, "NatFlowsLost", f"node/{node.name}",
-                      f"BPF SNAT flows not carried into conntrack: {e}")
-        return
-    if written or failed:
-        events.record(topo.lab, events.WARNING if failed else events.NORMAL,
-                      "NatFlowsExported", f"node/{node.name}",
-                      f"{written} BPF SNAT flow(s) carried into conntrack with their ports"
-                      + (f"; {failed} refused or given another port" if failed else ""),
-                      written=written, failed=failed)
+        programs = node_programs(topo, node)
+    except tc_attach.TcError as e:
+        programs, why = {}, str(e)
+    else:
+        why = "no datapath attached"
+    if not programs:
+        raise SwitchError(f"lab {topo.lab}: node {node.name}: {why} (the lab has drifted from "
+                          f"its record; see: hostrouting status --lab {topo.lab})")
+    # from_pod uses every map; from_underlay alone on a node without pods
+    try:
+        return host_routing.DatapathMaps.from_prog_id(programs.get(FROM_POD)
+                                                      or programs[FROM_UNDERLAY])
+    except (OSError, host_routing.DatapathError) as e:   # detached meanwhile
+        raise SwitchError(f"lab {topo.lab}: node {node.name}: its datapath cannot be read: "
+                          f"{e}") from None
 
 
-def disable_ebpf(state: LabState, topo: Topology) -> None:
-    if state.mode == "legacy" and not state.datapath:
-        raise SwitchError(f"lab {topo.lab}: eBPF host routing is not enabled")
-    _detach_all(state, topo)
-    state.mode = "legacy"
-    state.save()
-    events.record(topo.lab, events.NORMAL, "Disabled", f"lab/{topo.lab}",
-                  "back to legacy routing; firewall rules can be added again")
-
-
-def node_maps(state: LabState, node: Node):
-    # from_underlay: always attached (from_pod is not, on a node without pods)
-    prog_id = state.datapath[node.name]["programs"][FROM_UNDERLAY]
-    return host_routing.DatapathMaps.from_prog_id(prog_id)
+def fix_command(state: LabState, topo: Topology) -> str:
+    """The command that brings the lab to what its record wants."""
+    mode = state.mode
+    if mode == "absent":
+        return f"hostrouting lab down --lab {topo.lab}"
+    return f"hostrouting {'enable' if mode == 'ebpf' else 'disable'} --lab {topo.lab}"
 
 
 def status(state: LabState, topo: Topology) -> dict:
+    """What the kernel has per node, and how that differs from what the record wants
+    (``converged``; ``fix``: the command that converges)."""
+    view = ob.observe(topo)
+    diffs = ob.differences(state, topo, view)
+    broken = cv.unrepairable(topo, view)
     nodes = []
     for node in topo.nodes:
-        attached = []
-        for ifname, prog in _attach_points(topo, node):
-            progs = tc_attach.attached_programs(node.netns, ifname, "ingress")
-            attached.append({"ifname": ifname, "hook": "tc ingress",
-                             "programs": [{"id": pid, "name": name} for pid, name in progs]})
-        nodes.append({"name": node.name, "netns": node.netns, "mode": state.mode,
-                      "attached": attached})
-    return {"lab": topo.lab, "mode": state.mode, "nodes": nodes,
-            "rule_blocking": rule_guard.mechanisms(state.guard_pid, state.guard_backends),
+        nv = view.node(node.name)
+        attached = [{"ifname": dev, "hook": "tc ingress",
+                     "programs": [{"id": a.prog_id, "name": a.name}
+                                  for a in nv.programs.get(dev, [])]}
+                    for dev, _ in ob.attach_points(topo, node) if dev in nv.programs]
+        nodes.append({"name": node.name, "netns": node.netns, "mode": nv.mode(topo),
+                      "desired": state.desired.get(node.name, "legacy"),
+                      "masquerade": nv.masquerade, "trace": nv.trace, "attached": attached,
+                      "differences": diffs.get(node.name, [])})
+    fix = None
+    if diffs:
+        fix = f"hostrouting lab down --lab {topo.lab}" if broken else fix_command(state, topo)
+    return {"lab": topo.lab, "mode": state.mode, "phase": state.phase, "nodes": nodes,
+            "converged": not diffs, "differences": diffs.get("lab", []), "fix": fix,
+            "rule_blocking": rule_guard.mechanisms(view.guard),
             "ebpf_support": _support()}
 
 
@@ -282,6 +185,7 @@ def _support() -> dict:
 
 
 def stats(state: LabState, topo: Topology) -> dict:
+    """Counters and NAT table use per node, read from the datapath attached now."""
     if state.mode != "ebpf":
         raise SwitchError(f"lab {topo.lab}: no datapath counters in {state.mode} mode "
                           "(hostrouting enable first)")

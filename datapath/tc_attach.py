@@ -18,9 +18,12 @@ import contextlib
 import errno
 import json
 import subprocess
+from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from netns_lab import faults
 
 FILTER_PRIO = 1
 FILTER_HANDLE = 1
@@ -63,6 +66,11 @@ def _qdisc_kinds(ipr, idx: int) -> dict[int, str]:
     return {q["handle"]: q.get_attr("TCA_KIND") for q in ipr.get_qdiscs(index=idx)}
 
 
+def has_clsact(netns: str, ifname: str) -> bool:
+    with _ipr(netns) as ipr:
+        return "clsact" in _qdisc_kinds(ipr, _index(ipr, netns, ifname)).values()
+
+
 def attach(netns: str, ifname: str, prog_fd: int, prog_name: str,
            direction: str = "ingress") -> bool:
     """Attach a sched_cls program (direct action) to a device's clsact hook.
@@ -81,11 +89,13 @@ def attach(netns: str, ifname: str, prog_fd: int, prog_name: str,
                 raise TcError(f"{ifname} in netns {netns} has an 'ingress' qdisc; "
                               "clsact cannot be added next to it")
             try:
+                faults.point(f"tc add clsact {netns}/{ifname}")
                 ipr.tc("add", "clsact", idx)
             except NetlinkError as e:
                 raise TcError(f"adding clsact to {ifname} in netns {netns}: {e}") from e
             created = True
         try:
+            faults.point(f"tc attach {prog_name} {netns}/{ifname}")
             ipr.tc("replace-filter", "bpf", idx, FILTER_HANDLE, parent=parent,
                    prio=FILTER_PRIO, fd=prog_fd, name=prog_name, direct_action=True)
         except NetlinkError as e:
@@ -108,6 +118,7 @@ def detach(netns: str, ifname: str, direction: str = "ingress",
         idx = _index(ipr, netns, ifname)
         removed = True
         try:
+            faults.point(f"tc detach {netns}/{ifname}")
             ipr.tc("del-filter", "bpf", idx, FILTER_HANDLE, parent=parent, prio=FILTER_PRIO)
         except NetlinkError as e:
             if e.code not in (errno.ENOENT, errno.EINVAL):
@@ -116,14 +127,29 @@ def detach(netns: str, ifname: str, direction: str = "ingress",
             removed = False
         if remove_qdisc and "clsact" in _qdisc_kinds(ipr, idx).values():
             try:
+                faults.point(f"tc del clsact {netns}/{ifname}")
                 ipr.tc("del", "clsact", idx)
             except NetlinkError as e:
                 raise TcError(f"removing clsact of {ifname} in netns {netns}: {e}") from e
         return removed
 
 
-def attached_programs(netns: str, ifname: str, direction: str = "ingress") -> list[tuple[int, str]]:
-    """(prog_id, name) of every BPF filter on the hook, in filter order.
+@dataclass(frozen=True)
+class Attached:
+    """A program on an attach point: how (``tc``: a clsact filter), its id and name, and
+    what names the attachment (for tc: the filter's priority and handle)."""
+    kind: str
+    prog_id: int
+    name: str
+    handle: str
+
+    @property
+    def ours(self) -> bool:
+        return self.kind == "tc" and self.handle == f"{FILTER_PRIO}:{FILTER_HANDLE:#x}"
+
+
+def _filters(netns: str, ifname: str, direction: str) -> list[Attached]:
+    """Every BPF filter on the hook, in filter order.
 
     pyroute2 0.9.7 does not decode TCA_BPF_ID, so this reads `tc -json`.
     """
@@ -140,5 +166,19 @@ def attached_programs(netns: str, ifname: str, direction: str = "ingress") -> li
         opts = f.get("options") or {}
         prog = opts.get("prog") or {}
         if f.get("kind") == "bpf" and "id" in prog:
-            out.append((int(prog["id"]), prog.get("name") or opts.get("bpf_name", "")))
+            handle = opts.get("handle", "")
+            handle = f"{f.get('pref')}:{int(handle, 16):#x}" if handle else f"{f.get('pref')}:"
+            out.append(Attached("tc", int(prog["id"]), prog.get("name") or opts.get("bpf_name", ""),
+                                handle))
     return out
+
+
+def attached(netns: str, ifname: str, direction: str = "ingress") -> list[Attached]:
+    """The programs this project attached to the hook (however it attached them); a
+    missing namespace or device raises TcError."""
+    return [a for a in _filters(netns, ifname, direction) if a.ours]
+
+
+def attached_programs(netns: str, ifname: str, direction: str = "ingress") -> list[tuple[int, str]]:
+    """(prog_id, name) of every BPF filter on the hook, ours or not, in filter order."""
+    return [(a.prog_id, a.name) for a in _filters(netns, ifname, direction)]

@@ -2,17 +2,22 @@
 
 ``lab_up`` records every namespace before creating any, and on any failure,
 Ctrl-C included, removes what it made before re-raising. ``lab_down`` and
-``lab_down_all`` remove everything a record names, however far it got.
+``lab_down_all`` remove a lab as the kernel has it, whether or not its record
+survived: the namespaces named ``<lab>-*`` and those the record lists, its
+daemons (found by their pidfile, or by the lab file on their command line),
+and every ``<lab>.*`` file of the state directory.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import time
 from collections.abc import Callable
 
-from . import netns
-from .state import LabState, LabStateError, lab_lock, lab_names, load_state
+from . import netns, procs
+from .state import (LabState, LabStateError, guard_pidfile, lab_files, lab_lock, lab_names,
+                    labs_dir, load_state, stray_lab_names)
 from .topology import Topology
 
 BRIDGE = "br0"
@@ -124,15 +129,24 @@ def lab_up(topo: Topology, configure: Callable[[LabState, Topology], None] | Non
 
     Nothing is created when a namespace of the lab exists already. Whatever
     happens after the first namespace is made, including Ctrl-C, the lab is
-    either complete or removed again.
+    either complete or removed again; after a SIGKILL its record says
+    ``phase: building`` and ``lab down`` removes it.
     """
     started = time.monotonic()
     with lab_lock(topo.lab):
-        if (netns_exists := [n for n in topo.namespaces if netns.exists(n)]) or \
-                topo.lab in lab_names():
-            raise LabStateError(f"lab {topo.lab!r} exists already ({', '.join(netns_exists) or 'state file'})"
+        found = sorted(set(topo.namespaces) | set(lab_namespaces(topo.lab)))
+        found = [n for n in found if netns.exists(n)]
+        if topo.lab in lab_names():
+            raise LabStateError(f"lab {topo.lab!r} exists already ({', '.join(found) or 'state file'})"
                                 f"; remove it with: hostrouting lab down --lab {topo.lab}")
+        if found:
+            raise LabStateError(
+                f"namespaces of lab {topo.lab!r} exist ({', '.join(found[:4])}"
+                f"{', ...' if len(found) > 4 else ''}) but it has no record in {labs_dir()} (the "
+                "state directory was wiped, or HOSTROUTING_STATE_DIR differs from when it was "
+                f"made); remove them with: hostrouting lab down --lab {topo.lab}")
         state = LabState(name=topo.lab, topology=topo.to_dict(), namespaces=topo.namespaces)
+        state.desire("legacy")
         state.save()
         try:
             _build(topo)
@@ -141,25 +155,71 @@ def lab_up(topo: Topology, configure: Callable[[LabState, Topology], None] | Non
             state.phase = "ready"
             state.save()
         except BaseException:
-            _remove(state)
+            _remove(topo.lab, state.namespaces)
             raise
     return state, time.monotonic() - started
 
 
-def _remove(state: LabState) -> list[str]:
-    removed = [name for name in state.namespaces if netns.remove(name)]
-    state.remove()
+def lab_namespaces(name: str) -> list[str]:
+    """The namespaces in /run/netns named like the lab's (``<lab>-...``; lab names have no
+    dash, so no other lab's match)."""
+    if not os.path.isdir(netns.NETNS_DIR):
+        return []
+    return sorted(n for n in os.listdir(netns.NETNS_DIR) if n.startswith(f"{name}-"))
+
+
+def lab_daemons(name: str) -> list[procs.Process]:
+    """The lab's long-lived processes (the rule guard): the one its pidfile names, and any
+    other carrying the pidfile's path on its command line (one whose start was killed
+    before it was recorded)."""
+    path = str(guard_pidfile(name))
+    found = set(procs.find(path))
+    recorded = procs.read_pidfile(guard_pidfile(name))
+    if recorded and recorded[0].runs(path):
+        found.add(recorded[0])
+    return sorted(found, key=lambda p: p.pid)
+
+
+def _remove(name: str, namespaces: list[str]) -> list[str]:
+    for daemon in lab_daemons(name):
+        daemon.stop(str(guard_pidfile(name)))
+    wanted = sorted(set(namespaces) | set(lab_namespaces(name)))
+    removed = [n for n in wanted if netns.remove(n)]
+    for path in lab_files(name):
+        if path.suffix != ".lock":      # lab_lock removes it, holding it
+            path.unlink(missing_ok=True)
     return removed
 
 
 def lab_down(name: str) -> list[str]:
-    """Remove a lab; returns the namespaces that were removed."""
+    """Remove a lab; returns the namespaces that were removed.
+
+    Works from what the kernel has when the record is gone or unreadable;
+    "no lab" only when nothing of it is left anywhere.
+    """
     with lab_lock(name):
-        return _remove(load_state(name))
+        try:
+            state = load_state(name)
+        except LabStateError:
+            state = None
+        if state is None and not lab_namespaces(name) and not lab_daemons(name) and \
+                not [p for p in lab_files(name) if p.suffix != ".lock"]:
+            raise LabStateError(f"no lab named {name!r} (see: hostrouting lab show --all)")
+        if state is not None:
+            state.desire("absent")
+            state.save()
+        return _remove(name, state.namespaces if state else [])
 
 
 def lab_down_all() -> dict[str, list[str]]:
-    return {name: lab_down(name) for name in lab_names()}
+    """Every lab of this state directory, those with only stray files left included."""
+    removed = {}
+    for name in lab_names() + stray_lab_names():
+        try:
+            removed[name] = lab_down(name)
+        except LabStateError:   # removed meanwhile by another command
+            pass
+    return removed
 
 
 def add_veth_pair(lab: str, name_a: str, name_b: str, ip_a: str, ip_b: str,

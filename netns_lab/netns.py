@@ -13,6 +13,8 @@ import time
 
 from pyroute2 import IPRoute, netns as pr_netns
 
+from . import faults
+
 NETNS_DIR = "/run/netns"
 
 
@@ -28,16 +30,49 @@ def create(name: str) -> None:
     if exists(name):
         raise NetnsError(f"network namespace {name!r} exists already "
                          "(a crashed lab? run: hostrouting lab down --all)")
+    faults.point(f"create netns {name}")
     pr_netns.create(name)
 
 
-def ipr(name: str) -> IPRoute:
+# pyroute2 calls whose first argument is one of these only read
+_READ_COMMANDS = {"get", "dump", "show", "list"}
+
+
+class CountedIPRoute:
+    """An IPRoute whose changes (link/addr/route/tc add, set, del) pass faults.point."""
+
+    def __init__(self, sock: IPRoute):
+        self._sock = sock
+
+    def __getattr__(self, attr):
+        value = getattr(self._sock, attr)
+        if attr not in ("link", "addr", "route", "tc", "rule", "neigh"):
+            return value
+
+        def counted(command, *args, **kwargs):
+            if command not in _READ_COMMANDS:
+                faults.point(f"netlink {attr} {command}")
+            return value(command, *args, **kwargs)
+        return counted
+
+    def __enter__(self) -> "CountedIPRoute":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sock.close()
+
+
+def ipr(name: str) -> CountedIPRoute:
     """A netlink socket inside the namespace; flags=0 so a missing one is an error."""
-    return IPRoute(netns=name, flags=0)
+    return CountedIPRoute(IPRoute(netns=name, flags=0))
 
 
 def run(name: str, argv: list[str], check: bool = True, timeout: float = 30,
-        input: str | None = None) -> subprocess.CompletedProcess:
+        input: str | None = None, changes: bool = True) -> subprocess.CompletedProcess:
+    """argv inside the namespace; changes=False for a command that only reads (it is not
+    a fault-injection point)."""
+    if changes:
+        faults.point(f"in {name}: {' '.join(argv)[:80]}")
     try:
         proc = subprocess.run(["ip", "netns", "exec", name, *argv], capture_output=True,
                               text=True, timeout=timeout, input=input)
@@ -56,7 +91,7 @@ def sysctl(name: str, settings: dict[str, str | int]) -> None:
 
 
 def read_sysctl(name: str, key: str) -> str:
-    return run(name, ["sysctl", "-n", key]).stdout.strip()
+    return run(name, ["sysctl", "-n", key], changes=False).stdout.strip()
 
 
 def pids(name: str) -> list[int]:
@@ -96,6 +131,7 @@ def remove(name: str) -> bool:
     """Remove the namespace and everything in it; False when it was not there."""
     if not exists(name):
         return False
+    faults.point(f"remove netns {name}")
     kill_all(name)
     pr_netns.remove(name)
     return True

@@ -1,10 +1,18 @@
-"""What each lab created, recorded before it is created.
+"""What a lab should be: its intent, written before anything is created.
 
-A lab's record (``<state dir>/labs/<lab>.json``) lists every namespace the lab
-will create before the first one exists, so ``lab down`` can remove all of it
-after a crash or SIGKILL at any point. The directory lives under /run (tmpfs),
-as named network namespaces do, so both vanish together on reboot.
-``HOSTROUTING_STATE_DIR`` moves it (tests use that to stay apart).
+A lab's record (``<state dir>/labs/<lab>.json``) holds intent only: the
+topology, the namespaces it is made of (listed before the first one exists),
+and per node the routing wanted, ``desired``: ``legacy``, ``ebpf`` or
+``absent``. What the kernel has now is never recorded: it is read from the
+kernel (datapath/observe.py) and brought to ``desired`` by steps that are
+each safe to repeat (datapath/converge.py), so a record cannot go stale when
+a command is killed half-way. ``phase`` says whether ``lab up`` finished.
+
+The directory lives under /run (tmpfs), as named network namespaces do, so
+both vanish together on reboot. ``HOSTROUTING_STATE_DIR`` moves it (tests use
+that to stay apart). Every file of a lab is named ``<lab>.<something>``
+(record, its ``.json.tmp``, ``.lock``, ``.events.jsonl``, the guard's
+``.guard`` pidfile), and ``lab down`` removes them all.
 """
 
 from __future__ import annotations
@@ -14,8 +22,11 @@ import fcntl
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+MODES = ("legacy", "ebpf", "absent")
+LOCK_TIMEOUT_S = float(os.environ.get("HOSTROUTING_LOCK_TIMEOUT", "120"))
 
 
 def state_dir() -> Path:
@@ -31,6 +42,17 @@ def events_path(name: str) -> Path:
     return labs_dir() / f"{name}.events.jsonl"
 
 
+def guard_pidfile(name: str) -> Path:
+    """The rule guard's pid, start time and mechanisms; its mtime is the guard's heartbeat."""
+    return labs_dir() / f"{name}.guard"
+
+
+def lab_files(name: str) -> list[Path]:
+    """Every file of the lab in the state directory (lab names have no dots)."""
+    d = labs_dir()
+    return sorted(d.glob(f"{name}.*")) if d.is_dir() else []
+
+
 class LabStateError(RuntimeError):
     """A lab that does not exist, or exists already."""
 
@@ -39,20 +61,31 @@ class LabStateError(RuntimeError):
 class LabState:
     name: str
     topology: dict
-    mode: str = "legacy"
-    phase: str = "building"  # building -> ready; anything else means a crash
+    # per node name: "legacy", "ebpf" or "absent" (the lab is being removed)
+    desired: dict = field(default_factory=dict)
+    phase: str = "building"  # building -> ready; building after a crash means lab up was killed
     namespaces: list[str] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
-    # Per node: what the datapath attached, so it can be detached exactly.
-    datapath: dict = field(default_factory=dict)
-    # The daemon that blocks new firewall rules while in eBPF mode (0: none).
-    guard_pid: int = 0
-    # How it blocks, per backend, as it reported when it started.
-    guard_backends: dict = field(default_factory=dict)
+    # user firewall rules in node namespaces an operator accepted with enable --force
+    forced_rules: list[str] = field(default_factory=list)
+    # "<netns>/<device>" of the clsact qdiscs the lab adds, claimed before each is added (as
+    # namespaces are listed before they exist): legacy removes exactly these
+    qdiscs: list[str] = field(default_factory=list)
 
     @property
     def path(self) -> Path:
         return labs_dir() / f"{self.name}.json"
+
+    @property
+    def mode(self) -> str:
+        """The mode every node should be in ("mixed" when they differ)."""
+        modes = set(self.desired.values())
+        return modes.pop() if len(modes) == 1 else "mixed"
+
+    def desire(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        self.desired = {node["name"]: mode for node in self.topology["nodes"]}
 
     def save(self) -> None:
         labs_dir().mkdir(parents=True, exist_ok=True)
@@ -61,8 +94,10 @@ class LabState:
         os.replace(tmp, self.path)
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-        events_path(self.name).unlink(missing_ok=True)
+        """Every file of the lab but its lock (lab_lock removes that, still holding it)."""
+        for path in lab_files(self.name):
+            if path.suffix != ".lock":
+                path.unlink(missing_ok=True)
 
 
 def load_state(name: str) -> LabState:
@@ -70,9 +105,22 @@ def load_state(name: str) -> LabState:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
+        netns_dir = "/run/netns"
+        if os.path.isdir(netns_dir) and any(n.startswith(f"{name}-") for n in os.listdir(netns_dir)):
+            raise LabStateError(f"no record of lab {name!r} in {labs_dir()}, but namespaces "
+                                f"named {name}-* exist (the state directory was wiped, or "
+                                "HOSTROUTING_STATE_DIR differs from when it was made); remove "
+                                f"them with: hostrouting lab down --lab {name}") from None
         raise LabStateError(f"no lab named {name!r} (see: hostrouting lab show --all)") from None
     except (OSError, ValueError) as e:
-        raise LabStateError(f"lab {name!r}: unreadable state file {path}: {e}") from None
+        raise LabStateError(f"lab {name!r}: unreadable state file {path}: {e}; remove the lab "
+                            f"with: hostrouting lab down --lab {name}") from None
+    known = {f.name for f in fields(LabState)}
+    if not isinstance(data, dict) or set(data) - known or \
+            not {"name", "topology", "desired"} <= set(data):
+        raise LabStateError(f"lab {name!r}: state file {path} is not one this version writes "
+                            f"(a lab made by an older version?); remove the lab with: "
+                            f"hostrouting lab down --lab {name}")
     return LabState(**data)
 
 
@@ -83,24 +131,78 @@ def lab_names() -> list[str]:
     return sorted(p.stem for p in d.glob("*.json"))
 
 
+def stray_lab_names() -> list[str]:
+    """Labs with files in the state directory but no record (a killed lab down)."""
+    d = labs_dir()
+    if not d.is_dir():
+        return []
+    return sorted({p.name.split(".", 1)[0] for p in d.iterdir() if "." in p.name}
+                  - set(lab_names()))
+
+
+def _holder(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return "unknown"
+    return text or "unknown"
+
+
 @contextlib.contextmanager
-def lab_lock(name: str):
+def lab_lock(name: str, timeout: float | None = None):
     """Serialise changes to one lab across processes (released on any exit).
 
-    When the block leaves no lab behind (it was removed, or never made), the
-    lock file goes too, still under the lock: a lab leaves no file in the
-    state directory. A process that was waiting then holds a lock on the
-    removed file and finds no lab, which is what it would have found anyway.
+    The holder writes its pid and command into the lock file, so a command that
+    gives up after ``timeout`` seconds (HOSTROUTING_LOCK_TIMEOUT, default 120)
+    names who holds it. When the block leaves no lab behind (it was removed, or
+    never made), the lock file goes too, still under the lock: a waiter then
+    holds a lock on a removed file, which locks nothing; so after every flock
+    the locked file is checked to still be the file at the path (same inode),
+    and the lock taken again otherwise.
     """
+    timeout = LOCK_TIMEOUT_S if timeout is None else timeout
     labs_dir().mkdir(parents=True, exist_ok=True)
     path = labs_dir() / f"{name}.lock"
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise LabStateError(f"lab {name!r} is locked by {_holder(path)}; gave "
+                                            f"up after {timeout:g}s (wait for it, or stop it)"
+                                            ) from None
+                    time.sleep(0.05)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)        # the file we locked was removed or replaced: lock the new one
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({' '.join(_my_argv())[:200]})\n".encode(), 0)
         yield
     finally:
         try:
             if not (labs_dir() / f"{name}.json").exists():
                 path.unlink(missing_ok=True)
+            else:
+                os.ftruncate(fd, 0)
         finally:
             os.close(fd)
+
+
+def _my_argv() -> list[str]:
+    try:
+        return Path("/proc/self/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []

@@ -137,7 +137,7 @@ def test_status_names_the_blocking_mechanism(legacy_lab):
 def test_lab_down_ends_the_guard_and_its_event_log(make_lab):
     from netns_lab.builder import lab_down
     state, topo = make_lab("ebpf")
-    pid = load_state(topo.lab).guard_pid
+    pid = rule_guard.find(topo.lab).guard.pid
     assert pid > 0 and os.path.exists(f"/proc/{pid}")
     assert events.log_path(topo.lab).exists()
     lab_down(topo.lab)
@@ -375,7 +375,7 @@ def test_a_killed_monitor_is_restarted_and_what_changed_meanwhile_reverted(ebpf_
     _, topo = ebpf_lab
     ns = topo.nodes[1].netns
     before = _nft_text(ns)
-    guard = load_state(topo.lab).guard_pid
+    guard = rule_guard.find(topo.lab).guard.pid
     monitor = _monitor_of(guard, ns)
     since = len(events.read(topo.lab))
     os.kill(monitor, signal.SIGKILL)
@@ -448,8 +448,10 @@ def test_rules_added_while_enable_runs_make_it_refuse_and_roll_back(legacy_lab, 
     monkeypatch.setattr(rule_guard, "start", start_after_a_rule)
     with pytest.raises(switch.SwitchError, match=r"(?s)added while enable ran.*198\.18\.9\.14"):
         switch.enable_ebpf(load_state(topo.lab), topo)
-    state = load_state(topo.lab)
-    assert state.mode == "legacy" and state.guard_pid == 0 and not state.datapath
+    assert load_state(topo.lab).mode == "legacy"
+    status = switch.status(load_state(topo.lab), topo)
+    assert status["converged"] and {n["mode"] for n in status["nodes"]} == {"legacy"}
+    assert rule_guard.find(topo.lab).guard is None
     assert "clsact" not in netns.run(ns, ["tc", "qdisc", "show"]).stdout
     refused = [e for e in events.read(topo.lab) if e["reason"] == "EnableRefused"]
     assert refused and "198.18.9.14" in refused[-1]["details"]["rules"][0]["rule"]

@@ -1,0 +1,258 @@
+"""What a lab is, read from the kernel: never from a record of what was done.
+
+``observe(topo)`` reads, per node: whether its namespace and devices exist,
+the program this project attached to every attach point (tc_attach.attached),
+whether those programs are one consistent datapath with the lab's config (so
+it can be kept, NAT table and all), the MASQUERADE chain and its jump, the
+``accept_local`` sysctls and the trace flag; and for the lab: every namespace
+and the rule guard (rule_guard.find: pidfile checked against /proc, heartbeat).
+
+``differences(state, view)`` compares that with what the record wants
+(``desired`` per node), as one readable line per difference; converge.py
+removes them, ``status`` prints them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from netns_lab import legacy, netns
+from netns_lab.topology import Node, Topology
+
+from . import libbpf, rule_guard, tc_attach
+from .host_routing import DatapathError, DatapathMaps
+
+FROM_POD = "from_pod"
+FROM_UNDERLAY = "from_underlay"
+
+
+def attach_points(topo: Topology, node: Node) -> list[tuple[str, str]]:
+    """(device, program) for every hook of a node: from_pod on each pod's host-side veth,
+    from_underlay on the uplink."""
+    return [(pod.host_ifname, FROM_POD) for pod in node.pods] + \
+        [(topo.uplink_ifname, FROM_UNDERLAY)]
+
+
+@dataclass
+class Datapath:
+    """One load of the programs, found attached on a node."""
+    programs: dict[str, int]            # name -> prog id
+    matches: bool                       # config, table size and endpoints are the lab's
+    mismatch: str = ""
+
+
+@dataclass
+class NodeView:
+    name: str
+    netns: str
+    exists: bool
+    missing_devices: list[str] = field(default_factory=list)
+    programs: dict[str, list[tc_attach.Attached]] = field(default_factory=dict)  # per device
+    datapath: Datapath | None = None    # when every attached program is of one load
+    masquerade: str = "absent"          # present | absent | partial
+    accept_local: dict[str, int] = field(default_factory=dict)
+    trace: bool = False
+
+    @property
+    def attached(self) -> int:
+        return sum(len(p) for p in self.programs.values())
+
+    def mode(self, topo: Topology) -> str:
+        """ebpf or legacy when the node is exactly that; absent; else "drifted"."""
+        if not self.exists:
+            return "absent"
+        if self.missing_devices:
+            return "drifted"
+        points = attach_points(topo, next(n for n in topo.nodes if n.name == self.name))
+        complete = self.datapath is not None and self.datapath.matches and all(
+            [a.name for a in self.programs.get(dev, [])] == [prog] for dev, prog in points)
+        if complete and self.masquerade == "absent" and \
+                all(v == 1 for v in self.accept_local.values()):
+            return "ebpf"
+        if self.attached == 0 and self.masquerade == "present" and \
+                all(v == 0 for v in self.accept_local.values()):
+            return "legacy"
+        return "drifted"
+
+
+@dataclass
+class LabView:
+    lab: str
+    missing_namespaces: list[str]
+    nodes: list[NodeView]
+    guard: rule_guard.Found
+
+    def node(self, name: str) -> NodeView:
+        return next(n for n in self.nodes if n.name == name)
+
+
+def accept_local_keys(node: Node) -> dict[str, str]:
+    return {pod.host_ifname: f"net.ipv4.conf.{pod.host_ifname}.accept_local" for pod in node.pods}
+
+
+def _read_accept_local(node: Node, devices: list[str]) -> dict[str, int]:
+    keys = {dev: key for dev, key in accept_local_keys(node).items() if dev in devices}
+    if not keys:
+        return {}
+    out = netns.run(node.netns, ["sysctl", "-n", *keys.values()], changes=False).stdout.split()
+    return {dev: int(v) for dev, v in zip(keys, out)}
+
+
+def _devices(ns: str) -> list[str]:
+    with netns.ipr(ns) as sock:
+        return [link.get_attr("IFLA_IFNAME") for link in sock.get_links()]
+
+
+def find_datapath(topo: Topology, node: Node, programs: dict[str, list[tc_attach.Attached]]
+                  ) -> Datapath | None:
+    """The programs attached on the node when they are one load (both programs share its
+    maps), and whether that load is configured as the lab wants it."""
+    ids: dict[str, set[int]] = {}
+    for found in programs.values():
+        for a in found:
+            ids.setdefault(a.name, set()).add(a.prog_id)
+    if not ids or set(ids) - {FROM_POD, FROM_UNDERLAY} or any(len(v) > 1 for v in ids.values()):
+        return None
+    progs = {name: next(iter(v)) for name, v in ids.items()}
+    try:
+        maps_of = {name: set(_map_ids(pid)) for name, pid in progs.items()}
+        if len(progs) == 2 and not maps_of[FROM_POD] & maps_of[FROM_UNDERLAY]:
+            return None     # two loads
+        with DatapathMaps.from_prog_id(progs.get(FROM_POD) or progs[FROM_UNDERLAY]) as maps:
+            why = _config_mismatch(topo, node, maps)
+    except (OSError, DatapathError) as e:      # freed meanwhile
+        return Datapath(progs, False, f"unreadable: {e}")
+    return Datapath(progs, not why, why)
+
+
+def _map_ids(prog_id: int) -> list[int]:
+    with libbpf.prog_fd_by_id(prog_id) as fd:
+        return list(libbpf.prog_info(fd).map_ids)
+
+
+def _config_mismatch(topo: Topology, node: Node, maps: DatapathMaps) -> str:
+    cfg = maps.config()
+    want = topo.nat.datapath_config()
+    if cfg.router_ip != node.gateway or cfg.node_ip != node.ip or \
+            any(cfg.nat.get(k) != v for k, v in want.items()):
+        return "its config is not the lab's"
+    if maps.nat_capacity() != 2 * topo.nat.max_flows:
+        return "its NAT table size is not the lab's"
+    try:
+        endpoints = set(maps.endpoints())
+    except DatapathError:       # from_underlay alone does not use the endpoint map
+        return ""
+    if endpoints != {pod.ip for pod in node.pods}:
+        return "its endpoints are not the node's pods"
+    return ""
+
+
+def observe_node(topo: Topology, node: Node) -> NodeView:
+    view = NodeView(node.name, node.netns, netns.exists(node.netns))
+    if not view.exists:
+        return view
+    try:
+        devices = _devices(node.netns)
+    except Exception:           # removed while we looked
+        view.exists = False
+        return view
+    for dev, _ in attach_points(topo, node):
+        if dev not in devices:
+            view.missing_devices.append(dev)
+            continue
+        try:
+            view.programs[dev] = tc_attach.attached(node.netns, dev, "ingress")
+        except tc_attach.TcError:
+            view.missing_devices.append(dev)
+    view.datapath = find_datapath(topo, node, view.programs)
+    if view.datapath:
+        try:
+            with DatapathMaps.from_prog_id(next(iter(view.datapath.programs.values()))) as maps:
+                view.trace = maps.config().trace
+        except (OSError, DatapathError):
+            pass
+    view.masquerade = legacy.read_masquerade(topo, node).state(topo, node)
+    view.accept_local = _read_accept_local(node, devices)
+    return view
+
+
+def observe(topo: Topology) -> LabView:
+    return LabView(lab=topo.lab,
+                   missing_namespaces=[n for n in topo.namespaces if not netns.exists(n)],
+                   nodes=[observe_node(topo, node) for node in topo.nodes],
+                   guard=rule_guard.find(topo.lab))
+
+
+def node_differences(topo: Topology, node: Node, view: NodeView, desired: str) -> list[str]:
+    """What keeps the node from being as desired, one line each ([] when it is)."""
+    if desired == "absent":
+        return ["namespace exists"] if view.exists else []
+    if not view.exists:
+        return [f"namespace {node.netns} is gone"]
+    diffs = [f"device {dev} is gone" for dev in view.missing_devices]
+    points = attach_points(topo, node)
+    for dev, prog in points:
+        if dev in view.missing_devices:
+            continue
+        names = [a.name for a in view.programs.get(dev, [])]
+        want = [prog] if desired == "ebpf" else []
+        if names != want:
+            diffs.append(f"{dev}: {', '.join(names) or 'no program'} attached "
+                         f"(want {', '.join(want) or 'none'})")
+    if desired == "ebpf" and view.datapath is None and view.attached:
+        diffs.append("the attached programs are not one datapath")
+    elif desired == "ebpf" and view.datapath is not None and not view.datapath.matches:
+        diffs.append(f"the attached datapath does not match: {view.datapath.mismatch}")
+    want_masq = "absent" if desired == "ebpf" else "present"
+    if view.masquerade != want_masq:
+        diffs.append(f"MASQUERADE {view.masquerade} (want {want_masq})")
+    want_local = 1 if desired == "ebpf" else 0
+    wrong = sorted(dev for dev, v in view.accept_local.items() if v != want_local)
+    if wrong:
+        diffs.append(f"accept_local is not {want_local} on {', '.join(wrong)}")
+    if view.trace and desired == "ebpf" and not monitors(topo.lab):
+        diffs.append("tracing is on with no monitor running")
+    return diffs
+
+
+def differences(state, topo: Topology, view: LabView) -> dict[str, list[str]]:
+    """{"lab" or node name: [difference, ...]}, only those that have some."""
+    out: dict[str, list[str]] = {}
+    wants_ebpf = [n for n in topo.nodes if state.desired.get(n.name) == "ebpf"]
+    lab = [f"namespace {n} is gone" for n in view.missing_namespaces
+           if n not in {node.netns for node in topo.nodes}]
+    guard = view.guard
+    if wants_ebpf and not guard.live:
+        lab.append(f"rule guard {guard.describe()}")
+    elif not wants_ebpf and guard.guard is not None:
+        lab.append(f"rule guard {guard.describe()} (want none)")
+    if guard.orphans:
+        lab.append("orphan rule guard(s): pid " + ", ".join(str(p.pid) for p in guard.orphans))
+    if lab:
+        out["lab"] = lab
+    for node in topo.nodes:
+        diffs = node_differences(topo, node, view.node(node.name),
+                                 state.desired.get(node.name, "legacy"))
+        if diffs:
+            out[node.name] = diffs
+    return out
+
+
+def monitor_pidfile(lab: str, pid: int):
+    from netns_lab.state import labs_dir
+    return labs_dir() / f"{lab}.monitor-{pid}"
+
+
+def monitors(lab: str) -> list:
+    """Running `hostrouting monitor`s of the lab (each switches tracing on while it runs
+    and keeps a pidfile <lab>.monitor-<pid>); stale pidfiles are removed."""
+    from netns_lab import procs
+    from netns_lab.state import labs_dir
+    running = []
+    for path in labs_dir().glob(f"{lab}.monitor-*"):
+        found = procs.read_pidfile(path)
+        if found and found[0].alive():
+            running.append(found[0])
+        else:
+            path.unlink(missing_ok=True)
+    return running

@@ -1,0 +1,40 @@
+"""Deterministic fault injection at the calls that change the kernel.
+
+Every call that changes a lab's kernel state (a command run in a namespace,
+a netlink change, a namespace created or removed, a BPF map update, a TC
+attach or detach, the rule guard started) passes ``point(what)`` first. The
+tests of issue 16 use two environment variables:
+
+- ``HOSTROUTING_FAULT_TRACE=FILE``: every point appends one line (its number
+  and what it was about to do), so a test learns how many points a command
+  passes;
+- ``HOSTROUTING_FAULT_AT=K``: the K-th point (1-based) ends the process on
+  the spot with ``os._exit(137)``, as SIGKILL would: no ``finally``, no
+  rollback, no atexit, children (the guard) left running.
+
+With neither set a point costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+
+AT_ENV = "HOSTROUTING_FAULT_AT"
+TRACE_ENV = "HOSTROUTING_FAULT_TRACE"
+KILLED_STATUS = 137     # what a shell reports for a SIGKILLed process
+
+_count = 0
+
+
+def point(what: str) -> None:
+    """Called before each kernel-changing call; ends the process at the chosen one."""
+    at, trace = os.environ.get(AT_ENV), os.environ.get(TRACE_ENV)
+    if not at and not trace:
+        return
+    global _count
+    _count += 1
+    if trace:
+        with open(trace, "a") as f:
+            f.write(f"{_count} {os.getpid()} {what}\n")
+    if at and _count == int(at):
+        os._exit(KILLED_STATUS)
