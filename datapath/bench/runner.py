@@ -302,11 +302,10 @@ class Bench:
             server.close()
         if self.floor:
             self.floor.close()
-        for lab in self.labs.values():
-            try:
-                builder.lab_down(lab)
-            except Exception:  # not built: nothing to remove
-                pass
+        # only the labs this run built: a lab that was there already (lab up refused to
+        # build over it) is someone else's, named like ours or not
+        for topo in self.topos.values():
+            builder.lab_down(topo.lab)
 
     def target(self, scenario: str, mode: str) -> tuple[str, str]:
         """(client namespace, server address) of a scenario in a mode."""
