@@ -14,8 +14,9 @@
  * source-NATed to the node IP on the way (nat.h, frag.h) and its replies
  * translated back in from_underlay. Whatever the programs do not handle goes
  * to the stack unchanged (TC_ACT_OK), so the legacy path is the fallback.
- * Every verdict is counted per reason (enum hr_reason) and, while a monitor
- * asks for it, traced to the `trace_events` ring buffer.
+ * Every verdict is counted per program (enum hr_hook) and reason (enum
+ * hr_reason) and, while a monitor asks for it, traced to the `trace_events`
+ * ring buffer.
  *
  * This file holds the maps and the programs; the mechanics of each decision
  * live in the header named after it (parse.h, ipv4_check.h, pmtu.h, nat.h;
@@ -41,7 +42,7 @@
 
 BPF_HASH(endpoints, __u32, struct hr_endpoint, 1024);
 BPF_ARRAY(config, struct hr_config, 1);
-BPF_PERCPU_ARRAY(counters, struct hr_counter, HR_REASON_MAX);
+BPF_PERCPU_ARRAY(counters, struct hr_counter, HR_HOOK_MAX * HR_REASON_MAX);
 BPF_RINGBUF_OUTPUT(trace_events, 16);
 /* Destinations inside the cluster: pod CIDRs and the underlay. Anything else leaves it. */
 BPF_LPM_TRIE(cluster_cidrs, struct hr_lpm_key, __u32, 64);
@@ -125,7 +126,7 @@ static __always_inline int verdict(__u32 *slot, struct __sk_buff *skb, __u32 hoo
 	struct hr_counter *cnt;
 	struct hr_config *cfg;
 
-	*slot = reason;
+	*slot = hook * HR_REASON_MAX + reason;
 	cnt = counters.lookup(slot);
 	if (cnt) {
 		cnt->packets++;

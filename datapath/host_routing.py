@@ -199,24 +199,37 @@ class DatapathMaps:
     # counters -------------------------------------------------------------------------------
 
     def counters(self) -> dict[str, tuple[int, int]]:
-        """reason name -> (packets, bytes), summed over all CPUs; every reason present."""
+        """reason name -> (packets, bytes), summed over all CPUs and both hooks; every
+        reason present."""
+        out = {name: (0, 0) for name in st.REASON_NAMES.values()}
+        for (_, reason), (p, b) in self.counters_by_hook().items():
+            pk, by = out[reason]
+            out[reason] = (pk + p, by + b)
+        return out
+
+    def counters_by_hook(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(hook name, reason name) -> (packets, bytes), summed over all CPUs; every pair
+        present (a program built before the hook dimension: its counters under from_pod)."""
         stride = (st.SIZEOF_COUNTER + 7) // 8 * 8
         size = libbpf.percpu_value_size(st.SIZEOF_COUNTER)
-        out: dict[str, tuple[int, int]] = {}
-        for value in range(min(st.REASON_MAX, self.counter_entries)):
-            raw = libbpf.map_lookup(self.fd("counters"), value.to_bytes(4, "little"), size)
-            pk = by = 0
-            for off in range(0, len(raw or b""), stride):
-                p, b = st.unpack_counter(raw[off:off + st.SIZEOF_COUNTER])
-                pk += p
-                by += b
-            out[st.reason_name(value)] = (pk, by)
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+        for hook, hook_name in sorted(st.HOOK_NAMES.items()):
+            for value, reason in st.REASON_NAMES.items():
+                index = hook * st.REASON_MAX + value
+                raw = (libbpf.map_lookup(self.fd("counters"), index.to_bytes(4, "little"), size)
+                       if index < self.counter_entries else None)
+                pk = by = 0
+                for off in range(0, len(raw or b""), stride):
+                    p, b = st.unpack_counter(raw[off:off + st.SIZEOF_COUNTER])
+                    pk += p
+                    by += b
+                out[(hook_name, reason)] = (pk, by)
         return out
 
     def reset_counters(self) -> None:
         size = libbpf.percpu_value_size(st.SIZEOF_COUNTER)
-        for value in range(min(st.REASON_MAX, self.counter_entries)):
-            libbpf.map_update(self.fd("counters"), value.to_bytes(4, "little"), bytes(size))
+        for index in range(min(st.HOOK_MAX * st.REASON_MAX, self.counter_entries)):
+            libbpf.map_update(self.fd("counters"), index.to_bytes(4, "little"), bytes(size))
 
     # trace events ---------------------------------------------------------------------------
 

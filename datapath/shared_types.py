@@ -57,7 +57,19 @@ REASON_NAMES: dict[int, str] = {v: n.removeprefix("HR_").lower() for n, v in REA
 #: pretty name -> value.
 REASON_BY_NAME: dict[str, int] = {p: v for v, p in REASON_NAMES.items()}
 
-HOOKS: dict[str, int] = _enum_members("hr_hook")
+
+def reason_kind(name: str) -> str:
+    """What a verdict did with the packet, from its name: "drop", "stack" (handed to the
+    kernel's stack: pass_*, snat_pass_*) or "forward" (redirected by BPF, or answered by it:
+    icmp_frag_needed)."""
+    if name.startswith("drop_"):
+        return "drop"
+    return "stack" if "pass" in name.split("_") else "forward"
+
+
+#: enum hr_hook, name -> value (HR_HOOK_MAX excluded).
+HOOKS: dict[str, int] = {n: v for n, v in _enum_members("hr_hook").items() if n != "HR_HOOK_MAX"}
+HOOK_MAX: int = _enum_members("hr_hook")["HR_HOOK_MAX"]
 HOOK_NAMES: dict[int, str] = {v: n.removeprefix("HR_HOOK_").lower() for n, v in HOOKS.items()}
 
 SIZEOF_ENDPOINT = ffi.sizeof("struct hr_endpoint")

@@ -12,7 +12,8 @@
 
 /*
  * Every verdict the programs reach, with its reason. Each one is counted in
- * the per-CPU `counters` array at this index and named in trace events.
+ * the per-CPU `counters` array at index hook * HR_REASON_MAX + reason (enum
+ * hr_hook below) and named in trace events.
  */
 enum hr_reason {
 	HR_REDIRECT_PEER = 0,		/* local pod: bpf_redirect_peer into its eth0 */
@@ -63,10 +64,11 @@ enum hr_reason {
 	HR_REASON_MAX = 34
 };
 
-/* Where a trace event was taken. */
+/* Which program reached a verdict: in trace events, and the counters' first dimension. */
 enum hr_hook {
 	HR_HOOK_FROM_POD = 0,
-	HR_HOOK_FROM_UNDERLAY = 1
+	HR_HOOK_FROM_UNDERLAY = 1,
+	HR_HOOK_MAX = 2
 };
 
 /* Value of the `endpoints` hash map, keyed by the pod's IPv4 address (network order). */
@@ -187,7 +189,7 @@ struct hr_frag_entry {
 	__u32 pad;
 };
 
-/* One per-CPU slot of the `counters` array, per enum hr_reason. */
+/* One per-CPU slot of the `counters` array, per enum hr_hook x enum hr_reason. */
 struct hr_counter {
 	__u64 packets;
 	__u64 bytes;
