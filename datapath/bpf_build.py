@@ -129,16 +129,53 @@ def default_cflags() -> list[str]:
     return [f"-I{INCLUDE_DIR}", "-Wno-unused-function"]
 
 
+#: Texts known to compile here. Kept on disk too (HOSTROUTING_CACHE_DIR, else
+#: /var/cache/ebpf-hostrouting), keyed by everything that decides the outcome, so a
+#: later process skips the child's compile: each is a second or two of CPU.
 _COMPILED_OK: set[str] = set()
+_COMPILED_OK_FILE = "bpf-compiled-ok"
+
+
+def _compile_key(bcc, text: str, flags: list[str]) -> str:
+    h = hashlib.sha256("\0".join([text, *flags, getattr(bcc, "__version__", ""),
+                                   platform.release()]).encode())
+    for header in sorted(INCLUDE_DIR.glob("*.h")):  # what the text #includes
+        h.update(header.name.encode() + b"\0" + header.read_bytes())
+    return h.hexdigest()
+
+
+def _compiled_ok_path() -> Path:
+    return Path(os.environ.get("HOSTROUTING_CACHE_DIR", "/var/cache/ebpf-hostrouting"),
+                _COMPILED_OK_FILE)
+
+
+def _known_to_compile(digest: str) -> bool:
+    if digest in _COMPILED_OK:
+        return True
+    with contextlib.suppress(OSError):
+        if digest in _compiled_ok_path().read_text().split():
+            _COMPILED_OK.add(digest)
+            return True
+    return False
+
+
+def _remember_compiles(digest: str) -> None:
+    _COMPILED_OK.add(digest)
+    with contextlib.suppress(OSError):
+        path = _compiled_ok_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mode = "a" if not path.exists() or path.stat().st_size < 64 * 1024 else "w"
+        with open(path, mode) as f:     # one short line per append: atomic enough
+            f.write(digest + "\n")
 
 
 def _check_compiles_in_child(bcc, source: str, text: str, flags: list[str]) -> None:
     """Compile once in a forked child first: LLVM ends the whole process on some
     errors (a program over the 512-byte stack, say) with exit(1), which would
     take the diagnostics and the caller with it. Passing texts are remembered,
-    so a lab's nodes pay for this once."""
-    digest = hashlib.sha256("\0".join([text, *flags]).encode()).hexdigest()
-    if digest in _COMPILED_OK:
+    so a lab's nodes, and later runs, pay for this once."""
+    digest = _compile_key(bcc, text, flags)
+    if _known_to_compile(digest):
         return
     sys.stdout.flush()
     sys.stderr.flush()
@@ -160,7 +197,7 @@ def _check_compiles_in_child(bcc, source: str, text: str, flags: list[str]) -> N
         diag = pipe.read().decode("utf-8", "replace")
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) == 0:
-        _COMPILED_OK.add(digest)
+        _remember_compiles(digest)
         return
     if "No such file or directory" in diag and "/lib/modules" in diag:
         raise KernelHeadersMissing(f"bcc could not find kernel headers:\n{diag}")
