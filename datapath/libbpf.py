@@ -1,7 +1,8 @@
 """A small cffi (ABI mode) binding to the system's libbpf.so.1 (libbpf 1.1 API).
 
 Only what the project needs: BPF_PROG_TEST_RUN, object info for programs and
-maps, fds from ids, raw-bytes map operations, and ring-buffer reading. Every
+maps (with programs' run-time stats), BPF_ENABLE_STATS, fds from ids, raw-bytes
+map operations, and ring-buffer reading. Every
 libbpf call that fails raises OSError with the errno (libbpf 1.x returns
 -errno and sets errno). File descriptors this module opens are wrapped in
 `Fd`, a context manager that closes them.
@@ -160,6 +161,8 @@ int bpf_map_delete_elem(int fd, const void *key);
 int bpf_link_create(int prog_fd, int target_fd, int attach_type, const void *opts);
 int bpf_map_get_next_key(int fd, const void *key, void *next_key);
 int libbpf_num_possible_cpus(void);
+/* type is enum bpf_stats_type; returns an fd: stats are collected while it is open */
+int bpf_enable_stats(int type);
 
 struct ring_buffer;
 struct ring_buffer_opts;
@@ -305,6 +308,8 @@ class ProgInfo:
     type: int
     tag: str
     map_ids: tuple[int, ...]
+    run_time_ns: int = 0    # total time in the program; moves only while BPF stats are on
+    run_cnt: int = 0        # runs counted meanwhile
 
 
 @dataclass(frozen=True)
@@ -334,7 +339,8 @@ def prog_info(prog_fd) -> ProgInfo:
         _check(lib().bpf_obj_get_info_by_fd(fd, info2, ln), "BPF_OBJ_GET_INFO_BY_FD (prog)")
         ids = tuple(arr[i] for i in range(min(n, info2.nr_map_ids)))
     return ProgInfo(id=info.id, name=ffi.string(info.name).decode(), type=info.type,
-                    tag=bytes(info.tag).hex(), map_ids=ids)
+                    tag=bytes(info.tag).hex(), map_ids=ids, run_time_ns=info.run_time_ns,
+                    run_cnt=info.run_cnt)
 
 
 def map_info(map_fd) -> MapInfo:
@@ -374,6 +380,16 @@ def prog_ids() -> list[int]:
 def map_ids() -> list[int]:
     """Ids of every BPF map on the machine."""
     return _ids(lib().bpf_map_get_next_id)
+
+
+# uapi enum bpf_stats_type
+BPF_STATS_RUN_TIME = 0
+
+
+def enable_stats(stats_type: int = BPF_STATS_RUN_TIME) -> Fd:
+    """BPF_ENABLE_STATS: the kernel counts run time and runs of every program while the
+    returned fd is open (kernel.bpf_stats_enabled itself is left as it is)."""
+    return Fd(_check(lib().bpf_enable_stats(stats_type), "BPF_ENABLE_STATS"))
 
 
 def num_possible_cpus() -> int:
