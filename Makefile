@@ -10,8 +10,9 @@
 # couple of seconds when nothing is missing, so demo and test run it each time.
 #
 # `make test` passes --test-tools to scripts/provision.sh: it also installs
-# vagrant (where the distro packages it) for tests/system/test_vagrantfile.py, which
-# a demo machine does not need.
+# vagrant and prometheus (where the distro packages them) for
+# tests/system/test_vagrantfile.py and tests/lab/test_metrics.py, which a demo
+# machine does not need.
 #
 # PYTEST_STATUS_FILE (optional): `make test` writes pytest's exit status there,
 # because make itself reports any failure as 2 (.ci/run uses it to tell "no

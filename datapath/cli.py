@@ -220,6 +220,16 @@ def _csv(kind, choices=None):
     return parse
 
 
+def _parsed(parse):
+    """An argparse type from a parser whose ValueError message is shown as it is."""
+    def check(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return check
+
+
 def cmd_bench(args) -> int:
     from datapath.bench import report
     if args.bench_command == "compare":
@@ -268,6 +278,16 @@ def cmd_events(args) -> int:
     for event in stream:
         print(json.dumps(event) if args.json else events.format_event(event), flush=True)
     return 0
+
+
+def cmd_metrics(args) -> int:
+    _require_root()
+    from datapath import metrics
+    labs = None if args.all_labs else [args.lab]
+    if args.metrics_command == "dump":
+        sys.stdout.write(metrics.dump(labs))
+        return 0
+    return metrics.serve(labs, args.listen, announce=lambda line: print(line, flush=True))
 
 
 def cmd_monitor(args) -> int:
@@ -353,6 +373,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     p.add_argument("--json", action="store_true", help="JSON (one object per line with -f)")
     p.set_defaults(func=cmd_events)
+
+    from datapath.metrics import DEFAULT_LISTEN, parse_listen
+    metrics = sub.add_parser("metrics", help="the counters as Prometheus metrics "
+                             "(docs/metrics.md)")
+    msub = metrics.add_subparsers(dest="metrics_command", required=True, metavar="METRICS_COMMAND")
+    for name, text in (("serve", "serve /metrics until stopped"), ("dump", "print /metrics once")):
+        p = msub.add_parser(name, help=text)
+        which = p.add_mutually_exclusive_group()
+        which.add_argument("--lab", default="hr", help="lab name (default: hr)")
+        which.add_argument("--all-labs", action="store_true", help="every lab, as they come "
+                           "and go")
+        if name == "serve":
+            p.add_argument("--listen", type=_parsed(parse_listen), default=DEFAULT_LISTEN,
+                           metavar="ADDRESS:PORT", help=f"default {DEFAULT_LISTEN}; port 0: "
+                           "any free one")
+        p.set_defaults(func=cmd_metrics)
 
     from datapath.bench.runner import MODES, QUICK, SCENARIOS, TESTS
     p = sub.add_parser("bench", help="legacy vs eBPF vs the limit, with netperf",

@@ -8,10 +8,12 @@
 # USAGE: sudo scripts/provision.sh [--no-venv] [--test-tools]
 #   --no-venv     system packages only (no .venv)
 #   --test-tools  also what only the test suite uses: vagrant, for
-#                 tests/system/test_vagrantfile.py (`vagrant validate`). `make test`
-#                 passes it, `make demo` does not, so a demo machine gets no
-#                 Ruby stack. Best effort: where the distro has no vagrant
-#                 package it says so and that one test skips.
+#                 tests/system/test_vagrantfile.py (`vagrant validate`), and
+#                 prometheus, for tests/lab/test_metrics.py (a real server
+#                 scraping `hostrouting metrics serve`). `make test` passes
+#                 it, `make demo` does not, so a demo machine gets no Ruby
+#                 stack. Best effort: where the distro has no such package it
+#                 says so and those tests skip.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -196,11 +198,23 @@ packages=(python3-bpfcc bpfcc-tools libbpf1 clang llvm iproute2 iptables nftable
 # Test-only tools are added only where the archive has them (apt-cache policy
 # is local and fast, so a machine without them stays quick on every run).
 add_test_tools() {
-	if apt-cache policy vagrant 2>/dev/null | grep -q 'Candidate: [0-9]'; then
-		packages+=(vagrant)
-	elif ! command -v vagrant >/dev/null; then
-		say "vagrant: no package in this distribution's archives; tests/system/test_vagrantfile.py will skip"
-	fi
+	local tool
+	for tool in vagrant:tests/system/test_vagrantfile.py prometheus:tests/lab/test_metrics.py; do
+		if apt-cache policy "${tool%%:*}" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+			packages+=("${tool%%:*}")
+		elif ! command -v "${tool%%:*}" >/dev/null; then
+			say "${tool%%:*}: no package in this distribution's archives; ${tool#*:} will skip"
+		fi
+	done
+}
+
+# The prometheus package enables and starts a server of its own (every address, port 9090,
+# scraping itself into /var/lib/prometheus); the tests start theirs on a free loopback port.
+# So the packaged service is stopped and disabled, once: when this run installed it.
+disable_packaged_prometheus() {
+	[ -d /run/systemd/system ] || return 0
+	systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+	say "prometheus: stopped and disabled the package's own service (the tests start theirs)"
 }
 
 missing_packages() {
@@ -225,6 +239,7 @@ if [ "${#todo[@]}" -gt 0 ]; then
 	mapfile -t todo < <(missing_packages)
 	apt-get install -y -qq --no-install-recommends "${todo[@]}" >/dev/null
 	say "installed: ${todo[*]}"
+	[[ " ${todo[*]} " == *" prometheus "* ]] && disable_packaged_prometheus
 else
 	say "system packages: all present"
 fi

@@ -13,6 +13,7 @@ test session, so a developer's own labs are never seen or removed by the suite.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -51,9 +52,9 @@ def lab_name():
         lab_down(name)
 
 
-@pytest.fixture
-def make_lab():
-    """Build labs on demand (``make_lab(mode='legacy', **topology)``); all removed after."""
+@contextlib.contextmanager
+def lab_maker():
+    """``make(mode='legacy', **topology)`` builds labs; all are removed when the block ends."""
     made = []
 
     def make(mode: str = "legacy", nodes: int | None = None, pods_per_node: int | None = None,
@@ -64,10 +65,26 @@ def make_lab():
         state, _ = lab_up(topo, configure_mode(mode))
         return state, topo
 
-    yield make
-    for name in made:
-        if name in lab_names():
-            lab_down(name)
+    try:
+        yield make
+    finally:
+        for name in made:
+            if name in lab_names():
+                lab_down(name)
+
+
+@pytest.fixture
+def make_lab():
+    """Build labs on demand (``make_lab(mode='legacy', **topology)``); all removed after."""
+    with lab_maker() as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def make_module_lab():
+    """make_lab for labs that serve a whole module (its tests each leave the lab usable)."""
+    with lab_maker() as make:
+        yield make
 
 
 @pytest.fixture

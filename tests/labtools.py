@@ -32,8 +32,8 @@ def fresh_lab_name() -> str:
 
 
 def ping(ns: str, dst: str, count: int = 1, size: int | None = None, df: bool = False,
-         timeout: float = 2) -> subprocess.CompletedProcess:
-    argv = ["ping", "-n", "-c", str(count), "-W", str(timeout), "-i", "0.2"]
+         timeout: float = 2, interval: float = 0.2) -> subprocess.CompletedProcess:
+    argv = ["ping", "-n", "-c", str(count), "-W", str(timeout), "-i", str(interval)]
     if size is not None:
         argv += ["-s", str(size)]
     if df:
@@ -87,6 +87,21 @@ def netperf(ns: str, host: str, test: str = "TCP_RR", seconds: float = 1, port: 
     if extra:
         argv += ["--", *extra]
     return netns.run(ns, argv, check=False, timeout=seconds + 20)
+
+
+# A pod sending frames with other source addresses or MACs: argv dst, gateway MAC, count per
+# case, then cases "ip,mac".
+SPOOF = """
+import sys
+from scapy.all import Ether, IP, UDP, sendp, conf
+conf.verb = 0
+dst, gw_mac, count, cases = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+for case in cases:                      # "ip,mac"
+    src_ip, src_mac = case.split(",")
+    frame = Ether(src=src_mac, dst=gw_mac) / IP(src=src_ip, dst=dst) / \\
+        UDP(sport=4444, dport=5353) / b"spoofed"
+    sendp(frame, iface="eth0", count=count)
+"""
 
 
 UDP_ECHO = """

@@ -21,7 +21,8 @@ import pytest
 from datapath import libbpf, switch
 from netns_lab import netns
 from netns_lab.state import load_state
-from tests.labtools import lab_counters, background, conntrack_entries, netserver, udp_echo, udp_request
+from tests.labtools import (SPOOF, lab_counters, background, conntrack_entries, netserver, udp_echo,
+                            udp_request)
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "datapath.cli"]
@@ -31,18 +32,6 @@ counters = lab_counters
 
 
 # -- a hostile pod ----------------------------------------------------------------------------
-
-SPOOF = """
-import sys
-from scapy.all import Ether, IP, UDP, sendp, conf
-conf.verb = 0
-dst, gw_mac, count, cases = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
-for case in cases:                      # "ip,mac"
-    src_ip, src_mac = case.split(",")
-    frame = Ether(src=src_mac, dst=gw_mac) / IP(src=src_ip, dst=dst) / \\
-        UDP(sport=4444, dport=5353) / b"spoofed"
-    sendp(frame, iface="eth0", count=count)
-"""
 
 RECEIVER = """
 import socket, sys
