@@ -8,9 +8,9 @@ tests of issue 16 use two environment variables:
 - ``HOSTROUTING_FAULT_TRACE=FILE``: every point appends one line (its number
   and what it was about to do), so a test learns how many points a command
   passes;
-- ``HOSTROUTING_FAULT_AT=K``: the K-th point (1-based) ends the process on
-  the spot with ``os._exit(137)``, as SIGKILL would: no ``finally``, no
-  rollback, no atexit, children (the guard) left running.
+- ``HOSTROUTING_FAULT_AT=K``: at the K-th point (1-based) the process sends
+  itself SIGKILL: no ``finally``, no rollback, no atexit, children (the
+  guard) left running, exactly as a kill from outside at that point.
 
 With neither set a point costs one dictionary lookup.
 """
@@ -18,10 +18,10 @@ With neither set a point costs one dictionary lookup.
 from __future__ import annotations
 
 import os
+import signal
 
 AT_ENV = "HOSTROUTING_FAULT_AT"
 TRACE_ENV = "HOSTROUTING_FAULT_TRACE"
-KILLED_STATUS = 137     # what a shell reports for a SIGKILLed process
 
 _count = 0
 
@@ -37,4 +37,4 @@ def point(what: str) -> None:
         with open(trace, "a") as f:
             f.write(f"{_count} {os.getpid()} {what}\n")
     if at and _count == int(at):
-        os._exit(KILLED_STATUS)
+        os.kill(os.getpid(), signal.SIGKILL)
