@@ -218,14 +218,12 @@ def print_tables(result: dict, console=None) -> None:
     if shown:
         console.print("published eBPF/legacy (Azure CNI powered by Cilium): " + "; ".join(
             f"{scenario} {test} {unit} {_plain_ratio(v)}" for scenario, test, unit, v in shown))
-    if aa:
-        widest = max((r["ratios"]["legacy-b/legacy"] for r in rows
-                      if "legacy-b/legacy" in r["ratios"]),
-                     key=lambda x: x["ci"][1] - x["ci"][0], default=None)
-        if widest:
-            console.print(f"noise floor: two identical legacy labs differ by up to "
-                          f"{format_ratio(widest)} (the widest A/A interval above); a ratio "
-                          "whose interval stays inside such a range is not a difference")
+    if aa and (floor := noise_floor(rows)):
+        reach, row = floor
+        console.print(f"noise floor: the A/A intervals reach {reach:.1%} from 1.00x (widest: "
+                      f"{row['scenario']} {_row_label(row)} "
+                      f"{format_ratio(row['ratios']['legacy-b/legacy'])}); a ratio whose "
+                      "interval lies within that of 1.00x is no difference on this machine")
     if len({r["rules"] for r in rows}) > 1 and not aa:
         table = Table(title="Rule load: TCP_RR transactions/s by iptables rules per node")
         for col in ("scenario", "rules", "legacy", "eBPF", "eBPF/legacy"):
@@ -241,6 +239,14 @@ def print_tables(result: dict, console=None) -> None:
     for retry in env.get("retried_runs", []):
         console.print(f"[yellow]retried once[/]: {retry['scenario']} {retry['test']} "
                       f"{retry['mode']} (repeat {retry['repeat'] + 1}): {retry['error']}")
+
+
+def noise_floor(rows: list[dict]) -> tuple[float, dict] | None:
+    """How far from 1.00x the A/A intervals reach, and the row that reaches farthest."""
+    reach = [(max(1 - r["ratios"]["legacy-b/legacy"]["ci"][0],
+                  r["ratios"]["legacy-b/legacy"]["ci"][1] - 1), r)
+             for r in rows if "legacy-b/legacy" in r["ratios"]]
+    return max(reach, key=lambda x: x[0]) if reach else None
 
 
 def save(result: dict, path: str) -> None:
@@ -280,7 +286,7 @@ def compare(a: dict, b: dict) -> list[dict]:
                  if name in ra["ratios"]]
         items += [(mode, ra[mode], rb[mode]) for mode in MODE_NAMES if mode in ra and mode in rb]
         for what, x, y in items:
-            x_ci, y_ci = x.get("ci", [x["min"], x["max"]]), y.get("ci", [y["min"], y["max"]])
+            x_ci, y_ci = (v["ci"] if "ci" in v else [v["min"], v["max"]] for v in (x, y))
             out.append({"key": _row_key(rb), "what": what, "a": x["median"], "b": y["median"],
                         "a_ci": x_ci, "b_ci": y_ci,
                         "change": (y["median"] - x["median"]) / x["median"] if x["median"]

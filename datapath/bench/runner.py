@@ -108,10 +108,19 @@ class BenchConfig:
 
 
 def rotated(modes: tuple[str, ...], rep: int) -> tuple[str, ...]:
-    """The order of the modes in repetition ``rep``: each mode goes first in turn, so no mode
-    always follows the same one (a warm cache or a just-finished neighbour)."""
-    k = rep % len(modes)
-    return modes[k:] + modes[:k]
+    """The order of the modes in repetition ``rep``, rotated by one each repetition so that
+    each mode goes first in turn; a plain rotation keeps every mode behind the same one
+    (eBPF always right after legacy), so the rows are a Williams square: over ``len(modes)``
+    repetitions (twice that for an odd count) every mode also follows every other once,
+    and what one mode leaves behind (a warm cache, a busy softirq) falls on all alike."""
+    n = len(modes)
+    first = [0]
+    for i in range(1, n):               # 0, 1, n-1, 2, n-2, ...
+        first.append((i + 1) // 2 if i % 2 else n - i // 2)
+    order = [modes[(x + rep) % n] for x in first]
+    if n % 2 and (rep // n) % 2:
+        order.reverse()
+    return tuple(order)
 
 
 @dataclass

@@ -195,7 +195,7 @@ def test_sigkill_at_random_points_then_down_all_leaves_nothing(tmp_path, command
         if command == "bench":
             argv = CLI + ["bench", "--quick", "--lab-prefix", lab[:5], "--tests", "TCP_RR",
                           "--scenarios", "same-node"]
-            lab_names = [lab[:5] + "l", lab[:5] + "e"]
+            lab_names = [lab[:5] + suffix for suffix in "lecf"]     # legacy, eBPF, limit, floor
         else:
             up = subprocess.run(CLI + ["lab", "up", "--lab", lab, "--topology", str(topo),
                                        "--mode", "legacy" if command == "enable" else "ebpf"],

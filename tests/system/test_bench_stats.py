@@ -1,0 +1,211 @@
+"""The bench's statistics and bookkeeping, without labs: paired ratios, bootstrap intervals,
+rotated order, the CPU window, the sysctl comparison, the guard's pause, readable output."""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+from collections import Counter
+
+import pytest
+
+from datapath import rule_guard
+from datapath.bench import report, runner
+
+
+def _sample(mode, rep, tps, cpu_s=1.0, test="TCP_RR", scenario="same-node", size=None):
+    return {"rules": 0, "scenario": scenario, "mode": mode, "test": test, "size": size,
+            "repeat": rep, "values": {"tps": tps}, "seconds": 1.0, "cpu_s": cpu_s,
+            "cpu_window_s": 1.0}
+
+
+def _result(samples, modes=runner.MODES):
+    return {"environment": {"config": {"duration": 1.0, "repeat": 3}, "modes": list(modes),
+                            "kernel": "k", "cpu": "c", "cores": 2},
+            "samples": samples}
+
+
+def test_bootstrap_ci_is_deterministic_and_brackets_the_median():
+    values = [1.10, 1.02, 1.15, 0.98, 1.12, 1.08, 1.11, 1.05, 1.20, 1.09]
+    median, low, high = report.bootstrap_ci(values)
+    assert median == pytest.approx(1.095)
+    assert min(values) <= low <= median <= high <= max(values)
+    assert report.bootstrap_ci(values) == (median, low, high)      # fixed seed
+    assert report.bootstrap_ci([1.3]) == (1.3, 1.3, 1.3)
+    with pytest.raises(ValueError):
+        report.bootstrap_ci([])
+
+
+def test_bootstrap_ci_narrows_with_more_repetitions():
+    import random
+    rng = random.Random(1)
+    few = [rng.gauss(1.0, 0.1) for _ in range(5)]
+    many = [rng.gauss(1.0, 0.1) for _ in range(200)]
+    _, lo_few, hi_few = report.bootstrap_ci(few)
+    _, lo_many, hi_many = report.bootstrap_ci(many)
+    assert hi_many - lo_many < hi_few - lo_few
+    assert lo_many < 1.0 < hi_many
+
+
+@pytest.mark.parametrize("modes", [runner.MODES, runner.AA_MODES, ("a", "b", "c")])
+def test_rotated_order_balances_first_place_and_predecessors(modes):
+    n = len(modes)
+    cycle = 2 * n if n % 2 else n
+    orders = [runner.rotated(modes, rep) for rep in range(cycle)]
+    assert all(sorted(o) == sorted(modes) for o in orders)
+    assert sorted(o[0] for o in orders[:n]) == sorted(modes)      # each first once per n
+    pairs = [(o[i], o[i + 1]) for o in orders for i in range(n - 1)]
+    # each mode right after each other mode, equally often
+    assert Counter(pairs) == {(a, b): cycle // n for a in modes for b in modes if a != b}
+    assert runner.rotated(modes, cycle) == orders[0]
+
+
+def test_ratios_are_paired_by_repetition_not_taken_of_medians():
+    # the machine slows down in repetition 2 for every mode alike: pairing cancels it
+    tps = {0: {"legacy": 100, "ebpf": 110}, 1: {"legacy": 200, "ebpf": 220},
+           2: {"legacy": 50, "ebpf": 55}}
+    samples = [_sample(mode, rep, v) for rep, modes in tps.items() for mode, v in modes.items()]
+    row = next(r for r in report.summarise(_result(samples)) if r["metric"] == "tps")
+    ratio = row["ratios"]["ebpf/legacy"]
+    assert ratio["each"] == pytest.approx([1.1, 1.1, 1.1])
+    assert ratio["median"] == pytest.approx(1.1) and ratio["ci"] == pytest.approx([1.1, 1.1])
+    assert row["legacy"]["median"] == 100 and row["ebpf"]["median"] == 110
+    assert "ebpf/limit" not in row["ratios"]        # limit not measured: no ratio
+
+
+def test_pairing_skips_repetitions_that_lack_a_mode():
+    by_rep = {0: {"legacy": 100, "ebpf": 120}, 1: {"ebpf": 130}, 2: {"legacy": 100, "ebpf": 90}}
+    assert report.paired_ratios(by_rep, "ebpf", "legacy") == pytest.approx([1.2, 0.9])
+    assert report.paired_ratios({0: {"legacy": 0, "ebpf": 1}}, "ebpf", "legacy") == []
+
+
+def test_cpu_per_transaction_uses_the_window_it_was_read_over():
+    s = _sample("ebpf", 0, tps=10_000, cpu_s=0.4)
+    s["cpu_window_s"] = 0.8
+    assert report.derived(s, duration=1.0)["cpu_us_per_trans"] == pytest.approx(50.0)
+    del s["cpu_window_s"]           # an older result: the nominal duration
+    assert report.derived(s, duration=1.0)["cpu_us_per_trans"] == pytest.approx(40.0)
+
+
+def test_cpu_reader_cuts_the_window_from_its_readings():
+    reader = runner.CpuReader()
+    reader.readings = [(0.0, [0, 0], 0), (0.1, [10, 5], 1), (0.5, [30, 15], 1),
+                       (0.9, [50, 25], 3), (1.0, [90, 25], 3)]
+    seconds, by_cpu, steal = reader.between(0.05, 0.95)
+    assert seconds == pytest.approx(0.8)
+    assert by_cpu == pytest.approx([40 / runner.CLK_TCK, 20 / runner.CLK_TCK])
+    assert steal == pytest.approx(2 / runner.CLK_TCK)
+
+
+def test_read_proc_stat_has_one_figure_per_cpu():
+    import os
+    per_cpu, steal = runner.read_proc_stat()
+    assert len(per_cpu) == os.cpu_count() and steal >= 0
+
+
+def test_format_ratio():
+    assert report.format_ratio({"median": 1.1234, "ci": [1.081, 1.149]}) == "1.12x [1.08-1.15]"
+    assert report.format_ratio(None) == "-"
+
+
+def test_sysctl_differences_compare_devices_with_default():
+    fresh = {"net.ipv4.ip_forward": "0", "net.ipv4.conf.default.rp_filter": "2",
+             "net.ipv6.conf.default.mtu": "1280", "net.ipv4.tcp_tw_reuse": "2"}
+    lab = {"net.ipv4.ip_forward": "1", "net.ipv4.conf.eth0.rp_filter": "0",
+           "net.ipv4.conf.lo.rp_filter": "2", "net.ipv6.conf.eth0.mtu": "1500",
+           "net.ipv4.tcp_tw_reuse": "2", "net.ipv4.only_here": "1"}
+    assert runner.sysctl_differences(lab, fresh) == {"net.ipv4.conf.eth0.rp_filter": "0",
+                                                     "net.ipv4.ip_forward": "1"}
+
+
+def test_points_are_extended_by_placement():
+    cfg = runner.BenchConfig(scenarios=("same-node",), tests=("TCP_RR", "TCP_STREAM"),
+                             sizes=(64, 1024), cpu_pin=True)
+    points = cfg.points()
+    assert [(p.test, p.size) for p in points[::2]] == [("TCP_RR", None), ("TCP_STREAM", 64),
+                                                       ("TCP_STREAM", 1024)]
+    assert {p.pin for p in points} == set(runner.PINS)
+    assert cfg.runs() == len(points) * len(runner.MODES) * cfg.repeat
+    assert runner.BenchConfig(aa=True).modes == runner.AA_MODES
+
+
+def test_compare_says_noise_when_intervals_overlap():
+    def run(ebpf_tps):
+        samples = [_sample(m, rep, v) for rep, e in enumerate(ebpf_tps)
+                   for m, v in (("legacy", 100), ("ebpf", e))]
+        return report.with_summary(_result(samples))
+    same, better = run([101, 99, 100, 102, 98]), run([130, 128, 131, 129, 132])
+    rows = {r["what"]: r for r in report.compare(same, better)
+            if r["key"][-1] == "tps"}
+    assert not rows["ebpf/legacy"]["within_noise"]
+    assert rows["ebpf/legacy"]["b"] == pytest.approx(1.30)
+    assert rows["legacy"]["within_noise"]
+    noisy = {r["what"]: r for r in report.compare(same, run([100, 103, 99, 101, 100]))}
+    assert noisy["ebpf/legacy"]["within_noise"]
+
+
+def test_aa_table_prints_the_noise_floor():
+    from rich.console import Console
+    samples = [_sample(m, rep, v) for rep, (a, b) in enumerate([(100, 103), (100, 97), (100, 101)])
+               for m, v in (("legacy", a), ("legacy-b", b))]
+    out = io.StringIO()
+    report.print_tables(report.with_summary(_result(samples, runner.AA_MODES)),
+                        Console(file=out, width=200))
+    assert "legacy B/legacy" in out.getvalue()
+    # ratios 1.03, 0.97, 1.01: the interval reaches 3% from 1.00x
+    assert re.search(r"noise floor: the A/A intervals reach 3\.\d% from 1\.00x", out.getvalue())
+
+
+def test_tables_are_not_cut_when_piped():
+    # a pipe: rich would take 80 columns and squeeze the intervals onto two lines
+    console = report.console_for_output()
+    assert console.width == report.WIDE_CONSOLE
+    samples = [_sample(m, rep, v) for rep in range(3)
+               for m, v in (("legacy", 100), ("ebpf", 112), ("limit", 120), ("floor", 118))]
+    out = io.StringIO()
+    console.file = out
+    report.print_tables(report.with_summary(_result(samples)), console)
+    line = next(line for line in out.getvalue().splitlines() if "trans/s" in line)
+    assert "1.12x [1.12-1.12]" in line and "0.93x [0.93-0.93]" in line
+
+
+def test_guard_legacy_poll_waits_while_paused(monkeypatch, tmp_path):
+    """The pause stops the guard's periodic work (the NAT sweep checks it the same way); its
+    deadline ends a pause nobody lifted."""
+    lab = "pausetest"
+    assert not rule_guard.paused(lab)
+    rule_guard.pause(lab, 60)
+    assert rule_guard.paused(lab)
+    rule_guard.resume(lab)
+    assert not rule_guard.paused(lab)
+    rule_guard.pause(lab, -1)           # a deadline already past: not paused
+    assert not rule_guard.paused(lab)
+
+    guard = rule_guard.Guard(lab, {"n1": "no-such-netns"})
+    reads, checks = [], []
+    checked = threading.Event()
+    real_paused = rule_guard.paused
+
+    def counting_paused(name):
+        checks.append(name)
+        if len(checks) >= 5:
+            checked.set()
+        return real_paused(name)
+
+    monkeypatch.setattr(rule_guard, "LEGACY_POLL_S", 0.001)
+    monkeypatch.setattr(rule_guard, "paused", counting_paused)
+    monkeypatch.setattr(rule_guard, "_legacy_tables", lambda ns, tool: reads.append(tool) or {})
+    rule_guard.pause(lab, 60)
+    thread = threading.Thread(target=guard.poll_legacy, daemon=True)
+    thread.start()
+    assert checked.wait(10)
+    baseline_reads = len(rule_guard.LEGACY_TOOLS)
+    assert len(reads) == baseline_reads        # only the baseline, no poll while paused
+    rule_guard.resume(lab)
+    checks.clear()
+    checked.clear()
+    assert checked.wait(10)
+    guard.stopping.set()
+    thread.join(5)
+    assert len(reads) > baseline_reads         # polling again once resumed
