@@ -192,8 +192,7 @@ class DatapathCollector:
         if lab is None or lab.created_at != state.created_at:   # new, or made again
             lab = self._known[state.name] = _Lab(created_at=state.created_at)
         reading = _Reading(name=state.name, mode=state.mode,
-                           guard_up=rule_guard.mechanisms(state.guard_pid)["guard_pid"]
-                           is not None)
+                           guard_up=rule_guard.find(state.name).live)
         for node in topo.nodes:
             known = lab.programs.get(node.name)
             if known and self._read_node(node, known, lab, reading):
