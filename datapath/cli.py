@@ -242,12 +242,18 @@ def cmd_bench(args) -> int:
     _require_root()
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
+    from datapath.bench import node_profiles
     from datapath.bench.runner import QUICK, BenchConfig, run_bench
+    try:
+        node_profiles.parse(args.node_profile)
+    except ValueError as e:
+        raise CliError(f"--node-profile {e}") from None
     cfg = BenchConfig(quick=args.quick, lab_prefix=args.lab_prefix, aa=args.aa,
-                      cpu_pin=args.cpu_pin)
+                      cpu_pin=args.cpu_pin, node_profile=args.node_profile)
     if args.quick:
-        cfg.duration, cfg.repeat, cfg.sizes = QUICK["duration"], QUICK["repeat"], QUICK["sizes"]
-    for name in ("duration", "repeat", "sizes", "tests", "scenarios", "iptables_rules"):
+        for name in ("duration", "repeat", "sizes", "tests"):
+            setattr(cfg, name, QUICK[name])
+    for name in ("duration", "repeat", "sizes", "tests", "scenarios"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if cfg.duration <= 0 or cfg.repeat < 1:
@@ -397,15 +403,19 @@ def build_parser() -> argparse.ArgumentParser:
                        f"scenarios x modes ({', '.join(MODES)}) back to back in rotated order, "
                        "and prints medians and paired ratios with 95% bootstrap intervals.")
     p.add_argument("--quick", action="store_true", help="about two to three minutes: 1s "
-                   f"tests, {QUICK['repeat']} repetitions, TCP_STREAM size "
-                   f"{','.join(map(str, QUICK['sizes']))}")
+                   f"tests, {QUICK['repeat']} repetitions, {','.join(QUICK['tests'])}, "
+                   f"TCP_STREAM size {','.join(map(str, QUICK['sizes']))}")
     p.add_argument("--duration", type=float, help="seconds per test (default 5)")
     p.add_argument("--repeat", type=int, help="repetitions of every point (default 10)")
     p.add_argument("--sizes", type=_csv(int), help="TCP_STREAM message sizes, e.g. 64,1024")
-    p.add_argument("--tests", type=_csv(str, TESTS), help=f"from {','.join(TESTS)}")
+    p.add_argument("--tests", type=_csv(str, TESTS), help=f"from {','.join(TESTS)} (default: "
+                   "all; TCP_STREAMxN: N flows at once)")
     p.add_argument("--scenarios", type=_csv(str, SCENARIOS), help=f"from {','.join(SCENARIOS)}")
-    p.add_argument("--iptables-rules", type=_csv(int), metavar="N[,N...]",
-                   help="fill node namespaces with N kube-proxy-like rules, for each N")
+    p.add_argument("--node-profile", default="bare", metavar="bare|kube-proxy:SxE|aks",
+                   help="what the legacy and eBPF labs' nodes carry: nothing (default), "
+                   "kube-proxy's iptables rules for S services of E endpoints, or AKS's "
+                   "(kube-proxy:1000x3, ip-masq-agent, wireserver rules, 100,000 conntrack "
+                   "entries); eBPF is enabled over the rules with --force")
     p.add_argument("--aa", action="store_true", help="two identical legacy labs against each "
                    "other: the noise floor of this machine (the A/A ratio's interval)")
     p.add_argument("--cpu-pin", action="store_true", help="every point twice: netperf and "

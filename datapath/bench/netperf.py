@@ -1,11 +1,29 @@
-"""netperf inside lab namespaces: a netserver per target, one test per call.
+"""netperf inside lab namespaces: a netserver per target, one workload per call.
 
 Results come from netperf's omni output selectors, so each test reports
 exactly the fields the benchmark records (no screen scraping of headers).
+
+The workloads (``WORKLOADS``):
+
+- TCP_STREAM, with ``-D`` (TCP_NODELAY): without it Nagle coalesces small
+  writes, and a 64-byte "message" test measures something else; large
+  messages fill segments either way;
+- TCP_RR, TCP_CRR, UDP_RR: transactions a second and latency percentiles.
+  netperf 2.7.0 has no p99.9: its latency selectors are MIN, P50, P90, P99,
+  MAX, MEAN and STDDEV, and Debian's build prints no histogram to compute one
+  from, so MAX_LATENCY is recorded beside P99;
+- UDP_STREAM: 64-byte datagrams; packets a second received (the receiver's
+  recv calls, one per datagram, over the elapsed time) and sent, since a UDP
+  sender does not slow down for a receiver that drops;
+- TCP_STREAMxN: N TCP_STREAM flows at once (parallel netperf instances),
+  summed over the window in which all N ran: each instance reports its rate
+  every DEMO_INTERVAL_S with a timestamp (netperf's demo mode), and only the
+  part of each report inside the common window counts.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -14,18 +32,31 @@ from dataclasses import dataclass
 from netns_lab import netns
 
 PORT = 12865
+RR_SELECTORS = ("THROUGHPUT", "P50_LATENCY", "P90_LATENCY", "P99_LATENCY", "MEAN_LATENCY",
+                "MAX_LATENCY")
 SELECTORS = {
     "TCP_STREAM": ("THROUGHPUT", "LOCAL_BYTES_SENT"),
-    "TCP_RR": ("THROUGHPUT", "P50_LATENCY", "P90_LATENCY", "P99_LATENCY", "MEAN_LATENCY"),
+    "TCP_RR": RR_SELECTORS,
     "TCP_CRR": ("THROUGHPUT", "P50_LATENCY", "P99_LATENCY"),
+    "UDP_RR": RR_SELECTORS,
+    "UDP_STREAM": ("THROUGHPUT", "LOCAL_SEND_CALLS", "REMOTE_RECV_CALLS", "ELAPSED_TIME"),
 }
 FIELD_NAMES = {
     "THROUGHPUT": None,  # named per test below
     "LOCAL_BYTES_SENT": "bytes",
     "P50_LATENCY": "p50_us", "P90_LATENCY": "p90_us", "P99_LATENCY": "p99_us",
-    "MEAN_LATENCY": "mean_us",
+    "MEAN_LATENCY": "mean_us", "MAX_LATENCY": "max_us",
+    "LOCAL_SEND_CALLS": "sent", "REMOTE_RECV_CALLS": "received", "ELAPSED_TIME": "elapsed_s",
 }
-THROUGHPUT_NAME = {"TCP_STREAM": "mbps", "TCP_RR": "tps", "TCP_CRR": "cps"}
+THROUGHPUT_NAME = {"TCP_STREAM": "mbps", "TCP_RR": "tps", "TCP_CRR": "cps", "UDP_RR": "tps",
+                   "UDP_STREAM": "mbps"}
+# test-specific options of every run of a test (sizes come on top)
+OPTIONS = {"TCP_STREAM": ("-D",), "UDP_STREAM": ("-R", "1")}   # -R 1: UDP_STREAM may be routed
+FLOWS = (4, 16)                     # TCP_STREAMx4, TCP_STREAMx16
+WORKLOADS = (*SELECTORS, *(f"TCP_STREAMx{n}" for n in FLOWS))
+FIXED_SIZE = {"UDP_STREAM": 64, **{f"TCP_STREAMx{n}": 16384 for n in FLOWS}}
+SIZED = ("TCP_STREAM",)             # run at every --sizes
+DEMO_INTERVAL_S = 0.2
 
 
 class NetperfError(RuntimeError):
@@ -73,27 +104,119 @@ class Result:
     seconds: float  # wall time of the run
 
 
-def run_test(ns: str, host: str, test: str, duration: float, size: int | None = None,
-             port: int = PORT, cpus: str | None = None) -> Result:
-    """One test; ``cpus`` ("local,remote") binds netperf and netserver to those CPUs (-T)."""
-    selectors = SELECTORS[test]
+def split_workload(workload: str) -> tuple[str, int]:
+    """(netperf test, flows): TCP_STREAMx4 is four TCP_STREAM flows at once."""
+    m = re.fullmatch(r"([A-Z_]+?)x(\d+)", workload)
+    return (m.group(1), int(m.group(2))) if m else (workload, 1)
+
+
+def argv_for(host: str, test: str, duration: float, size: int | None, port: int = PORT,
+             cpus: str | None = None, demo: bool = False) -> list[str]:
     argv = ["netperf", "-H", host, "-p", str(port), "-t", test, "-l", f"{duration:g}", "-P", "0",
-            *(["-T", cpus] if cpus else []), "--", "-o", ",".join(selectors)]
+            *(["-T", cpus] if cpus else []),
+            *(["-D", f"-{DEMO_INTERVAL_S:g}"] if demo else []),   # negative: with timestamps
+            "--", "-o", ",".join(SELECTORS[test]), *OPTIONS.get(test, ())]
     if size is not None:
-        argv += ["-m", str(size)] if test == "TCP_STREAM" else ["-r", f"{size},{size}"]
-    started = time.monotonic()
-    proc = netns.run(ns, argv, check=False, timeout=duration + 30)
-    seconds = time.monotonic() - started
-    line = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    fields = line.split(",")
-    if proc.returncode != 0 or len(fields) != len(selectors):
-        raise NetperfError(f"netperf {test} {ns} -> {host}: exit {proc.returncode}: "
-                           f"{(proc.stderr or proc.stdout).strip()[-300:]}")
+        argv += ["-m", str(size)] if test.endswith("_STREAM") else ["-r", f"{size},{size}"]
+    return argv
+
+
+def parse_result(test: str, stdout: str) -> dict[str, float]:
+    """The values of netperf's omni output line (the last line) for ``test``; ValueError when
+    it is not one."""
+    lines = stdout.strip().splitlines()
+    fields = lines[-1].split(",") if lines else []
+    selectors = SELECTORS[test]
+    if len(fields) != len(selectors):
+        raise ValueError(f"expected {len(selectors)} fields ({','.join(selectors)}), got "
+                         f"{lines[-1] if lines else 'nothing'!r}")
     try:
         numbers = [float(f) for f in fields]
     except ValueError:
-        raise NetperfError(f"netperf {test} {ns} -> {host}: unexpected output {line!r}") from None
-    values = {}
-    for sel, number in zip(selectors, numbers):
-        values[FIELD_NAMES[sel] or THROUGHPUT_NAME[test]] = number
-    return Result(values, seconds)
+        raise ValueError(f"unexpected output {lines[-1]!r}") from None
+    values = {FIELD_NAMES[sel] or THROUGHPUT_NAME[test]: n for sel, n in zip(selectors, numbers)}
+    if test == "UDP_STREAM" and values["elapsed_s"] > 0:
+        values["pps"] = values["received"] / values["elapsed_s"]
+        values["sent_pps"] = values["sent"] / values["elapsed_s"]
+    return values
+
+
+def parse_interim(stdout: str) -> list[tuple[float, float, float]]:
+    """netperf demo-mode reports as (start, end, Mbit/s); lines "rate,units,interval,end"."""
+    out = []
+    for line in stdout.splitlines():
+        fields = line.split(",")
+        if len(fields) == 4 and fields[1] == "10^6bits/s":
+            rate, interval, end = float(fields[0]), float(fields[2]), float(fields[3])
+            out.append((end - interval, end, rate))
+    return out
+
+
+def common_window_mbps(flows: list[list[tuple[float, float, float]]]) -> tuple[float, float]:
+    """(the flows' summed Mbit/s, seconds) over the window in which every flow reported:
+    from the latest first start to the earliest last end; a report counts for the part of
+    its interval inside the window."""
+    if not flows or not all(flows):
+        raise ValueError("a flow made no interim report (demo mode): no common window")
+    start = max(f[0][0] for f in flows)
+    end = min(f[-1][1] for f in flows)
+    if end <= start:
+        raise ValueError("the flows did not run at the same time")
+    megabits = sum(rate * max(0.0, min(e, end) - max(s, start))
+                   for f in flows for s, e, rate in f)
+    return megabits / (end - start), end - start
+
+
+def run_test(ns: str, host: str, test: str, duration: float, size: int | None = None,
+             port: int = PORT, cpus: str | None = None) -> Result:
+    """One workload (``WORKLOADS``); ``cpus`` ("local,remote") binds netperf and netserver
+    to those CPUs (-T)."""
+    base, flows = split_workload(test)
+    size = FIXED_SIZE.get(test) if size is None else size
+    if flows > 1:
+        return _run_flows(ns, host, base, flows, duration, size, port, cpus)
+    started = time.monotonic()
+    proc = netns.run(ns, argv_for(host, base, duration, size, port, cpus), check=False,
+                     timeout=duration + 30)
+    seconds = time.monotonic() - started
+    if proc.returncode != 0:
+        raise NetperfError(f"netperf {test} {ns} -> {host}: exit {proc.returncode}: "
+                           f"{(proc.stderr or proc.stdout).strip()[-300:]}")
+    try:
+        return Result(parse_result(base, proc.stdout), seconds)
+    except ValueError as e:
+        raise NetperfError(f"netperf {test} {ns} -> {host}: {e}") from None
+
+
+def _run_flows(ns: str, host: str, test: str, flows: int, duration: float, size: int | None,
+               port: int, cpus: str | None) -> Result:
+    argv = ["ip", "netns", "exec", ns, *argv_for(host, test, duration, size, port, cpus,
+                                                  demo=True)]
+    started = time.monotonic()
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(flows)]
+    outputs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=duration + 30)
+            outputs.append((proc.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        raise NetperfError(f"netperf {test}x{flows} {ns} -> {host}: did not finish within "
+                           f"{duration + 30:g}s") from None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    seconds = time.monotonic() - started
+    for rc, out, err in outputs:
+        if rc != 0:
+            raise NetperfError(f"netperf {test}x{flows} {ns} -> {host}: exit {rc}: "
+                               f"{(err or out).strip()[-300:]}")
+    try:
+        mbps, window = common_window_mbps([parse_interim(out) for _, out, _ in outputs])
+        each = [parse_result(test, out) for _, out, _ in outputs]
+    except ValueError as e:
+        raise NetperfError(f"netperf {test}x{flows} {ns} -> {host}: {e}") from None
+    return Result({"mbps": mbps, "window_s": window, "flows": flows,
+                   "mbps_whole_runs": sum(v["mbps"] for v in each)}, seconds)

@@ -294,9 +294,8 @@ def delete_bench_flows(ns: str) -> None:
 
 # -- applying a profile ------------------------------------------------------------------------
 
-def apply(profile: NodeProfile, topo: Topology) -> dict:
-    """The profile in every node namespace of a lab (in legacy mode: the caller enables eBPF
-    afterwards, with --force). Returns what was written and how long it took."""
+def apply_rules(profile: NodeProfile, topo: Topology) -> dict:
+    """The profile's rules in every node namespace of a lab, one transaction per node."""
     tables = ruleset(profile, topo)
     started = time.monotonic()
     if tables.rules:
@@ -304,7 +303,12 @@ def apply(profile: NodeProfile, topo: Topology) -> dict:
         for node in topo.nodes:
             netns.run(node.netns, [legacy.iptables_binary() + "-restore", "--noflush", "-w"],
                       input=text, timeout=300)
-    rules_s = time.monotonic() - started
+    return {"rules_per_node": tables.rule_count(),
+            "rules_seconds": round(time.monotonic() - started, 2)}
+
+
+def fill_conntrack(profile: NodeProfile, topo: Topology) -> dict:
+    """The profile's conntrack entries in every node namespace of a lab."""
     started = time.monotonic()
     if profile.conntrack_entries:
         fill = conntrack_fill(profile.conntrack_entries)
@@ -314,7 +318,26 @@ def apply(profile: NodeProfile, topo: Topology) -> dict:
             if found < profile.conntrack_entries:
                 raise RuntimeError(f"{node.netns}: conntrack holds {found} entries after "
                                    f"filling {profile.conntrack_entries} (nf_conntrack_max?)")
-    return {"profile": profile.name, "rules_per_node": tables.rule_count(),
-            "conntrack_per_node": profile.conntrack_entries,
-            "rules_seconds": round(rules_s, 2),
+    return {"conntrack_per_node": profile.conntrack_entries,
             "conntrack_seconds": round(time.monotonic() - started, 2)}
+
+
+def configure(mode: str, profile: NodeProfile, applied: dict | None = None):
+    """``lab_up``'s configure step for a bench lab: legacy routing, the profile's rules, then
+    (mode "ebpf") eBPF host routing enabled over them with --force, as an operator who
+    accepts that they no longer apply to pod traffic does; the conntrack fill last (enable
+    would read it all for flows to hand over). What was done goes into ``applied``."""
+    from datapath import switch
+
+    def step(state, topo: Topology) -> None:
+        switch.configure_mode("legacy")(state, topo)
+        record = {"profile": profile.name, **apply_rules(profile, topo)}
+        if mode == "ebpf":
+            started = time.monotonic()
+            switch.enable_ebpf(state, topo, force=not profile.bare)
+            record.update(ebpf_forced=not profile.bare,
+                          enable_seconds=round(time.monotonic() - started, 2))
+        record.update(fill_conntrack(profile, topo))
+        if applied is not None:
+            applied.update(record)
+    return step

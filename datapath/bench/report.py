@@ -27,18 +27,28 @@ PUBLISHED = {
     ("same-node", "TCP_RR", "tps"): 20396.9 / 16003.7,
     ("cross-node", "TCP_RR", "tps"): 20396.9 / 16003.7,
 }
-LOWER_IS_BETTER = ("p50_us", "p90_us", "p99_us", "mean_us", "cpu_us_per_trans", "cpu_s_per_gb")
+LOWER_IS_BETTER = ("p50_us", "p90_us", "p99_us", "mean_us", "max_us", "cpu_us_per_trans",
+                   "cpu_s_per_gb")
 METRICS = {
     "TCP_STREAM": ("mbps", "cpu_s_per_gb"),
     "TCP_RR": ("tps", "p50_us", "p90_us", "p99_us", "cpu_us_per_trans"),
     "TCP_CRR": ("cps", "p50_us", "p99_us", "cpu_us_per_trans"),
+    "UDP_RR": ("tps", "p50_us", "p90_us", "p99_us", "cpu_us_per_trans"),
+    "UDP_STREAM": ("pps", "sent_pps", "cpu_s_per_gb"),
+    "TCP_STREAMx4": ("mbps", "cpu_s_per_gb"),
+    "TCP_STREAMx16": ("mbps", "cpu_s_per_gb"),
 }
 UNITS = {"mbps": "Mbit/s", "tps": "trans/s", "cps": "conn/s", "p50_us": "p50 µs",
          "p90_us": "p90 µs", "p99_us": "p99 µs", "cpu_us_per_trans": "CPU µs/trans",
-         "cpu_s_per_gb": "CPU s/GB", "mean_us": "mean µs"}
-TITLES = {"TCP_STREAM": "Throughput by message size (TCP_STREAM)",
+         "cpu_s_per_gb": "CPU s/GB", "mean_us": "mean µs", "max_us": "max µs",
+         "pps": "packets/s received", "sent_pps": "packets/s sent"}
+TITLES = {"TCP_STREAM": "Throughput by message size (TCP_STREAM, no Nagle)",
           "TCP_RR": "Request/response latency and transactions (TCP_RR)",
-          "TCP_CRR": "New connections (TCP_CRR)"}
+          "TCP_CRR": "New connections (TCP_CRR)",
+          "UDP_RR": "Request/response over UDP (UDP_RR)",
+          "UDP_STREAM": "Small datagrams (UDP_STREAM)",
+          "TCP_STREAMx4": "Throughput of 4 flows at once (TCP_STREAMx4)",
+          "TCP_STREAMx16": "Throughput of 16 flows at once (TCP_STREAMx16)"}
 # (numerator, denominator) of each ratio reported, when both modes were measured
 RATIOS = (("ebpf", "legacy"), ("ebpf", "limit"), ("ebpf", "floor"), ("floor", "limit"),
           ("legacy-b", "legacy"))
@@ -170,14 +180,24 @@ def console_for_output(console=None):
 
 
 def _row_label(r: dict) -> str:
-    label = (f"{r['size']} B {UNITS[r['metric']]}" if r["test"] == "TCP_STREAM"
-             else UNITS[r["metric"]])
+    label = f"{r['size']} B {UNITS[r['metric']]}" if r["size"] else UNITS[r["metric"]]
     return f"{label} {r['pin']}" if r.get("pin") else label
 
 
 def _row_order(r: dict) -> tuple:
     return (r["scenario"], r.get("pin") or "", r["size"] or 0,
             METRICS[r["test"]].index(r["metric"]))
+
+
+def node_profile_line(profile: dict) -> str:
+    """What the labs' nodes carried (runner's environment["node_profile"])."""
+    applied = next(iter(profile["labs"].values()), {})
+    forced = any(a.get("ebpf_forced") for a in profile["labs"].values())
+    return (f"node profile {profile['name']}: {applied.get('rules_per_node', 0):,} iptables "
+            f"rules and {applied.get('conntrack_per_node', 0):,} filled conntrack entries in "
+            "every node of the legacy and eBPF labs"
+            + ("; eBPF host routing enabled over them with --force (the rules no longer apply "
+               "to its pod traffic)" if forced else ""))
 
 
 def print_tables(result: dict, console=None) -> None:
@@ -190,6 +210,8 @@ def print_tables(result: dict, console=None) -> None:
                   f"cores; {cfg['duration']:g}s per test, {cfg['repeat']} repetitions, modes "
                   "back to back in rotated order; medians, ratios: median of the "
                   "per-repetition ratios [95% bootstrap CI]")
+    if (profile := env.get("node_profile")) and profile["name"] != "bare":
+        console.print(node_profile_line(profile))
     rows = result.get("summary") or summarise(result)
     aa = "legacy-b" in modes
     ratios = [("legacy-b", "legacy")] if aa else \

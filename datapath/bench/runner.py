@@ -42,18 +42,18 @@ from netns_lab import builder, netns
 from netns_lab.state import load_state
 from netns_lab.topology import load_topology
 
-from . import netperf
+from . import netperf, node_profiles
 
 SCENARIOS = ("same-node", "cross-node", "pod-to-external")
 MODES = ("legacy", "ebpf", "limit", "floor")
 AA_MODES = ("legacy", "legacy-b")
 LAB_SUFFIX = {"legacy": "l", "ebpf": "e", "limit": "c", "floor": "f", "legacy-b": "b"}
-TESTS = ("TCP_STREAM", "TCP_RR", "TCP_CRR")
+TESTS = netperf.WORKLOADS
 SIZES = (64, 256, 1024, 4096, 16384, 65536)
-QUICK = {"duration": 1.0, "repeat": 3, "sizes": (16384,)}
+QUICK = {"duration": 1.0, "repeat": 3, "sizes": (16384,),
+         "tests": ("TCP_STREAM", "TCP_RR", "TCP_CRR")}
 PINS = {"same-cpu": "0,0", "cross-cpu": "0,1"}   # netperf -T local,remote
 LIMIT_IPS = ("198.18.255.1", "198.18.255.2")
-SERVICE_NET = "198.18.240.0/20"  # where fake kube-proxy rules point, never matched
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CPU_READ_S = 0.1        # how often /proc/stat is read during a sample
 EDGE_S = 0.05           # left out at each end of netperf's run: its start and teardown
@@ -81,7 +81,7 @@ class BenchConfig:
     sizes: tuple[int, ...] = SIZES
     duration: float = 5.0
     repeat: int = 10
-    iptables_rules: tuple[int, ...] = (0,)
+    node_profile: str = "bare"      # node_profiles.parse: bare, kube-proxy:SxE, aks
     lab_prefix: str = "hrb"
     quick: bool = False
     aa: bool = False
@@ -94,13 +94,13 @@ class BenchConfig:
     def workloads(self) -> list[tuple[str, int | None]]:
         """(test, size) of every workload, in run order."""
         return [(test, size) for test in self.tests
-                for size in (self.sizes if test == "TCP_STREAM" else (None,))]
+                for size in (self.sizes if test in netperf.SIZED
+                             else (netperf.FIXED_SIZE.get(test),))]
 
-    def points(self) -> list[Point]:
-        """Every point in run order (rule counts outermost: filled once each)."""
+    def points(self, rules: int = 0) -> list[Point]:
+        """Every point in run order; ``rules``: the node profile's iptables rules per node."""
         pins = tuple(PINS) if self.cpu_pin else (None,)
-        return [Point(rules, scenario, test, size, pin)
-                for rules in self.iptables_rules for scenario in self.scenarios
+        return [Point(rules, scenario, test, size, pin) for scenario in self.scenarios
                 for test, size in self.workloads() for pin in pins]
 
     def runs(self) -> int:
@@ -282,14 +282,17 @@ class Bench:
         self.floor = None
         self.limit_ns: tuple[str, str] | None = None
         self.retries: list[dict] = []      # runs that failed once and were repeated
+        self.profile = node_profiles.parse(cfg.node_profile)
+        self.profile_applied: dict[str, dict] = {}   # per lab, node_profiles.configure's record
 
     def setup(self, say=print) -> None:
-        from datapath.switch import configure_mode
         netperf.require_netperf()
         for mode, lab in self.labs.items():
             topo = load_topology(lab)
-            configure = {"ebpf": configure_mode("ebpf"), "legacy": configure_mode("legacy"),
-                         "legacy-b": configure_mode("legacy")}.get(mode)  # limit, floor: none
+            # the legacy and eBPF labs get the node profile; limit, floor: no mode, no profile
+            kind = {"ebpf": "ebpf", "legacy": "legacy", "legacy-b": "legacy"}.get(mode)
+            configure = kind and node_profiles.configure(
+                kind, self.profile, self.profile_applied.setdefault(lab, {}))
             builder.lab_up(topo, configure)
             self.topos[mode] = topo
             say(f"lab {lab} up ({mode})")
@@ -336,27 +339,6 @@ class Bench:
                 "cross-node": topo.nodes[1].pods[0].netns,
                 "pod-to-external": topo.external.netns}[scenario]
 
-    def fill_iptables(self, count: int) -> None:
-        """kube-proxy-like rule chains in every node namespace of the legacy and eBPF labs.
-
-        The eBPF lab blocks new rules while enabled (as AKS does), so it goes
-        back to legacy for the fill and is enabled again with --force, which
-        is what an operator who accepts the bypass does. The limit and floor
-        labs stay without rules.
-        """
-        from datapath import switch
-        rules = iptables_rules(count)
-        for mode, topo in self.topos.items():
-            if mode not in ("legacy", "legacy-b", "ebpf"):
-                continue
-            if mode == "ebpf":
-                switch.disable_ebpf(load_state(topo.lab), topo)
-            for node in topo.nodes:
-                netns.run(node.netns, ["iptables-nft-restore", "--noflush"], input=rules,
-                          timeout=120)
-            if mode == "ebpf":
-                switch.enable_ebpf(load_state(topo.lab), topo, force=True)
-
     def empty_connection_tables(self, mode: str) -> None:
         """Conntrack of a legacy lab's nodes, the BPF SNAT tables of the eBPF nodes.
 
@@ -366,13 +348,14 @@ class Bench:
         262,144 here) within half a minute, after which the kernel drops new
         connections ("nf_conntrack: table full") and netperf stalls: that
         measures the table's size, not the path. docs/benchmarks.md reports it.
+        Only the bench's own flows go: a node profile's conntrack fill stays.
         The limit and floor labs track nothing.
         """
         from datapath import nat_table, switch
         topo = self.topos[mode]
         if mode in ("legacy", "legacy-b"):
             for node in topo.nodes:
-                netns.run(node.netns, ["conntrack", "-F"], check=False)
+                node_profiles.delete_bench_flows(node.netns)
         elif mode == "ebpf":
             for node in topo.nodes:
                 with switch.node_maps(load_state(topo.lab), node) as maps:
@@ -438,31 +421,6 @@ class Bench:
                       point.pin)
 
 
-def iptables_rules(count: int) -> str:
-    """An iptables-restore script: ``count`` service rules in nat and filter, like kube-proxy's.
-
-    They point at a service range no lab traffic uses, so they never match and
-    every packet that meets them walks all of them, as it does in a busy cluster.
-    """
-    import ipaddress
-    net = ipaddress.IPv4Network(SERVICE_NET)
-    # The node namespaces' PREROUTING and FORWARD hold nothing of the lab's own
-    # (its MASQUERADE is in POSTROUTING), so they are rebuilt here wholesale.
-    nat = ["*nat", ":KUBE-SERVICES - [0:0]", "-F KUBE-SERVICES", "-F PREROUTING"]
-    flt = ["*filter", ":KUBE-FORWARD - [0:0]", "-F KUBE-FORWARD", "-F FORWARD"]
-    for i in range(count):
-        ip = net.network_address + (i % (net.num_addresses - 2)) + 1
-        port = 1024 + i // (net.num_addresses - 2)
-        nat.append(f"-A KUBE-SERVICES -d {ip}/32 -p tcp --dport {port} -j RETURN")
-        flt.append(f"-A KUBE-FORWARD -d {ip}/32 -p tcp --dport {port} -j ACCEPT")
-    if count:
-        nat.append("-A PREROUTING -j KUBE-SERVICES")
-        flt.append("-A FORWARD -j KUBE-FORWARD")
-    nat.append("COMMIT")
-    flt.append("COMMIT")
-    return "\n".join(nat + flt) + "\n"
-
-
 def run_bench(cfg: BenchConfig, on_sample=None, progress=None) -> dict:
     """Run the whole matrix; returns {"environment", "lab_settings", "samples"} (the summary
     is added by the report)."""
@@ -475,11 +433,9 @@ def run_bench(cfg: BenchConfig, on_sample=None, progress=None) -> dict:
         bench.setup(say=(progress.log if progress else print))
         settings = bench.record_lab_settings()
         task = progress.add_task("starting", total=cfg.runs()) if progress else None
-        filled = 0
-        for point in cfg.points():
-            if point.rules != filled:  # outermost loop: filled once per count
-                bench.fill_iptables(point.rules)
-                filled = point.rules
+        rules = max((a.get("rules_per_node", 0) for a in bench.profile_applied.values()),
+                    default=0)
+        for point in cfg.points(rules):
             for rep in range(cfg.repeat):
                 for mode in rotated(cfg.modes, rep):
                     if progress:
@@ -496,5 +452,6 @@ def run_bench(cfg: BenchConfig, on_sample=None, progress=None) -> dict:
         env["finished_at"] = time.time()
         env["steal_s"] = (read_proc_stat()[1] - steal_before) / CLK_TCK
         env["retried_runs"] = bench.retries
+        env["node_profile"] = {"name": bench.profile.name, "labs": bench.profile_applied}
     return {"environment": env, "lab_settings": settings,
             "samples": [asdict(s) for s in samples]}

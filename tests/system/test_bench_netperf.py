@@ -1,0 +1,93 @@
+"""The bench's netperf workloads: the command lines and the parsing of what netperf prints
+(the output lines below are netperf 2.7.0's, from runs in a lab)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from datapath.bench import netperf
+
+
+def test_workloads_and_their_command_lines():
+    assert netperf.split_workload("TCP_STREAMx16") == ("TCP_STREAM", 16)
+    assert netperf.split_workload("UDP_RR") == ("UDP_RR", 1)
+    stream = netperf.argv_for("10.0.0.2", "TCP_STREAM", 5, 64)
+    options = stream[stream.index("--"):]
+    assert "-D" in options and options[-2:] == ["-m", "64"]        # no Nagle: 64 B segments
+    udp = netperf.argv_for("10.0.0.2", "UDP_STREAM", 5, 64)
+    assert udp[udp.index("--"):][-4:] == ["-R", "1", "-m", "64"]   # routed, 64 B datagrams
+    rr = netperf.argv_for("10.0.0.2", "UDP_RR", 5, 256)
+    assert rr[-2:] == ["-r", "256,256"] and "-D" not in rr
+    flows = netperf.argv_for("10.0.0.2", "TCP_STREAM", 5, 16384, demo=True)
+    assert flows[flows.index("-D"):flows.index("-D") + 2] == ["-D", "-0.2"]
+    assert flows.index("-D") < flows.index("--")                   # the global -D: demo mode
+
+
+def test_udp_stream_reports_packets_per_second_received_and_sent():
+    values = netperf.parse_result("UDP_STREAM", "66.27,265917,129455,1.00\n")
+    assert values["mbps"] == 66.27
+    assert values["pps"] == 129455 and values["sent_pps"] == 265917
+
+
+@pytest.mark.parametrize("test", ["TCP_RR", "UDP_RR"])
+def test_request_response_reports_percentiles_and_the_maximum(test):
+    values = netperf.parse_result(test, "12591.92,63,96,300,79.32,129528\n")
+    assert values == {"tps": 12591.92, "p50_us": 63, "p90_us": 96, "p99_us": 300,
+                      "mean_us": 79.32, "max_us": 129528}
+    assert "p999_us" not in values   # netperf 2.7.0 has no selector for it
+
+
+@pytest.mark.parametrize("out", ["", "establish_control could not establish the control "
+                                 "connection\n", "12591.92,63,96\n", "a,b,c,d,e,f\n"])
+def test_what_is_not_a_result_is_an_error(out):
+    with pytest.raises(ValueError):
+        netperf.parse_result("TCP_RR", out)
+
+
+def test_concurrent_flows_are_summed_over_the_window_all_of_them_ran():
+    # flow A reports 0.0-1.0 at 100 and 1.0-2.0 at 300; flow B started 0.5 s later
+    a = netperf.parse_interim("100.00,10^6bits/s,1.000,1001.000\n"
+                              "300.00,10^6bits/s,1.000,1002.000\n100,2000\n")
+    b = netperf.parse_interim("200.00,10^6bits/s,1.000,1001.500\n"
+                              "200.00,10^6bits/s,0.500,1002.000\n")
+    assert a == [(1000.0, 1001.0, 100.0), (1001.0, 1002.0, 300.0)]
+    mbps, window = netperf.common_window_mbps([a, b])
+    assert window == 1.5                                         # 1000.5 to 1002.0
+    # A: 0.5 s at 100 + 1 s at 300; B: 1 s at 200 + 0.5 s at 200 -> 650 Mbit in 1.5 s
+    assert mbps == pytest.approx((50 + 300 + 300) / 1.5)
+
+
+def test_flows_that_never_overlapped_are_an_error():
+    a = [(0.0, 1.0, 100.0)]
+    b = [(2.0, 3.0, 100.0)]
+    with pytest.raises(ValueError, match="same time"):
+        netperf.common_window_mbps([a, b])
+    with pytest.raises(ValueError, match="no common window"):
+        netperf.common_window_mbps([a, []])
+
+
+def test_the_report_has_a_table_for_every_workload_and_names_the_node_profile():
+    from rich.console import Console
+
+    from datapath.bench import report
+    assert set(report.METRICS) == set(report.TITLES) == set(netperf.WORKLOADS)
+    values = {"UDP_STREAM": {"mbps": 39.2, "pps": 76431.0, "sent_pps": 163584.0},
+              "TCP_STREAMx4": {"mbps": 3099.0, "flows": 4}, "UDP_RR": {"tps": 12591.0}}
+    samples = [{"rules": 45, "scenario": "same-node", "mode": mode, "test": test,
+                "size": netperf.FIXED_SIZE.get(test), "repeat": rep, "values": v,
+                "seconds": 1.0, "cpu_s": 0.5, "cpu_window_s": 1.0}
+               for test, v in values.items() for mode in ("legacy", "ebpf") for rep in range(2)]
+    profile = {"name": "kube-proxy:2x3", "labs": {
+        "hrbl": {"rules_per_node": 45, "conntrack_per_node": 0},
+        "hrbe": {"rules_per_node": 45, "conntrack_per_node": 0, "ebpf_forced": True}}}
+    result = report.with_summary({"environment": {
+        "config": {"duration": 1.0, "repeat": 2}, "modes": ["legacy", "ebpf"], "kernel": "k",
+        "cpu": "c", "cores": 2, "node_profile": profile}, "samples": samples})
+    out = io.StringIO()
+    report.print_tables(result, Console(file=out, width=200))
+    text = out.getvalue()
+    assert "node profile kube-proxy:2x3: 45 iptables rules" in text and "--force" in text
+    assert "64 B packets/s received" in text and "16384 B Mbit/s" in text
+    assert "Request/response over UDP (UDP_RR)" in text
