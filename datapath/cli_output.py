@@ -7,6 +7,7 @@ of terminals.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -16,10 +17,24 @@ if TYPE_CHECKING:
     from .nat_table import Flow
 
 
+#: Columns given to tables when stdout is a pipe or a log and COLUMNS is not set: wide
+#: enough that every table keeps its natural width (rich would squeeze it into 80).
+UNLIMITED_COLUMNS = 1000
+
+
+def console(**kwargs) -> Console:
+    """A rich console for the CLI: the terminal's width on a terminal, COLUMNS when set,
+    otherwise the natural width of each table (``hostrouting nat list | cat``)."""
+    probe = Console(**kwargs)
+    if probe.is_terminal or os.environ.get("COLUMNS"):
+        return probe
+    return Console(width=UNLIMITED_COLUMNS, **kwargs)
+
+
 def print_labs(labs: list[dict]) -> None:
-    console = Console()
+    out = console()
     if not labs:
-        console.print("no labs")
+        out.print("no labs")
     for lab in labs:
         table = Table(title=f"lab {lab['name']} (mode {lab['mode']}, {lab['phase']})")
         for col in ("node", "netns", "ip", "pod", "pod netns", "pod ip"):
@@ -31,7 +46,7 @@ def print_labs(labs: list[dict]) -> None:
                               pod["name"], pod["netns"], pod["ip"])
                 first = False
         table.add_row("external", lab["external"]["netns"], lab["external"]["ip"], "", "", "")
-        console.print(table)
+        out.print(table)
 
 
 def print_status(status: dict) -> None:
@@ -46,30 +61,30 @@ def print_status(status: dict) -> None:
                 table.add_row(node["name"] if first else "", node["mode"] if first else "",
                               att["ifname"], att["hook"], p["name"], str(p["id"]))
                 first = False
-    console = Console()
-    console.print(table)
+    out = console()
+    out.print(table)
     if status["converged"]:
-        console.print("observed = desired")
+        out.print("observed = desired")
     else:
-        console.print("[bold red]observed differs from desired:[/]")
+        out.print("[bold red]observed differs from desired:[/]")
         for line in status["differences"]:
-            console.print(f"  lab: {line}")
+            out.print(f"  lab: {line}")
         for node in status["nodes"]:
             for line in node["differences"]:
-                console.print(f"  {node['name']}: {line}")
-        console.print(f"converge with: [bold]{status['fix']}[/]")
+                out.print(f"  {node['name']}: {line}")
+        out.print(f"converge with: [bold]{status['fix']}[/]")
     blocking = status["rule_blocking"]
-    console.print(f"new firewall rules in node namespaces: blocked by {blocking['active']} "
-                  f"(rule guard {blocking['guard']})")
+    out.print(f"new firewall rules in node namespaces: blocked by {blocking['active']} "
+              f"(rule guard {blocking['guard']})")
     for backend, how in blocking["backends"].items():
-        console.print(f"  {backend}: {how}")
-    console.print(f"BPF LSM: {blocking['bpf_lsm']['detail']}")
+        out.print(f"  {backend}: {how}")
+    out.print(f"BPF LSM: {blocking['bpf_lsm']['detail']}")
     support = status["ebpf_support"]
     if support["usable"]:
-        console.print(f"eBPF host routing: usable on this kernel ({', '.join(support['checked'])})")
+        out.print(f"eBPF host routing: usable on this kernel ({', '.join(support['checked'])})")
     else:
-        console.print("[bold red]eBPF host routing cannot be used here:[/] "
-                      + "; ".join(support["missing"]))
+        out.print("[bold red]eBPF host routing cannot be used here:[/] "
+                  + "; ".join(support["missing"]))
 
 
 def print_stats(stats: dict) -> None:
@@ -82,12 +97,12 @@ def print_stats(stats: dict) -> None:
         for name, c in node["counters"].items():
             if c["packets"]:
                 table.add_row(node["name"], name, f"{c['packets']:,}", f"{c['bytes']:,}")
-    console = Console()
-    console.print(table)
+    out = console()
+    out.print(table)
     for node in stats["nodes"]:
         nat = node["nat"]
-        console.print(f"{node['name']}: BPF SNAT table {nat['entries']:,} of {nat['capacity']:,} "
-                      f"entries ({nat['out_entries']:,} out, {nat['in_entries']:,} in)")
+        out.print(f"{node['name']}: BPF SNAT table {nat['entries']:,} of {nat['capacity']:,} "
+                  f"entries ({nat['out_entries']:,} out, {nat['in_entries']:,} in)")
 
 
 def print_flows(lab: str, per_node: dict[str, list[Flow]]) -> None:
@@ -103,6 +118,6 @@ def print_flows(lab: str, per_node: dict[str, list[Flow]]) -> None:
                           f.state + ("" if f.complete else " (one entry)"),
                           f"{f.idle_s:.1f}", f"{max(f.expires_in_s, 0):.1f}",
                           f"{f.packets_out}/{f.packets_in}", f"{f.bytes_out}/{f.bytes_in}")
-    console = Console()
-    console.print(table)
-    console.print(f"{total} flow(s)")
+    out = console()
+    out.print(table)
+    out.print(f"{total} flow(s)")

@@ -279,11 +279,11 @@ def run_checks() -> list[Check]:
 # ---------------------------------------------------------------- output
 
 def print_table(checks: list[Check]) -> None:
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    from . import cli_output
+    console = cli_output.console(highlight=False)
     table = Table(title="hostrouting doctor", title_justify="left")
     table.add_column("check", no_wrap=True)
     table.add_column("result", no_wrap=True)
