@@ -461,6 +461,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hostrouting: interrupted; cleaned up", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (stats --json | head): end quietly as other filters do; the
+        # exit-time flush of what is still buffered would raise again, into /dev/null now
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (CliError, TopologyError, LabStateError) as e:
         print(f"hostrouting: error: {e}", file=sys.stderr)
         return 1

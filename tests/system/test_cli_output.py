@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from datapath import cli_output
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _lab(netns: str) -> dict:
@@ -45,3 +51,15 @@ def test_terminal_width_is_the_terminals(monkeypatch):
                         lambda **kw: Console(force_terminal=True, width=60, file=io.StringIO(),
                                              **kw))
     assert cli_output.console().width == 60
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """`hostrouting doctor --json | head -0`: exit 141 as filters do, no traceback."""
+    env = {**os.environ, "HOSTROUTING_STATE_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "datapath.cli", "doctor", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env=env)
+    proc.stdout.close()         # before the command has imported anything, let alone printed
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
