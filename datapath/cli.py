@@ -256,8 +256,10 @@ def cmd_bench(args) -> int:
     for name in ("duration", "repeat", "sizes", "tests", "scenarios"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
-    if cfg.duration <= 0 or cfg.repeat < 1:
-        raise CliError("--duration must be positive and --repeat at least 1")
+    if cfg.duration < 1 or cfg.duration != int(cfg.duration) or cfg.repeat < 1:
+        # netperf's -l takes whole seconds: 1.5 runs 1 s (the CPU window would be misplaced)
+        # and 0.5 runs until killed
+        raise CliError("--duration must be whole seconds, at least 1, and --repeat at least 1")
     console = report.console_for_output()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),

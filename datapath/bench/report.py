@@ -176,7 +176,7 @@ def console_for_output(console=None):
     if console is not None:
         return console
     probe = Console()
-    return probe if probe.is_terminal else Console(width=WIDE_CONSOLE)
+    return probe if probe.is_terminal else Console(width=WIDE_CONSOLE, log_path=False)
 
 
 def _row_label(r: dict) -> str:
@@ -352,6 +352,7 @@ def plot(result: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     rows = result.get("summary") or summarise(result)
     rows = [r for r in rows if r["rules"] == min(x["rules"] for x in rows)]
     headline = {"tps", "cps", "mbps"}
@@ -375,6 +376,14 @@ def plot(result: dict, path: str) -> None:
                 up.append(u)
         ax.errorbar(xs, ys, yerr=[down, up], fmt="o", capsize=3, label=name.replace("ebpf", "eBPF"))
     ax.axhline(1.0, color="grey", linewidth=1)
+    # a log scale shows 0.8x and 1.25x equally far from 1.0; one wild interval (a stall in
+    # a noisy repetition) is cut at 4x rather than squash every other point flat
+    ax.set_yscale("log", base=2)
+    ends = [v for r in points for name in ratios if name in r["ratios"]
+            for v in r["ratios"][name]["ci"]]
+    if ends:
+        ax.set_ylim(max(0.25, min(ends) / 1.05), min(4.0, max(ends) * 1.05))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2gx"))
     ax.set_xticks(range(len(points)),
                   [f"{r['scenario']}\n{r['test']}{' ' + str(r['size']) if r['size'] else ''}"
                    f"{' ' + r['pin'] if r.get('pin') else ''}" for r in points],
