@@ -258,7 +258,7 @@ def cmd_bench(args) -> int:
             setattr(cfg, name, getattr(args, name))
     if cfg.duration < 1 or cfg.duration != int(cfg.duration) or cfg.repeat < 1:
         # netperf's -l takes whole seconds: 1.5 runs 1 s (the CPU window would be misplaced)
-        # and 0.5 runs until killed
+        # and 0.5 had not ended when killed after 5 s
         raise CliError("--duration must be whole seconds, at least 1, and --repeat at least 1")
     console = report.console_for_output()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -57,7 +57,8 @@ PINS = {"same-cpu": "0,0", "cross-cpu": "0,1"}   # netperf -T local,remote
 LIMIT_IPS = ("198.18.255.1", "198.18.255.2")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CPU_READ_S = 0.1        # how often /proc/stat is read during a sample
-EDGE_S = 0.05           # left out at each end of netperf's run: its start and teardown
+START_EDGE_S = 0.15     # left out of the CPU window: netperf's start, control connection
+END_EDGE_S = 0.05       # and the end of its measurement
 GUARD_PAUSE_MARGIN_S = 60
 
 
@@ -139,7 +140,7 @@ class Sample:
     cpu_by_cpu: list[float] = field(default_factory=list)
     steal_s: float = 0.0        # stolen by the hypervisor over the same window
     pin: str | None = None
-    started_at: float = field(default_factory=time.time)
+    started_at: float = field(default_factory=time.time)     # when netperf was started
 
 
 # -- the machine -----------------------------------------------------------------------------
@@ -410,16 +411,19 @@ class Bench:
         duration = self.cfg.duration
         for lab in guard_labs:
             rule_guard.pause(lab, duration + GUARD_PAUSE_MARGIN_S)
+        started_at = time.time()
         with CpuReader() as cpu:
+            started = time.monotonic()
             result = netperf.run_test(ns, host, point.test, duration, point.size,
                                       cpus=PINS.get(point.pin))
-            ended = time.monotonic()
-        # netperf measures for `duration` and then tears down: the measurement lies within
-        # [ended - duration, ended]; the edges hold its start and end
-        window, by_cpu, steal = cpu.between(ended - duration + EDGE_S, ended - EDGE_S)
+        # netperf measures for `duration` once its control connection is up, a few ms after
+        # it starts; what follows can be long (netserver reports TCP_CRR 4 s late), so the
+        # window is counted from the start, its edges left out
+        window, by_cpu, steal = cpu.between(started + START_EDGE_S,
+                                            started + duration - END_EDGE_S)
         return Sample(point.rules, point.scenario, mode, point.test, point.size, rep,
                       result.values, result.seconds, sum(by_cpu), window, by_cpu, steal,
-                      point.pin)
+                      point.pin, started_at)
 
 
 def run_bench(cfg: BenchConfig, on_sample=None, progress=None) -> dict:

@@ -154,7 +154,8 @@ def test_aa_table_prints_the_noise_floor():
                         Console(file=out, width=200))
     assert "legacy B/legacy" in out.getvalue()
     # ratios 1.03, 0.97, 1.01: the interval reaches 3% from 1.00x
-    assert re.search(r"noise floor: the A/A intervals reach 3\.\d% from 1\.00x", out.getvalue())
+    assert re.search(r"noise floor: the A/A intervals of throughput and transaction rates "
+                     r"reach 3\.\d% from 1\.00x", out.getvalue())
 
 
 def test_tables_are_not_cut_when_piped():

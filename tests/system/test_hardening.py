@@ -296,7 +296,8 @@ def test_missing_kernel_headers_is_one_line_and_leaves_no_lab(tmp_path):
 
 @pytest.mark.parametrize("argv", [
     ["lab", "up", "--nodes", "0"], ["lab", "up", "--nodes", "x"], ["lab", "up", "--lab", "BAD!"],
-    ["bench", "--sizes", "a,b"], ["bench", "--duration", "-1"], ["bench", "--duration", "0.5"], ["enable", "--lab", "nosuch"],
+    ["bench", "--sizes", "a,b"], ["bench", "--duration", "-1"], ["bench", "--duration", "0.5"],
+    ["enable", "--lab", "nosuch"],
     ["nat", "list", "--lab", "nosuch"], ["monitor", "--lab", "nosuch"],
 ])
 def test_invalid_arguments_are_one_line_and_create_nothing(tmp_path, argv):
