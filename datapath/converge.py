@@ -305,6 +305,14 @@ def unrepairable(topo: Topology, view) -> list[str]:
     return lines
 
 
+def check_repairable(topo: Topology, view) -> None:
+    broken = unrepairable(topo, view)
+    if broken:
+        raise ConvergeError(f"lab {topo.lab}: cannot be repaired in place: {'; '.join(broken)}"
+                            f" (deleted by hand?); remove it with: hostrouting lab down "
+                            f"--lab {topo.lab}")
+
+
 def converge(state: LabState, topo: Topology) -> list[str]:
     """Run the ensure-steps of every node's desired mode; returns what was done."""
     view = observe(topo)
@@ -332,9 +340,5 @@ def converge(state: LabState, topo: Topology) -> list[str]:
         done += ensure_guard(state, topo, ebpf_nodes)
         for node in ebpf_nodes:
             done += _trace_off(topo, node, view.node(node.name))
-    broken = unrepairable(topo, view)
-    if broken:
-        raise ConvergeError(f"lab {topo.lab}: cannot be repaired in place: {'; '.join(broken)}"
-                            f" (deleted by hand?); remove it with: hostrouting lab down "
-                            f"--lab {topo.lab}")
+    check_repairable(topo, view)
     return done

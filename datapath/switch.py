@@ -67,6 +67,7 @@ def enable_ebpf(state: LabState, topo: Topology, force: bool = False) -> list[st
     with a rollback to legacy. Any other failure rolls back to legacy too.
     """
     _refuse_removed(state, topo)
+    cv.check_repairable(topo, ob.observe(topo))     # a broken lab is not switched to eBPF
     found = cv.unaccepted_rules(state, topo, list(topo.nodes))
     if found and not force:
         cv.refuse(topo, found)

@@ -170,19 +170,21 @@ def lab_namespaces(name: str) -> list[str]:
 
 def lab_daemons(name: str) -> list[procs.Process]:
     """The lab's long-lived processes (the rule guard): the one its pidfile names, and any
-    other carrying the pidfile's path on its command line (one whose start was killed
-    before it was recorded)."""
-    path = str(guard_pidfile(name))
-    found = set(procs.find(path))
-    recorded = procs.read_pidfile(guard_pidfile(name))
-    if recorded and recorded[0].runs(path):
+    other carrying a pidfile of the lab on its command line (one whose start was killed
+    before it was recorded, or one started with another state directory: a lab's
+    namespaces, and so its name, are the machine's, whatever the directory)."""
+    pidfile = guard_pidfile(name)
+    found = set(procs.find(where=lambda argv: any(
+        w == str(pidfile) or w.endswith(f"/labs/{pidfile.name}") for w in argv)))
+    recorded = procs.read_pidfile(pidfile)
+    if recorded and recorded[0].runs(str(pidfile)):
         found.add(recorded[0])
     return sorted(found, key=lambda p: p.pid)
 
 
 def _remove(name: str, namespaces: list[str]) -> list[str]:
     for daemon in lab_daemons(name):
-        daemon.stop(str(guard_pidfile(name)))
+        daemon.stop()
     wanted = sorted(set(namespaces) | set(lab_namespaces(name)))
     removed = [n for n in wanted if netns.remove(n)]
     for path in lab_files(name):

@@ -84,15 +84,16 @@ class Process:
         return True
 
 
-def find(*words: str) -> list[Process]:
-    """Every process whose command line holds all these words (this one excepted)."""
+def find(*words: str, where=None) -> list[Process]:
+    """Every process whose command line holds all these words, and satisfies
+    ``where(argv)`` when given (this process excepted)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         pid = int(entry)
         argv = cmdline(pid)
-        if argv and all(w in argv for w in words):
+        if argv and all(w in argv for w in words) and (where is None or where(argv)):
             proc = Process.of(pid)
             if proc is not None and proc.alive():
                 found.append(proc)

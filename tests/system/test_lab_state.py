@@ -1,0 +1,85 @@
+"""The lab record and its files, without building a lab (issue 16).
+
+A record holds intent only; a record this version cannot read is a one-line
+error naming ``lab down``, which works anyway; every ``<lab>.*`` file goes
+with the lab, including those of labs whose record is already gone; pidfiles
+are trusted only while pid, start time and command line match.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from netns_lab import procs
+from netns_lab.builder import lab_down, lab_down_all
+from netns_lab.state import (LabState, LabStateError, lab_files, lab_names, labs_dir,
+                             load_state, stray_lab_names)
+
+
+@pytest.fixture
+def labs(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOSTROUTING_STATE_DIR", str(tmp_path))
+    labs_dir().mkdir(parents=True)
+    return labs_dir()
+
+
+def test_a_record_holds_desired_modes_and_the_mode_follows_them(labs):
+    state = LabState(name="zq1", topology={"nodes": [{"name": "node1"}, {"name": "node2"}]})
+    state.desire("ebpf")
+    state.save()
+    loaded = load_state("zq1")
+    assert loaded.desired == {"node1": "ebpf", "node2": "ebpf"} and loaded.mode == "ebpf"
+    loaded.desired["node2"] = "legacy"
+    assert loaded.mode == "mixed"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        loaded.desire("switching")
+    assert not {"datapath", "guard_pid", "guard_backends"} & set(json.loads(
+        (labs / "zq1.json").read_text()))
+
+
+@pytest.mark.parametrize("content", ['{"name": "zq2", "topology": {}, "mode": "ebpf", '
+                                     '"datapath": {}, "guard_pid": 7}', "{not json", "[]"])
+def test_a_record_this_version_cannot_read_is_one_line_and_lab_down_still_works(labs, content):
+    (labs / "zq2.json").write_text(content)
+    (labs / "zq2.events.jsonl").write_text("")
+    with pytest.raises(LabStateError, match=r"zq2.*remove the lab with: hostrouting lab down "
+                                            r"--lab zq2$") as err:
+        load_state("zq2")
+    assert "\n" not in str(err.value)
+    assert lab_down("zq2") == []
+    assert lab_files("zq2") == []
+
+
+def test_files_of_removed_labs_are_collected_by_down_all(labs):
+    """A lab down killed after the record went leaves its other files: down --all finds them."""
+    for name in ("zq3.lock", "zq3.json.tmp", "zq3.events.jsonl", "zq3.guard", "zq3.monitor-1"):
+        (labs / name).write_text("")
+    assert lab_names() == [] and stray_lab_names() == ["zq3"]
+    assert lab_down_all() == {"zq3": []}
+    assert list(labs.iterdir()) == []
+    with pytest.raises(LabStateError, match="no lab named 'zq3'"):
+        lab_down("zq3")
+
+
+def test_a_pidfile_is_trusted_only_while_pid_start_time_and_command_match(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        me = procs.Process.of(child.pid)
+        assert me.alive() and me.runs("-c") and not me.runs("datapath.rule_guard")
+        later = procs.Process(child.pid, me.start_time + 1)    # the pid, another process
+        assert not later.alive()
+        assert later.stop() is False and me.stop("datapath.rule_guard") is False
+        assert child.poll() is None                              # never signalled
+        path = tmp_path / "x.guard"
+        path.write_text(json.dumps({"pid": child.pid, "start_time": me.start_time, "a": 1}))
+        assert procs.read_pidfile(path)[:2] == (me, {"a": 1})
+        path.write_text("garbage")
+        assert procs.read_pidfile(path) is None
+    finally:
+        child.kill()
+        child.wait()
+    assert not me.alive()
