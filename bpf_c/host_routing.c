@@ -9,8 +9,8 @@
  *
  * A packet for a pod of this node goes straight into the pod's eth0 with
  * bpf_redirect_peer(); anything else a pod sends is routed with
- * bpf_fib_lookup() and bpf_redirect_neigh(); one too big for its way out is
- * answered or left to the stack (pmtu.h); what leaves the cluster is
+ * bpf_fib_lookup() and bpf_redirect_neigh() (fib.h); one too big for its way
+ * out is answered or left to the stack (pmtu.h); what leaves the cluster is
  * source-NATed to the node IP on the way (nat.h, frag.h) and its replies
  * translated back in from_underlay. Whatever the programs do not handle goes
  * to the stack unchanged (TC_ACT_OK), so the legacy path is the fallback.
@@ -18,9 +18,10 @@
  * hr_reason) and, while a monitor asks for it, traced to the `trace_events`
  * ring buffer.
  *
- * This file holds the maps and the programs; the mechanics of each decision
- * live in the header named after it (parse.h, ipv4_check.h, pmtu.h, nat.h;
- * csum.h the checksums, compat.h what bcc 0.26 lacks).
+ * This file holds the maps and the programs, which read as the packet's
+ * decisions; the mechanics of each decision live in the header named after
+ * it (parse.h, ipv4_check.h, fib.h, pmtu.h, nat.h; csum.h the checksums,
+ * compat.h what bcc 0.26 lacks).
  *
  * Built with bcc (datapath/bpf_build.py): maps use bcc's macros, which bcc
  * rewrites in this file only, so the headers reach their maps through the
@@ -37,6 +38,7 @@
 #include "parse.h"
 #include "csum.h"
 #include "ipv4_check.h"
+#include "fib.h"
 #include "pmtu.h"
 #include "nat.h"
 
@@ -105,6 +107,13 @@ static __always_inline void frag_update(struct hr_frag_key *key, struct hr_frag_
 	nat_frags.update(key, value);
 }
 
+static __always_inline struct hr_route *node_route_lookup(__u32 daddr)
+{
+	struct hr_lpm_key key = { .prefixlen = 32, .addr = daddr };
+
+	return node_routes.lookup(&key);
+}
+
 static __always_inline struct hr_icmp_quote *icmp_quote_get(void)
 {
 	__u32 zero = 0;
@@ -112,50 +121,110 @@ static __always_inline struct hr_icmp_quote *icmp_quote_get(void)
 	return icmp_quote.lookup(&zero);
 }
 
+/* What a program knows of its packet, handed to each step and to the verdict. */
+struct hr_ctx {
+	/*
+	 * The program's one variable for map keys: every inlined copy of
+	 * verdict() would otherwise keep its own on the 512-byte stack.
+	 */
+	__u32 slot;
+	struct __sk_buff *skb;
+	struct hr_config *cfg;	/* set by start() */
+	struct hr_pkt pkt;	/* all 0 until parsed: a verdict then traces no addresses */
+	__u32 len;		/* the length as it arrived (an ICMP reply is shorter) */
+	__u32 hook;		/* enum hr_hook */
+};
+
+/* start() is done: the program goes on with the packet. No TC action has this value. */
+#define HR_CONTINUE	(-1)
+
 /*
- * Count the verdict and, while tracing is on, record it. `len` is the length
- * of the packet as it arrived (the ICMP reply is shorter than what it answers).
- * `slot` is one variable of the program's for the map keys: every inlined
- * copy of this function would otherwise keep its own on the 512-byte stack.
+ * Count the verdict and, while tracing is on, record it; returns `action`.
+ * ifindex_out: where the packet was sent (0: nowhere, or to the stack).
  */
-static __always_inline int verdict(__u32 *slot, struct __sk_buff *skb, __u32 hook,
-				   struct hr_pkt *pkt, __u32 len, __u32 reason,
-				   __u32 ifindex_out, int action)
+static __always_inline int verdict(struct hr_ctx *c, __u32 reason, __u32 ifindex_out, int action)
 {
 	struct hr_trace_event *ev;
 	struct hr_counter *cnt;
 	struct hr_config *cfg;
 
-	*slot = hook * HR_REASON_MAX + reason;
-	cnt = counters.lookup(slot);
+	c->slot = c->hook * HR_REASON_MAX + reason;
+	cnt = counters.lookup(&c->slot);
 	if (cnt) {
 		cnt->packets++;
-		cnt->bytes += len;
+		cnt->bytes += c->len;
 	}
 
-	*slot = 0;
-	cfg = config.lookup(slot);
+	c->slot = 0;
+	cfg = config.lookup(&c->slot);
 	if (!cfg || cfg->trace != 1)
 		return action;
 	ev = trace_events.ringbuf_reserve(sizeof(*ev));
 	if (!ev)
 		return action;
 	ev->ts_ns = bpf_ktime_get_ns();
-	ev->hook = hook;
+	ev->hook = c->hook;
 	ev->reason = reason;
-	ev->ifindex_in = skb->ifindex;
+	ev->ifindex_in = c->skb->ifindex;
 	ev->ifindex_out = ifindex_out;
-	ev->saddr = pkt ? pkt->saddr : 0;
-	ev->daddr = pkt ? pkt->daddr : 0;
-	ev->sport = pkt ? pkt->sport : 0;
-	ev->dport = pkt ? pkt->dport : 0;
-	ev->protocol = pkt ? pkt->protocol : 0;
+	ev->saddr = c->pkt.saddr;
+	ev->daddr = c->pkt.daddr;
+	ev->sport = c->pkt.sport;
+	ev->dport = c->pkt.dport;
+	ev->protocol = c->pkt.protocol;
 	ev->pad[0] = 0;
 	ev->pad[1] = 0;
 	ev->pad[2] = 0;
-	ev->len = len;
+	ev->len = c->len;
 	trace_events.ringbuf_submit(ev, 0);
 	return action;
+}
+
+/* To the kernel's stack, which takes the packet from here. */
+static __always_inline int pass(struct hr_ctx *c, __u32 reason)
+{
+	return verdict(c, reason, 0, TC_ACT_OK);
+}
+
+static __always_inline int drop(struct hr_ctx *c, __u32 reason)
+{
+	return verdict(c, reason, 0, TC_ACT_SHOT);
+}
+
+/* A packet no longer parsed (a helper moved the data and parsing it again failed). */
+static __always_inline int drop_unparsed(struct hr_ctx *c, __u32 reason)
+{
+	__builtin_memset(&c->pkt, 0, sizeof(c->pkt));
+	return drop(c, reason);
+}
+
+/*
+ * The first steps of both programs: parse the packet (Ethernet, IPv4, the
+ * header checksum, ports), leave broadcast and multicast frames to the stack
+ * and find the configuration. Returns HR_CONTINUE, or the program's verdict.
+ */
+static __always_inline int start(struct hr_ctx *c, struct __sk_buff *skb, __u32 hook)
+{
+	int rc;
+
+	c->skb = skb;
+	c->hook = hook;
+	c->len = skb->len;
+	rc = parse_ipv4(skb, &c->pkt);
+	if (rc == HR_PARSE_NOT_IPV4)
+		return pass(c, HR_PASS_NOT_IPV4);
+	if (rc != HR_PARSE_OK)
+		return drop(c, HR_DROP_MALFORMED);
+	if (!ipv4_csum_ok(skb, &c->pkt))
+		return drop(c, HR_DROP_BAD_CHECKSUM);
+	parse_ports(skb, &c->pkt);
+	if (skb->pkt_type == PACKET_BROADCAST || skb->pkt_type == PACKET_MULTICAST)
+		return pass(c, HR_PASS_L2_MULTICAST);
+	c->slot = 0;
+	c->cfg = config.lookup(&c->slot);
+	if (!c->cfg)
+		return pass(c, HR_PASS_NOT_ENDPOINT);
+	return HR_CONTINUE;
 }
 
 /*
@@ -163,17 +232,15 @@ static __always_inline int verdict(__u32 *slot, struct __sk_buff *skb, __u32 hoo
  * out of the pod's host-side veth, TTL decremented, then straight into the
  * ingress of the pod's eth0 (the veth peer of ep->ifindex).
  */
-static __always_inline int to_local_pod(__u32 *slot, struct __sk_buff *skb, __u32 hook,
-					struct hr_pkt *pkt, __u32 len, struct hr_endpoint *ep,
-					__u32 reason)
+static __always_inline int to_local_pod(struct hr_ctx *c, struct hr_endpoint *ep, __u32 reason)
 {
 	__u32 ifindex = ep->ifindex;
 
-	__builtin_memcpy(pkt->eth->h_dest, ep->mac, ETH_ALEN);
-	__builtin_memcpy(pkt->eth->h_source, ep->node_mac, ETH_ALEN);
-	ip_decrease_ttl(pkt->ip);
+	__builtin_memcpy(c->pkt.eth->h_dest, ep->mac, ETH_ALEN);
+	__builtin_memcpy(c->pkt.eth->h_source, ep->node_mac, ETH_ALEN);
+	ip_decrease_ttl(c->pkt.ip);
 	/* With flags 0 this always answers TC_ACT_REDIRECT. */
-	return verdict(slot, skb, hook, pkt, len, reason, ifindex, (int)bpf_redirect_peer(ifindex, 0));
+	return verdict(c, reason, ifindex, (int)bpf_redirect_peer(ifindex, 0));
 }
 
 static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
@@ -201,173 +268,119 @@ static __always_inline int in_cluster(__u32 addr)
 	return cluster_range(addr) != 0;
 }
 
+/*
+ * Route a packet from a pod to another node or the outside (fib_route_v4).
+ * Returns HR_CONTINUE when it goes on to the next hop in *fib, with
+ * *nat_then_stack set when, leaving the cluster, its next hop is not resolved
+ * yet (a kernel without SKIP_NEIGH): NATed, the stack forwards it and
+ * resolves the neighbour. Otherwise the verdict.
+ */
+static __always_inline int route_from_pod(struct hr_ctx *c, struct bpf_fib_lookup *fib,
+					  int external, int *nat_then_stack)
+{
+	int rc = fib_route_v4(c->skb, &c->pkt, fib);
+
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
+		return HR_CONTINUE;
+	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
+		return pass(c, HR_PASS_FWD_DISABLED);
+	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
+		return pass(c, HR_PASS_LOCAL);
+	if (external && rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		*nat_then_stack = 1;
+		return HR_CONTINUE;
+	}
+	/* un-NATed, a routable packet must not reach the stack: it would leave as is */
+	if (external && rc == BPF_FIB_LKUP_RET_UNSUPP_LWT)
+		return drop(c, HR_DROP_NAT_UNSUPPORTED);
+	/* no route (blackhole, unreachable, prohibit): the stack answers the pod */
+	return pass(c, HR_PASS_FIB_MISS);
+}
+
+/* Too big for its way out, DF set: the pod hears so, from its gateway, into its eth0. */
+static __always_inline int frag_needed_to_pod(struct hr_ctx *c, __u32 mtu)
+{
+	__u32 ifindex = c->skb->ifindex;	/* the peer of this very veth */
+
+	if (icmp_frag_needed(c->skb, &c->pkt, mtu, c->cfg->router_ip) < 0)
+		return drop(c, HR_DROP_ICMP_FAILED);
+	return verdict(c, HR_ICMP_FRAG_NEEDED, ifindex, (int)bpf_redirect_peer(ifindex, 0));
+}
+
 /* Traffic leaving a pod, at ingress of its host-side veth. */
 int from_pod(struct __sk_buff *skb)
 {
-	__u32 key_slot = 0, *slot = &key_slot;
 	struct bpf_fib_lookup fib = {};
-	struct bpf_redir_neigh nh = {};
+	struct hr_ctx c = {};
 	struct hr_endpoint *ep;
-	struct hr_config *cfg;
-	struct hr_pkt pkt = {};
-	__u32 len = skb->len;
-	__u32 ifindex;
-	int rc, external, stack_fragments, external_to_stack;
 	__u32 *range, mtu;
+	int rc, external;
+	int nat_then_stack = 0;	/* leaves the cluster, through the stack once NATed */
 
-	rc = parse_ipv4(skb, &pkt);
-	if (rc == HR_PARSE_NOT_IPV4)
-		return verdict(slot, skb, HR_HOOK_FROM_POD, 0, len, HR_PASS_NOT_IPV4, 0, TC_ACT_OK);
-	if (rc != HR_PARSE_OK)
-		return verdict(slot, skb, HR_HOOK_FROM_POD, 0, len, HR_DROP_MALFORMED, 0, TC_ACT_SHOT);
-	if (!ipv4_csum_ok(skb, &pkt))
-		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_DROP_BAD_CHECKSUM, 0,
-			       TC_ACT_SHOT);
-	parse_ports(skb, &pkt);
-	if (skb->pkt_type == PACKET_BROADCAST || skb->pkt_type == PACKET_MULTICAST)
-		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_L2_MULTICAST, 0,
-			       TC_ACT_OK);
-	*slot = 0;
-	cfg = config.lookup(slot);
-	if (!cfg)
-		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_NOT_ENDPOINT, 0, TC_ACT_OK);
+	rc = start(&c, skb, HR_HOOK_FROM_POD);
+	if (rc != HR_CONTINUE)
+		return rc;
 
 	/* Anti-spoofing: a pod sends from its own address and MAC, on its own veth. */
-	ep = endpoints.lookup(&pkt.saddr);
-	if (!ep || ep->ifindex != skb->ifindex || !mac_equal(ep->mac, pkt.eth->h_source))
-		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_DROP_SPOOFED, 0, TC_ACT_SHOT);
+	ep = endpoints.lookup(&c.pkt.saddr);
+	if (!ep || ep->ifindex != skb->ifindex || !mac_equal(ep->mac, c.pkt.eth->h_source))
+		return drop(&c, HR_DROP_SPOOFED);
 
-	range = cluster_range(pkt.daddr);
-	external = cfg->node_ip && !range;
+	range = cluster_range(c.pkt.daddr);
+	external = c.cfg->node_ip && !range;
 	if (range && (*range & HR_CIDR_DENY_FROM_POD))
-		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_DROP_POD_TO_NODE, 0,
-			       TC_ACT_SHOT);
+		return drop(&c, HR_DROP_POD_TO_NODE);
 	/*
 	 * Fragments inside the cluster go to the stack; leaving it, they are
 	 * routed and NATed like whole packets (the fragment map of frag.h).
 	 */
-	if (pkt.fragment && (!external || endpoints.lookup(&pkt.daddr)))
-		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FRAGMENT, 0, TC_ACT_OK);
+	if (c.pkt.fragment && (!external || endpoints.lookup(&c.pkt.daddr)))
+		return pass(&c, HR_PASS_FRAGMENT);
 
-	ep = endpoints.lookup(&pkt.daddr);
+	/* Where it goes: a pod of this node (by its host-side veth), or a route's next hop. */
+	ep = endpoints.lookup(&c.pkt.daddr);
 	if (ep) {
-		if (pkt.ip->ttl <= 1)
-			return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_TTL, 0, TC_ACT_OK);
-		/*
-		 * The peer redirect skips the MTU check of the pod's veth: check
-		 * against its host side (a CNI gives both ends the pod's MTU).
-		 */
-		if (fits_egress(skb, &pkt, ep->ifindex, &mtu))
-			return to_local_pod(slot, skb, HR_HOOK_FROM_POD, &pkt, len, ep,
-					    HR_REDIRECT_PEER);
-		/* too big for the pod's link: answered as a routed packet would be */
-		rc = BPF_FIB_LKUP_RET_FRAG_NEEDED;
-		fib.mtu_result = mtu;
-		goto too_big;
+		fib.ifindex = ep->ifindex;
+	} else if (!c.cfg->node_ip && !range) {
+		/* Without a node IP to masquerade to, the stack (and its MASQUERADE) takes it. */
+		return pass(&c, HR_PASS_EXTERNAL);
+	} else {
+		rc = route_from_pod(&c, &fib, external, &nat_then_stack);
+		if (rc != HR_CONTINUE)
+			return rc;
 	}
-
-	/* Without a node IP to masquerade to, the stack (and its MASQUERADE) takes it. */
-	if (!cfg->node_ip && !range)
-		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_EXTERNAL, 0, TC_ACT_OK);
-
-	fib.family = AF_INET;
-	fib.tos = pkt.ip->tos;
-	fib.l4_protocol = pkt.protocol;
-	fib.sport = pkt.sport;
-	fib.dport = pkt.dport;
-	fib.tot_len = 0;	/* 0: the kernel checks skb->len against the egress device */
-	fib.ifindex = skb->ifindex;
-	fib.ipv4_src = pkt.saddr;
-	fib.ipv4_dst = pkt.daddr;
-
-	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
-	if (rc == -EINVAL) {
-		/* a kernel without SKIP_NEIGH: NO_NEIGH goes to the stack, which resolves it */
-		fib.tot_len = 0;
-		rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
-	}
-	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED) {
-		/*
-		 * Forwarding is off in the node, so the kernel refuses the lookup:
-		 * other nodes' pods (and, by a default route, the outside) are still
-		 * reached with the datapath's own routes (the MTU check follows).
-		 */
-		struct hr_lpm_key key = { .prefixlen = 32, .addr = pkt.daddr };
-		struct hr_route *route = node_routes.lookup(&key);
-
-		if (!route)
-			return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FWD_DISABLED, 0,
-				       TC_ACT_OK);
-		fib.ifindex = route->ifindex;
-		fib.ipv4_dst = route->nexthop;
-		rc = BPF_FIB_LKUP_RET_SUCCESS;
-	}
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
-		/*
-		 * The lookup's own check (tot_len 0) passes every GSO packet, and
-		 * others up to 4 bytes (a VLAN tag) over the MTU: check again.
-		 */
-		rc = fits_egress(skb, &pkt, fib.ifindex, &mtu) ? BPF_FIB_LKUP_RET_SUCCESS :
-			BPF_FIB_LKUP_RET_FRAG_NEEDED;
-		fib.mtu_result = mtu;
-	}
-	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
-		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_LOCAL, 0, TC_ACT_OK);
-	/*
-	 * Leaving the cluster with a next hop not yet resolved (a kernel without
-	 * SKIP_NEIGH): NATed, then the stack forwards it and resolves the neighbour.
-	 */
-	external_to_stack = external && rc == BPF_FIB_LKUP_RET_NO_NEIGH;
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_FRAG_NEEDED &&
-	    !external_to_stack) {
-		/* un-NATed, a routable packet must not reach the stack: it would leave as is */
-		if (external && rc == BPF_FIB_LKUP_RET_UNSUPP_LWT)
-			return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len,
-				       HR_DROP_NAT_UNSUPPORTED, 0, TC_ACT_SHOT);
-		/* no route (blackhole, unreachable, prohibit): the stack answers the pod */
-		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FIB_MISS, 0, TC_ACT_OK);
-	}
-too_big:
 	/* The stack checks the TTL before the MTU: so do we. */
-	if (pkt.ip->ttl <= 1)
-		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_TTL, 0, TC_ACT_OK);
-
-	/* Too big, DF clear: the stack fragments it (NATed first if it leaves the cluster). */
-	stack_fragments = (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED &&
-			   !(pkt.ip->frag_off & HR_HTONS(HR_IP_DF))) || external_to_stack;
-	if (stack_fragments && !external)
-		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_PASS_FRAG_NEEDED, 0, TC_ACT_OK);
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && !stack_fragments) {
-		ifindex = skb->ifindex;
-		if (icmp_frag_needed(skb, &pkt, fib.mtu_result, cfg->router_ip) < 0)
-			return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_DROP_ICMP_FAILED, 0,
-				       TC_ACT_SHOT);
-		/* Back into the pod it came from: the peer of this very veth. */
-		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_ICMP_FRAG_NEEDED, ifindex,
-			       (int)bpf_redirect_peer(ifindex, 0));
+	if (c.pkt.ip->ttl <= 1)
+		return pass(&c, HR_PASS_TTL);
+	/*
+	 * The MTU of the egress device; of a pod, its host-side veth's (the
+	 * peer redirect skips the check of its eth0; a CNI gives both ends one).
+	 */
+	if (!nat_then_stack && !fits_egress(skb, &c.pkt, fib.ifindex, &mtu)) {
+		if (c.pkt.ip->frag_off & HR_HTONS(HR_IP_DF))
+			return frag_needed_to_pod(&c, mtu);
+		/* DF clear: the stack fragments it (NATed first if it leaves the cluster). */
+		if (!external)
+			return pass(&c, HR_PASS_FRAG_NEEDED);
+		nat_then_stack = 1;
 	}
-
-	if (!stack_fragments)
-		ip_decrease_ttl(pkt.ip);
-	nh.nh_family = AF_INET;
-	nh.ipv4_nh = fib.ipv4_dst;	/* the next hop: the gateway, or the destination itself */
-	ifindex = fib.ifindex;
-	if (external) {
-		/* Leaves the cluster: from the node IP and a NAT port (pointers stale after). */
-		rc = snat_out(skb, &pkt, cfg);
-		if (rc)
-			return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, rc, 0, TC_ACT_SHOT);
-		/* the stack takes it from here (accept_local lets it in with the node IP) */
-		if (stack_fragments)
-			return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_SNAT_PASS_FRAG_NEEDED, 0,
-				       TC_ACT_OK);
-		return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len,
-			       pkt.fragment ? HR_SNAT_FRAGMENT : HR_SNAT_REDIRECT_NEIGH, ifindex,
-			       (int)hr_redirect_neigh(ifindex, &nh, sizeof(nh), 0));
+	if (!nat_then_stack) {
+		if (ep)
+			return to_local_pod(&c, ep, HR_REDIRECT_PEER);
+		ip_decrease_ttl(c.pkt.ip);
 	}
-	/* The neighbour subsystem fills in the MACs (resolving if it must) on egress. */
-	return verdict(slot, skb, HR_HOOK_FROM_POD, &pkt, len, HR_REDIRECT_NEIGH, ifindex,
-		       (int)hr_redirect_neigh(ifindex, &nh, sizeof(nh), 0));
+	if (!external)
+		return verdict(&c, HR_REDIRECT_NEIGH, fib.ifindex, fib_redirect_v4(&fib));
+
+	/* Leaves the cluster: from the node IP and a NAT port (pointers stale after). */
+	rc = snat_out(skb, &c.pkt, c.cfg);
+	if (rc)
+		return drop(&c, rc);
+	/* the stack takes it from here (accept_local lets it in with the node IP) */
+	if (nat_then_stack)
+		return pass(&c, HR_SNAT_PASS_FRAG_NEEDED);
+	return verdict(&c, c.pkt.fragment ? HR_SNAT_FRAGMENT : HR_SNAT_REDIRECT_NEIGH, fib.ifindex,
+		       fib_redirect_v4(&fib));
 }
 
 /*
@@ -394,117 +407,86 @@ too_big:
  *   might not): to the stack, whose frag-needed quotes the pod's identifier;
  *   an echo only loses that reply.
  */
-static __always_inline int from_outside_to_node(__u32 *slot, struct __sk_buff *skb,
-						struct hr_pkt *pkt, struct hr_config *cfg,
-						__u32 len)
+static __always_inline int from_outside_to_node(struct hr_ctx *c)
 {
+	struct __sk_buff *skb = c->skb;
+	struct hr_pkt *pkt = &c->pkt;
 	struct hr_endpoint *ep;
 	__u32 pod_ip = 0, reason = HR_RNAT_REDIRECT_PEER, mtu, ifindex;
 	__u32 node_ip = pkt->daddr;
 	__u16 nat_port = pkt->dport;	/* TCP, UDP: parse_ports read it */
 	int rc;
 
-	rc = rnat_in(skb, pkt, cfg, &pod_ip);
+	rc = rnat_in(skb, pkt, c->cfg, &pod_ip);
 	if (rc == HR_PASS_NAT_MISS && pkt->protocol == IPPROTO_ICMP) {
-		rc = rnat_icmp_error(skb, pkt, cfg, &pod_ip);
+		rc = rnat_icmp_error(skb, pkt, c->cfg, &pod_ip);
 		reason = HR_RNAT_ICMP_ERROR;
 	}
 	if (rc == HR_PASS_NAT_MISS || rc == HR_PASS_FRAG_UNTRACKED)
-		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len, rc, 0, TC_ACT_OK);
+		return pass(c, rc);
 	if (rc)
-		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len, rc, 0, TC_ACT_SHOT);
+		return drop(c, rc);
 
 	/* The helpers moved the data: parse again for the MAC and TTL rewrite. */
 	if (parse_ipv4(skb, pkt) != HR_PARSE_OK)
-		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, 0, len, HR_DROP_NAT_FAILED, 0,
-			       TC_ACT_SHOT);
+		return drop_unparsed(c, HR_DROP_NAT_FAILED);
 	ep = endpoints.lookup(&pod_ip);
 	if (!ep)
-		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len, HR_DROP_NAT_NO_ENDPOINT, 0,
-			       TC_ACT_SHOT);
+		return drop(c, HR_DROP_NAT_NO_ENDPOINT);
 	/* Routed on to the pod it would expire; the stack would answer for the node instead. */
 	if (pkt->ip->ttl <= 1)
-		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len, HR_DROP_NAT_TTL, 0,
-			       TC_ACT_SHOT);
+		return drop(c, HR_DROP_NAT_TTL);
 	if (!fits_egress(skb, pkt, ep->ifindex, &mtu)) {
 		if (!(pkt->ip->frag_off & HR_HTONS(HR_IP_DF)) || reason == HR_RNAT_ICMP_ERROR ||
 		    (pkt->protocol != IPPROTO_TCP && pkt->protocol != IPPROTO_UDP))
-			return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len,
-				       HR_PASS_FRAG_NEEDED, 0, TC_ACT_OK);
+			return pass(c, HR_PASS_FRAG_NEEDED);
 		/* back to the node IP and NAT port, then answered as the remote's datagram */
 		parse_ports(skb, pkt);
 		if (nat_rewrite(skb, pkt, 0, pod_ip, node_ip, pkt->dport, nat_port) < 0 ||
 		    parse_ipv4(skb, pkt) != HR_PARSE_OK)
-			return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, 0, len, HR_DROP_ICMP_FAILED, 0,
-				       TC_ACT_SHOT);
+			return drop_unparsed(c, HR_DROP_ICMP_FAILED);
 		ifindex = skb->ifindex;
 		if (icmp_frag_needed(skb, pkt, mtu, node_ip) < 0)
-			return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len, HR_DROP_ICMP_FAILED,
-				       0, TC_ACT_SHOT);
+			return drop(c, HR_DROP_ICMP_FAILED);
 		/* out of the underlay device, MACs swapped: to the sender's next hop */
-		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len, HR_ICMP_FRAG_NEEDED, ifindex,
-			       (int)bpf_redirect(ifindex, 0));
+		return verdict(c, HR_ICMP_FRAG_NEEDED, ifindex, (int)bpf_redirect(ifindex, 0));
 	}
-	return to_local_pod(slot, skb, HR_HOOK_FROM_UNDERLAY, pkt, len, ep,
-			    pkt->fragment ? HR_RNAT_FRAGMENT : reason);
+	return to_local_pod(c, ep, pkt->fragment ? HR_RNAT_FRAGMENT : reason);
 }
 
 /* Traffic from other nodes and the outside, at ingress of the node's underlay device. */
 int from_underlay(struct __sk_buff *skb)
 {
-	__u32 key_slot = 0, *slot = &key_slot;
+	struct hr_ctx c = {};
 	struct hr_endpoint *ep;
-	struct hr_config *cfg;
-	struct hr_pkt pkt = {};
-	__u32 len = skb->len;
 	__u32 mtu;
 	int rc;
 
-	rc = parse_ipv4(skb, &pkt);
-	if (rc == HR_PARSE_NOT_IPV4)
-		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, 0, len, HR_PASS_NOT_IPV4, 0, TC_ACT_OK);
-	if (rc != HR_PARSE_OK)
-		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, 0, len, HR_DROP_MALFORMED, 0,
-			       TC_ACT_SHOT);
-	if (!ipv4_csum_ok(skb, &pkt))
-		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_DROP_BAD_CHECKSUM, 0,
-			       TC_ACT_SHOT);
-	parse_ports(skb, &pkt);
-	if (skb->pkt_type == PACKET_BROADCAST || skb->pkt_type == PACKET_MULTICAST)
-		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_PASS_L2_MULTICAST, 0,
-			       TC_ACT_OK);
-	*slot = 0;
-	cfg = config.lookup(slot);
-	if (!cfg)
-		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_PASS_NOT_ENDPOINT, 0,
-			       TC_ACT_OK);
-	if (cfg->node_ip && pkt.daddr == cfg->node_ip)
-		return from_outside_to_node(slot, skb, &pkt, cfg, len);
-	if (pkt.fragment) {
+	rc = start(&c, skb, HR_HOOK_FROM_UNDERLAY);
+	if (rc != HR_CONTINUE)
+		return rc;
+	if (c.cfg->node_ip && c.pkt.daddr == c.cfg->node_ip)
+		return from_outside_to_node(&c);
+	if (c.pkt.fragment) {
 		/* from outside, not even in pieces: the stack would reassemble it for the pod */
-		if (!in_cluster(pkt.saddr) && endpoints.lookup(&pkt.daddr))
-			return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len,
-				       HR_DROP_NOT_FROM_CLUSTER, 0, TC_ACT_SHOT);
-		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_PASS_FRAGMENT, 0,
-			       TC_ACT_OK);
+		if (!in_cluster(c.pkt.saddr) && endpoints.lookup(&c.pkt.daddr))
+			return drop(&c, HR_DROP_NOT_FROM_CLUSTER);
+		return pass(&c, HR_PASS_FRAGMENT);
 	}
 
-	ep = endpoints.lookup(&pkt.daddr);
+	ep = endpoints.lookup(&c.pkt.daddr);
 	if (!ep)
-		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_PASS_NOT_ENDPOINT, 0,
-			       TC_ACT_OK);
+		return pass(&c, HR_PASS_NOT_ENDPOINT);
 	/* Pods are reached directly from inside the cluster only; the outside gets replies. */
-	if (!in_cluster(pkt.saddr))
-		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_DROP_NOT_FROM_CLUSTER, 0,
-			       TC_ACT_SHOT);
-	if (pkt.ip->ttl <= 1)
-		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_PASS_TTL, 0, TC_ACT_OK);
+	if (!in_cluster(c.pkt.saddr))
+		return drop(&c, HR_DROP_NOT_FROM_CLUSTER);
+	if (c.pkt.ip->ttl <= 1)
+		return pass(&c, HR_PASS_TTL);
 	/*
 	 * Too big for the pod's link (narrower than the underlay): the stack
 	 * fragments it, or with DF answers the sender on its other node.
 	 */
-	if (!fits_egress(skb, &pkt, ep->ifindex, &mtu))
-		return verdict(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, HR_PASS_FRAG_NEEDED, 0,
-			       TC_ACT_OK);
-	return to_local_pod(slot, skb, HR_HOOK_FROM_UNDERLAY, &pkt, len, ep, HR_REDIRECT_PEER);
+	if (!fits_egress(skb, &c.pkt, ep->ifindex, &mtu))
+		return pass(&c, HR_PASS_FRAG_NEEDED);
+	return to_local_pod(&c, ep, HR_REDIRECT_PEER);
 }
