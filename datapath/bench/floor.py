@@ -66,14 +66,22 @@ class Floor:
                     (n2.netns, r.host_ifname, "neigh", n2.netns, up)]
         return out
 
-    def use(self, scenario: str) -> None:
-        """Attach the scenario's programs (replacing what the hooks held); a no-op when they are."""
-        if self.current == scenario:
-            return
+    def load(self, scenario: str) -> list[tuple[str, str, int, str]]:
+        """Build and load the scenario's programs (a compile per new target): (netns, device,
+        program fd, name) of each hook. The bench loads them all before its first sample."""
+        out = []
         for ns, dev, kind, target_ns, target_dev in self.hooks(scenario):
             with netns.ipr(target_ns) as ipr:
                 ifindex = netns.ifindex(ipr, target_dev)
             fd, name = self._program(ifindex, kind)
+            out.append((ns, dev, fd, name))
+        return out
+
+    def use(self, scenario: str) -> None:
+        """Attach the scenario's programs (replacing what the hooks held); a no-op when they are."""
+        if self.current == scenario:
+            return
+        for ns, dev, fd, name in self.load(scenario):
             tc_attach.attach(ns, dev, fd, name, "ingress")
         self.current = scenario
 

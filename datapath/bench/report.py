@@ -211,6 +211,10 @@ def print_tables(result: dict, console=None) -> None:
                   f"cores; {cfg['duration']:g}s per test, {cfg['repeat']} repetitions, modes "
                   "back to back in rotated order; medians, ratios: median of the "
                   "per-repetition ratios [95% bootstrap CI]")
+    if "floor" in modes:
+        console.print("limit: no netfilter and no routing program at all; floor: only a constant "
+                      "redirect on eBPF's hooks. eBPF/floor is what the program's logic costs, "
+                      "floor/limit what the redirect mechanism costs.")
     if (profile := env.get("node_profile")) and profile["name"] != "bare":
         console.print(node_profile_line(profile))
     rows = result.get("summary") or summarise(result)
@@ -258,7 +262,7 @@ def print_tables(result: dict, console=None) -> None:
                           _fmt(r["ebpf"]["median"]), format_ratio(r["ratios"].get("ebpf/legacy")))
         console.print(table)
     if env.get("steal_s"):
-        console.print(f"steal time during the run: {env['steal_s']:.1f} s (the hypervisor ran "
+        console.print(f"steal time during the run: {env['steal_s']:.2f} s (the hypervisor ran "
                       "something else on these CPUs)")
     for retry in env.get("retried_runs", []):
         console.print(f"[yellow]retried once[/]: {retry['scenario']} {retry['test']} "

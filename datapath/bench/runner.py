@@ -304,6 +304,8 @@ class Bench:
             from .floor import Floor
             self.floor = Floor(self.topos["floor"])
             self.floor.route_replies()
+            for scenario in self.cfg.scenarios:     # compiled now, not between two samples
+                self.floor.load(scenario)
         server_ns = set()
         for scenario in self.cfg.scenarios:
             for mode in self.labs:
