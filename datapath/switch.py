@@ -167,9 +167,12 @@ def status(state: LabState, topo: Topology) -> dict:
                       "desired": state.desired.get(node.name, "legacy"),
                       "masquerade": nv.masquerade, "trace": nv.trace, "attached": attached,
                       "differences": diffs.get(node.name, [])})
+    if state.phase != "ready":
+        diffs.setdefault("lab", []).insert(0, f"lab up did not finish (phase {state.phase})")
     fix = None
     if diffs:
-        fix = f"hostrouting lab down --lab {topo.lab}" if broken else fix_command(state, topo)
+        fix = f"hostrouting lab down --lab {topo.lab}" if broken or state.phase != "ready" \
+            else fix_command(state, topo)
     return {"lab": topo.lab, "mode": state.mode, "phase": state.phase, "nodes": nodes,
             "converged": not diffs, "differences": diffs.get("lab", []), "fix": fix,
             "rule_blocking": rule_guard.mechanisms(view.guard),
@@ -185,8 +188,11 @@ def _support() -> dict:
     return {"usable": not missing, "missing": missing, "checked": [f.name for f in found]}
 
 
-def stats(state: LabState, topo: Topology) -> dict:
-    """Counters and NAT table use per node, read from the datapath attached now."""
+def stats(state: LabState, topo: Topology, bpf_stats_s: float = 0) -> dict:
+    """Counters and NAT table use per node, read from the datapath attached now, and each
+    program's run time and runs (prog_stats): totals counted while BPF stats were on, or
+    with bpf_stats_s, what the next that many seconds add (stats held on meanwhile)."""
+    from . import prog_stats
     if state.mode != "ebpf":
         raise SwitchError(f"lab {topo.lab}: no datapath counters in {state.mode} mode "
                           "(hostrouting enable first)")
@@ -204,6 +210,16 @@ def stats(state: LabState, topo: Topology) -> dict:
             "counters": {name: {"packets": p, "bytes": b} for name, (p, b) in counters.items()},
             "nat": {"entries": len(dirs), "capacity": capacity,
                     "out_entries": out_entries, "in_entries": len(dirs) - out_entries}})
+    result["bpf_stats"] = {"sysctl": prog_stats.stats_enabled(), "window_s": bpf_stats_s or None}
+    prog_ids = {(node.name, name): prog_id for node in topo.nodes
+                for name, prog_id in node_programs(topo, node).items()}
+    try:
+        runs = (prog_stats.sample_programs(prog_ids, bpf_stats_s) if bpf_stats_s else
+                prog_stats.figures(prog_ids, prog_stats.read_programs(prog_ids)))
+    except OSError as e:
+        raise SwitchError(f"cannot turn BPF stats on (BPF_ENABLE_STATS): {e.strerror}") from None
+    for node in result["nodes"]:
+        node["programs"] = {name: f for (n, name), f in sorted(runs.items()) if n == node["name"]}
     return result
 
 
