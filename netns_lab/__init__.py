@@ -37,7 +37,9 @@ to the external host, which has no route to pod CIDRs, so pods reach it only
 when their traffic is masqueraded to a node IP.
 
 Modules: ``topology`` (the declarative description and its validation),
-``state`` (what a lab created, written before it is created), ``netns``
-(running things inside a namespace), ``builder`` (lab up/down), ``legacy``
-(kernel routing + iptables MASQUERADE + conntrack, the baseline).
+``state`` (what a lab should be, written before it is created: intent only),
+``netns`` (running things inside a namespace), ``builder`` (lab up/down),
+``legacy`` (kernel routing + iptables MASQUERADE + conntrack, the baseline),
+``procs`` (processes known by pid and start time), ``faults`` (fault
+injection at every kernel-changing call, for the tests).
 """
