@@ -43,6 +43,8 @@
 #include "nat.h"
 
 BPF_HASH(endpoints, __u32, struct hr_endpoint, 1024);
+/* Each pod's source by its host-side veth's ifindex: the spoof check's fast way. */
+BPF_ARRAY(pod_veths, struct hr_pod_veth, HR_POD_VETH_SLOTS);
 BPF_ARRAY(config, struct hr_config, 1);
 BPF_PERCPU_ARRAY(counters, struct hr_counter, HR_HOOK_MAX * HR_REASON_MAX);
 BPF_RINGBUF_OUTPUT(trace_events, 16);
@@ -129,7 +131,7 @@ struct hr_ctx {
 	 */
 	__u32 slot;
 	struct __sk_buff *skb;
-	struct hr_config *cfg;	/* set by start() */
+	struct hr_config *cfg;	/* read once, first thing in start() */
 	struct hr_pkt pkt;	/* all 0 until parsed: a verdict then traces no addresses */
 	__u32 len;		/* the length as it arrived (an ICMP reply is shorter) */
 	__u32 hook;		/* enum hr_hook */
@@ -146,7 +148,6 @@ static __always_inline int verdict(struct hr_ctx *c, __u32 reason, __u32 ifindex
 {
 	struct hr_trace_event *ev;
 	struct hr_counter *cnt;
-	struct hr_config *cfg;
 
 	c->slot = c->hook * HR_REASON_MAX + reason;
 	cnt = counters.lookup(&c->slot);
@@ -155,10 +156,9 @@ static __always_inline int verdict(struct hr_ctx *c, __u32 reason, __u32 ifindex
 		cnt->bytes += c->len;
 	}
 
-	c->slot = 0;
-	cfg = config.lookup(&c->slot);
-	if (!cfg || cfg->trace != 1)
+	if (!c->cfg || c->cfg->trace != 1)
 		return action;
+	parse_ports(c->skb, &c->pkt);	/* read now if no step needed them */
 	ev = trace_events.ringbuf_reserve(sizeof(*ev));
 	if (!ev)
 		return action;
@@ -199,9 +199,10 @@ static __always_inline int drop_unparsed(struct hr_ctx *c, __u32 reason)
 }
 
 /*
- * The first steps of both programs: parse the packet (Ethernet, IPv4, the
- * header checksum, ports), leave broadcast and multicast frames to the stack
- * and find the configuration. Returns HR_CONTINUE, or the program's verdict.
+ * The first steps of both programs: find the configuration, parse the packet
+ * (Ethernet, IPv4, the header checksum; the ports only once a step needs
+ * them: parse_ports), leave broadcast and multicast frames to the stack.
+ * Returns HR_CONTINUE, or the program's verdict.
  */
 static __always_inline int start(struct hr_ctx *c, struct __sk_buff *skb, __u32 hook)
 {
@@ -210,6 +211,8 @@ static __always_inline int start(struct hr_ctx *c, struct __sk_buff *skb, __u32 
 	c->skb = skb;
 	c->hook = hook;
 	c->len = skb->len;
+	c->slot = 0;
+	c->cfg = config.lookup(&c->slot);	/* an array's entry 0: always there */
 	rc = parse_ipv4(skb, &c->pkt);
 	if (rc == HR_PARSE_NOT_IPV4)
 		return pass(c, HR_PASS_NOT_IPV4);
@@ -217,11 +220,8 @@ static __always_inline int start(struct hr_ctx *c, struct __sk_buff *skb, __u32 
 		return drop(c, HR_DROP_MALFORMED);
 	if (!ipv4_csum_ok(skb, &c->pkt))
 		return drop(c, HR_DROP_BAD_CHECKSUM);
-	parse_ports(skb, &c->pkt);
 	if (skb->pkt_type == PACKET_BROADCAST || skb->pkt_type == PACKET_MULTICAST)
 		return pass(c, HR_PASS_L2_MULTICAST);
-	c->slot = 0;
-	c->cfg = config.lookup(&c->slot);
 	if (!c->cfg)
 		return pass(c, HR_PASS_NOT_ENDPOINT);
 	return HR_CONTINUE;
@@ -255,6 +255,25 @@ static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
 	return a4 == b4 && a2 == b2;
 }
 
+/*
+ * Anti-spoofing: a pod sends from its own address and MAC, on its own veth.
+ * `pod_veths` answers with an array read (which the verifier inlines); only
+ * where it does not know the veth (or disagrees) does `endpoints` decide, so
+ * the verdict is the endpoint's either way.
+ */
+static __always_inline int sent_by_its_pod(struct hr_ctx *c)
+{
+	struct hr_pod_veth *v;
+	struct hr_endpoint *ep;
+
+	c->slot = c->skb->ifindex;
+	v = pod_veths.lookup(&c->slot);
+	if (v && v->addr && v->addr == c->pkt.saddr && mac_equal(v->mac, c->pkt.eth->h_source))
+		return 1;
+	ep = endpoints.lookup(&c->pkt.saddr);
+	return ep && ep->ifindex == c->skb->ifindex && mac_equal(ep->mac, c->pkt.eth->h_source);
+}
+
 /* The cluster_cidrs value (enum hr_cidr_flags) of an address; NULL outside the cluster. */
 static __always_inline __u32 *cluster_range(__u32 addr)
 {
@@ -278,7 +297,10 @@ static __always_inline int in_cluster(__u32 addr)
 static __always_inline int route_from_pod(struct hr_ctx *c, struct bpf_fib_lookup *fib,
 					  int external, int *nat_then_stack)
 {
-	int rc = fib_route_v4(c->skb, &c->pkt, fib);
+	int rc;
+
+	parse_ports(c->skb, &c->pkt);	/* the FIB hashes them (multipath), the trace shows them */
+	rc = fib_route_v4(c->skb, &c->pkt, fib);
 
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
 		return HR_CONTINUE;
@@ -302,85 +324,102 @@ static __always_inline int frag_needed_to_pod(struct hr_ctx *c, __u32 mtu)
 {
 	__u32 ifindex = c->skb->ifindex;	/* the peer of this very veth */
 
+	parse_ports(c->skb, &c->pkt);	/* for the trace, before the reply replaces them */
 	if (icmp_frag_needed(c->skb, &c->pkt, mtu, c->cfg->router_ip) < 0)
 		return drop(c, HR_DROP_ICMP_FAILED);
 	return verdict(c, HR_ICMP_FRAG_NEEDED, ifindex, (int)bpf_redirect_peer(ifindex, 0));
 }
 
-/* Traffic leaving a pod, at ingress of its host-side veth. */
-int from_pod(struct __sk_buff *skb)
+/*
+ * From a pod to another node, or out of the cluster: the packet is routed
+ * (route_from_pod) and, leaving the cluster, source-NATed.
+ */
+static __always_inline int from_pod_routed(struct hr_ctx *c)
 {
 	struct bpf_fib_lookup fib = {};
-	struct hr_ctx c = {};
-	struct hr_endpoint *ep;
 	__u32 *range, mtu;
 	int rc, external;
 	int nat_then_stack = 0;	/* leaves the cluster, through the stack once NATed */
 
-	rc = start(&c, skb, HR_HOOK_FROM_POD);
-	if (rc != HR_CONTINUE)
-		return rc;
-
-	/* Anti-spoofing: a pod sends from its own address and MAC, on its own veth. */
-	ep = endpoints.lookup(&c.pkt.saddr);
-	if (!ep || ep->ifindex != skb->ifindex || !mac_equal(ep->mac, c.pkt.eth->h_source))
-		return drop(&c, HR_DROP_SPOOFED);
-
-	range = cluster_range(c.pkt.daddr);
-	external = c.cfg->node_ip && !range;
+	range = cluster_range(c->pkt.daddr);
+	external = c->cfg->node_ip && !range;
 	if (range && (*range & HR_CIDR_DENY_FROM_POD))
-		return drop(&c, HR_DROP_POD_TO_NODE);
+		return drop(c, HR_DROP_POD_TO_NODE);
 	/*
 	 * Fragments inside the cluster go to the stack; leaving it, they are
 	 * routed and NATed like whole packets (the fragment map of frag.h).
 	 */
-	if (c.pkt.fragment && (!external || endpoints.lookup(&c.pkt.daddr)))
-		return pass(&c, HR_PASS_FRAGMENT);
-
-	/* Where it goes: a pod of this node (by its host-side veth), or a route's next hop. */
-	ep = endpoints.lookup(&c.pkt.daddr);
-	if (ep) {
-		fib.ifindex = ep->ifindex;
-	} else if (!c.cfg->node_ip && !range) {
-		/* Without a node IP to masquerade to, the stack (and its MASQUERADE) takes it. */
-		return pass(&c, HR_PASS_EXTERNAL);
-	} else {
-		rc = route_from_pod(&c, &fib, external, &nat_then_stack);
-		if (rc != HR_CONTINUE)
-			return rc;
-	}
+	if (c->pkt.fragment && !external)
+		return pass(c, HR_PASS_FRAGMENT);
+	/* Without a node IP to masquerade to, the stack (and its MASQUERADE) takes it. */
+	if (!c->cfg->node_ip && !range)
+		return pass(c, HR_PASS_EXTERNAL);
+	rc = route_from_pod(c, &fib, external, &nat_then_stack);
+	if (rc != HR_CONTINUE)
+		return rc;
 	/* The stack checks the TTL before the MTU: so do we. */
+	if (c->pkt.ip->ttl <= 1)
+		return pass(c, HR_PASS_TTL);
+	if (!nat_then_stack && !fits_egress(c->skb, &c->pkt, fib.ifindex, &mtu)) {
+		if (c->pkt.ip->frag_off & HR_HTONS(HR_IP_DF))
+			return frag_needed_to_pod(c, mtu);
+		/* DF clear: the stack fragments it (NATed first if it leaves the cluster). */
+		if (!external)
+			return pass(c, HR_PASS_FRAG_NEEDED);
+		nat_then_stack = 1;
+	}
+	if (!nat_then_stack)
+		ip_decrease_ttl(c->pkt.ip);
+	if (!external)
+		return verdict(c, HR_REDIRECT_NEIGH, fib.ifindex, fib_redirect_v4(&fib));
+
+	/* Leaves the cluster: from the node IP and a NAT port (pointers stale after). */
+	rc = snat_out(c->skb, &c->pkt, c->cfg);
+	if (rc)
+		return drop(c, rc);
+	/* the stack takes it from here (accept_local lets it in with the node IP) */
+	if (nat_then_stack)
+		return pass(c, HR_SNAT_PASS_FRAG_NEEDED);
+	return verdict(c, c->pkt.fragment ? HR_SNAT_FRAGMENT : HR_SNAT_REDIRECT_NEIGH, fib.ifindex,
+		       fib_redirect_v4(&fib));
+}
+
+/* Traffic leaving a pod, at ingress of its host-side veth. */
+int from_pod(struct __sk_buff *skb)
+{
+	struct hr_ctx c = {};
+	struct hr_endpoint *ep;
+	__u32 mtu;
+	int rc;
+
+	rc = start(&c, skb, HR_HOOK_FROM_POD);
+	if (rc != HR_CONTINUE)
+		return rc;
+	if (!sent_by_its_pod(&c))
+		return drop(&c, HR_DROP_SPOOFED);
+
+	/*
+	 * A pod of this node first, without the cluster trie: a pod's address is
+	 * in the cluster and never in a range closed to pods (another node's
+	 * host namespace).
+	 */
+	ep = endpoints.lookup(&c.pkt.daddr);
+	if (!ep)
+		return from_pod_routed(&c);
+	if (c.pkt.fragment)
+		return pass(&c, HR_PASS_FRAGMENT);
 	if (c.pkt.ip->ttl <= 1)
 		return pass(&c, HR_PASS_TTL);
 	/*
-	 * The MTU of the egress device; of a pod, its host-side veth's (the
-	 * peer redirect skips the check of its eth0; a CNI gives both ends one).
+	 * The MTU of the pod's host-side veth (the peer redirect skips the
+	 * check of its eth0; a CNI gives both ends one).
 	 */
-	if (!nat_then_stack && !fits_egress(skb, &c.pkt, fib.ifindex, &mtu)) {
+	if (!fits_egress(skb, &c.pkt, ep->ifindex, &mtu)) {
 		if (c.pkt.ip->frag_off & HR_HTONS(HR_IP_DF))
 			return frag_needed_to_pod(&c, mtu);
-		/* DF clear: the stack fragments it (NATed first if it leaves the cluster). */
-		if (!external)
-			return pass(&c, HR_PASS_FRAG_NEEDED);
-		nat_then_stack = 1;
+		return pass(&c, HR_PASS_FRAG_NEEDED);
 	}
-	if (!nat_then_stack) {
-		if (ep)
-			return to_local_pod(&c, ep, HR_REDIRECT_PEER);
-		ip_decrease_ttl(c.pkt.ip);
-	}
-	if (!external)
-		return verdict(&c, HR_REDIRECT_NEIGH, fib.ifindex, fib_redirect_v4(&fib));
-
-	/* Leaves the cluster: from the node IP and a NAT port (pointers stale after). */
-	rc = snat_out(skb, &c.pkt, c.cfg);
-	if (rc)
-		return drop(&c, rc);
-	/* the stack takes it from here (accept_local lets it in with the node IP) */
-	if (nat_then_stack)
-		return pass(&c, HR_SNAT_PASS_FRAG_NEEDED);
-	return verdict(&c, c.pkt.fragment ? HR_SNAT_FRAGMENT : HR_SNAT_REDIRECT_NEIGH, fib.ifindex,
-		       fib_redirect_v4(&fib));
+	return to_local_pod(&c, ep, HR_REDIRECT_PEER);
 }
 
 /*
@@ -414,9 +453,11 @@ static __always_inline int from_outside_to_node(struct hr_ctx *c)
 	struct hr_endpoint *ep;
 	__u32 pod_ip = 0, reason = HR_RNAT_REDIRECT_PEER, mtu, ifindex;
 	__u32 node_ip = pkt->daddr;
-	__u16 nat_port = pkt->dport;	/* TCP, UDP: parse_ports read it */
+	__u16 nat_port;
 	int rc;
 
+	parse_ports(skb, pkt);
+	nat_port = pkt->dport;	/* TCP, UDP */
 	rc = rnat_in(skb, pkt, c->cfg, &pod_ip);
 	if (rc == HR_PASS_NAT_MISS && pkt->protocol == IPPROTO_ICMP) {
 		rc = rnat_icmp_error(skb, pkt, c->cfg, &pod_ip);
@@ -445,6 +486,7 @@ static __always_inline int from_outside_to_node(struct hr_ctx *c)
 		if (nat_rewrite(skb, pkt, 0, pod_ip, node_ip, pkt->dport, nat_port) < 0 ||
 		    parse_ipv4(skb, pkt) != HR_PARSE_OK)
 			return drop_unparsed(c, HR_DROP_ICMP_FAILED);
+		parse_ports(skb, pkt);	/* for the trace, before the reply replaces them */
 		ifindex = skb->ifindex;
 		if (icmp_frag_needed(skb, pkt, mtu, node_ip) < 0)
 			return drop(c, HR_DROP_ICMP_FAILED);

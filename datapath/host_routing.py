@@ -21,7 +21,7 @@ from datapath.bpf_build import BPF_DIR, compile_bpf, load_program
 SOURCE = BPF_DIR / "host_routing.c"
 PROGRAMS = ("from_pod", "from_underlay")
 MAP_NAMES = ("endpoints", "config", "counters", "trace_events", "cluster_cidrs", "node_routes",
-             "nat", "nat_frags")
+             "nat", "nat_frags", "pod_veths")
 # Every program uses these; the route maps only from_pod does.
 REQUIRED_MAPS = ("endpoints", "config", "counters", "trace_events")
 
@@ -31,6 +31,7 @@ MAX_NAT_MAX_FLOWS = 4 * 1024 * 1024
 # what each map must look like (checked when reopening an attached program's maps)
 _EXPECTED = {
     "endpoints": (libbpf.BPF_MAP_TYPE_HASH, 4, st.SIZEOF_ENDPOINT),
+    "pod_veths": (libbpf.BPF_MAP_TYPE_ARRAY, 4, st.SIZEOF_POD_VETH),
     "config": (libbpf.BPF_MAP_TYPE_ARRAY, 4, st.SIZEOF_CONFIG),
     "counters": (libbpf.BPF_MAP_TYPE_PERCPU_ARRAY, 4, st.SIZEOF_COUNTER),
     "trace_events": (libbpf.BPF_MAP_TYPE_RINGBUF, 0, 0),
@@ -133,11 +134,38 @@ class DatapathMaps:
     # endpoints ------------------------------------------------------------------------------
 
     def set_endpoint(self, ip: str, ifindex: int, mac: str | bytes, node_mac: str | bytes) -> None:
+        """The pod `ip` behind host-side veth `ifindex`: in `endpoints` and, for from_pod's
+        spoof check, in `pod_veths` (a pod that moved to another veth leaves its old slot)."""
+        old = self._endpoint(ip)
         libbpf.map_update(self.fd("endpoints"), st.ip_to_key(ip),
                           st.pack_endpoint(ifindex, mac, node_mac))
+        if old is not None and old.ifindex != ifindex:
+            self._clear_pod_veth(old.ifindex, ip)
+        self._set_pod_veth(ifindex, st.pack_pod_veth(ip, mac))
 
     def delete_endpoint(self, ip: str) -> bool:
+        old = self._endpoint(ip)
+        if old is not None:
+            self._clear_pod_veth(old.ifindex, ip)
         return libbpf.map_delete(self.fd("endpoints"), st.ip_to_key(ip))
+
+    def _endpoint(self, ip: str) -> st.Endpoint | None:
+        raw = libbpf.map_lookup(self.fd("endpoints"), st.ip_to_key(ip), st.SIZEOF_ENDPOINT)
+        return st.unpack_endpoint(raw) if raw is not None else None
+
+    def _set_pod_veth(self, ifindex: int, value: bytes) -> None:
+        # beyond the array (or maps of a program without it): from_pod asks `endpoints`
+        if "pod_veths" in self._fds and 0 <= ifindex < st.POD_VETH_SLOTS:
+            libbpf.map_update(self.fd("pod_veths"), ifindex.to_bytes(4, "little"), value)
+
+    def _clear_pod_veth(self, ifindex: int, ip: str) -> None:
+        """Empty slot `ifindex` if it still holds `ip` (another pod may have it by now)."""
+        if "pod_veths" not in self._fds or not 0 <= ifindex < st.POD_VETH_SLOTS:
+            return
+        raw = libbpf.map_lookup(self.fd("pod_veths"), ifindex.to_bytes(4, "little"),
+                                st.SIZEOF_POD_VETH)
+        if raw is not None and raw[:4] == st.ip_to_key(ip):
+            self._set_pod_veth(ifindex, bytes(st.SIZEOF_POD_VETH))
 
     def endpoints(self) -> dict[str, st.Endpoint]:
         return {st.key_to_ip(k): st.unpack_endpoint(v)

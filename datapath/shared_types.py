@@ -73,6 +73,8 @@ HOOK_MAX: int = _enum_members("hr_hook")["HR_HOOK_MAX"]
 HOOK_NAMES: dict[int, str] = {v: n.removeprefix("HR_HOOK_").lower() for n, v in HOOKS.items()}
 
 SIZEOF_ENDPOINT = ffi.sizeof("struct hr_endpoint")
+SIZEOF_POD_VETH = ffi.sizeof("struct hr_pod_veth")
+POD_VETH_SLOTS: int = _enum_members("hr_map_sizes")["HR_POD_VETH_SLOTS"]
 SIZEOF_LPM_KEY = ffi.sizeof("struct hr_lpm_key")
 SIZEOF_ROUTE = ffi.sizeof("struct hr_route")
 SIZEOF_CONFIG = ffi.sizeof("struct hr_config")
@@ -156,6 +158,13 @@ def pack_route(nexthop: str, ifindex: int) -> bytes:
     ffi.memmove(ffi.addressof(route, "nexthop"), ipaddress.IPv4Address(nexthop).packed, 4)
     route.ifindex = ifindex
     return bytes(ffi.buffer(route))
+
+
+def pack_pod_veth(ip: str, mac: str | bytes) -> bytes:
+    v = ffi.new("struct hr_pod_veth *")
+    ffi.memmove(ffi.addressof(v, "addr"), ip_to_key(ip), 4)
+    ffi.memmove(v.mac, mac_to_bytes(mac), 6)
+    return bytes(ffi.buffer(v))
 
 
 def unpack_endpoint(raw: bytes) -> Endpoint:

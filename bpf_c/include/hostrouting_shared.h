@@ -79,6 +79,24 @@ struct hr_endpoint {
 	__u8 node_mac[6];	/* the host-side veth's MAC */
 };
 
+/*
+ * Value of the `pod_veths` array, indexed by the ifindex of a pod's host-side
+ * veth: the pod's address and MAC, so that from_pod checks a packet's source
+ * without a hash lookup. It repeats what `endpoints` holds (DatapathMaps
+ * writes both); addr 0: no pod known there (or a veth with an ifindex beyond
+ * the array), and `endpoints` decides.
+ */
+struct hr_pod_veth {
+	__u32 addr;		/* the pod's IPv4 address (network order) */
+	__u8 mac[6];		/* the pod's eth0 MAC */
+	__u8 pad[2];
+};
+
+/* Sizes of the maps Python must know. */
+enum hr_map_sizes {
+	HR_POD_VETH_SLOTS = 4096	/* `pod_veths`: ifindexes 0..4095 */
+};
+
 /* Bits of the `cluster_cidrs` value (a __u32). */
 enum hr_cidr_flags {
 	HR_CIDR_DENY_FROM_POD = 1	/* pods may not send here (another node's host namespace) */

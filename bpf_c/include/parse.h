@@ -47,6 +47,7 @@ struct hr_pkt {
 	__u16 dport;
 	__u8 protocol;
 	__u8 fragment;		/* 1 for any fragment (MF set or offset non-zero) */
+	__u8 ports_read;	/* parse_ports() ran since parse_ipv4() */
 };
 
 /*
@@ -101,18 +102,24 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct hr_pkt *pkt)
 	pkt->fragment = (ip->frag_off & HR_HTONS(HR_IP_MF | HR_IP_OFFSET)) != 0;
 	pkt->sport = 0;
 	pkt->dport = 0;
+	pkt->ports_read = 0;
 	return HR_PARSE_OK;
 }
 
 /*
- * Fill pkt->sport/dport for TCP and UDP. The ports may lie in paged data, so
- * they are copied with bpf_skb_load_bytes (which never changes the packet).
- * A header too short to hold them leaves them 0: the stack will judge it.
+ * Fill pkt->sport/dport for TCP and UDP, once per parse: only the steps that
+ * use them call it (the same-node redirect never does). The ports may lie in
+ * paged data, so they are copied with bpf_skb_load_bytes (which never
+ * changes the packet). A header too short to hold them leaves them 0: the
+ * stack will judge it.
  */
 static __always_inline void parse_ports(struct __sk_buff *skb, struct hr_pkt *pkt)
 {
 	__u16 ports[2];
 
+	if (pkt->ports_read)
+		return;
+	pkt->ports_read = 1;
 	if (pkt->fragment)
 		return;
 	if (pkt->protocol != IPPROTO_TCP && pkt->protocol != IPPROTO_UDP)

@@ -59,6 +59,29 @@ def test_local_pod_is_redirected_to_peer_with_rewritten_macs(dp, route_ns):
         SRC, LOCAL_DST, 40000, 5201, 17, len(data))
 
 
+def test_the_spoof_check_follows_a_pod_that_moves_or_goes(dp, route_ns):
+    """from_pod checks a source by its veth's slot in `pod_veths` first: a pod moved to
+    another veth, or removed, must not keep its old veth's slot (set_endpoint and
+    delete_endpoint empty it), and an empty slot (address 0) vouches for nothing."""
+    add_local_pod(dp)
+    _, res = from_pod(dp, route_ns, pod_packet(LOCAL_DST))
+    assert res.retval == TC_ACT_REDIRECT
+    dp.maps.set_endpoint(SRC, route_ns.narrow, POD_MAC, HIN_MAC)     # moved off hin
+    _, res = from_pod(dp, route_ns, pod_packet(LOCAL_DST))
+    assert res.retval == TC_ACT_SHOT
+    dp.maps.set_endpoint(SRC, route_ns.hin, POD_MAC, HIN_MAC)        # back
+    _, res = from_pod(dp, route_ns, pod_packet(LOCAL_DST))
+    assert res.retval == TC_ACT_REDIRECT
+    dp.maps.delete_endpoint(SRC)
+    _, res = from_pod(dp, route_ns, pod_packet(LOCAL_DST))
+    assert res.retval == TC_ACT_SHOT
+    unknown = pod_packet(LOCAL_DST, src="0.0.0.0")
+    unknown[Ether].src = "00:00:00:00:00:00"
+    _, res = from_pod(dp, route_ns, unknown)
+    assert res.retval == TC_ACT_SHOT
+    assert nonzero_counters(dp.maps)["drop_spoofed"][0] == 3
+
+
 @pytest.mark.parametrize("dst, out_dev", [(REMOTE_DST, "uplink"),
                                           ("198.18.3.30", "narrow"),
                                           ("198.18.4.40", "uplink")],     # next hop unresolved
