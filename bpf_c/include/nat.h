@@ -71,6 +71,8 @@
  * flight (and would reach the new pod, whose RST would end the new flow).
  */
 #define HR_NAT_REUSE_QUIET_NS	(2 * HR_NSEC)
+/* The most a packet leaves an entry's last_seen_ns behind (nat_refresh_slack). */
+#define HR_NAT_REFRESH_NS	HR_NSEC
 
 /* What a NAT step needs to know about the packet besides struct hr_pkt. */
 struct hr_nat_l4 {
@@ -345,19 +347,40 @@ static __always_inline __u64 nat_state_bits(__u8 protocol, struct hr_nat_l4 *l4,
 }
 
 /*
- * Mark `e` seen at `now`, unless a CPU has claimed it for deletion
- * (nat_claim): a plain store could overwrite HR_NAT_CLAIMED, and the entry,
- * already being deleted, could then be judged and claimed again. A
+ * Mark `e` seen at `now`, unless it was seen within `slack` ns (or later
+ * than `now`: another CPU stamped it meanwhile), or a CPU has claimed it for
+ * deletion (nat_claim): a plain store could overwrite HR_NAT_CLAIMED, and the
+ * entry, already being deleted, could then be judged and claimed again. A
  * compare-and-swap from the value just read: a lost race with another
  * packet's refresh leaves that one's `now`, as good; with a claim, the
  * claim stands.
  */
-static __always_inline void nat_refresh(struct hr_nat_entry *e, __u64 now)
+static __always_inline void nat_refresh(struct hr_nat_entry *e, __u64 now, __u64 slack)
 {
 	__u64 seen = e->last_seen_ns;
 
-	if (seen != HR_NAT_CLAIMED && seen != now)
-		__sync_val_compare_and_swap(&e->last_seen_ns, seen, now);
+	if (seen == HR_NAT_CLAIMED || seen >= now || now - seen <= slack)
+		return;
+	__sync_val_compare_and_swap(&e->last_seen_ns, seen, now);
+}
+
+/*
+ * How stale a packet may leave the last_seen_ns of a flow in `state`: a
+ * sixteenth of its timeout, at most HR_NAT_REFRESH_NS, so that a busy flow
+ * writes its entry's clock about once a second, not per packet (the cache
+ * line stays shared between the CPUs of both directions). 0 once the flow is
+ * closing or `bits` change its state: the quiet time before a port is taken
+ * again (HR_NAT_REUSE_QUIET_NS) is measured from its very last packet.
+ */
+static __always_inline __u64 nat_refresh_slack(struct hr_config *cfg, __u8 protocol, __u64 state,
+					       __u64 bits)
+{
+	__u64 slack;
+
+	if ((state | bits) != state || (state & (HR_NAT_RST | HR_NAT_FIN_OUT | HR_NAT_FIN_IN)))
+		return 0;
+	slack = nat_timeout_ns(cfg, protocol, state) >> 4;
+	return slack < HR_NAT_REFRESH_NS ? slack : HR_NAT_REFRESH_NS;
 }
 
 /*
@@ -365,12 +388,13 @@ static __always_inline void nat_refresh(struct hr_nat_entry *e, __u64 now)
  * is copied to the twin too (rare: a few times per flow), so that both
  * entries expire alike.
  */
-static __always_inline void nat_touch(struct hr_nat_scratch *s, struct hr_nat_key *k,
-				      struct hr_nat_entry *e, __u64 bits, __u32 len, __u64 now)
+static __always_inline void nat_touch(struct hr_config *cfg, struct hr_nat_scratch *s,
+				      struct hr_nat_key *k, struct hr_nat_entry *e, __u64 bits,
+				      __u32 len, __u64 now)
 {
 	struct hr_nat_entry *t;
 
-	nat_refresh(e, now);
+	nat_refresh(e, now, nat_refresh_slack(cfg, k->protocol, e->state, bits));
 	__sync_fetch_and_add(&e->packets, 1);
 	__sync_fetch_and_add(&e->bytes, len);
 	if ((e->state | bits) == e->state)
@@ -501,12 +525,14 @@ static __always_inline int nat_may_take(struct hr_config *cfg, struct hr_nat_scr
 
 /*
  * Find or create the OUT entry of the flow in s->key. On success *addr and
- * *port hold the node IP and NAT port to write; returns 0, or the hr_reason
+ * *port hold the node IP and NAT port to write, and *entry the entry when it
+ * was found (NULL when this packet created it); returns 0, or the hr_reason
  * of the drop.
  */
 static __always_inline int snat_lookup_or_create(struct hr_config *cfg, struct hr_nat_scratch *s,
 						 __u64 now, struct hr_nat_l4 *l4, int syn,
-						 __u32 *addr, __u16 *port)
+						 __u32 *addr, __u16 *port,
+						 struct hr_nat_entry **entry)
 {
 	struct hr_nat_key *k = &s->key, *rk = &s->rk;
 	struct hr_nat_entry *e, *t, *v = &s->val;
@@ -601,11 +627,13 @@ claimed:
 	}
 	*addr = v->addr;
 	*port = v->port;
+	*entry = 0;
 	return 0;
 
 found:
 	*addr = e->addr;
 	*port = e->port;
+	*entry = e;
 	return 0;
 }
 
@@ -718,7 +746,7 @@ static __always_inline int snat_frag_later(struct __sk_buff *skb, struct hr_pkt 
 	if (!e || !nat_fresh(now, e->last_seen_ns, nat_timeout_ns(cfg, s->key.protocol, e->state)))
 		return HR_DROP_FRAG_UNTRACKED;
 	addr = e->addr;
-	nat_refresh(e, now);
+	nat_refresh(e, now, nat_refresh_slack(cfg, s->key.protocol, e->state, 0));
 	__sync_fetch_and_add(&e->packets, 1);
 	__sync_fetch_and_add(&e->bytes, skb->len);
 	if (frag_rewrite(skb, 1, pkt->saddr, addr) < 0)
@@ -748,7 +776,7 @@ static __always_inline int rnat_frag_later(struct __sk_buff *skb, struct hr_pkt 
 	if (!e)
 		return HR_PASS_FRAG_UNTRACKED;
 	addr = e->addr;
-	nat_touch(s, &s->key, e, HR_NAT_SEEN_REPLY, skb->len, now);
+	nat_touch(cfg, s, &s->key, e, HR_NAT_SEEN_REPLY, skb->len, now);
 	if (frag_rewrite(skb, 0, pkt->daddr, addr) < 0)
 		return HR_DROP_NAT_FAILED;
 	*pod_ip = addr;
@@ -796,17 +824,19 @@ static __always_inline int snat_out(struct __sk_buff *skb, struct hr_pkt *pkt,
 
 	syn = pkt->protocol == IPPROTO_TCP && (l4.tcp_flags & HR_TCP_SYN) &&
 	      !(l4.tcp_flags & HR_TCP_ACK);
-	reason = snat_lookup_or_create(cfg, s, now, &l4, syn, &addr, &port);
+	reason = snat_lookup_or_create(cfg, s, now, &l4, syn, &addr, &port, &e);
 	if (reason)
 		return reason;
-	e = nat_lookup(&s->key);
+	if (!e)	/* created by this packet: accounted below like any */
+		e = nat_lookup(&s->key);
 	if (e) {
 		/* the pod reopened the very same 5-tuple: a new connection, state afresh */
 		if (syn && nat_tcp_closed(e->state))
 			nat_reset_state(s, &s->key, e);
-		nat_touch(s, &s->key, e, nat_state_bits(pkt->protocol, &l4, 1), skb->len, now);
+		nat_touch(cfg, s, &s->key, e, nat_state_bits(pkt->protocol, &l4, 1), skb->len, now);
 		if (pkt->protocol == IPPROTO_TCP) {
-			if (l4.tcp_flags & HR_TCP_ACK)
+			/* written only when they move: a shared cache line costs every CPU */
+			if ((l4.tcp_flags & HR_TCP_ACK) && e->seq_hint != l4.ack)
 				e->seq_hint = l4.ack;
 			/* the furthest the pod has sent (a SYN starts over; retransmits do not go back) */
 			if (syn || e->seq_end == 0 ||
@@ -884,7 +914,7 @@ static __always_inline int rnat_in(struct __sk_buff *skb, struct hr_pkt *pkt,
 	if (pkt->protocol == IPPROTO_TCP &&
 	    (l4.tcp_flags & (HR_TCP_SYN | HR_TCP_ACK | HR_TCP_RST)) == (HR_TCP_SYN | HR_TCP_ACK))
 		nat_reopen(s, &s->key, e);
-	nat_touch(s, &s->key, e, bits, skb->len, now);
+	nat_touch(cfg, s, &s->key, e, bits, skb->len, now);
 	nat_restore_out(s, e, now);
 	if (nat_rewrite(skb, pkt, 0, pkt->daddr, addr, l4.dport, port) < 0)
 		return HR_DROP_NAT_FAILED;

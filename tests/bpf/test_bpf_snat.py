@@ -483,6 +483,46 @@ def age_flows(dp, seconds: float) -> None:
             entry, last_seen_ns=entry.last_seen_ns - int(seconds * 1e9)))
 
 
+def _established_tcp_flow(dp, route_ns) -> tuple[int, list[st.NatKey]]:
+    """A TCP flow of SRC:40000 to EXT:80 past its handshake: (NAT port, [OUT key, IN key])."""
+    _, res = run_out(dp, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="S")))
+    port = Ether(res.data_out)[TCP].sport
+    run_in(dp, route_ns, in_pkt(TCP(sport=80, dport=port, flags="SA")))
+    return port, [st.NatKey(SRC, EXT, 40000, 80, TCP_PROTO, "out"),
+                  st.NatKey(EXT, NODE_IP, 80, port, TCP_PROTO, "in")]
+
+
+def test_a_busy_established_flow_stamps_its_entries_once_a_second(snat, route_ns):
+    """An established flow's packets leave last_seen_ns alone while it is under a second
+    old (nat_refresh_slack: no write to the entry's clock per packet), still count, and
+    stamp it again once it is older."""
+    port, keys = _established_tcp_flow(snat, route_ns)
+    stamped = [nat_table(snat)[k].last_seen_ns for k in keys]
+    for _ in range(3):
+        run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="A")))
+        run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="A")))
+    table = nat_table(snat)
+    assert [table[k].last_seen_ns for k in keys] == stamped
+    assert [table[k].packets for k in keys] == [4, 4]
+    age_flows(snat, 1.5)
+    aged = [nat_table(snat)[k].last_seen_ns for k in keys]
+    before = time.monotonic_ns()
+    run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="A")))
+    run_in(snat, route_ns, in_pkt(TCP(sport=80, dport=port, flags="A")))
+    table = nat_table(snat)
+    assert all(table[k].last_seen_ns >= before > seen for k, seen in zip(keys, aged))
+
+
+def test_a_closing_flow_is_stamped_by_every_packet(snat, route_ns):
+    """Once a FIN was seen, every packet stamps the entry: a port is taken again only
+    after HR_NAT_REUSE_QUIET_NS of quiet since the flow's very last packet."""
+    _, keys = _established_tcp_flow(snat, route_ns)
+    run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="FA")))
+    stamped = nat_table(snat)[keys[0]].last_seen_ns
+    run_out(snat, route_ns, out_pkt(TCP(sport=40000, dport=80, flags="A")))
+    assert nat_table(snat)[keys[0]].last_seen_ns > stamped
+
+
 def _ended_flow_on_the_only_port(dp, route_ns):
     """Pod port 1001 to EXT:80 on NAT port 30000 (the only one), closed by FIN both ways;
     the pod's sequence numbers end at 102 (SYN at 1, 100 bytes, FIN)."""
