@@ -177,11 +177,16 @@ def cmd_status(args) -> int:
     return 0
 
 
+BPF_STATS_MAX_S = 3600
+
+
 def cmd_stats(args) -> int:
     _require_root()
     from datapath import cli_output, switch
+    if args.bpf_stats is not None and not 0 < args.bpf_stats <= BPF_STATS_MAX_S:
+        raise CliError(f"--bpf-stats takes seconds, more than 0 and at most {BPF_STATS_MAX_S}")
     state, topo = _topology_of(args.lab)
-    stats = switch.stats(state, topo)
+    stats = switch.stats(state, topo, args.bpf_stats or 0)
     if args.json:
         _print_json(stats)
     else:
@@ -359,8 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_lab(sub.add_parser("status", help="mode, programs and attach points per node"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
-    p = with_lab(sub.add_parser("stats", help="datapath counters per node"))
+    p = with_lab(sub.add_parser("stats", help="datapath counters per node, and each "
+                                "program's ns per packet"))
     p.add_argument("--json", action="store_true")
+    p.add_argument("--bpf-stats", type=float, metavar="SECONDS",
+                   help="turn BPF run-time stats on for this many seconds (a BPF_ENABLE_STATS "
+                   "fd, the sysctl left alone) and show the programs' ns per packet over them")
     p.set_defaults(func=cmd_stats)
     nat = sub.add_parser("nat", help="the BPF SNAT table")
     natsub = nat.add_subparsers(dest="nat_command", required=True, metavar="NAT_COMMAND")

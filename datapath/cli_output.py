@@ -103,6 +103,32 @@ def print_stats(stats: dict) -> None:
         nat = node["nat"]
         out.print(f"{node['name']}: BPF SNAT table {nat['entries']:,} of {nat['capacity']:,} "
                   f"entries ({nat['out_entries']:,} out, {nat['in_entries']:,} in)")
+    print_program_runs(stats, out)
+
+
+def print_program_runs(stats: dict, out: Console) -> None:
+    """Each program's runs, run time and ns per run (what BPF stats counted), or how to have
+    them counted."""
+    window = stats["bpf_stats"]["window_s"]
+    rows = [(node["name"], name, f) for node in stats["nodes"]
+            for name, f in node.get("programs", {}).items() if f["run_cnt"]]
+    if rows:
+        what = f"over {window:g} s" if window else "since loaded, while BPF stats were on"
+        table = Table(title=f"lab {stats['lab']}: program run time ({what})")
+        for col in ("node", "program", "runs", "run time ms", "ns/run"):
+            table.add_column(col, justify="left" if col in ("node", "program") else "right")
+        for node, name, f in rows:
+            table.add_row(node, name, f"{f['run_cnt']:,}", f"{f['run_time_ns'] / 1e6:,.1f}",
+                          f"{f['ns_per_run']:,.0f}")
+        out.print(table)
+    if window:
+        if not rows:
+            out.print(f"no program ran in the {window:g} s sampled")
+    elif not stats["bpf_stats"]["sysctl"]:
+        out.print("program run time: BPF stats are off; sample them with "
+                  "`hostrouting stats --bpf-stats 5`, or count them for every program with "
+                  "`sysctl kernel.bpf_stats_enabled=1` (a clock read per run, machine-wide)",
+                  soft_wrap=True)
 
 
 def print_flows(lab: str, per_node: dict[str, list[Flow]]) -> None:

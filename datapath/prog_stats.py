@@ -12,6 +12,7 @@ it is loaded; ns per packet over an interval is the ratio of the two deltas.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from . import libbpf
@@ -50,3 +51,39 @@ def enable_stats() -> libbpf.Fd:
     """Turn stats on for as long as the returned fd is open (close it, or use it in a with
     block): a benchmark or a test measuring a few seconds, never a default."""
     return libbpf.enable_stats(libbpf.BPF_STATS_RUN_TIME)
+
+
+def read_programs(prog_ids: dict) -> dict:
+    """{key: (run time in ns, runs)} of programs given as {key: id}; one unloaded meanwhile
+    is left out."""
+    out = {}
+    for key, prog_id in prog_ids.items():
+        try:
+            out[key] = program_stats_by_id(prog_id)
+        except OSError:
+            continue
+    return out
+
+
+def figures(prog_ids: dict, after: dict, before: dict | None = None) -> dict:
+    """{key: {"id", "run_cnt", "run_time_ns", "ns_per_run"}} from read_programs() readings:
+    the totals in `after`, or what was added since `before` (ns_per_run None: no run)."""
+    out = {}
+    for key, now in after.items():
+        if before is not None and key not in before:
+            continue        # loaded meanwhile: no start to count from
+        then = before[key] if before is not None else (0, 0)
+        run_ns, runs = now[0] - then[0], now[1] - then[1]
+        out[key] = {"id": prog_ids[key], "run_cnt": runs, "run_time_ns": run_ns,
+                    "ns_per_run": ns_per_run(then, now)}
+    return out
+
+
+def sample_programs(prog_ids: dict, seconds: float) -> dict:
+    """figures() over `seconds`, with stats held on by a BPF_ENABLE_STATS fd meanwhile (the
+    sysctl left as it is): what the programs cost under the traffic of that window."""
+    with enable_stats():
+        before = read_programs(prog_ids)
+        time.sleep(seconds)
+        after = read_programs(prog_ids)
+    return figures(prog_ids, after, before)

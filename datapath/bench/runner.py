@@ -141,6 +141,8 @@ class Sample:
     steal_s: float = 0.0        # stolen by the hypervisor over the same window
     pin: str | None = None
     started_at: float = field(default_factory=time.time)     # when netperf was started
+    # eBPF: {"node/program": prog_stats.figures()} over the netperf run (ns_per_run per packet)
+    bpf_programs: dict = field(default_factory=dict)
 
 
 # -- the machine -----------------------------------------------------------------------------
@@ -284,6 +286,7 @@ class Bench:
         self.floor = None
         self.limit_ns: tuple[str, str] | None = None
         self.retries: list[dict] = []      # runs that failed once and were repeated
+        self.bpf_stats = None              # the BPF_ENABLE_STATS fd while the run lasts
         self.profile = node_profiles.parse(cfg.node_profile)
         self.profile_applied: dict[str, dict] = {}   # per lab, node_profiles.configure's record
 
@@ -312,8 +315,23 @@ class Bench:
                 server_ns.add(self.server_netns(scenario, mode))
         for ns in sorted(server_ns):
             self.servers.append(netperf.Netserver(ns))
+        if "ebpf" in self.labs:
+            # on (through our fd, the sysctl left alone) for the whole run: each sample of the
+            # eBPF lab records its programs' ns per packet; the price is two clock reads per
+            # program run, paid by the eBPF and floor programs only
+            from datapath import prog_stats
+            self.bpf_stats = prog_stats.enable_stats()
+
+    def ebpf_program_ids(self) -> dict[str, int]:
+        """{"node/program": id} of the eBPF lab's datapath, read before each sample."""
+        from datapath.switch import node_programs
+        topo = self.topos["ebpf"]
+        return {f"{node.name}/{name}": prog_id for node in topo.nodes
+                for name, prog_id in node_programs(topo, node).items()}
 
     def teardown(self) -> None:
+        if self.bpf_stats is not None:
+            self.bpf_stats.close()
         for server in self.servers:
             server.close()
         if self.floor:
@@ -409,8 +427,10 @@ class Bench:
 
     def _measure_once(self, point: Point, mode: str, rep: int, ns: str, host: str,
                       guard_labs: list[str]) -> Sample:
-        from datapath import rule_guard
+        from datapath import prog_stats, rule_guard
         duration = self.cfg.duration
+        progs = self.ebpf_program_ids() if mode == "ebpf" else {}
+        runs_before = prog_stats.read_programs(progs)
         for lab in guard_labs:
             rule_guard.pause(lab, duration + GUARD_PAUSE_MARGIN_S)
         started_at = time.time()
@@ -425,7 +445,8 @@ class Bench:
                                             started + duration - END_EDGE_S)
         return Sample(point.rules, point.scenario, mode, point.test, point.size, rep,
                       result.values, result.seconds, sum(by_cpu), window, by_cpu, steal,
-                      point.pin, started_at)
+                      point.pin, started_at,
+                      prog_stats.figures(progs, prog_stats.read_programs(progs), runs_before))
 
 
 def run_bench(cfg: BenchConfig, on_sample=None, progress=None) -> dict:

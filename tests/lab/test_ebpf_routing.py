@@ -8,6 +8,7 @@ checker where only the slow path would pass.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -285,3 +286,36 @@ def test_cli_pods_per_node_0_in_ebpf_mode(lab_name):
                                "--json"], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
     assert load_state(lab_name).mode == "ebpf"
+
+
+def test_stats_bpf_stats_gives_each_programs_ns_per_packet(ebpf_lab):
+    """`stats --bpf-stats 2` holds BPF stats on (a BPF_ENABLE_STATS fd; the sysctl is left
+    as it was) while a cross-node ping runs: both programs' runs, run time and ns per run
+    over that window, as a table and in --json; without it, how to turn stats on."""
+    _, topo = ebpf_lab
+    a1, _, b1, _ = pods(topo)
+    sysctl = "/proc/sys/kernel/bpf_stats_enabled"
+    with open(sysctl) as f:
+        before = f.read()
+    cli = [sys.executable, "-m", "datapath.cli", "stats", "--lab", topo.lab]
+    pinger = subprocess.Popen(["ip", "netns", "exec", a1.netns, "ping", "-n", "-q", "-c", "40",
+                               "-i", "0.05", b1.ip], stdout=subprocess.DEVNULL)
+    try:
+        proc = subprocess.run(cli + ["--json", "--bpf-stats", "2"], capture_output=True,
+                              text=True, timeout=60)
+    finally:
+        pinger.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)
+    assert stats["bpf_stats"]["window_s"] == 2
+    n1, n2 = stats["nodes"]
+    for program in (n1["programs"]["from_pod"], n2["programs"]["from_underlay"]):
+        assert program["run_cnt"] >= 20                    # requests out, replies back in
+        assert program["ns_per_run"] == program["run_time_ns"] / program["run_cnt"] > 0
+    with open(sysctl) as f:
+        assert f.read() == before
+    text = subprocess.run(cli, capture_output=True, text=True, timeout=60, check=True).stdout
+    if before.strip() == "0":
+        assert "hostrouting stats --bpf-stats" in text
+    bad = subprocess.run(cli + ["--bpf-stats", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "--bpf-stats" in bad.stderr
