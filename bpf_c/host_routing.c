@@ -135,7 +135,51 @@ struct hr_ctx {
 	struct hr_pkt pkt;	/* all 0 until parsed: a verdict then traces no addresses */
 	__u32 len;		/* the length as it arrived (an ICMP reply is shorter) */
 	__u32 hook;		/* enum hr_hook */
+	/* for the trace: the frame's ethertype; of ARP, the operation and sender MAC */
+	__u16 eth_proto;
+	__u16 arp_op;
+	__u8 arp_sha[6];
 };
+
+/* An ARP packet for IPv4 over Ethernet (RFC 826), as trace_frame() reads it. */
+struct hr_arp_ipv4 {
+	__u16 htype;
+	__u16 ptype;
+	__u8 hlen;
+	__u8 plen;
+	__u16 op;
+	__u8 sha[6];
+	__u8 spa[4];
+	__u8 tha[6];
+	__u8 tpa[4];
+};
+
+/*
+ * For the trace of a frame that is not IPv4: its ethertype (of the VLAN tag
+ * the device pulled into metadata, if any) and, for ARP, who asks or answers
+ * about whom, in the context's addresses. Read in place: an ARP frame is all
+ * linear data.
+ */
+static __always_inline void trace_frame_of(struct hr_ctx *c)
+{
+	void *data = (void *)(long)c->skb->data;
+	void *data_end = (void *)(long)c->skb->data_end;
+	struct ethhdr *eth = data;
+	struct hr_arp_ipv4 *arp = (void *)(eth + 1);
+
+	if ((void *)(eth + 1) > data_end)
+		return;
+	c->eth_proto = c->skb->vlan_present ? bpf_ntohs(c->skb->vlan_proto) : bpf_ntohs(eth->h_proto);
+	if (c->eth_proto != ETH_P_ARP || (void *)(arp + 1) > data_end)
+		return;
+	if (arp->htype != HR_HTONS(1) || arp->ptype != HR_HTONS(ETH_P_IP) || arp->hlen != ETH_ALEN ||
+	    arp->plen != 4)
+		return;
+	c->arp_op = bpf_ntohs(arp->op);
+	__builtin_memcpy(c->arp_sha, arp->sha, ETH_ALEN);
+	__builtin_memcpy(&c->pkt.saddr, arp->spa, 4);
+	__builtin_memcpy(&c->pkt.daddr, arp->tpa, 4);
+}
 
 /* start() is done: the program goes on with the packet. No TC action has this value. */
 #define HR_CONTINUE	(-1)
@@ -172,10 +216,11 @@ static __always_inline int verdict(struct hr_ctx *c, __u32 reason, __u32 ifindex
 	ev->sport = c->pkt.sport;
 	ev->dport = c->pkt.dport;
 	ev->protocol = c->pkt.protocol;
-	ev->pad[0] = 0;
-	ev->pad[1] = 0;
-	ev->pad[2] = 0;
+	ev->pad = 0;
 	ev->len = c->len;
+	ev->eth_proto = c->eth_proto;
+	ev->arp_op = c->arp_op;
+	__builtin_memcpy(ev->arp_sha, c->arp_sha, sizeof(ev->arp_sha));
 	trace_events.ringbuf_submit(ev, 0);
 	return action;
 }
@@ -213,9 +258,13 @@ static __always_inline int start(struct hr_ctx *c, struct __sk_buff *skb, __u32 
 	c->len = skb->len;
 	c->slot = 0;
 	c->cfg = config.lookup(&c->slot);	/* an array's entry 0: always there */
+	c->eth_proto = ETH_P_IP;
 	rc = parse_ipv4(skb, &c->pkt);
-	if (rc == HR_PARSE_NOT_IPV4)
+	if (rc == HR_PARSE_NOT_IPV4) {
+		if (c->cfg && c->cfg->trace == 1)
+			trace_frame_of(c);
 		return pass(c, HR_PASS_NOT_IPV4);
+	}
 	if (rc != HR_PARSE_OK)
 		return drop(c, HR_DROP_MALFORMED);
 	if (!ipv4_csum_ok(skb, &c->pkt))

@@ -19,10 +19,13 @@ import os
 import time
 from datetime import datetime
 
+from . import shared_types as st
 from netns_lab import netns
 from netns_lab.topology import Topology
 
 PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp"}
+ETHERTYPES = {0x0800: "ip", 0x0806: "arp", 0x86dd: "ipv6", 0x8100: "vlan", 0x88a8: "qinq",
+              0x8035: "rarp", 0x88cc: "lldp"}
 
 
 def _ifnames(ns: str) -> dict[int, str]:
@@ -37,11 +40,21 @@ def _wanted(event, kind: str, pod_ip: str | None) -> bool:
 
 
 def describe(node: str, event, names: dict[int, str]) -> dict:
-    proto = PROTOCOLS.get(event.protocol, str(event.protocol) if event.protocol else "-")
-    src = f"{event.saddr}:{event.sport}" if event.sport else event.saddr
-    dst = f"{event.daddr}:{event.dport}" if event.dport else event.daddr
+    if event.eth_proto == st.ETH_P_IP:
+        proto = PROTOCOLS.get(event.protocol, str(event.protocol) if event.protocol else "-")
+        src = f"{event.saddr}:{event.sport}" if event.sport else event.saddr
+        dst = f"{event.daddr}:{event.dport}" if event.dport else event.daddr
+        summary = f"{src} > {dst}"
+    elif event.eth_proto == st.ETH_P_ARP and event.arp_op:
+        proto, src, dst = "arp", event.saddr, event.daddr
+        summary = {1: f"who-has {dst} tell {src}", 2: f"reply {src} is-at {event.arp_sha}"}.get(
+            event.arp_op, f"op {event.arp_op} {src} > {dst}")
+    else:   # no addresses to show: the frame's type is what there is
+        proto = ETHERTYPES.get(event.eth_proto, f"0x{event.eth_proto:04x}")
+        src = dst = None
+        summary = f"ethertype 0x{event.eth_proto:04x}"
     return {"node": node, "hook": event.hook, "verdict": event.reason, "protocol": proto,
-            "src": src, "dst": dst, "len": event.len,
+            "src": src, "dst": dst, "summary": summary, "len": event.len,
             "in": names.get(event.ifindex_in, str(event.ifindex_in)),
             "out": names.get(event.ifindex_out, str(event.ifindex_out)) if event.ifindex_out
             else None, "ts_ns": event.ts_ns}
@@ -51,7 +64,7 @@ def format_line(rec: dict) -> str:
     stamp = datetime.now().strftime("%H:%M:%S.%f")[:-3]
     out = f" -> {rec['out']}" if rec["out"] else ""
     return (f"{stamp} {rec['node']:<8} {rec['hook']:<14} {rec['verdict']:<20} {rec['protocol']:<5} "
-            f"{rec['src']} > {rec['dst']} len {rec['len']} on {rec['in']}{out}")
+            f"{rec['summary']} len {rec['len']} on {rec['in']}{out}")
 
 
 def run_monitor(state, topo: Topology, kind: str = "trace", pod: str | None = None,

@@ -303,6 +303,9 @@ def unpack_counter(raw: bytes) -> tuple[int, int]:
     return c.packets, c.bytes
 
 
+ETH_P_IP, ETH_P_ARP = 0x0800, 0x0806
+
+
 @dataclass(frozen=True)
 class TraceEvent:
     ts_ns: int
@@ -316,6 +319,9 @@ class TraceEvent:
     dport: int
     protocol: int
     len: int
+    eth_proto: int = ETH_P_IP   # the frame's ethertype
+    arp_op: int = 0             # ARP: 1 request, 2 reply
+    arp_sha: str = ""           # ARP: the sender's MAC
 
 
 def unpack_trace_event(raw: bytes) -> TraceEvent:
@@ -324,7 +330,9 @@ def unpack_trace_event(raw: bytes) -> TraceEvent:
                       reason=reason_name(ev.reason), ifindex_in=ev.ifindex_in,
                       ifindex_out=ev.ifindex_out, saddr=be32_to_ip(ev.saddr),
                       daddr=be32_to_ip(ev.daddr), sport=_ntohs(ev.sport),
-                      dport=_ntohs(ev.dport), protocol=ev.protocol, len=ev.len)
+                      dport=_ntohs(ev.dport), protocol=ev.protocol, len=ev.len,
+                      eth_proto=ev.eth_proto, arp_op=ev.arp_op,
+                      arp_sha=mac_to_str(ffi.buffer(ev.arp_sha)) if ev.arp_op else "")
 
 
 @dataclass(frozen=True)

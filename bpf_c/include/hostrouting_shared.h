@@ -213,20 +213,28 @@ struct hr_counter {
 	__u64 bytes;
 };
 
-/* A record of the `trace_events` ring buffer (only while config.trace is 1). */
+/*
+ * A record of the `trace_events` ring buffer (only while config.trace is 1).
+ * The frame is told by its ethertype: IPv4 fills the addresses, ports and
+ * protocol from its headers; ARP (Ethernet/IPv4) its operation, sender and
+ * target; any other leaves them 0.
+ */
 struct hr_trace_event {
 	__u64 ts_ns;		/* bpf_ktime_get_ns() */
 	__u32 hook;		/* enum hr_hook */
 	__u32 reason;		/* enum hr_reason */
 	__u32 ifindex_in;	/* skb->ifindex where the program ran */
 	__u32 ifindex_out;	/* redirect target; 0 when not redirected */
-	__u32 saddr;		/* network order; 0 when not IPv4 */
-	__u32 daddr;
+	__u32 saddr;		/* network order. IPv4: source; ARP: sender protocol address */
+	__u32 daddr;		/* IPv4: destination; ARP: target protocol address */
 	__u16 sport;		/* network order; 0 unless TCP/UDP */
 	__u16 dport;
 	__u8 protocol;
-	__u8 pad[3];
+	__u8 pad;
+	__u16 eth_proto;	/* the frame's ethertype (host order); 0: shorter than an Ethernet header */
 	__u32 len;		/* skb->len */
+	__u16 arp_op;		/* ARP: 1 request, 2 reply (host order); 0 when not ARP */
+	__u8 arp_sha[6];	/* ARP: the sender's hardware address */
 };
 
 /* A record of the `refusals` ring buffer of bpf_c/xtables_refusal.c: one refused

@@ -220,6 +220,36 @@ def test_pass_through_leaves_bytes_unchanged(dp, route_ns, case):
     assert ev.reason == reason and ev.ifindex_out == 0
 
 
+@pytest.mark.parametrize("pkt, expected", [
+    (Ether(src=POD_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=POD_MAC, psrc=SRC,
+                                                       pdst=ROUTER_IP),
+     (0x0806, 1, POD_MAC, SRC, ROUTER_IP)),
+    (Ether(src=POD_MAC, dst=HIN_MAC) / ARP(op=2, hwsrc=POD_MAC, psrc=SRC, hwdst=HIN_MAC,
+                                           pdst=ROUTER_IP),
+     (0x0806, 2, POD_MAC, SRC, ROUTER_IP)),
+    (Ether(src=POD_MAC, dst=HIN_MAC) / IPv6(dst="fe80::1") / UDP(),
+     (0x86dd, 0, "", "0.0.0.0", "0.0.0.0")),
+    (Ether(src=POD_MAC, dst=HIN_MAC) / Dot1Q(vlan=7) / IP(src=SRC, dst=LOCAL_DST) / UDP(),
+     (0x8100, 0, "", "0.0.0.0", "0.0.0.0")),
+], ids=["arp_request", "arp_reply", "ipv6", "vlan"])
+def test_a_frame_that_is_not_ipv4_is_traced_as_what_it_is(dp, route_ns, pkt, expected):
+    """The trace record of a frame left to the stack names its ethertype and, for ARP, the
+    operation, sender MAC, sender and target address (the monitor prints `arp who-has
+    198.18.1.1 tell 198.18.1.10`, not `0.0.0.0 > 0.0.0.0`)."""
+    _, res = from_pod(dp, route_ns, pkt)
+    assert res.retval == TC_ACT_OK
+    ev = one_event(dp)
+    assert ev.reason == "pass_not_ipv4"
+    assert (ev.eth_proto, ev.arp_op, ev.arp_sha, ev.saddr, ev.daddr) == expected
+
+
+def test_an_ipv4_trace_names_its_ethertype(dp, route_ns):
+    add_local_pod(dp)
+    from_pod(dp, route_ns, pod_packet(LOCAL_DST))
+    ev = one_event(dp)
+    assert (ev.eth_proto, ev.arp_op, ev.arp_sha) == (0x0800, 0, "")
+
+
 # -- from_pod: malformed --------------------------------------------------------------------
 
 def _ip_bytes(**kw) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -72,3 +73,34 @@ def test_drop_filter_shows_a_malformed_packet(make_lab):
     timer.join()
     assert len(lines) == 1 and '"verdict": "drop_malformed"' in lines[0], lines
     assert '"node": "node1"' in lines[0] and '"hook": "from_pod"' in lines[0]
+
+
+SEND_ARP = """
+from scapy.all import ARP, Ether, get_if_hwaddr, sendp
+mac = get_if_hwaddr("eth0")
+sendp(Ether(dst="ff:ff:ff:ff:ff:ff", src=mac) / ARP(op=1, hwsrc=mac, psrc="{src}", pdst="{dst}"),
+      iface="eth0", verbose=False)
+"""
+
+
+def test_arp_and_other_frames_are_shown_as_what_they_are(make_lab):
+    """A pod's ARP request for its gateway reads `arp who-has <gateway> tell <pod>` (it read
+    `0.0.0.0 > 0.0.0.0`), in the line and in --json."""
+    state, topo = make_lab("ebpf")
+    state = load_state(topo.lab)
+    a1 = topo.nodes[0].pods[0]
+    gateway = topo.nodes[0].gateway
+    lines: list[str] = []
+    records: list[str] = []
+    send = ["ip", "netns", "exec", a1.netns, sys.executable, "-c",
+            SEND_ARP.format(src=a1.ip, dst=gateway)]
+    for as_json, out in ((False, lines), (True, records)):
+        timer = later(lambda: subprocess.run(send, check=True, timeout=30))
+        run_monitor(state, topo, "trace", pod="node1-pod1", count=1, duration=20,
+                    as_json=as_json, emit=out.append)
+        timer.join()
+    assert len(lines) == 1 and f"arp   who-has {gateway} tell {a1.ip} len" in lines[0], lines
+    assert "pass_not_ipv4" in lines[0] and "0.0.0.0" not in lines[0]
+    rec = json.loads(records[0])
+    assert (rec["protocol"], rec["src"], rec["dst"], rec["summary"]) == (
+        "arp", a1.ip, gateway, f"who-has {gateway} tell {a1.ip}")
