@@ -76,6 +76,8 @@ def print_status(status: dict) -> None:
     blocking = status["rule_blocking"]
     out.print(f"new firewall rules in node namespaces: blocked by {blocking['active']} "
               f"(rule guard {blocking['guard']})")
+    if blocking["nat_sweep_age_s"] is not None:
+        out.print(f"BPF SNAT expiry sweep: last ran {blocking['nat_sweep_age_s']:g}s ago")
     for backend, how in blocking["backends"].items():
         out.print(f"  {backend}: {how}")
     out.print(f"BPF LSM: {blocking['bpf_lsm']['detail']}")

@@ -30,8 +30,9 @@ lab ends it with everything else; ``disable`` stops it.
 The guard is known by its pidfile (``<lab>.guard`` in the state directory),
 which it writes itself once it blocks: its pid and start time (checked
 against /proc before it is trusted or signalled: pids are reused), the
-mechanisms in force, the nodes and programs it serves. Every ``HEARTBEAT_S``
-it touches the file, as long as every one of its threads runs; a guard whose
+mechanisms in force, the nodes and programs it serves, when its NAT sweep
+last ran. Every ``HEARTBEAT_S`` it writes the file again (its mtime is the
+heartbeat), as long as every one of its threads runs; a guard whose
 thread died says so in an event and exits, and ``find`` calls a guard whose
 heartbeat is older than ``HEARTBEAT_STALE_S`` stuck. A guard not named by the
 pidfile but carrying its path on its command line (one whose start was
@@ -129,6 +130,8 @@ def mechanisms(found: Found) -> dict:
         "guard_pid": found.guard.pid if found.live else None,
         "guard": found.describe(),
         "orphans": [p.pid for p in found.orphans],
+        "nat_sweep_age_s": round(time.time() - found.details["nat_swept_at"], 1)
+        if found.live and found.details.get("nat_swept_at") else None,
         "backends": backends,
         "bpf_lsm": {"available": lsm_ok, "detail": lsm_detail},
     }
@@ -228,6 +231,7 @@ class Guard:
                  pidfile: Path | None = None):
         self.lab, self.nodes, self.pidfile = lab, nodes, pidfile
         self.workers: list[threading.Thread] = []
+        self.nat_swept_at: float | None = None     # the NAT sweep's last pass (time.time())
         self.nat_progs = nat_progs or {}
         self.stopping = threading.Event()
         self.watching = threading.Semaphore(0)   # released once per node watched
@@ -419,6 +423,7 @@ class Guard:
         while not self.stopping.wait(NAT_SWEEP_S):
             if paused(self.lab):
                 continue
+            self.nat_swept_at = time.time()
             for node, prog_id in self.nat_progs.items():
                 try:
                     with DatapathMaps.from_prog_id(prog_id) as maps:
@@ -476,11 +481,16 @@ class Guard:
         if self.nat_progs:
             self.worker(self.sweep_nat)
         time.sleep(0.2)  # let every monitor subscribe before saying so
-        if self.pidfile:
-            procs.write_pidfile(self.pidfile, lab=self.lab, backends=self.backends,
-                                nodes=self.nodes, nat=self.nat_progs)
+        self.record()
         print("ready " + json.dumps(self.backends), flush=True)
         return self.keep_running()
+
+    def record(self) -> None:
+        """The pidfile: who this guard is, what it does, when the NAT sweep last ran."""
+        if self.pidfile:
+            procs.write_pidfile(self.pidfile, lab=self.lab, backends=self.backends,
+                                nodes=self.nodes, nat=self.nat_progs,
+                                nat_swept_at=self.nat_swept_at)
 
     def keep_running(self) -> int:
         """Until the lab goes (its namespaces are deleted) or SIGTERM; a monitor that ends
@@ -499,7 +509,7 @@ class Guard:
                 beat = time.monotonic()
                 recorded = procs.read_pidfile(self.pidfile)
                 if recorded and recorded[0].pid == os.getpid():
-                    procs.heartbeat(self.pidfile)
+                    self.record()       # the new mtime is the heartbeat
             time.sleep(0.2)
         self.stopping.set()
         return 0

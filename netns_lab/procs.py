@@ -118,9 +118,3 @@ def read_pidfile(path: Path) -> tuple[Process, dict, float] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
-
-def heartbeat(path: Path) -> None:
-    try:
-        os.utime(path)
-    except OSError:
-        pass
