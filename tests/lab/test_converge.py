@@ -366,3 +366,20 @@ def test_a_wiped_state_directory_ends_in_lab_down(lab_name, tmp_path):
     # the first state directory still lists it: lab down there finds nothing left but files
     assert cli("lab", "down", "--lab", lab).returncode == 0
     assert_gone(lab)
+
+
+def test_bench_tears_down_only_the_labs_it_built():
+    """A lab named like one of the bench's own, there before the bench: lab up refuses to
+    build over it, and the bench's teardown leaves it alone."""
+    from datapath.bench.runner import Bench, BenchConfig
+    from netns_lab.state import LabStateError
+    bench = Bench(BenchConfig(lab_prefix=fresh_lab_name()[:4]))
+    theirs = next(iter(bench.labs.values()))
+    assert cli("lab", "up", "--lab", theirs, "--pods-per-node", "1").returncode == 0
+    try:
+        with pytest.raises(LabStateError, match="exists already"):
+            bench.setup(say=lambda line: None)
+        bench.teardown()
+        assert_converged(theirs, "legacy")
+    finally:
+        cli("lab", "down", "--lab", theirs)
