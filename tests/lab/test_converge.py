@@ -383,3 +383,23 @@ def test_bench_tears_down_only_the_labs_it_built():
         assert_converged(theirs, "legacy")
     finally:
         cli("lab", "down", "--lab", theirs)
+
+
+def test_a_half_masquerade_is_made_whole_in_one_transaction(lab_name):
+    """What a kill between iptables -N and the jump used to leave (the chain, no jump), and
+    a jump with an emptied chain: status names it, disable makes it whole, and pods reach
+    the outside again."""
+    from netns_lab import legacy
+    assert cli("lab", "up", "--lab", lab_name, "--pods-per-node", "1").returncode == 0
+    topo = topology(lab_name)
+    node = topo.nodes[0]
+    ipt = [legacy.iptables_binary(), "-t", "nat"]
+    jump = ["-o", topo.uplink_ifname, "-m", "comment", "--comment", legacy.COMMENT,
+            "-j", legacy.CHAIN]
+    for damage in (["-D", "POSTROUTING", *jump], ["-F", legacy.CHAIN]):
+        netns.run(node.netns, ipt + damage)
+        assert ping(node.pods[0].netns, topo.external.ip).returncode != 0
+        assert_drift_named(lab_name, "MASQUERADE partial (want present)",
+                           f"hostrouting disable --lab {lab_name}")
+        assert cli("disable", "--lab", lab_name).returncode == 0
+        assert_converged(lab_name, "legacy")
