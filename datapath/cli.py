@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from netns_lab.builder import lab_down, lab_down_all, lab_up
+from netns_lab.builder import foreign_namespaces, lab_down, lab_down_all, lab_up
 from netns_lab.state import LabStateError, lab_lock, lab_names, load_state
 from netns_lab.topology import Topology, TopologyError, load_topology
 
@@ -96,6 +96,10 @@ def cmd_lab_down(args) -> int:
         return 0
     namespaces = lab_down(args.lab)
     print(f"lab {args.lab}: removed {len(namespaces)} namespaces")
+    foreign = foreign_namespaces(args.lab)
+    if foreign:
+        print(f"lab {args.lab}: left alone, named like it but without its marker: "
+              f"{', '.join(foreign)}", file=sys.stderr)
     return 0
 
 

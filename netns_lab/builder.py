@@ -3,9 +3,11 @@
 ``lab_up`` records every namespace before creating any, and on any failure,
 Ctrl-C included, removes what it made before re-raising. ``lab_down`` and
 ``lab_down_all`` remove a lab as the kernel has it, whether or not its record
-survived: the namespaces named ``<lab>-*`` and those the record lists, its
-daemons (found by their pidfile, or by the lab file on their command line),
-and every ``<lab>.*`` file of the state directory.
+survived: the namespaces the record lists and those named ``<lab>-<name>``
+that carry the lab's marker (``lab_mark``, the alias of their loopback device:
+a namespace merely named like the lab, a Kubernetes pod's ``cni-...``, is never
+touched), its daemons (found by their pidfile, or by the lab file on their
+command line), and every ``<lab>.*`` file of the state directory.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from . import netns, procs
 from .state import (LabState, LabStateError, guard_pidfile, lab_files, lab_lock, lab_names,
                     labs_dir, load_state, stray_lab_names)
-from .topology import Topology
+from .topology import NAME_RE, Topology
 
 BRIDGE = "br0"
 POD_IFNAME = "eth0"
@@ -104,13 +106,19 @@ def _build_node(topo: Topology, node, socks: dict) -> None:
         psock.route("add", dst="0.0.0.0/0", gateway=node.gateway, oif=eidx)
 
 
+def lab_mark(lab: str) -> str:
+    """The alias of the loopback device in every namespace of the lab, set as it is brought
+    up: what tells the lab's namespaces from others that are merely named like them."""
+    return f"hostrouting lab {lab}"
+
+
 def _build(topo: Topology) -> None:
     for name in topo.namespaces:
         netns.create(name)
     socks = {name: netns.ipr(name) for name in topo.namespaces}
     try:
         for name, sock in socks.items():
-            _up(sock, "lo")
+            _up(sock, "lo", alias=lab_mark(topo.lab))
             netns.sysctl(name, _NS_SYSCTLS)
         netns.sysctl(topo.fabric_netns, _ROUTER_SYSCTLS)
         for node in topo.nodes:
@@ -160,12 +168,33 @@ def lab_up(topo: Topology, configure: Callable[[LabState, Topology], None] | Non
     return state, time.monotonic() - started
 
 
-def lab_namespaces(name: str) -> list[str]:
-    """The namespaces in /run/netns named like the lab's (``<lab>-...``; lab names have no
-    dash, so no other lab's match)."""
+def _named_like(name: str) -> list[str]:
+    """The namespaces in /run/netns named ``<lab>-...`` (lab names have no dash)."""
     if not os.path.isdir(netns.NETNS_DIR):
         return []
     return sorted(n for n in os.listdir(netns.NETNS_DIR) if n.startswith(f"{name}-"))
+
+
+def _marked(ns: str, lab: str) -> bool:
+    try:
+        with netns.ipr(ns) as sock:
+            return any(link.get_attr("IFLA_IFALIAS") == lab_mark(lab)
+                       for link in sock.get_links(*sock.link_lookup(ifname="lo")))
+    except Exception:           # removed meanwhile, or not a namespace we can enter
+        return False
+
+
+def lab_namespaces(name: str) -> list[str]:
+    """The lab's namespaces as the kernel has them: named as the lab names them
+    (``<lab>-<node, pod, fabric or ext>``) and carrying its marker (``lab_mark``)."""
+    return [n for n in _named_like(name)
+            if NAME_RE.match(n[len(name) + 1:]) and _marked(n, name)]
+
+
+def foreign_namespaces(name: str) -> list[str]:
+    """Namespaces named ``<lab>-...`` that are not the lab's (no marker): never removed."""
+    ours = set(lab_namespaces(name))
+    return [n for n in _named_like(name) if n not in ours]
 
 
 def lab_daemons(name: str) -> list[procs.Process]:
@@ -206,7 +235,10 @@ def lab_down(name: str) -> list[str]:
             state = None
         if state is None and not lab_namespaces(name) and not lab_daemons(name) and \
                 not [p for p in lab_files(name) if p.suffix != ".lock"]:
-            raise LabStateError(f"no lab named {name!r} (see: hostrouting lab show --all)")
+            foreign = foreign_namespaces(name)
+            raise LabStateError(f"no lab named {name!r} (see: hostrouting lab show --all)" + (
+                f"; not removing {', '.join(foreign)}: named like it, but without the lab's "
+                f"marker (alias {lab_mark(name)!r} on lo)" if foreign else ""))
         if state is not None:
             state.desire("absent")
             state.save()
@@ -243,7 +275,7 @@ def add_veth_pair(lab: str, name_a: str, name_b: str, ip_a: str, ip_b: str,
             _veth(a, POD_IFNAME, names[1], "peer0")
             b.link("set", index=netns.ifindex(b, "peer0"), ifname=POD_IFNAME)
             for sock, ip in ((a, ip_a), (b, ip_b)):
-                _up(sock, "lo")
+                _up(sock, "lo", alias=lab_mark(lab))
                 idx = _up(sock, POD_IFNAME)
                 sock.addr("add", index=idx, address=ip, prefixlen=prefixlen)
         for name in names:

@@ -105,10 +105,10 @@ def load_state(name: str) -> LabState:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        netns_dir = "/run/netns"
-        if os.path.isdir(netns_dir) and any(n.startswith(f"{name}-") for n in os.listdir(netns_dir)):
+        from .builder import lab_namespaces    # (builder imports this module)
+        if lab_namespaces(name):
             raise LabStateError(f"no record of lab {name!r} in {labs_dir()}, but namespaces "
-                                f"named {name}-* exist (the state directory was wiped, or "
+                                f"of it exist (the state directory was wiped, or "
                                 "HOSTROUTING_STATE_DIR differs from when it was made); remove "
                                 f"them with: hostrouting lab down --lab {name}") from None
         raise LabStateError(f"no lab named {name!r} (see: hostrouting lab show --all)") from None

@@ -9,6 +9,7 @@ are trusted only while pid, start time and command line match.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -83,3 +84,32 @@ def test_a_pidfile_is_trusted_only_while_pid_start_time_and_command_match(tmp_pa
         child.kill()
         child.wait()
     assert not me.alive()
+
+
+def test_lab_down_removes_no_namespace_only_named_like_the_lab(labs):
+    """A namespace <lab>-... without the lab's marker (a Kubernetes node's cni-..., the BPF
+    harness's hrtest-...) survives lab down --lab and --all, and its processes run on; one
+    with the marker is the lab's, with a record or without."""
+    from netns_lab.builder import lab_mark
+    from tests.labtools import fresh_lab_name
+    lab = fresh_lab_name()
+    foreign, ours = f"{lab}-notalab", f"{lab}-node1"
+    for ns in (foreign, ours):
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+    subprocess.run(["ip", "-n", ours, "link", "set", "lo", "alias", lab_mark(lab)], check=True)
+    sleeper = subprocess.Popen(["ip", "netns", "exec", foreign, "sleep", "60"])
+    try:
+        assert lab_down(lab) == [ours]              # no record: the marked one only
+        with pytest.raises(LabStateError, match=rf"^no lab named '{lab}' .*; not removing "
+                                                rf"{foreign}: named like it, but without"):
+            lab_down(lab)
+        (labs / f"{lab}.events.jsonl").write_text("")   # a stray file: down --all visits it
+        assert lab_down_all() == {lab: []}
+        LabState(name=lab, topology={"nodes": []}).save()
+        assert lab_down_all() == {lab: []}              # with a record
+        assert os.path.exists(f"/run/netns/{foreign}") and sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for ns in (foreign, ours):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
