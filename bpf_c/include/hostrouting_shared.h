@@ -231,7 +231,8 @@ struct hr_trace_event {
 	__u16 dport;
 	__u8 protocol;
 	__u8 pad;
-	__u16 eth_proto;	/* the frame's ethertype (host order); 0: shorter than an Ethernet header */
+	__u16 eth_proto;	/* the frame's ethertype (host order); ETH_P_IP also for a frame
+				 * too short to have one (those are drop_malformed) */
 	__u32 len;		/* skb->len */
 	__u16 arp_op;		/* ARP: 1 request, 2 reply (host order); 0 when not ARP */
 	__u8 arp_sha[6];	/* ARP: the sender's hardware address */
