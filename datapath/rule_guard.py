@@ -61,7 +61,7 @@ from pathlib import Path
 
 from . import events, nft_ruleset, xtables_refusal
 from netns_lab import faults, netns, procs
-from netns_lab.state import guard_pidfile
+from netns_lab.state import GUARD_MODULE, guard_pidfile, guard_pidfile_arg
 
 LEGACY_POLL_S = 0.5
 NAT_SWEEP_S = 5.0
@@ -69,7 +69,7 @@ NAT_FULL_FRACTION = 0.9
 REVERT_TRIES = 5
 HEARTBEAT_S = 1.0
 HEARTBEAT_STALE_S = 10.0
-MODULE = "datapath.rule_guard"
+MODULE = GUARD_MODULE
 LSM_LIST = Path("/sys/kernel/security/lsm")
 LEGACY_TOOLS = ("iptables-legacy", "ip6tables-legacy")
 NFT_BACKENDS = ("iptables-nft", "ip6tables-nft", "nftables")
@@ -110,13 +110,18 @@ class Found:
 
 def find(lab: str) -> Found:
     """The guard the pidfile names (only while pid, start time and command line match), and
-    any other process carrying the pidfile's path on its command line."""
+    any other guard of the lab with this pidfile (by the command line start() gives it: a
+    process that merely holds the path among its words is none)."""
     path = guard_pidfile(lab)
+
+    def is_guard(argv: list[str]) -> bool:
+        return guard_pidfile_arg(argv, lab) == str(path)
+
     recorded = procs.read_pidfile(path)
     guard, details, age = None, {}, None
-    if recorded and recorded[0].runs(MODULE, str(path)):
+    if recorded and recorded[0].alive() and is_guard(procs.cmdline(recorded[0].pid)):
         guard, details, age = recorded
-    orphans = [p for p in procs.find(MODULE, str(path)) if p != guard]
+    orphans = [p for p in procs.find(where=is_guard) if p != guard]
     return Found(guard, details, age, orphans)
 
 

@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 
 from . import netns, procs
-from .state import (LabState, LabStateError, guard_pidfile, lab_files, lab_lock, lab_names,
-                    labs_dir, load_state, stray_lab_names)
+from .state import (GUARD_MODULE, LabState, LabStateError, guard_pidfile, guard_pidfile_arg,
+                    lab_files, lab_lock, lab_names, labs_dir, load_state, stray_lab_names)
 from .topology import NAME_RE, Topology
 
 BRIDGE = "br0"
@@ -197,23 +197,29 @@ def foreign_namespaces(name: str) -> list[str]:
     return [n for n in _named_like(name) if n not in ours]
 
 
-def lab_daemons(name: str) -> list[procs.Process]:
-    """The lab's long-lived processes (the rule guard): the one its pidfile names, and any
-    other carrying a pidfile of the lab on its command line (one whose start was killed
-    before it was recorded, or one started with another state directory: a lab's
-    namespaces, and so its name, are the machine's, whatever the directory)."""
+def lab_daemons(name: str) -> list[tuple[procs.Process, str]]:
+    """The lab's long-lived processes (the rule guard), each with the pidfile on its command
+    line: any guard of the lab (by the command line rule_guard.start gives it) whose pidfile
+    is this state directory's or another's (one whose start was killed before it was
+    recorded, or one started with another state directory: a lab's namespaces, and so its
+    name, are the machine's, whatever the directory). A process that merely holds such a
+    path among its words is not one."""
     pidfile = guard_pidfile(name)
-    found = set(procs.find(where=lambda argv: any(
-        w == str(pidfile) or w.endswith(f"/labs/{pidfile.name}") for w in argv)))
-    recorded = procs.read_pidfile(pidfile)
-    if recorded and recorded[0].runs(str(pidfile)):
-        found.add(recorded[0])
-    return sorted(found, key=lambda p: p.pid)
+
+    def ours(arg: str | None) -> bool:
+        return arg is not None and (arg == str(pidfile) or arg.endswith(f"/labs/{pidfile.name}"))
+
+    found = {}
+    for proc in procs.find(where=lambda argv: ours(guard_pidfile_arg(argv, name))):
+        arg = guard_pidfile_arg(procs.cmdline(proc.pid), name)
+        if ours(arg):
+            found[proc] = arg
+    return sorted(found.items(), key=lambda item: item[0].pid)
 
 
 def _remove(name: str, namespaces: list[str]) -> list[str]:
-    for daemon in lab_daemons(name):
-        daemon.stop()
+    for daemon, pidfile in lab_daemons(name):
+        daemon.stop("-m", GUARD_MODULE, "--pidfile", pidfile)
     wanted = sorted(set(namespaces) | set(lab_namespaces(name)))
     removed = [n for n in wanted if netns.remove(n)]
     for path in lab_files(name):

@@ -47,6 +47,18 @@ def guard_pidfile(name: str) -> Path:
     return labs_dir() / f"{name}.guard"
 
 
+GUARD_MODULE = "datapath.rule_guard"
+
+
+def guard_pidfile_arg(argv: list[str], name: str) -> str | None:
+    """The --pidfile of a rule guard of lab ``name``, read from a command line of the one
+    shape rule_guard.start() gives it (``<python> -m datapath.rule_guard --lab <name>
+    --pidfile <path> ...``); None for any other command line, whatever words it holds."""
+    if argv[1:6] == ["-m", GUARD_MODULE, "--lab", name, "--pidfile"] and len(argv) > 6:
+        return argv[6]
+    return None
+
+
 def lab_files(name: str) -> list[Path]:
     """Every file of the lab in the state directory (lab names have no dots)."""
     d = labs_dir()

@@ -113,3 +113,28 @@ def test_lab_down_removes_no_namespace_only_named_like_the_lab(labs):
         sleeper.wait()
         for ns in (foreign, ours):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_lab_down_signals_no_process_that_only_names_the_guard_pidfile(labs):
+    """Only a rule guard's own command line (-m datapath.rule_guard --lab <lab> --pidfile
+    <path>) makes a process the lab's guard: one holding the pidfile's path, or those words
+    in another order, is never signalled, even when the pidfile names it."""
+    from datapath import rule_guard
+    from tests.labtools import fresh_lab_name
+    lab = fresh_lab_name()
+    pidfile = labs / f"{lab}.guard"
+    tails = ([f"/x/labs/{lab}.guard"], [str(pidfile)],
+             ["-m", "datapath.rule_guard", "--lab", lab, "--pidfile", str(pidfile)])
+    impostors = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *tail],
+                                  start_new_session=True) for tail in tails]
+    try:
+        me = procs.Process.of(impostors[-1].pid)
+        pidfile.write_text(json.dumps({"pid": me.pid, "start_time": me.start_time}))
+        found = rule_guard.find(lab)
+        assert found.guard is None and found.orphans == []
+        assert lab_down(lab) == [] and rule_guard.stop_all(lab) == 0
+        assert [p.poll() for p in impostors] == [None] * len(impostors)
+    finally:
+        for p in impostors:
+            p.kill()
+            p.wait()
