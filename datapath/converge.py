@@ -285,12 +285,12 @@ def ensure_guard(state: LabState, topo: Topology, nodes: list[Node]) -> list[str
     if found.live and found.details.get("nodes") == want_nodes and \
             found.details.get("nat") == want_nat:
         return done
+    late = unaccepted_rules(state, topo, nodes)     # refused before the old guard goes
+    if late:
+        refuse(topo, late)
     if found.guard is not None:
         found.guard.stop(rule_guard.MODULE)
         done.append(f"rule guard pid {found.guard.pid} ({found.describe()}) stopped")
-    late = unaccepted_rules(state, topo, nodes)
-    if late:
-        refuse(topo, late)
     pid, _ = rule_guard.start(topo.lab, want_nodes, want_nat)
     done.append(f"rule guard started (pid {pid})")
     return done

@@ -222,6 +222,36 @@ def test_a_killed_guard_is_started_again(drift_lab):
     assert rule_guard.find(lab).guard.pid != guard.pid
 
 
+def test_a_guard_to_replace_is_kept_when_user_rules_refuse_a_new_one(drift_lab, monkeypatch):
+    """A guard that must be replaced (stuck: stopped, so a user rule stays), with a rule
+    nobody accepted: enable refuses before it stops the old guard, never leaving eBPF on
+    with none; once the guard runs again it reverts the rule."""
+    from datapath import converge, iptables_rules
+    lab = drift_lab
+    state, topo = load_state(lab), topology(lab)
+    node = topo.nodes[0]
+    guard = rule_guard.find(lab).guard
+    os.kill(guard.pid, signal.SIGSTOP)
+    try:
+        for argv in (["add", "table", "inet", "zqt"],
+                     ["add", "chain", "inet", "zqt", "c", "{ type filter hook forward "
+                      "priority 0; }"], ["add", "rule", "inet", "zqt", "c", "counter"]):
+            netns.run(node.netns, ["nft", *argv])
+        monkeypatch.setattr(rule_guard, "HEARTBEAT_STALE_S", -1.0)     # stuck: to replace
+        with pytest.raises(converge.SwitchError, match="refusing to enable"):
+            converge.ensure_guard(state, topo, list(topo.nodes))
+        assert rule_guard.find(lab).guard == guard and guard.alive()
+    finally:
+        os.kill(guard.pid, signal.SIGCONT)
+    monkeypatch.undo()
+    deadline = time.monotonic() + 30
+    while iptables_rules.user_rules(node.netns):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert_converged(lab, "ebpf")
+    assert rule_guard.find(lab).guard == guard
+
+
 def test_a_pid_reused_by_another_process_is_never_signalled(drift_lab, tmp_path):
     """The pidfile names a process that is not (any more) the guard: another start time, or
     the same identity but another command. Neither is trusted, nor signalled; enable starts
