@@ -34,7 +34,7 @@ from netns_lab.topology import Node, Topology
 from . import events, host_routing, iptables_rules, libbpf, nat_handover, rule_guard, tc_attach
 from .host_routing import DatapathError, DatapathMaps
 from .observe import FROM_POD, FROM_UNDERLAY, NodeView, accept_local_keys, attach_points, \
-    monitors, observe
+    monitor_pidfiles, monitors, observe
 
 
 class SwitchError(RuntimeError):
@@ -271,6 +271,15 @@ def _trace_off(topo: Topology, node: Node, view: NodeView) -> list[str]:
     return [f"{node.name}: tracing off (no monitor runs)"]
 
 
+def collect_monitor_pidfiles(lab: str) -> list[str]:
+    """Remove the pidfiles of monitors that no longer run (one killed leaves its own);
+    returns their names. observe only reads them."""
+    stale = [path for path, proc in monitor_pidfiles(lab).items() if proc is None]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return [path.name for path in stale]
+
+
 def ensure_guard(state: LabState, topo: Topology, nodes: list[Node]) -> list[str]:
     """Exactly one live guard, serving these nodes and their current programs."""
     found = rule_guard.find(topo.lab)
@@ -315,6 +324,7 @@ def check_repairable(topo: Topology, view) -> None:
 
 def converge(state: LabState, topo: Topology) -> list[str]:
     """Run the ensure-steps of every node's desired mode; returns what was done."""
+    collect_monitor_pidfiles(topo.lab)
     view = observe(topo)
     want = {n.name: state.desired.get(n.name, "legacy") for n in topo.nodes}
     ebpf_nodes = [n for n in topo.nodes if want[n.name] == "ebpf" and view.node(n.name).exists]

@@ -243,16 +243,18 @@ def monitor_pidfile(lab: str, pid: int):
     return labs_dir() / f"{lab}.monitor-{pid}"
 
 
-def monitors(lab: str) -> list:
-    """Running `hostrouting monitor`s of the lab (each switches tracing on while it runs
-    and keeps a pidfile <lab>.monitor-<pid>); stale pidfiles are removed."""
+def monitor_pidfiles(lab: str) -> dict:
+    """{pidfile: its process, or None when it no longer runs} of the lab's monitors."""
     from netns_lab import procs
     from netns_lab.state import labs_dir
-    running = []
+    out = {}
     for path in labs_dir().glob(f"{lab}.monitor-*"):
         found = procs.read_pidfile(path)
-        if found and found[0].alive():
-            running.append(found[0])
-        else:
-            path.unlink(missing_ok=True)
-    return running
+        out[path] = found[0] if found and found[0].alive() else None
+    return out
+
+
+def monitors(lab: str) -> list:
+    """Running `hostrouting monitor`s of the lab (each switches tracing on while it runs
+    and keeps a pidfile <lab>.monitor-<pid>); read only: converge removes stale pidfiles."""
+    return [proc for proc in monitor_pidfiles(lab).values() if proc is not None]

@@ -138,3 +138,17 @@ def test_lab_down_signals_no_process_that_only_names_the_guard_pidfile(labs):
         for p in impostors:
             p.kill()
             p.wait()
+
+
+def test_observe_only_reads_monitor_pidfiles_and_converge_collects_stale_ones(labs):
+    """status (observe) writes nothing: a stale monitor pidfile (its process gone, or its
+    pid another process's) stays until converge removes it; a running monitor's stays."""
+    from datapath import converge, observe
+    me = procs.Process.of(os.getpid())
+    running, stale = labs / f"zq5.monitor-{me.pid}", labs / "zq5.monitor-1"
+    running.write_text(json.dumps({"pid": me.pid, "start_time": me.start_time}))
+    stale.write_text(json.dumps({"pid": 1, "start_time": 1}))      # init, another start time
+    assert observe.monitors("zq5") == [me]
+    assert stale.exists() and running.exists()
+    assert converge.collect_monitor_pidfiles("zq5") == [stale.name]
+    assert not stale.exists() and running.exists()
