@@ -139,12 +139,34 @@ def _config_mismatch(topo: Topology, node: Node, maps: DatapathMaps) -> str:
     if maps.nat_capacity() != 2 * topo.nat.max_flows:
         return "its NAT table size is not the lab's"
     try:
-        endpoints = set(maps.endpoints())
+        endpoints = maps.endpoints()
     except DatapathError:       # from_underlay alone does not use the endpoint map
         return ""
-    if endpoints != {pod.ip for pod in node.pods}:
+    if set(endpoints) != {pod.ip for pod in node.pods}:
         return "its endpoints are not the node's pods"
+    for ip, (ifindex, mac, node_mac) in _pod_links(node).items():
+        ep = endpoints[ip]
+        if (ep.ifindex, ep.mac, ep.node_mac) != (ifindex, mac, node_mac):
+            return f"its endpoint {ip} is not the pod's veth as it is now (ifindex or MAC)"
     return ""
+
+
+def _pod_links(node: Node) -> dict[str, tuple[int, str, str]]:
+    """{pod IP: (host-side veth ifindex, the pod's eth0 MAC, the host veth's MAC)} as the
+    kernel has them (what the endpoint map must hold); pods whose veth is gone are left out."""
+    out = {}
+    with netns.ipr(node.netns) as nsock:
+        for pod in node.pods:
+            found = nsock.link_lookup(ifname=pod.host_ifname)
+            if not found or not netns.exists(pod.netns):
+                continue
+            try:
+                with netns.ipr(pod.netns) as psock:
+                    pod_mac = netns.link_mac(psock, netns.ifindex(psock, "eth0"))
+            except Exception:   # removed while we looked
+                continue
+            out[pod.ip] = (found[0], pod_mac, netns.link_mac(nsock, found[0]))
+    return out
 
 
 def observe_node(topo: Topology, node: Node) -> NodeView:

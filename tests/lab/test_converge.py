@@ -252,6 +252,31 @@ def test_a_guard_to_replace_is_kept_when_user_rules_refuse_a_new_one(drift_lab, 
     assert rule_guard.find(lab).guard == guard
 
 
+def test_a_stale_endpoint_makes_the_datapath_one_to_replace(drift_lab):
+    """An endpoint whose IP is the pod's but whose MAC or veth ifindex is not (what a veth
+    recreated under the same name would leave): the datapath is not kept; enable loads one
+    that reaches the pod again."""
+    from datapath import switch
+    from datapath.host_routing import DatapathMaps
+    lab = drift_lab
+    topo = topology(lab)
+    node, pod = topo.nodes[0], topo.nodes[0].pods[0]
+    with netns.ipr(node.netns) as sock:
+        hidx = netns.ifindex(sock, pod.host_ifname)
+        host_mac = netns.link_mac(sock, hidx)
+    ids = switch.node_programs(topo, node)
+    for ifindex, mac in ((hidx, "02:00:00:00:00:01"), (hidx + 1000, None)):
+        with DatapathMaps.from_prog_id(ids["from_pod"]) as maps:
+            ep = maps.endpoints()[pod.ip]
+            maps.set_endpoint(pod.ip, ifindex, mac or ep.mac, host_mac)
+        assert_drift_named(lab, f"its endpoint {pod.ip} is not the pod's veth",
+                           f"hostrouting enable --lab {lab}")
+        assert cli("enable", "--lab", lab).returncode == 0
+        assert switch.node_programs(topo, node)["from_pod"] != ids["from_pod"]
+        assert_converged(lab, "ebpf")
+        ids = switch.node_programs(topo, node)
+
+
 def test_a_pid_reused_by_another_process_is_never_signalled(drift_lab, tmp_path):
     """The pidfile names a process that is not (any more) the guard: another start time, or
     the same identity but another command. Neither is trusted, nor signalled; enable starts
