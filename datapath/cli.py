@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "any free one")
         p.set_defaults(func=cmd_metrics)
 
-    from datapath.bench.runner import MODES, QUICK, SCENARIOS, TESTS
+    from datapath.bench.runner import AA_MODES, LAB_SUFFIX, MODES, QUICK, SCENARIOS, TESTS
     p = sub.add_parser("bench", help="legacy vs eBPF vs the limit, with netperf",
                        description="Builds a lab per mode (legacy, eBPF, the limit: no "
                        "netfilter at all, the floor: a constant redirect), runs netperf over "
@@ -439,7 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "machine and the labs' settings")
     p.add_argument("--plot", metavar="FILE.png", help="ratios with their intervals, then "
                    "throughput and latency")
-    p.add_argument("--lab-prefix", default="hrb", help="labs PREFIXl and PREFIXe (default hrb)")
+    p.add_argument("--lab-prefix", default="hrb", help="the labs it builds, one per mode: "
+                   + ", ".join(f"PREFIX{LAB_SUFFIX[m]} ({m})" for m in MODES)
+                   + "; with --aa: " + " and ".join(f"PREFIX{LAB_SUFFIX[m]}" for m in AA_MODES)
+                   + " (default hrb)")
     p.set_defaults(func=cmd_bench, bench_command=None)
     bsub = p.add_subparsers(dest="bench_command", metavar="[compare A.json B.json]")
     c = bsub.add_parser("compare", help="what changed between two bench results")
