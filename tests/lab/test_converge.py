@@ -345,14 +345,33 @@ def test_a_stale_lock_is_taken_and_a_held_one_names_its_holder(drift_lab, tmp_pa
     assert_converged(lab, "ebpf")       # the refused disable changed nothing
 
 
-def test_a_lock_file_removed_while_held_gives_the_lock_to_one_holder_at_a_time(lab_name):
+def test_a_lock_file_removed_while_held_gives_the_lock_to_one_holder_at_a_time(lab_name,
+                                                                                 monkeypatch):
     """A waits with the lock held by the lab's removal, which unlinks the file: the waiter
     then holds a lock on a file nobody else opens any more, while a newcomer locks a new
-    file at the same path. After flock the file must still be the path's (same inode)."""
+    file at the same path. After flock the file must still be the path's (same inode).
+    The removal goes on only once the waiter has found the old file locked (flock, wrapped,
+    says so), and the waiter must have taken the lock at least twice: the removed file's,
+    then the path's."""
+    import fcntl
     import threading
     from netns_lab.state import lab_lock, labs_dir
     inside, overlaps, events = [0], [], []
-    released = threading.Event()
+    released, waiting, waiter_locked = threading.Event(), threading.Event(), []
+    real_flock = fcntl.flock
+
+    def flock(fd, op):
+        mine = threading.current_thread().name == "waiter" and op & fcntl.LOCK_EX
+        try:
+            real_flock(fd, op)
+        except BlockingIOError:
+            if mine:
+                waiting.set()       # it holds the old file open and found it locked
+            raise
+        if mine:
+            waiter_locked.append(fd)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
 
     def holder(name):
         with lab_lock(lab_name):
@@ -386,6 +405,8 @@ def test_a_lock_file_removed_while_held_gives_the_lock_to_one_holder_at_a_time(l
     waiter.join()
     newcomer.join()
     assert sorted(events[1:]) == ["newcomer", "waiter"] and max(overlaps) == 1, overlaps
+    # the removed file's lock, then the path's (again when the newcomer removed it too)
+    assert len(waiter_locked) >= 2, waiter_locked
 
 
 def test_a_deleted_namespace_or_veth_ends_in_lab_down(tmp_path):
