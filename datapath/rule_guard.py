@@ -32,9 +32,13 @@ which it writes itself once it blocks: its pid and start time (checked
 against /proc before it is trusted or signalled: pids are reused), the
 mechanisms in force, the nodes and programs it serves, when its NAT sweep
 last ran. Every ``HEARTBEAT_S`` it writes the file again (its mtime is the
-heartbeat), as long as every one of its threads runs; a guard whose
-thread died says so in an event and exits, and ``find`` calls a guard whose
-heartbeat is older than ``HEARTBEAT_STALE_S`` stuck. A guard not named by the
+heartbeat), as long as every one of its threads runs and each periodic one
+(the x_tables refusal reader, the iptables-legacy poll, the NAT sweep) has
+finished a pass within its period plus ``WORKER_STALL_S``; a guard with a
+thread that died or hangs there says so in an event and exits, and ``find``
+calls a guard whose heartbeat is older than ``HEARTBEAT_STALE_S`` stuck. An
+nf_tables watcher waits for the kernel's notifications, as long as none
+comes: it is checked to be alive, not to make progress. A guard not named by the
 pidfile but carrying its path on its command line (one whose start was
 killed) is an orphan; converge stops it.
 
@@ -69,6 +73,7 @@ NAT_FULL_FRACTION = 0.9
 REVERT_TRIES = 5
 HEARTBEAT_S = 1.0
 HEARTBEAT_STALE_S = 10.0
+WORKER_STALL_S = 60.0   # beyond its period, before a periodic thread counts as hung
 MODULE = GUARD_MODULE
 LSM_LIST = Path("/sys/kernel/security/lsm")
 LEGACY_TOOLS = ("iptables-legacy", "ip6tables-legacy")
@@ -236,6 +241,8 @@ class Guard:
                  pidfile: Path | None = None):
         self.lab, self.nodes, self.pidfile = lab, nodes, pidfile
         self.workers: list[threading.Thread] = []
+        self.periods: dict[str, float] = {}     # periodic worker thread name -> its period
+        self.passes: dict[str, float] = {}      # its last pass (time.monotonic())
         self.nat_swept_at: float | None = None     # the NAT sweep's last pass (time.time())
         self.nat_progs = nat_progs or {}
         self.stopping = threading.Event()
@@ -377,7 +384,7 @@ class Guard:
         except (OSError, xtables_refusal.RefusalUnavailable) as e:
             return str(e)
         self.refusal.on_refusal(self.refused)
-        self.worker(self.read_refusals)
+        self.worker(self.read_refusals, every=0.2)
         return ""
 
     def refused(self, ev) -> None:
@@ -388,6 +395,7 @@ class Guard:
 
     def read_refusals(self) -> None:
         while not self.stopping.is_set():
+            self.stamp()
             self.refusal.poll(200)
 
     def poll_legacy(self) -> None:
@@ -395,6 +403,7 @@ class Guard:
         baseline = {(ns, tool): _legacy_tables(ns, tool)
                     for ns in self.nodes.values() for tool in LEGACY_TOOLS}
         while not self.stopping.wait(LEGACY_POLL_S):
+            self.stamp()
             if paused(self.lab):
                 continue
             for node, ns in self.nodes.items():
@@ -426,6 +435,7 @@ class Guard:
         seen: dict[tuple[str, str], int] = {}
         full_warned: set[str] = set()
         while not self.stopping.wait(NAT_SWEEP_S):
+            self.stamp()
             if paused(self.lab):
                 continue
             self.nat_swept_at = time.time()
@@ -463,11 +473,27 @@ class Guard:
         seen[(node, reason)] = now
         return max(0, now - before)
 
-    def worker(self, target, *args) -> None:
-        """A thread the guard cannot do without: its end ends the heartbeat and the guard."""
+    def worker(self, target, *args, every: float | None = None) -> None:
+        """A thread the guard cannot do without: its end ends the heartbeat and the guard.
+        One that works ``every`` seconds calls stamp() each pass: a pass overdue by
+        WORKER_STALL_S (a hung sweep) counts as its end."""
         thread = threading.Thread(target=target, args=args, daemon=True)
+        if every is not None:
+            self.periods[thread.name] = every
+            self.passes[thread.name] = time.monotonic()
         self.workers.append(thread)
         thread.start()
+
+    def stamp(self) -> None:
+        """The calling periodic worker finished a pass."""
+        self.passes[threading.current_thread().name] = time.monotonic()
+
+    def failed_workers(self) -> list[str]:
+        """Worker threads that ended, or (periodic ones) whose last pass is overdue."""
+        now = time.monotonic()
+        return [t.name for t in self.workers if not t.is_alive() or (
+            t.name in self.periods and
+            now - self.passes[t.name] > self.periods[t.name] + WORKER_STALL_S)]
 
     def run(self, cgroup_fd: int, no_cgroup: str) -> int:
         for node, ns in self.nodes.items():
@@ -481,10 +507,10 @@ class Guard:
             legacy = f"kernel refusal (cgroup/setsockopt program id {self.refusal.prog_id})"
         else:
             legacy = f"poll every {LEGACY_POLL_S:g}s (no kernel refusal: {why_not})"
-            self.worker(self.poll_legacy)
+            self.worker(self.poll_legacy, every=LEGACY_POLL_S)
         self.backends.update({tool: legacy for tool in LEGACY_TOOLS})
         if self.nat_progs:
-            self.worker(self.sweep_nat)
+            self.worker(self.sweep_nat, every=NAT_SWEEP_S)
         time.sleep(0.2)  # let every monitor subscribe before saying so
         self.record()
         print("ready " + json.dumps(self.backends), flush=True)
@@ -500,15 +526,17 @@ class Guard:
     def keep_running(self) -> int:
         """Until the lab goes (its namespaces are deleted) or SIGTERM; a monitor that ends
         while its namespace lives is started again by its watcher. The heartbeat goes on
-        while every worker thread runs and the pidfile still names this process."""
+        while every worker thread runs (and makes progress: failed_workers) and the pidfile
+        still names this process."""
         beat = time.monotonic()
         while all(netns.exists(ns) for ns in self.nodes.values()):
-            dead = [t.name for t in self.workers if not t.is_alive()]
+            dead = self.failed_workers()
             if dead and all(netns.exists(ns) for ns in self.nodes.values()):
                 self.stopping.set()
                 events.record(self.lab, events.WARNING, "GuardFailed", f"lab/{self.lab}",
-                              f"rule guard pid {os.getpid()}: a thread ended ({', '.join(dead)}); "
-                              "the guard exits (hostrouting enable starts another)")
+                              f"rule guard pid {os.getpid()}: a thread ended or hangs "
+                              f"({', '.join(dead)}); the guard exits (hostrouting enable "
+                              "starts another)")
                 return 1
             if self.pidfile and time.monotonic() - beat >= HEARTBEAT_S:
                 beat = time.monotonic()

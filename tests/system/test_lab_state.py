@@ -152,3 +152,21 @@ def test_observe_only_reads_monitor_pidfiles_and_converge_collects_stale_ones(la
     assert stale.exists() and running.exists()
     assert converge.collect_monitor_pidfiles("zq5") == [stale.name]
     assert not stale.exists() and running.exists()
+
+
+def test_a_guard_whose_periodic_thread_hangs_stops_its_heartbeat_and_exits(labs, monkeypatch):
+    """A NAT sweep stuck inside a pass (alive, no progress) ends the heartbeat like a thread
+    that died: the guard records GuardFailed and exits, and enable starts another."""
+    import threading
+    from datapath import events, rule_guard
+    monkeypatch.setattr(rule_guard, "WORKER_STALL_S", -rule_guard.NAT_SWEEP_S - 1,
+                        raising=False)      # a pass is overdue at once
+    guard = rule_guard.Guard("zq7", {}, pidfile=None)
+    hung = threading.Event()
+    try:
+        guard.worker(hung.wait, every=rule_guard.NAT_SWEEP_S)   # one pass that never ends
+        assert guard.keep_running() == 1
+    finally:
+        hung.set()
+    found = [e for e in events.read("zq7") if e["reason"] == "GuardFailed"]
+    assert len(found) == 1 and "a thread ended or hangs" in found[0]["message"], found
