@@ -29,7 +29,7 @@ import pytest
 
 from datapath import rule_guard
 from netns_lab import netns, procs
-from netns_lab.builder import lab_namespaces
+from netns_lab.builder import foreign_namespaces, lab_namespaces
 from netns_lab.state import guard_pidfile, lab_files, load_state
 from netns_lab.topology import Topology
 from tests.labtools import fresh_lab_name, ping
@@ -94,7 +94,7 @@ def assert_converged(lab: str, mode: str) -> None:
 
 
 def assert_gone(lab: str) -> None:
-    assert lab_namespaces(lab) == []
+    assert lab_namespaces(lab) + foreign_namespaces(lab) == []     # nothing named <lab>-*
     assert lab_files(lab) == []
     assert procs.find(str(guard_pidfile(lab))) == []
 
@@ -438,7 +438,8 @@ def test_a_wiped_state_directory_ends_in_lab_down(lab_name, tmp_path):
         assert_one_line_error(cli(*argv, "--lab", lab, env=wiped), "no record",
                               f"hostrouting lab down --lab {lab}")
     assert cli("lab", "down", "--lab", lab, env=wiped).returncode == 0
-    assert lab_namespaces(lab) == [] and procs.find(str(guard_pidfile(lab))) == []
+    assert lab_namespaces(lab) + foreign_namespaces(lab) == [] and \
+        procs.find(str(guard_pidfile(lab))) == []
     # the first state directory still lists it: lab down there finds nothing left but files
     assert cli("lab", "down", "--lab", lab).returncode == 0
     assert_gone(lab)
