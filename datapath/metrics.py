@@ -255,8 +255,9 @@ class DatapathCollector:
                                          "SNAT table can hold", labels=["lab", "node"])
         nat_ports = GaugeMetricFamily("hostrouting_nat_port_range_size", "NAT ports per "
                                       "destination the node allocates from", labels=["lab", "node"])
-        mode = GaugeMetricFamily("hostrouting_mode", "1 for the lab's routing mode, 0 for the "
-                                 "others", labels=["lab", "mode"])
+        mode = GaugeMetricFamily("hostrouting_mode", "1 for the routing mode the lab's record "
+                                 "asks for (mixed: its nodes differ), 0 for the others; what "
+                                 "the kernel has is hostrouting status", labels=["lab", "mode"])
         guard = GaugeMetricFamily("hostrouting_rule_guard_up", "1 while the lab's rule guard "
                                   "(firewall freeze, NAT sweep) runs", labels=["lab"])
         events = CounterMetricFamily("hostrouting_events", "Events recorded for the lab "
