@@ -15,6 +15,14 @@ The workloads (``WORKLOADS``):
 - UDP_STREAM: 64-byte datagrams; packets a second received (the receiver's
   recv calls, one per datagram, over the elapsed time) and sent, since a UDP
   sender does not slow down for a receiver that drops;
+- TCP_CRR runs by transaction count (``COUNTED``): in a timed test netserver,
+  having closed the last connection, waits in accept() for one that never
+  comes until its own timer, the test length plus netperf's PAD_TIME (4 s),
+  ends the wait (recv_omni in src/nettest_omni.c; TCP_RR ends when netperf
+  shuts its one connection, UDP_RR when netperf sends zero-length datagrams),
+  so a 1 s test took 5 s. A counted test (``-l -N``) ends when netserver has
+  served N; the runner sizes N from a short first run (``transactions_for``)
+  and netperf's rate is N over its measured elapsed time;
 - TCP_STREAMxN: N TCP_STREAM flows at once (parallel netperf instances),
   summed over the window in which all N ran: each instance reports its rate
   every DEMO_INTERVAL_S with a timestamp (netperf's demo mode), and only the
@@ -56,6 +64,9 @@ FLOWS = (4, 16)                     # TCP_STREAMx4, TCP_STREAMx16
 WORKLOADS = (*SELECTORS, *(f"TCP_STREAMx{n}" for n in FLOWS))
 FIXED_SIZE = {"UDP_STREAM": 64, **{f"TCP_STREAMx{n}": 16384 for n in FLOWS}}
 SIZED = ("TCP_STREAM",)             # run at every --sizes
+COUNTED = ("TCP_CRR",)              # run by transaction count, not time (see above)
+CALIBRATION_TRANSACTIONS = 2000     # the short first run of a counted test: 0.1-0.3 s
+MIN_TRANSACTIONS = 100
 DEMO_INTERVAL_S = 0.2
 
 
@@ -101,7 +112,13 @@ class Netserver:
 @dataclass
 class Result:
     values: dict[str, float]
-    seconds: float  # wall time of the run
+    seconds: float      # wall time of the run
+    measured_s: float   # netperf's measurement: the duration, or a counted run's elapsed time
+
+
+def transactions_for(rate: float, seconds: float) -> int:
+    """The transaction count that lasts about ``seconds`` at ``rate`` a second."""
+    return max(MIN_TRANSACTIONS, round(rate * seconds))
 
 
 def split_workload(workload: str) -> tuple[str, int]:
@@ -111,8 +128,12 @@ def split_workload(workload: str) -> tuple[str, int]:
 
 
 def argv_for(host: str, test: str, duration: float, size: int | None, port: int = PORT,
-             cpus: str | None = None, demo: bool = False) -> list[str]:
-    argv = ["netperf", "-H", host, "-p", str(port), "-t", test, "-l", f"{duration:g}", "-P", "0",
+             cpus: str | None = None, demo: bool = False,
+             transactions: int | None = None) -> list[str]:
+    """netperf's command line; with ``transactions`` the test runs that many (-l -N) instead
+    of ``duration`` seconds."""
+    length = f"-{transactions}" if transactions else f"{duration:g}"
+    argv = ["netperf", "-H", host, "-p", str(port), "-t", test, "-l", length, "-P", "0",
             *(["-T", cpus] if cpus else []),
             *(["-D", f"-{DEMO_INTERVAL_S:g}"] if demo else []),   # negative: with timestamps
             "--", "-o", ",".join(SELECTORS[test]), *OPTIONS.get(test, ())]
@@ -168,24 +189,41 @@ def common_window_mbps(flows: list[list[tuple[float, float, float]]]) -> tuple[f
 
 
 def run_test(ns: str, host: str, test: str, duration: float, size: int | None = None,
-             port: int = PORT, cpus: str | None = None) -> Result:
+             port: int = PORT, cpus: str | None = None,
+             transactions: int | None = None) -> Result:
     """One workload (``WORKLOADS``); ``cpus`` ("local,remote") binds netperf and netserver
-    to those CPUs (-T)."""
+    to those CPUs (-T). ``transactions``: a counted run (``COUNTED`` tests), expected to
+    last about ``duration``."""
     base, flows = split_workload(test)
     size = FIXED_SIZE.get(test) if size is None else size
     if flows > 1:
         return _run_flows(ns, host, base, flows, duration, size, port, cpus)
     started = time.monotonic()
-    proc = netns.run(ns, argv_for(host, base, duration, size, port, cpus), check=False,
-                     timeout=duration + 30)
+    # a counted run that goes slower than its first run foretold still ends
+    timeout = duration + 30 + (2 * duration if transactions else 0)
+    proc = netns.run(ns, argv_for(host, base, duration, size, port, cpus,
+                                  transactions=transactions), check=False, timeout=timeout)
     seconds = time.monotonic() - started
     if proc.returncode != 0:
         raise NetperfError(f"netperf {test} {ns} -> {host}: exit {proc.returncode}: "
                            f"{(proc.stderr or proc.stdout).strip()[-300:]}")
     try:
-        return Result(parse_result(base, proc.stdout), seconds)
+        values = parse_result(base, proc.stdout)
+        measured = counted_elapsed(values, transactions) if transactions else duration
     except ValueError as e:
         raise NetperfError(f"netperf {test} {ns} -> {host}: {e}") from None
+    return Result(values, seconds, measured)
+
+
+def counted_elapsed(values: dict[str, float], transactions: int) -> float:
+    """A counted run's measured seconds, from its rate (netperf prints ELAPSED_TIME to the
+    hundredth only); recorded in ``values`` with the count."""
+    rate = values.get("cps") or values.get("tps") or 0
+    if rate <= 0:
+        raise ValueError(f"{transactions} transactions at a rate of {rate}")
+    values["transactions"] = transactions
+    values["elapsed_s"] = transactions / rate
+    return values["elapsed_s"]
 
 
 def _run_flows(ns: str, host: str, test: str, flows: int, duration: float, size: int | None,
@@ -219,4 +257,4 @@ def _run_flows(ns: str, host: str, test: str, flows: int, duration: float, size:
     except ValueError as e:
         raise NetperfError(f"netperf {test}x{flows} {ns} -> {host}: {e}") from None
     return Result({"mbps": mbps, "window_s": window, "flows": flows,
-                   "mbps_whole_runs": sum(v["mbps"] for v in each)}, seconds)
+                   "mbps_whole_runs": sum(v["mbps"] for v in each)}, seconds, duration)

@@ -1,9 +1,10 @@
 """The benchmark's labs and its sampling loop.
 
 Every mode has a lab of its own, built side by side, so that one repetition
-of a point runs every mode back to back (legacy, eBPF, limit, floor, the
-order rotated by one on each repetition) with no switching in between; the
-report pairs the modes within a repetition (report.py). The labs:
+of a point runs every mode back to back (legacy, eBPF, limit, floor, in an
+order that changes every repetition: a Williams square, see rotated()) with
+no switching in between; the report pairs the modes within a repetition
+(report.py). The labs:
 
 - legacy: kernel routing, iptables MASQUERADE, conntrack (``<prefix>l``);
 - ebpf: eBPF host routing over the same (``<prefix>e``);
@@ -50,9 +51,8 @@ AA_MODES = ("legacy", "legacy-b")
 LAB_SUFFIX = {"legacy": "l", "ebpf": "e", "limit": "c", "floor": "f", "legacy-b": "b"}
 TESTS = netperf.WORKLOADS
 SIZES = (64, 256, 1024, 4096, 16384, 65536)
-# TCP_CRR is left out of --quick: netserver waits 4 s past every CRR test before it reports
-# (its timer pads the test length), which at 1 s tests would double the quick run
-QUICK = {"duration": 1.0, "repeat": 3, "sizes": (16384,), "tests": ("TCP_STREAM", "TCP_RR")}
+QUICK = {"duration": 1.0, "repeat": 3, "sizes": (16384,),
+         "tests": ("TCP_STREAM", "TCP_RR", "TCP_CRR")}
 PINS = {"same-cpu": "0,0", "cross-cpu": "0,1"}   # netperf -T local,remote
 LIMIT_IPS = ("198.18.255.1", "198.18.255.2")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -143,6 +143,7 @@ class Sample:
     started_at: float = field(default_factory=time.time)     # when netperf was started
     # eBPF: {"node/program": prog_stats.figures()} over the netperf run (ns_per_run per packet)
     bpf_programs: dict = field(default_factory=dict)
+    transactions: int | None = None     # a counted test's (netperf.COUNTED) count
 
 
 # -- the machine -----------------------------------------------------------------------------
@@ -289,6 +290,8 @@ class Bench:
         self.bpf_stats = None              # the BPF_ENABLE_STATS fd while the run lasts
         self.profile = node_profiles.parse(cfg.node_profile)
         self.profile_applied: dict[str, dict] = {}   # per lab, node_profiles.configure's record
+        # the transaction count of each counted test (netperf.COUNTED) per point and mode
+        self.counts: dict[tuple[Point, str], int] = {}
 
     def setup(self, say=print) -> None:
         netperf.require_netperf()
@@ -317,8 +320,10 @@ class Bench:
             self.servers.append(netperf.Netserver(ns))
         if "ebpf" in self.labs:
             # on (through our fd, the sysctl left alone) for the whole run: each sample of the
-            # eBPF lab records its programs' ns per packet; the price is two clock reads per
-            # program run, paid by the eBPF and floor programs only
+            # eBPF lab records its programs' ns per packet. The price is two clock reads per
+            # program run, machine-wide while the fd is held (every BPF program on the machine
+            # pays, ours or not); within the bench it weighs on the eBPF and floor modes, the
+            # only ones with programs on their path, not on legacy or limit
             from datapath import prog_stats
             self.bpf_stats = prog_stats.enable_stats()
 
@@ -404,9 +409,21 @@ class Bench:
             out["offloads"][ns] = device_offloads(ns)
         return out
 
+    def transactions(self, point: Point, mode: str, ns: str, host: str) -> int | None:
+        """The count of a counted test at a point in a mode: from a short first run (not a
+        sample), what lasts the configured duration; the same count in every repetition."""
+        if point.test not in netperf.COUNTED:
+            return None
+        if (point, mode) not in self.counts:
+            first = netperf.run_test(ns, host, point.test, self.cfg.duration, point.size,
+                                     cpus=PINS.get(point.pin),
+                                     transactions=netperf.CALIBRATION_TRANSACTIONS)
+            self.counts[point, mode] = netperf.transactions_for(
+                netperf.CALIBRATION_TRANSACTIONS / first.measured_s, self.cfg.duration)
+        return self.counts[point, mode]
+
     def measure(self, point: Point, mode: str, rep: int) -> Sample:
         ns, host = self.target(point.scenario, mode)
-        self.empty_connection_tables(mode)
         if mode == "floor":
             self.floor.use(point.scenario)
         guard_labs = [lab for m, lab in self.labs.items() if m == "ebpf"]
@@ -429,6 +446,8 @@ class Bench:
                       guard_labs: list[str]) -> Sample:
         from datapath import prog_stats, rule_guard
         duration = self.cfg.duration
+        count = self.transactions(point, mode, ns, host)
+        self.empty_connection_tables(mode)
         progs = self.ebpf_program_ids() if mode == "ebpf" else {}
         runs_before = prog_stats.read_programs(progs)
         for lab in guard_labs:
@@ -437,16 +456,17 @@ class Bench:
         with CpuReader() as cpu:
             started = time.monotonic()
             result = netperf.run_test(ns, host, point.test, duration, point.size,
-                                      cpus=PINS.get(point.pin))
-        # netperf measures for `duration` once its control connection is up, a few ms after
-        # it starts; what follows can be long (netserver reports TCP_CRR 4 s late), so the
+                                      cpus=PINS.get(point.pin), transactions=count)
+        # netperf measures for `duration` (a counted run: its elapsed time) once its control
+        # connection is up, a few ms after it starts; its report can come later, so the
         # window is counted from the start, its edges left out
         window, by_cpu, steal = cpu.between(started + START_EDGE_S,
-                                            started + duration - END_EDGE_S)
+                                            started + result.measured_s - END_EDGE_S)
         return Sample(point.rules, point.scenario, mode, point.test, point.size, rep,
                       result.values, result.seconds, sum(by_cpu), window, by_cpu, steal,
                       point.pin, started_at,
-                      prog_stats.figures(progs, prog_stats.read_programs(progs), runs_before))
+                      prog_stats.figures(progs, prog_stats.read_programs(progs), runs_before),
+                      count)
 
 
 def run_bench(cfg: BenchConfig, on_sample=None, progress=None) -> dict:

@@ -91,3 +91,43 @@ def test_the_report_has_a_table_for_every_workload_and_names_the_node_profile():
     assert "node profile kube-proxy:2x3: 45 iptables rules" in text and "--force" in text
     assert "64 B packets/s received" in text and "16384 B Mbit/s" in text
     assert "Request/response over UDP (UDP_RR)" in text
+
+
+def test_a_counted_test_runs_n_transactions_and_its_elapsed_time_comes_from_its_rate():
+    argv = netperf.argv_for("10.0.0.2", "TCP_CRR", 1, None, transactions=24000)
+    assert argv[argv.index("-l") + 1] == "-24000"       # netperf: a negative length is a count
+    assert netperf.argv_for("10.0.0.2", "TCP_CRR", 1, None)[argv.index("-l") + 1] == "1"
+    # netperf prints ELAPSED_TIME to the hundredth; the rate is transactions over the
+    # precise elapsed time, so the elapsed time is taken back from it
+    values = netperf.parse_result("TCP_CRR", "21856.97,48,120\n")
+    assert netperf.counted_elapsed(values, 1000) == pytest.approx(1000 / 21856.97)
+    assert values["transactions"] == 1000 and values["elapsed_s"] == pytest.approx(0.045752)
+    with pytest.raises(ValueError, match="rate of 0"):
+        netperf.counted_elapsed({"cps": 0.0}, 1000)
+
+
+@pytest.mark.parametrize("rate, seconds, count", [(21857.0, 1.0, 21857), (21857.0, 5.0, 109285),
+                                                  (8000.4, 0.5, 4000), (30.0, 1.0, 100)])
+def test_the_count_lasts_the_duration_at_the_first_runs_rate(rate, seconds, count):
+    assert netperf.transactions_for(rate, seconds) == count     # at least MIN_TRANSACTIONS
+
+
+def test_the_bench_sizes_a_counted_test_once_per_point_and_mode(monkeypatch):
+    from datapath.bench import runner
+    runs = []
+
+    def run_test(ns, host, test, duration, size=None, port=None, cpus=None, transactions=None):
+        runs.append((ns, test, transactions))
+        rate = {"a": 20000.0, "b": 30000.0}[ns]
+        return netperf.Result({"cps": rate}, 0.2, transactions / rate)
+
+    monkeypatch.setattr(netperf, "run_test", run_test)
+    bench = runner.Bench(runner.BenchConfig(duration=2.0))
+    crr = runner.Point(0, "same-node", "TCP_CRR")
+    assert bench.transactions(crr, "legacy", "a", "h") == 40000
+    assert bench.transactions(crr, "ebpf", "b", "h") == 60000       # each mode its own count
+    assert bench.transactions(crr, "legacy", "a", "h") == 40000     # the first run, once
+    assert runs == [("a", "TCP_CRR", netperf.CALIBRATION_TRANSACTIONS),
+                    ("b", "TCP_CRR", netperf.CALIBRATION_TRANSACTIONS)]
+    assert bench.transactions(runner.Point(0, "same-node", "TCP_RR"), "legacy", "a", "h") is None
+    assert len(runs) == 2                                           # timed tests need none
