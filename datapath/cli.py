@@ -415,12 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="legacy vs eBPF vs the limit, with netperf",
                        description="Builds a lab per mode (legacy, eBPF, the limit: no "
                        "netfilter at all, the floor: a constant redirect), runs netperf over "
-                       f"scenarios x modes ({', '.join(MODES)}) back to back in rotated order, "
+                       f"scenarios x modes ({', '.join(MODES)}) back to back, in an order that "
+                       "changes every repetition (a Williams square), "
                        "and prints medians and paired ratios with 95% bootstrap intervals.")
     p.add_argument("--quick", action="store_true", help="about two to three minutes: 1s "
                    f"tests, {QUICK['repeat']} repetitions, {','.join(QUICK['tests'])}, "
                    f"TCP_STREAM size {','.join(map(str, QUICK['sizes']))}")
-    p.add_argument("--duration", type=float, help="seconds per test (default 5)")
+    p.add_argument("--duration", type=float, help="whole seconds per test, at least 1 "
+                   "(default 5)")
     p.add_argument("--repeat", type=int, help="repetitions of every point (default 10)")
     p.add_argument("--sizes", type=_csv(int), help="TCP_STREAM message sizes, e.g. 64,1024")
     p.add_argument("--tests", type=_csv(str, TESTS), help=f"from {','.join(TESTS)} (default: "
