@@ -21,6 +21,9 @@ from netns_lab.state import (LabState, LabStateError, lab_files, lab_names, labs
                              load_state, stray_lab_names)
 
 
+SLEEPER = "import time; print(flush=True); time.sleep(60)"
+
+
 @pytest.fixture
 def labs(tmp_path, monkeypatch):
     monkeypatch.setenv("HOSTROUTING_STATE_DIR", str(tmp_path))
@@ -67,8 +70,9 @@ def test_files_of_removed_labs_are_collected_by_down_all(labs):
 
 
 def test_a_pidfile_is_trusted_only_while_pid_start_time_and_command_match(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    child = subprocess.Popen([sys.executable, "-c", SLEEPER], stdout=subprocess.PIPE)
     try:
+        child.stdout.readline()     # exec'd: /proc has its command line, not ours
         me = procs.Process.of(child.pid)
         assert me.alive() and me.runs("-c") and not me.runs("datapath.rule_guard")
         later = procs.Process(child.pid, me.start_time + 1)    # the pid, another process
@@ -125,9 +129,11 @@ def test_lab_down_signals_no_process_that_only_names_the_guard_pidfile(labs):
     pidfile = labs / f"{lab}.guard"
     tails = ([f"/x/labs/{lab}.guard"], [str(pidfile)],
              ["-m", "datapath.rule_guard", "--lab", lab, "--pidfile", str(pidfile)])
-    impostors = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *tail],
+    impostors = [subprocess.Popen([sys.executable, "-c", SLEEPER, *tail], stdout=subprocess.PIPE,
                                   start_new_session=True) for tail in tails]
     try:
+        for p in impostors:
+            p.stdout.readline()     # exec'd: /proc has its command line, not ours
         me = procs.Process.of(impostors[-1].pid)
         pidfile.write_text(json.dumps({"pid": me.pid, "start_time": me.start_time}))
         found = rule_guard.find(lab)
