@@ -239,6 +239,22 @@ def _parsed(parse):
     return check
 
 
+def _profile_dir(path: str) -> str:
+    """bench --profile DIR: perf can record, and DIR is (or is made) a directory."""
+    from datapath.bench import perf
+    try:
+        perf.require_perf()
+    except perf.ProfileError as e:
+        raise CliError(f"--profile: {e}") from None
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CliError(f"--profile {path}: exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"--profile {path}: {e.strerror}") from None
+    return path
+
+
 def cmd_bench(args) -> int:
     from datapath.bench import report
     if args.bench_command == "compare":
@@ -269,6 +285,8 @@ def cmd_bench(args) -> int:
         # netperf's -l takes whole seconds: 1.5 runs 1 s (the CPU window would be misplaced)
         # and 0.5 had not ended when killed after 5 s
         raise CliError("--duration must be whole seconds, at least 1, and --repeat at least 1")
+    if args.profile:
+        cfg.profile_dir = _profile_dir(args.profile)
     console = report.console_for_output()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
@@ -441,6 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "machine and the labs' settings")
     p.add_argument("--plot", metavar="FILE.png", help="ratios with their intervals, then "
                    "throughput and latency")
+    p.add_argument("--profile", metavar="DIR", help="after each point's repetitions, one more "
+                   "of every mode under perf record -a -g (not a sample): DIR gets a "
+                   ".perf.data, .folded and .top.txt per point and mode, and the report the "
+                   "top kernel symbols of legacy and eBPF side by side (needs perf: Debian "
+                   "package linux-perf)")
     p.add_argument("--lab-prefix", default="hrb", help="the labs it builds, one per mode: "
                    + ", ".join(f"PREFIX{LAB_SUFFIX[m]} ({m})" for m in MODES)
                    + "; with --aa: " + " and ".join(f"PREFIX{LAB_SUFFIX[m]}" for m in AA_MODES)

@@ -192,6 +192,19 @@ link_headers_for_bcc() {
 	say "headers for $(uname -r) are not packaged: linked $mine/{build,source} to $(basename "$other")'s"
 }
 
+# perf, for `hostrouting bench --profile`: Debian packages it once (linux-perf),
+# Ubuntu per kernel (linux-tools-<release>); a kernel with no such package gets
+# none, and bench --profile says what to install.
+perf_package() {
+	if [ "$ID" = debian ]; then
+		echo linux-perf
+	elif apt-cache show "linux-tools-$(uname -r)" >/dev/null 2>&1; then
+		echo "linux-tools-$(uname -r)"
+	else
+		say "perf: no linux-tools-$(uname -r) in this distribution's archives; bench --profile will say so" >&2
+	fi
+}
+
 packages=(python3-bpfcc bpfcc-tools libbpf1 clang llvm iproute2 iptables nftables
 	conntrack netperf iputils-ping python3-venv python3-pip procps ethtool tcpdump socat make)
 
@@ -232,6 +245,8 @@ if [ "$added_component" = 1 ] || [ ! -d /var/lib/apt/lists ] || [ -z "$(ls /var/
 	apt-get update -qq
 fi
 [ "$test_tools" = 1 ] && add_test_tools
+perf=$(perf_package)
+[ -n "$perf" ] && packages+=("$perf")
 mapfile -t todo < <(missing_packages)
 if [ "${#todo[@]}" -gt 0 ]; then
 	say "apt-get update (to install: ${todo[*]})"

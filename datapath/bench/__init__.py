@@ -12,5 +12,7 @@ their confidence intervals, are the result (docs/benchmarks.md).
 - ``netperf``: netperf and netserver inside lab namespaces, and their output
   parsed into numbers;
 - ``report``: samples into medians and ratios, tables, JSON, ``bench compare``
-  and a plot.
+  and a plot;
+- ``perf``: ``bench --profile``, perf record around an extra repetition and
+  the top kernel symbols of what it recorded.
 """

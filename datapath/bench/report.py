@@ -16,6 +16,7 @@ gain there.
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 
 import numpy as np
@@ -267,6 +268,62 @@ def print_tables(result: dict, console=None) -> None:
     for retry in env.get("retried_runs", []):
         console.print(f"[yellow]retried once[/]: {retry['scenario']} {retry['test']} "
                       f"{retry['mode']} (repeat {retry['repeat'] + 1}): {retry['error']}")
+    if result.get("profiles"):
+        print_profiles(result["profiles"], console)
+
+
+def side_by_side(profiles: list[dict], left: str, right: str, top: int) -> list[dict]:
+    """Per point that profiled both modes: the two modes' top kernel symbols, rank by rank."""
+    by_point: dict = defaultdict(dict)
+    for p in profiles:
+        by_point[(p["rules"], p["scenario"], p["test"], p["size"], p.get("pin"))][p["mode"]] = p
+    out = []
+    for key, modes in by_point.items():
+        if left not in modes or right not in modes:
+            continue
+        a, b = modes[left].get("top", [])[:top], modes[right].get("top", [])[:top]
+        out.append({"key": key, "left": modes[left], "right": modes[right],
+                    "rows": [(a[i] if i < len(a) else None, b[i] if i < len(b) else None)
+                             for i in range(max(len(a), len(b)))]})
+    return out
+
+
+def print_profiles(profiles: list[dict], console=None) -> None:
+    """The top kernel symbols of legacy and eBPF (A/A: legacy and legacy B) side by side, per
+    point, from bench --profile's recordings."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .perf import PATH_NAMES, TOP
+    console = console_for_output(console)
+    modes = {p["mode"] for p in profiles}
+    left, right = ("legacy", "legacy-b") if "legacy-b" in modes else ("legacy", "ebpf")
+    for p in profiles:
+        if p.get("error"):
+            console.print(f"[yellow]no profile[/] of {p['scenario']} {p['test']} {p['mode']}: "
+                          f"{escape(p['error'])}")
+    for point in side_by_side(profiles, left, right, TOP):
+        rules, scenario, test, size, pin = point["key"]
+        label = " ".join(str(x) for x in (scenario, test, size and f"{size} B", pin) if x)
+        table = Table(title=f"Where the time goes, {label}: top kernel symbols by self % of the "
+                      f"path's samples ({PATH_NAMES}; perf record, an extra repetition)")
+        for col in ("#", MODE_NAMES[left], "%", MODE_NAMES[right], "%"):
+            table.add_column(col, justify="left" if col not in ("#", "%") else "right",
+                             no_wrap=True)
+        for rank, (a, b) in enumerate(point["rows"], 1):
+            table.add_row(str(rank), escape(a["symbol"]) if a else "",
+                          f"{a['self_pct']:.1f}" if a else "",
+                          escape(b["symbol"]) if b else "", f"{b['self_pct']:.1f}" if b else "")
+        console.print(table)
+        console.print("; ".join(
+            f"{MODE_NAMES[m]}: {p['path_samples']:,} of {p['samples']:,} samples on the path, "
+            f"{p['kernel_samples'] / max(1, p['path_samples']):.0%} in the kernel"
+            for m, p in ((left, point["left"]), (right, point["right"]))))
+    if profiles:
+        first = next((p for p in profiles if p.get("perf_data")), None)
+        if first:
+            console.print(f"recordings, folded stacks and full symbol lists in "
+                          f"{escape(os.path.dirname(first['perf_data']))} (perf report -i FILE)")
 
 
 def noise_floor(rows: list[dict]) -> tuple[float, float, dict] | None:

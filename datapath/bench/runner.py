@@ -17,6 +17,10 @@ no switching in between; the report pairs the modes within a repetition
   (floor.py), the redirect mechanism without the program's logic
   (``<prefix>f``).
 
+``--profile DIR`` adds, after a point's repetitions, one more of every mode
+under perf record (perf.py): not a sample, so perf's cost stays out of the
+statistics.
+
 ``--aa`` builds two identical legacy labs instead (``legacy`` and ``legacy-b``):
 their ratio is the noise floor of the machine.
 
@@ -31,6 +35,7 @@ interval.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
@@ -88,6 +93,7 @@ class BenchConfig:
     quick: bool = False
     aa: bool = False
     cpu_pin: bool = False
+    profile_dir: str | None = None  # bench --profile: a recording per point and mode there
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -106,7 +112,8 @@ class BenchConfig:
                 for test, size in self.workloads() for pin in pins]
 
     def runs(self) -> int:
-        return len(self.points()) * len(self.modes) * self.repeat
+        """netperf runs of the whole matrix: the samples, and the profiled repetitions."""
+        return len(self.points()) * len(self.modes) * (self.repeat + bool(self.profile_dir))
 
 
 def rotated(modes: tuple[str, ...], rep: int) -> tuple[str, ...]:
@@ -295,6 +302,9 @@ class Bench:
 
     def setup(self, say=print) -> None:
         netperf.require_netperf()
+        if self.cfg.profile_dir:
+            from . import perf
+            perf.require_perf()
         for mode, lab in self.labs.items():
             topo = load_topology(lab)
             # the legacy and eBPF labs get the node profile; limit, floor: no mode, no profile
@@ -422,28 +432,48 @@ class Bench:
                 netperf.CALIBRATION_TRANSACTIONS / first.measured_s, self.cfg.duration)
         return self.counts[point, mode]
 
-    def measure(self, point: Point, mode: str, rep: int) -> Sample:
+    def record_profile(self, point: Point, mode: str) -> dict:
+        """One more repetition of a point in a mode, under perf record; not a sample. A
+        failure of perf is recorded, and the run goes on."""
+        from . import perf
+        size = point.size if point.test in netperf.SIZED else None
+        stem = perf.file_stem(point.scenario, point.test, size, point.pin, mode)
+        path = Path(self.cfg.profile_dir) / f"{stem}.perf.data"
+        entry = {"rules": point.rules, "scenario": point.scenario, "test": point.test,
+                 "size": point.size, "pin": point.pin, "mode": mode}
+        try:
+            with perf.Recording(path) as recording:
+                sample = self.measure(point, mode, self.cfg.repeat, around=recording.enabled)
+            entry["values"] = sample.values
+            entry.update(perf.summarise(path, f"{point.label()}, {mode}"))
+        except perf.ProfileError as e:
+            entry["error"] = str(e)
+        return entry
+
+    def measure(self, point: Point, mode: str, rep: int, around=None) -> Sample:
+        """One sample; ``around``: a context manager factory wrapped round the netperf run
+        (perf's recording)."""
         ns, host = self.target(point.scenario, mode)
         if mode == "floor":
             self.floor.use(point.scenario)
         guard_labs = [lab for m, lab in self.labs.items() if m == "ebpf"]
         try:
             try:
-                return self._measure_once(point, mode, rep, ns, host, guard_labs)
+                return self._measure_once(point, mode, rep, ns, host, guard_labs, around)
             except (netperf.NetperfError, netns.NetnsError) as first:
                 # one more try: a run that hangs or fails once should not cost the whole
                 # bench; a second failure is real and ends it
                 self.retries.append({"scenario": point.scenario, "mode": mode,
                                      "test": point.test, "size": point.size, "repeat": rep,
                                      "error": str(first)})
-                return self._measure_once(point, mode, rep, ns, host, guard_labs)
+                return self._measure_once(point, mode, rep, ns, host, guard_labs, around)
         finally:
             from datapath import rule_guard
             for lab in guard_labs:
                 rule_guard.resume(lab)
 
     def _measure_once(self, point: Point, mode: str, rep: int, ns: str, host: str,
-                      guard_labs: list[str]) -> Sample:
+                      guard_labs: list[str], around=None) -> Sample:
         from datapath import prog_stats, rule_guard
         duration = self.cfg.duration
         count = self.transactions(point, mode, ns, host)
@@ -453,7 +483,7 @@ class Bench:
         for lab in guard_labs:
             rule_guard.pause(lab, duration + GUARD_PAUSE_MARGIN_S)
         started_at = time.time()
-        with CpuReader() as cpu:
+        with around() if around else contextlib.nullcontext(), CpuReader() as cpu:
             started = time.monotonic()
             result = netperf.run_test(ns, host, point.test, duration, point.size,
                                       cpus=PINS.get(point.pin), transactions=count)
@@ -474,6 +504,7 @@ def run_bench(cfg: BenchConfig, on_sample=None, progress=None) -> dict:
     is added by the report)."""
     bench = Bench(cfg)
     samples: list[Sample] = []
+    profiles: list[dict] = []
     env = environment(cfg)
     settings: dict = {}
     _, steal_before = read_proc_stat()
@@ -495,6 +526,13 @@ def run_bench(cfg: BenchConfig, on_sample=None, progress=None) -> dict:
                         on_sample(sample)
                     if progress:
                         progress.advance(task)
+            if cfg.profile_dir:
+                for mode in cfg.modes:
+                    if progress:
+                        progress.update(task, description=f"{point.label()} {mode} (perf record)")
+                    profiles.append(bench.record_profile(point, mode))
+                    if progress:
+                        progress.advance(task)
             if progress and not progress.console.is_terminal:
                 # a piped or logged run has no live bar: a line per point shows it moves
                 progress.log(f"{point.label()}: {cfg.repeat} repetitions of "
@@ -505,5 +543,8 @@ def run_bench(cfg: BenchConfig, on_sample=None, progress=None) -> dict:
         env["steal_s"] = (read_proc_stat()[1] - steal_before) / CLK_TCK
         env["retried_runs"] = bench.retries
         env["node_profile"] = {"name": bench.profile.name, "labs": bench.profile_applied}
-    return {"environment": env, "lab_settings": settings,
-            "samples": [asdict(s) for s in samples]}
+    result = {"environment": env, "lab_settings": settings,
+              "samples": [asdict(s) for s in samples]}
+    if cfg.profile_dir:
+        result["profiles"] = profiles
+    return result
