@@ -14,20 +14,18 @@ handed down.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
-import threading
 from typing import Callable
 
 from datapath import libbpf, shared_types as st
 from datapath.bpf_build import BPF_DIR, compile_bpf, load_program
+from netns_lab import netns
 
 SOURCE = BPF_DIR / "xtables_refusal.c"
 PROGRAM = "refuse_xtables_write"
 BPF_PROG_TYPE_CGROUP_SOCKOPT = 25
 SO_NETNS_COOKIE = 71        # uapi asm-generic/socket.h, Linux 5.14
-CLONE_NEWNET = 0x40000000
 MOUNTINFO = "/proc/self/mountinfo"
 
 # level, optname -> the tool family whose table load it is
@@ -65,35 +63,12 @@ def open_cgroup2_root() -> int:
 
 
 def netns_cookie(netns_path: str) -> int:
-    """The kernel's cookie of a network namespace (as bpf_get_netns_cookie() sees it).
-
-    setns() in a thread of its own, which ends afterwards, so the calling
-    process never changes namespace.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    result: dict[str, object] = {}
-
-    def probe() -> None:
-        try:
-            fd = os.open(netns_path, os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({netns_path}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                result["cookie"] = int.from_bytes(
-                    s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
-        except OSError as e:
-            result["error"] = e
-
-    t = threading.Thread(target=probe, name=f"netns-cookie {netns_path}")
-    t.start()
-    t.join()
-    if "error" in result:
-        raise result["error"]  # type: ignore[misc]
-    return result["cookie"]  # type: ignore[return-value]
+    """The kernel's cookie of a network namespace (as bpf_get_netns_cookie() sees it)."""
+    def cookie() -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8),
+                                  "little")
+    return netns.call_in(netns_path, cookie)
 
 
 class XtablesRefusal:

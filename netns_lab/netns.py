@@ -16,6 +16,7 @@ from pyroute2 import IPRoute, netns as pr_netns
 from . import faults
 
 NETNS_DIR = "/run/netns"
+CLONE_NEWNET = 0x40000000
 
 
 class NetnsError(RuntimeError):
@@ -60,6 +61,36 @@ class CountedIPRoute:
 
     def __exit__(self, *exc) -> None:
         self._sock.close()
+
+
+def call_in(name: str, fn):
+    """fn() run in the namespace (a name, or a path such as /proc/PID/ns/net) by a thread of
+    its own that ends afterwards, so the calling process never changes namespace; for calls
+    that act on the caller's namespace (a bpf(2) attach by ifindex). Returns fn's result."""
+    import ctypes
+    import threading
+    path = name if "/" in name else os.path.join(NETNS_DIR, name)
+    result: dict = {}
+
+    def run_in() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({path}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            result["value"] = fn()
+        except BaseException as e:      # raised again in the caller
+            result["error"] = e
+
+    t = threading.Thread(target=run_in, name=f"in netns {name}")
+    t.start()
+    t.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def ipr(name: str) -> CountedIPRoute:
