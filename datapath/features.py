@@ -16,6 +16,7 @@ status`` would otherwise compile and load four programs on every call.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ HELPERS = {
     "bpf_fib_lookup": (69, "4.18"),
 }
 SCHED_CLS = "sched_cls program loads"
+TCX = "TCX attach"
 
 PROBE_SOURCE = r"""
 int hr_probe_ok(struct __sk_buff *skb)
@@ -179,6 +181,21 @@ def helper(probes: Probes, name: str) -> Feature:
     if fd is not None:
         return Feature(name, True, f"helper #{number} accepted by the verifier in sched_cls")
     return Feature(name, False, f"{name}: {explain_rejection(exc, log, min_kernel)}")
+
+
+def tcx() -> Feature:
+    """Whether the kernel has TCX hooks (Linux >= 6.6): BPF_PROG_QUERY of tcx_ingress on
+    the loopback device (ifindex 1 in every namespace), which reads and changes nothing.
+    No program is needed; the doctor attaches one for real."""
+    from . import libbpf
+    try:
+        libbpf.prog_query(1, libbpf.BPF_TCX_INGRESS)
+    except OSError as e:
+        if e.errno == errno.EPERM:
+            return Feature(TCX, False, "not permitted to query BPF attachments (needs root)")
+        return Feature(TCX, False, f"BPF_PROG_QUERY of tcx_ingress: {e.strerror} (TCX needs "
+                                   "Linux >= 6.6): programs attach as clsact filters")
+    return Feature(TCX, True, "tcx_ingress hooks answer BPF_PROG_QUERY")
 
 
 def _probe() -> tuple[list[Feature], bool]:

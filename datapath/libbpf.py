@@ -159,6 +159,29 @@ int bpf_map_update_elem(int fd, const void *key, const void *value, __u64 flags)
 int bpf_map_delete_elem(int fd, const void *key);
 /* attach_type is enum bpf_attach_type; opts may be NULL */
 int bpf_link_create(int prog_fd, int target_fd, int attach_type, const void *opts);
+/* libbpf 1.1 bpf.h; later releases add fields after replace_prog_fd (sz tells them apart) */
+struct bpf_prog_attach_opts {
+	size_t sz;
+	unsigned int flags;
+	int replace_prog_fd;
+};
+int bpf_prog_attach_opts(int prog_fd, int target, int type, const struct bpf_prog_attach_opts *opts);
+int bpf_prog_detach2(int prog_fd, int attachable_fd, int type);
+/* uapi union bpf_attr, the BPF_PROG_QUERY part as of Linux 6.6 (libbpf 1.1 knows no link_ids) */
+struct hr_prog_query_attr {
+	__u32 target;		/* fd, or ifindex (TCX) */
+	__u32 attach_type;
+	__u32 query_flags;
+	__u32 attach_flags;
+	__u64 prog_ids;
+	__u32 count;
+	__u32 _pad;
+	__u64 prog_attach_flags;
+	__u64 link_ids;
+	__u64 link_attach_flags;
+	__u64 revision;
+};
+long syscall(long number, ...);
 int bpf_map_get_next_key(int fd, const void *key, void *next_key);
 int libbpf_num_possible_cpus(void);
 /* type is enum bpf_stats_type; returns an fd: stats are collected while it is open */
@@ -485,6 +508,14 @@ def map_items_batch(map_fd, key_size: int, value_size: int,
 
 # uapi enum bpf_attach_type values used here
 BPF_CGROUP_SETSOCKOPT = 22
+BPF_TCX_INGRESS = 46        # Linux 6.6
+BPF_TCX_EGRESS = 47
+
+# BPF_PROG_ATTACH flags
+BPF_F_REPLACE = 1 << 2
+
+_NR_BPF = 321               # x86-64
+_BPF_PROG_QUERY = 16
 
 
 def link_create(prog_fd, target_fd, attach_type: int) -> Fd:
@@ -492,6 +523,48 @@ def link_create(prog_fd, target_fd, attach_type: int) -> Fd:
     the last fd of the link closes, so it never outlives its owner."""
     return Fd(_check(lib().bpf_link_create(_fdnum(prog_fd), _fdnum(target_fd), attach_type,
                                             ffi.NULL), "bpf_link_create"))
+
+
+def prog_attach(prog_fd, target: int, attach_type: int, replace_fd=None) -> None:
+    """BPF_PROG_ATTACH without a link (for TCX, target is an ifindex of the calling
+    thread's netns); with replace_fd, that program is replaced in place (BPF_F_REPLACE)."""
+    opts = ffi.new("struct bpf_prog_attach_opts *")
+    opts.sz = ffi.sizeof("struct bpf_prog_attach_opts")
+    if replace_fd is not None:
+        opts.flags = BPF_F_REPLACE
+        opts.replace_prog_fd = _fdnum(replace_fd)
+    _check(lib().bpf_prog_attach_opts(_fdnum(prog_fd), target, attach_type, opts),
+           "BPF_PROG_ATTACH")
+
+
+def prog_detach(prog_fd, target: int, attach_type: int) -> bool:
+    """BPF_PROG_DETACH of that program; False when it was not attached there."""
+    ret = lib().bpf_prog_detach2(_fdnum(prog_fd), target, attach_type)
+    if ret < 0 and -ret == _errno.ENOENT:
+        return False
+    _check(ret, "BPF_PROG_DETACH")
+    return True
+
+
+def prog_query(target: int, attach_type: int, room: int = 64) -> list[tuple[int, int]]:
+    """(program id, link id or 0) of every program on a multi-program hook (TCX: target is
+    an ifindex of the calling thread's netns), in the order they run. A raw bpf(2) call:
+    libbpf 1.1 does not ask for link ids."""
+    while True:
+        attr = ffi.new("struct hr_prog_query_attr *")
+        progs, links = ffi.new("__u32[]", room), ffi.new("__u32[]", room)
+        attr.target, attr.attach_type, attr.count = target, attach_type, room
+        attr.prog_ids = int(ffi.cast("uintptr_t", progs))
+        attr.link_ids = int(ffi.cast("uintptr_t", links))
+        ret = lib().syscall(ffi.cast("long", _NR_BPF), ffi.cast("int", _BPF_PROG_QUERY),
+                            ffi.cast("void *", attr), ffi.cast("unsigned int", ffi.sizeof(attr[0])))
+        if ret < 0:
+            err = ffi.errno
+            if err == _errno.ENOSPC:
+                room *= 4
+                continue
+            raise OSError(err, f"BPF_PROG_QUERY: {os.strerror(err)}")
+        return [(progs[i], links[i]) for i in range(attr.count)]
 
 
 # -- ring buffer ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
+import socket
 import sys
 import textwrap
 
@@ -19,7 +20,7 @@ from scapy.layers.inet import ICMP, IP, UDP, TCP, IPOption_NOP, IPerror, TCPerro
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 
-from datapath import bpf_build, libbpf, shared_types as st, tc_attach
+from datapath import bpf_build, features, libbpf, shared_types as st, tc_attach
 from datapath.host_routing import DatapathMaps
 from tests.bpf.harness import (add_local_pod, from_pod, from_underlay, ip_batch, nonzero_counters,
                                private_netns, run_prog, send_raw, wait_for)
@@ -608,14 +609,16 @@ def veth_ns():
 
 def test_attach_detach_leaves_nothing_behind(loaded, veth_ns):
     before = _tc(veth_ns, "qdisc", "show", "dev", "v0")
-    created = tc_attach.attach(veth_ns, "v0", loaded.from_pod.fd, "from_pod", "ingress")
+    created = tc_attach.attach(veth_ns, "v0", loaded.from_pod.fd, "from_pod", "ingress",
+                               mode="clsact")
     assert created is True
     assert "clsact" in _tc(veth_ns, "qdisc", "show", "dev", "v0")
     assert tc_attach.attached_programs(veth_ns, "v0", "ingress") == [(loaded.from_pod.id,
                                                                       "from_pod")]
     assert tc_attach.attached_programs(veth_ns, "v0", "egress") == []
     # attaching again swaps the program in place
-    assert tc_attach.attach(veth_ns, "v0", loaded.from_underlay.fd, "from_underlay") is False
+    assert tc_attach.attach(veth_ns, "v0", loaded.from_underlay.fd, "from_underlay",
+                            mode="clsact") is False
     assert tc_attach.attached_programs(veth_ns, "v0") == [(loaded.from_underlay.id,
                                                            "from_underlay")]
     assert tc_attach.detach(veth_ns, "v0", "ingress", remove_qdisc=created) is True
@@ -629,7 +632,8 @@ def test_preexisting_clsact_and_filters_are_kept(loaded, veth_ns):
     with IPRoute(netns=veth_ns, flags=0) as ipr:      # someone else's filter, at prio 7
         ipr.tc("add-filter", "bpf", ipr.link_lookup(ifname="v0")[0], 2, parent=0xFFFFFFF3,
                prio=7, fd=loaded.from_underlay.fd, name="someone_else", direct_action=True)
-    created = tc_attach.attach(veth_ns, "v0", loaded.from_pod.fd, "from_pod", "egress")
+    created = tc_attach.attach(veth_ns, "v0", loaded.from_pod.fd, "from_pod", "egress",
+                               mode="clsact")
     assert created is False
     assert tc_attach.attached_programs(veth_ns, "v0", "egress") == [
         (loaded.from_pod.id, "from_pod"), (loaded.from_underlay.id, "from_underlay")]
@@ -639,6 +643,49 @@ def test_preexisting_clsact_and_filters_are_kept(loaded, veth_ns):
         (loaded.from_underlay.id, "from_underlay")]
     assert "someone_else" in _tc(veth_ns, "filter", "show", "dev", "v0", "egress")
     assert tc_attach.detach(veth_ns, "v0", "egress") is False      # nothing of ours left
+
+
+needs_tcx = pytest.mark.skipif(bool(tc_attach.tcx_missing()),
+                               reason=f"kernel without TCX: {tc_attach.tcx_missing()}")
+
+
+@needs_tcx
+def test_tcx_attach_replace_detach(loaded, veth_ns):
+    from netns_lab import netns
+    before = _tc(veth_ns, "qdisc", "show", "dev", "v0")
+    assert tc_attach.attach(veth_ns, "v0", loaded.from_pod.fd, "from_pod", mode="tcx") is False
+    found = tc_attach.attached(veth_ns, "v0", "ingress")
+    assert [(a.kind, a.prog_id, a.name) for a in found] == [("tcx", loaded.from_pod.id,
+                                                              "from_pod")]
+    assert _tc(veth_ns, "qdisc", "show", "dev", "v0") == before     # no clsact qdisc
+    assert tc_attach.attached_programs(veth_ns, "v0", "egress") == []
+    # someone else's program on the hook, held by its bpf_link: never ours
+    probes = features.Probes()
+    theirs, _, _ = probes.load(features.PROBE_FUNCS[features.SCHED_CLS])
+    theirs_id = libbpf.prog_info(theirs).id
+    link = netns.call_in(veth_ns, lambda: libbpf.link_create(
+        theirs, socket.if_nametoindex("v0"), libbpf.BPF_TCX_INGRESS))
+    try:
+        # attaching again swaps ours in place, before theirs as it was
+        tc_attach.attach(veth_ns, "v0", loaded.from_underlay.fd, "from_underlay", mode="tcx")
+        assert tc_attach.attached_programs(veth_ns, "v0") == [
+            (loaded.from_underlay.id, "from_underlay"), (theirs_id, "hr_probe_ok")]
+        assert [a.name for a in tc_attach.attached(veth_ns, "v0")] == ["from_underlay"]
+        # attached the other way, ours moves: one program of ours on the hook
+        tc_attach.attach(veth_ns, "v0", loaded.from_pod.fd, "from_pod", mode="clsact")
+        assert [(a.kind, a.name) for a in tc_attach.attached(veth_ns, "v0")] == [
+            ("tc", "from_pod")]
+        tc_attach.attach(veth_ns, "v0", loaded.from_pod.fd, "from_pod", mode="tcx")
+        assert [(a.kind, a.name) for a in tc_attach.attached(veth_ns, "v0")] == [
+            ("tcx", "from_pod")]
+        assert tc_attach.detach(veth_ns, "v0", "ingress") is True
+        assert tc_attach.attached(veth_ns, "v0") == []
+        assert tc_attach.attached_programs(veth_ns, "v0") == [(theirs_id, "hr_probe_ok")]
+        assert tc_attach.detach(veth_ns, "v0", "ingress") is False
+    finally:
+        link.close()
+        probes.close()
+    assert tc_attach.attached_programs(veth_ns, "v0") == []
 
 
 def test_attach_errors_name_what_is_missing(loaded, veth_ns):
