@@ -58,7 +58,8 @@ def print_status(status: dict) -> None:
         for att in node["attached"] or [{"ifname": "-", "hook": "-", "programs": []}]:
             progs = att["programs"] or [{"name": "-", "id": "-"}]
             for p in progs:
-                table.add_row(node["name"] if first else "", node["mode"] if first else "",
+                observed = node["mode"] + (f" ({node['attach']})" if node.get("attach") else "")
+                table.add_row(node["name"] if first else "", observed if first else "",
                               att["ifname"], att["hook"], p["name"], str(p["id"]))
                 first = False
     out = console()

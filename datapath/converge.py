@@ -8,8 +8,9 @@ point, ends in the same place.
 - legacy: the rule guard stopped (it would revert the next step), the live
   BPF SNAT flows written into conntrack and MASQUERADE restored in one
   ``iptables-restore --noflush`` transaction (only while programs are still
-  attached and MASQUERADE is not whole), our filters removed (a missing one
-  is done) and the clsact qdiscs the lab added with them, ``accept_local`` 0.
+  attached and MASQUERADE is not whole), our programs removed, TCX or clsact
+  filter (a missing one is done), and the clsact qdiscs the lab added with
+  them, ``accept_local`` 0.
 - ebpf: the programs attached where they are missing (a loaded datapath whose
   config, table size and endpoints are the lab's is kept, and with it its NAT
   table; a new one takes over the old one's NAT entries, or conntrack's while
@@ -204,13 +205,16 @@ def _carry_nat(topo: Topology, node: Node, maps: DatapathMaps, view: NodeView) -
 
 
 def _attach(state: LabState, node: Node, dev: str, fd: int, prog: str) -> None:
-    """Attach, claiming the clsact qdisc in the record before creating it (as namespaces are
-    listed before they exist), so legacy removes exactly the qdiscs the lab added."""
+    """Attach (TCX where the kernel has it, tc_attach.default_mode); for a clsact filter,
+    claiming the qdisc in the record before creating it (as namespaces are listed before
+    they exist), so legacy removes exactly the qdiscs the lab added."""
+    mode = tc_attach.default_mode()
     claim = f"{node.netns}/{dev}"
-    if claim not in state.qdiscs and not tc_attach.has_clsact(node.netns, dev):
+    if mode == "clsact" and claim not in state.qdiscs and \
+            not tc_attach.has_clsact(node.netns, dev):
         state.qdiscs.append(claim)
         state.save()
-    tc_attach.attach(node.netns, dev, fd, prog, "ingress")
+    tc_attach.attach(node.netns, dev, fd, prog, "ingress", mode=mode)
 
 
 def ensure_programs(state: LabState, topo: Topology, node: Node, view: NodeView) -> list[str]:

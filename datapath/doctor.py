@@ -9,7 +9,7 @@ Kernel features are probed for real, not guessed from the version
 (``datapath/features.py``: the verifier itself says yes or no), afresh on
 every run.
 
-The clsact check works in a throwaway namespace ``hrdoctor-<random>`` holding
+The clsact and TCX checks work in a throwaway namespace ``hrdoctor-<random>`` holding
 a veth pair, removed however the check ends: the root network namespace is
 never modified. (veth, not dummy: loading the dummy module creates dummy0 in
 the root namespace.)
@@ -167,7 +167,7 @@ def check_clsact(probes: Probes) -> list[Check]:
         return [Check(qdisc, False, True, why), Check(attach, False, True, f"not checked: {why}")]
     try:
         qdisc_check = clsact_in(ns, qdisc)
-        return [qdisc_check, attach_in(ns, attach, probes, qdisc_check)]
+        return [qdisc_check, attach_in(ns, attach, probes, qdisc_check), tcx_in(ns, probes)]
     finally:
         run([which("ip"), "netns", "del", ns])
 
@@ -193,14 +193,38 @@ def attach_in(ns: str, name: str, probes: Probes, qdisc: Check) -> Check:
                                         "program")
     from . import tc_attach
     try:
-        tc_attach.attach(ns, "hrd0", fd, PROBE_FUNCS[SCHED_CLS], "ingress")
+        tc_attach.attach(ns, "hrd0", fd, PROBE_FUNCS[SCHED_CLS], "ingress", mode="clsact")
     except Exception as e:  # TcError, or whatever else netlink answers: reported, not raised
         return Check(name, False, True, f"direct-action bpf filter refused: {e}")
     shown = run([which("tc"), "-n", ns, "filter", "show", "dev", "hrd0", "ingress"]).stdout
     if "direct-action" not in shown:
         return Check(name, False, True, f"attached but not listed: {first_line(shown)}")
     return Check(name, True, True, "direct-action bpf filter attached as enable attaches "
-                                   "(tc_attach.attach)")
+                                   "where TCX is missing (tc_attach.attach)")
+
+
+def tcx_in(ns: str, probes: Probes) -> Check:
+    """The trivial program attached with TCX to the throwaway veth, listed, and detached:
+    what enable does where the kernel has TCX (else it attaches clsact filters)."""
+    name = features.TCX
+    found = features.tcx()
+    if not found.ok:
+        return Check(name, False, False, found.detail)
+    fd = probes.fds.get(PROBE_FUNCS[SCHED_CLS])
+    if fd is None:
+        return Check(name, False, False, "not checked: needs the sched_cls program")
+    from . import tc_attach
+    try:
+        tc_attach.attach(ns, "hrd0", fd, PROBE_FUNCS[SCHED_CLS], "ingress", mode="tcx")
+        listed = [a.kind for a in tc_attach.attached(ns, "hrd0", "ingress")]
+        tc_attach.detach(ns, "hrd0", "ingress")
+    except Exception as e:  # TcError, or whatever else the kernel answers: reported
+        return Check(name, False, False, f"BPF_PROG_ATTACH tcx_ingress refused: {e} (enable "
+                                         "attaches clsact filters instead)")
+    if listed != ["tcx"]:
+        return Check(name, False, False, f"attached but listed as {listed}")
+    return Check(name, True, False, "BPF_PROG_ATTACH to tcx_ingress of a veth, listed and "
+                                    "detached: enable attaches with TCX")
 
 
 def check_tool(name: str, tool: str, required: bool, why: str,

@@ -59,8 +59,9 @@ def parse_listen(text: str) -> tuple[str, int]:
 def _attached(topo: Topology, node) -> dict[str, int]:
     """{program: id} of the datapath attached on a node now ({}: none): from_underlay on
     the uplink (its maps are the node's), then from_pod on one pod's veth (all have the
-    same). Read from the devices, as `status` does, not from the lab's record: a tc call
-    each, so the caller keeps the answer while those programs live."""
+    same). Read from the devices (TCX programs and clsact filters), as `status` does, not
+    from the lab's record: a query of the kernel each, so the caller keeps the answer while
+    those programs live."""
     from . import tc_attach
     found: dict[str, int] = {}
     for ifname, program in ((topo.uplink_ifname, FROM_UNDERLAY),

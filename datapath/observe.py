@@ -1,7 +1,8 @@
 """What a lab is, read from the kernel: never from a record of what was done.
 
 ``observe(topo)`` reads, per node: whether its namespace and devices exist,
-the program this project attached to every attach point (tc_attach.attached),
+the program this project attached to every attach point (tc_attach.attached:
+a TCX program or a clsact filter),
 whether those programs are one consistent datapath with the lab's config (so
 it can be kept, NAT table and all), the MASQUERADE chain and its jump, the
 ``accept_local`` sysctls and the trace flag; and for the lab: every namespace
@@ -56,6 +57,12 @@ class NodeView:
     @property
     def attached(self) -> int:
         return sum(len(p) for p in self.programs.values())
+
+    @property
+    def attach_mode(self) -> str | None:
+        """tcx or clsact: how the node's programs are attached; "mixed"; None: none are."""
+        modes = {a.mode for found in self.programs.values() for a in found}
+        return modes.pop() if len(modes) == 1 else ("mixed" if modes else None)
 
     def mode(self, topo: Topology) -> str:
         """ebpf or legacy when the node is exactly that; absent; else "drifted"."""

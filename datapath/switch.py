@@ -67,6 +67,7 @@ def enable_ebpf(state: LabState, topo: Topology, force: bool = False) -> list[st
     with a rollback to legacy. Any other failure rolls back to legacy too.
     """
     _refuse_removed(state, topo)
+    tc_attach.default_mode()                        # a bad HOSTROUTING_ATTACH changes nothing
     cv.check_repairable(topo, ob.observe(topo))     # a broken lab is not switched to eBPF
     found = cv.unaccepted_rules(state, topo, list(topo.nodes))
     if found and not force:
@@ -159,11 +160,12 @@ def status(state: LabState, topo: Topology) -> dict:
     nodes = []
     for node in topo.nodes:
         nv = view.node(node.name)
-        attached = [{"ifname": dev, "hook": "tc ingress",
-                     "programs": [{"id": a.prog_id, "name": a.name}
+        attached = [{"ifname": dev, "hook": _hook(nv.programs.get(dev, [])),
+                     "programs": [{"id": a.prog_id, "name": a.name, "attach": a.mode}
                                   for a in nv.programs.get(dev, [])]}
                     for dev, _ in ob.attach_points(topo, node) if dev in nv.programs]
         nodes.append({"name": node.name, "netns": node.netns, "mode": nv.mode(topo),
+                      "attach": nv.attach_mode,
                       "desired": state.desired.get(node.name, "legacy"),
                       "masquerade": nv.masquerade, "trace": nv.trace, "attached": attached,
                       "differences": diffs.get(node.name, [])})
@@ -177,6 +179,12 @@ def status(state: LabState, topo: Topology) -> dict:
             "converged": not diffs, "differences": diffs.get("lab", []), "fix": fix,
             "rule_blocking": rule_guard.mechanisms(view.guard),
             "ebpf_support": _support()}
+
+
+def _hook(found: list) -> str:
+    """How the programs on a device hang there: "tcx ingress", "tc ingress" (a clsact
+    filter), both, or "ingress" (none)."""
+    return " ".join(["+".join(sorted({a.kind for a in found})), "ingress"]).strip()
 
 
 def _support() -> dict:

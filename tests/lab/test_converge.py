@@ -10,7 +10,7 @@ desired (``status`` exits 0), pods reach each other and the external host,
 and nothing leaked (exactly one guard in eBPF mode, none in legacy; no clsact
 left in legacy; after ``lab down`` no namespace and no file of the lab).
 
-Drift: a namespace, a veth, a filter deleted by hand, the guard killed, the
+Drift: a namespace, a veth, a program detached by hand (TCX or a clsact filter), the guard killed, the
 state directory wiped, a stale lock, the guard's pid reused by an unrelated
 process: each ends with one command that repairs or removes, named by
 ``status`` or by the error.
@@ -21,13 +21,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from datapath import rule_guard
+from datapath import libbpf, rule_guard, tc_attach
 from netns_lab import netns, procs
 from netns_lab.builder import foreign_namespaces, lab_namespaces
 from netns_lab.state import guard_pidfile, lab_files, load_state
@@ -83,6 +84,8 @@ def assert_converged(lab: str, mode: str) -> None:
     status = json.loads(proc.stdout)
     assert proc.returncode == 0 and status["converged"], (proc.stderr, status)
     assert {n["mode"] for n in status["nodes"]} == {mode}
+    assert {n["attach"] for n in status["nodes"]} == \
+        ({tc_attach.default_mode()} if mode == "ebpf" else {None})
     assert len(guards(lab)) == (1 if mode == "ebpf" else 0)
     topo = topology(lab)
     a, b = topo.nodes[0].pods[0], topo.nodes[1].pods[0]
@@ -184,26 +187,49 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> Non
     assert all(w in proc.stderr for w in words), proc.stderr
 
 
+def remove_by_hand(ns: str, dev: str) -> list[str]:
+    """What an admin would do to our program on the device's ingress: a TCX program
+    detached with BPF_PROG_DETACH (bpftool's way), a clsact filter with `tc filter del`.
+    Returns how each was attached."""
+    found = tc_attach.attached(ns, dev, "ingress")
+    for a in found:
+        if a.kind == "tcx":
+            with libbpf.prog_fd_by_id(a.prog_id) as fd:
+                assert netns.call_in(ns, lambda: libbpf.prog_detach(
+                    fd, socket.if_nametoindex(dev), libbpf.BPF_TCX_INGRESS))
+        else:
+            netns.run(ns, ["tc", "filter", "del", "dev", dev, "ingress"])
+    assert tc_attach.attached(ns, dev, "ingress") == []
+    return [a.mode for a in found]
+
+
 def test_a_deleted_filter_is_attached_again_and_the_nat_flows_stay(drift_lab):
-    """node1's only pod filter deleted: from_pod is gone with it, from_underlay (and the NAT
-    table) stays; enable loads a new datapath that takes over the NAT entries. Then both
-    filters deleted: no datapath left, stats and nat list say so in one line."""
+    """node1's only pod program detached by hand (TCX, then a clsact filter: enable run with
+    HOSTROUTING_ATTACH=clsact repairs with one): from_pod is gone with it, from_underlay (and
+    the NAT table) stays; enable loads a new datapath that takes over the NAT entries. Then
+    both programs removed: no datapath left, stats and nat list say so in one line."""
     lab = drift_lab
     topo = topology(lab)
     node, pod = topo.nodes[0], topo.nodes[0].pods[0]
     assert ping(pod.netns, topo.external.ip).returncode == 0
     before = json.loads(cli("nat", "list", "--lab", lab, "--json").stdout)["nodes"][node.name]
     assert before
-    netns.run(node.netns, ["tc", "filter", "del", "dev", pod.host_ifname, "ingress"])
-    assert_drift_named(lab, f"{pod.host_ifname}: no program attached", f"hostrouting enable "
-                       f"--lab {lab}")
-    assert cli("enable", "--lab", lab).returncode == 0
+    modes = []
+    for repair in ("clsact", "auto"):
+        modes += remove_by_hand(node.netns, pod.host_ifname)
+        assert_drift_named(lab, f"{pod.host_ifname}: no program attached",
+                           f"hostrouting enable --lab {lab}")
+        proc = cli("enable", "--lab", lab, env={tc_attach.MODE_ENV: repair})
+        assert proc.returncode == 0, proc.stderr
+        assert [a.mode for a in tc_attach.attached(node.netns, pod.host_ifname)] == \
+            [repair if repair != "auto" else tc_attach.default_mode()]
+        after = json.loads(cli("nat", "list", "--lab", lab, "--json").stdout)["nodes"][node.name]
+        assert {(f["pod"], f["nat"]) for f in before} <= {(f["pod"], f["nat"]) for f in after}
+    assert modes == [tc_attach.default_mode(), "clsact"]
     assert_converged(lab, "ebpf")
-    after = json.loads(cli("nat", "list", "--lab", lab, "--json").stdout)["nodes"][node.name]
-    assert {(f["pod"], f["nat"]) for f in before} <= {(f["pod"], f["nat"]) for f in after}
 
     for dev in (pod.host_ifname, topo.uplink_ifname):
-        netns.run(node.netns, ["tc", "filter", "del", "dev", dev, "ingress"])
+        remove_by_hand(node.netns, dev)
     for argv in (("stats",), ("nat", "list")):
         assert_one_line_error(cli(*argv, "--lab", lab), f"node {node.name}", "status --lab")
     assert cli("enable", "--lab", lab).returncode == 0
@@ -395,9 +421,9 @@ def test_a_lock_file_removed_while_held_gives_the_lock_to_one_holder_at_a_time(l
     first.start()
     while "remover" not in events:
         time.sleep(0.01)
-    waiter = threading.Thread(target=holder, args=("waiter",))
+    waiter = threading.Thread(target=holder, args=("waiter",), name="waiter")
     waiter.start()
-    time.sleep(0.2)                 # the waiter has opened the old file and waits on it
+    assert waiting.wait(10)         # the waiter has opened the old file and waits on it
     released.set()
     first.join()
     newcomer = threading.Thread(target=holder, args=("newcomer",))

@@ -127,14 +127,25 @@ def test_counters_show_peer_for_same_node_and_neigh_for_cross_node(ebpf_lab):
         assert after[node]["redirect_peer"] - mid[node]["redirect_peer"] == 3
 
 
+ATTACH_MODES = [pytest.param("tcx", marks=pytest.mark.skipif(
+    bool(tc_attach.tcx_missing()), reason=f"kernel without TCX: {tc_attach.tcx_missing()}")),
+    "clsact"]
+
+
+@pytest.mark.parametrize("attach", ATTACH_MODES)
 @pytest.mark.parametrize("where", ["same-node", "cross-node"])
-def test_path_skips_the_destination_host_veth(make_lab, where):
-    """A drop-all checker on the destination's host-side veth egress: only the slow path meets it."""
+def test_path_skips_the_destination_host_veth(make_lab, monkeypatch, where, attach):
+    """A drop-all checker on the destination's host-side veth egress: only the slow path
+    meets it, whether the datapath hangs on its hooks with TCX or as clsact filters."""
     from datapath.bpf_build import compile_bpf, load_program
+    monkeypatch.setenv(tc_attach.MODE_ENV, attach)
     checker = compile_bpf("drop_all.c", text=DROP_ALL)
     fd = load_program(checker, "drop_all")
     for mode in ("legacy", "ebpf"):
         _, topo = make_lab(mode)
+        if mode == "ebpf":
+            assert {n["attach"] for n in switch.status(load_state(topo.lab), topo)["nodes"]} \
+                == {attach}
         a1, a2, b1, _ = pods(topo)
         dst = a2 if where == "same-node" else b1
         dst_node = topo.nodes[0] if where == "same-node" else topo.nodes[1]
@@ -191,14 +202,16 @@ def qdiscs(ns: str) -> str:
     return netns.run(ns, ["tc", "qdisc", "show"]).stdout
 
 
-def test_disable_restores_every_device_exactly(legacy_lab):
+@pytest.mark.parametrize("attach", ATTACH_MODES)
+def test_disable_restores_every_device_exactly(legacy_lab, monkeypatch, attach):
     state, topo = legacy_lab
     node = topo.nodes[0]
-    # A clsact the user had before must survive; the ones we add must go.
+    monkeypatch.setenv(tc_attach.MODE_ENV, attach)
+    # A clsact the user had before must survive; the ones we add must go (TCX adds none).
     netns.run(node.netns, ["tc", "qdisc", "add", "dev", node.pods[0].host_ifname, "clsact"])
     before = {n.netns: qdiscs(n.netns) for n in topo.nodes}
     switch.enable_ebpf(load_state(topo.lab), topo)
-    assert "clsact" in qdiscs(topo.nodes[1].netns)
+    assert ("clsact" in qdiscs(topo.nodes[1].netns)) == (attach == "clsact")
     switch.disable_ebpf(load_state(topo.lab), topo)
     assert {n.netns: qdiscs(n.netns) for n in topo.nodes} == before
     for n in topo.nodes:

@@ -19,7 +19,7 @@ REQUIRED = {"running as root", "bpf() syscall", "bcc (python3-bpfcc)", "kernel h
             "bpf_fib_lookup", "clsact qdisc", "sched_cls attach (clsact ingress)", "netperf",
             "netserver", "iptables-nft backend"}
 WARNINGS = {"kernel headers version", "iptables-legacy backend", "conntrack tool", "nft",
-            "x_tables refusal (cgroup/setsockopt)", "BPF LSM"}
+            "x_tables refusal (cgroup/setsockopt)", "BPF LSM", "TCX attach"}
 
 
 def doctor_netns() -> list[str]:
@@ -73,6 +73,27 @@ def test_x_tables_refusal_is_checked_and_passes_here(json_run):
     except OSError:
         lsm = []
     assert checks["BPF LSM"]["ok"] == ("bpf" in lsm)
+
+
+def test_tcx_is_checked_by_attaching(json_run):
+    """TCX (Linux >= 6.6) is a warning when missing: enable attaches clsact filters then.
+    Where the kernel answers tcx queries, the doctor attaches a program with TCX for real."""
+    proc, _, _ = json_run
+    tcx = {c["check"]: c for c in json.loads(proc.stdout)}["TCX attach"]
+    assert tcx["ok"] == features.tcx().ok, tcx
+    if tcx["ok"]:
+        assert "BPF_PROG_ATTACH to tcx_ingress" in tcx["detail"]
+
+
+def test_missing_tcx_is_a_warning_naming_the_kernel(monkeypatch):
+    from datapath import libbpf
+
+    def old_kernel(*_):
+        raise OSError(22, "BPF_PROG_QUERY: Invalid argument")
+    monkeypatch.setattr(libbpf, "prog_query", old_kernel)
+    check = doctor.tcx_in("unused", features.Probes.__new__(features.Probes))
+    assert (check.ok, check.required) == (False, False)
+    assert "Linux >= 6.6" in check.detail and "clsact" in check.detail
 
 
 def test_root_netns_untouched(json_run):
