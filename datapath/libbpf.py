@@ -165,7 +165,8 @@ struct bpf_prog_attach_opts {
 	unsigned int flags;
 	int replace_prog_fd;
 };
-int bpf_prog_attach_opts(int prog_fd, int target, int type, const struct bpf_prog_attach_opts *opts);
+int bpf_prog_attach_opts(int prog_fd, int target, int type,
+                         const struct bpf_prog_attach_opts *opts);
 int bpf_prog_detach2(int prog_fd, int attachable_fd, int type);
 /* uapi union bpf_attr, the BPF_PROG_QUERY part as of Linux 6.6 (libbpf 1.1 knows no link_ids) */
 struct hr_prog_query_attr {

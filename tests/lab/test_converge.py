@@ -10,9 +10,9 @@ desired (``status`` exits 0), pods reach each other and the external host,
 and nothing leaked (exactly one guard in eBPF mode, none in legacy; no clsact
 left in legacy; after ``lab down`` no namespace and no file of the lab).
 
-Drift: a namespace, a veth, a program detached by hand (TCX or a clsact filter), the guard killed, the
-state directory wiped, a stale lock, the guard's pid reused by an unrelated
-process: each ends with one command that repairs or removes, named by
+Drift: a namespace, a veth, a program detached by hand (TCX or a clsact
+filter), the guard killed, the state directory wiped, a stale lock, the
+guard's pid reused by an unrelated process: each ends with one command that repairs or removes, named by
 ``status`` or by the error.
 """
 
