@@ -218,6 +218,9 @@ def print_tables(result: dict, console=None) -> None:
                       "floor/limit what the redirect mechanism costs.")
     if (profile := env.get("node_profile")) and profile["name"] != "bare":
         console.print(node_profile_line(profile))
+    attach = sorted(set((result.get("lab_settings") or {}).get("attach", {}).values()))
+    if attach:
+        console.print(f"eBPF programs attached with: {', '.join(attach)}")
     rows = result.get("summary") or summarise(result)
     aa = "legacy-b" in modes
     ratios = [("legacy-b", "legacy")] if aa else \

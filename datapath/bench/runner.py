@@ -417,7 +417,19 @@ class Bench:
             if diff:
                 out["sysctls"][ns] = diff
             out["offloads"][ns] = device_offloads(ns)
+        out["attach"] = self.attach_modes()
         return out
+
+    def attach_modes(self) -> dict[str, str]:
+        """{"node/device": "tcx" | "clsact"} of every attach point of the eBPF lab's
+        datapath: how its programs hang on the hooks the samples go through."""
+        if "ebpf" not in self.topos:
+            return {}
+        from datapath import observe, tc_attach
+        topo = self.topos["ebpf"]
+        return {f"{node.name}/{dev}": ",".join(sorted({a.mode for a in found})) or "none"
+                for node in topo.nodes for dev, _ in observe.attach_points(topo, node)
+                for found in [tc_attach.attached(node.netns, dev, "ingress")]}
 
     def transactions(self, point: Point, mode: str, ns: str, host: str) -> int | None:
         """The count of a counted test at a point in a mode: from a short first run (not a

@@ -84,13 +84,15 @@ def test_the_report_has_a_table_for_every_workload_and_names_the_node_profile():
         "hrbe": {"rules_per_node": 45, "conntrack_per_node": 0, "ebpf_forced": True}}}
     result = report.with_summary({"environment": {
         "config": {"duration": 1.0, "repeat": 2}, "modes": ["legacy", "ebpf"], "kernel": "k",
-        "cpu": "c", "cores": 2, "node_profile": profile}, "samples": samples})
+        "cpu": "c", "cores": 2, "node_profile": profile}, "samples": samples,
+        "lab_settings": {"attach": {"node1/eth0": "tcx", "node1/veth1": "tcx"}}})
     out = io.StringIO()
     report.print_tables(result, Console(file=out, width=200))
     text = out.getvalue()
     assert "node profile kube-proxy:2x3: 45 iptables rules" in text and "--force" in text
     assert "64 B packets/s received" in text and "16384 B Mbit/s" in text
     assert "Request/response over UDP (UDP_RR)" in text
+    assert "eBPF programs attached with: tcx\n" in text
 
 
 def test_a_counted_test_runs_n_transactions_and_its_elapsed_time_comes_from_its_rate():
