@@ -41,12 +41,14 @@
 #include "fib.h"
 #include "pmtu.h"
 #include "nat.h"
+#include "parse6.h"
+#include "nat6.h"
 
 BPF_HASH(endpoints, __u32, struct hr_endpoint, 1024);
 /* Each pod's source by its host-side veth's ifindex: the spoof check's fast way. */
 BPF_ARRAY(pod_veths, struct hr_pod_veth, HR_POD_VETH_SLOTS);
 BPF_ARRAY(config, struct hr_config, 1);
-BPF_PERCPU_ARRAY(counters, struct hr_counter, HR_HOOK_MAX * HR_REASON_MAX);
+BPF_PERCPU_ARRAY(counters, struct hr_counter, HR_FAMILY_MAX * HR_HOOK_MAX * HR_REASON_MAX);
 BPF_RINGBUF_OUTPUT(trace_events, 16);
 /* Destinations inside the cluster: pod CIDRs and the underlay. Anything else leaves it. */
 BPF_LPM_TRIE(cluster_cidrs, struct hr_lpm_key, __u32, 64);
@@ -74,6 +76,18 @@ BPF_PERCPU_ARRAY(nat_scratch, struct hr_nat_scratch, 1);
 #endif
 BPF_TABLE("lru_hash", struct hr_frag_key, struct hr_frag_entry, nat_frags, HR_FRAG_MAP_SIZE);
 BPF_PERCPU_ARRAY(icmp_quote, struct hr_icmp_quote, 1);	/* pmtu.h */
+
+/* ---- IPv6 (from_pod6, from_underlay6: the programs from_pod and from_underlay hand IPv6 to) */
+BPF_HASH(endpoints6, struct hr_in6, struct hr_endpoint, 1024);
+BPF_LPM_TRIE(cluster_cidrs6, struct hr_lpm6_key, __u32, 64);
+BPF_LPM_TRIE(node_routes6, struct hr_lpm6_key, struct hr_route6, 256);
+
+/* ---- IPv6 BPF SNAT state (nat6.h): two entries per flow, as `nat`. */
+#ifndef HR_NAT6_MAP_SIZE
+#define HR_NAT6_MAP_SIZE 524288
+#endif
+BPF_TABLE("hash", struct hr_nat6_key, struct hr_nat6_entry, nat6, HR_NAT6_MAP_SIZE);
+/* ---- end of nat6.h's maps */
 
 /* Map accessors for the headers (bcc rewrites map calls in this file only). */
 static __always_inline struct hr_nat_entry *nat_lookup(struct hr_nat_key *key)
@@ -123,6 +137,30 @@ static __always_inline struct hr_icmp_quote *icmp_quote_get(void)
 	return icmp_quote.lookup(&zero);
 }
 
+static __always_inline struct hr_nat6_entry *nat6_lookup(struct hr_nat6_key *key)
+{
+	return nat6.lookup(key);
+}
+
+static __always_inline int nat6_insert(struct hr_nat6_key *key, struct hr_nat6_entry *value)
+{
+	return nat6.insert(key, value);
+}
+
+static __always_inline void nat6_remove(struct hr_nat6_key *key)
+{
+	nat6.delete(key);
+}
+/* ---- end of nat6.h's accessors */
+
+static __always_inline struct hr_route6 *node_route6_lookup(const struct hr_in6 *daddr)
+{
+	struct hr_lpm6_key key = { .prefixlen = 128 };
+
+	__builtin_memcpy(key.addr, daddr->a, sizeof(key.addr));
+	return node_routes6.lookup(&key);
+}
+
 /* What a program knows of its packet, handed to each step and to the verdict. */
 struct hr_ctx {
 	/*
@@ -135,6 +173,7 @@ struct hr_ctx {
 	struct hr_pkt pkt;	/* all 0 until parsed: a verdict then traces no addresses */
 	__u32 len;		/* the length as it arrived (an ICMP reply is shorter) */
 	__u32 hook;		/* enum hr_hook */
+	__u32 family;		/* enum hr_family: the counters' and the trace's */
 	/* for the trace: the frame's ethertype; of ARP, the operation and sender MAC */
 	__u16 eth_proto;
 	__u16 arp_op;
@@ -193,7 +232,7 @@ static __always_inline int verdict(struct hr_ctx *c, __u32 reason, __u32 ifindex
 	struct hr_trace_event *ev;
 	struct hr_counter *cnt;
 
-	c->slot = c->hook * HR_REASON_MAX + reason;
+	c->slot = (c->family * HR_HOOK_MAX + c->hook) * HR_REASON_MAX + reason;
 	cnt = counters.lookup(&c->slot);
 	if (cnt) {
 		cnt->packets++;
@@ -216,11 +255,13 @@ static __always_inline int verdict(struct hr_ctx *c, __u32 reason, __u32 ifindex
 	ev->sport = c->pkt.sport;
 	ev->dport = c->pkt.dport;
 	ev->protocol = c->pkt.protocol;
-	ev->pad = 0;
+	ev->family = c->family;
 	ev->len = c->len;
 	ev->eth_proto = c->eth_proto;
 	ev->arp_op = c->arp_op;
 	__builtin_memcpy(ev->arp_sha, c->arp_sha, sizeof(ev->arp_sha));
+	__builtin_memset(ev->saddr6, 0, sizeof(ev->saddr6));
+	__builtin_memset(ev->daddr6, 0, sizeof(ev->daddr6));
 	trace_events.ringbuf_submit(ev, 0);
 	return action;
 }

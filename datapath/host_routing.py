@@ -327,18 +327,20 @@ class LoadedDatapath:
 
 def load(router_ip: str, source: Path = SOURCE, cflags: list[str] | None = None,
          trace: bool = False, node_ip: str | None = None, nat: dict[str, int] | None = None,
-         nat_max_flows: int = DEFAULT_NAT_MAX_FLOWS) -> LoadedDatapath:
+         nat_max_flows: int = DEFAULT_NAT_MAX_FLOWS, nat6_max_flows: int = 0) -> LoadedDatapath:
     """Compile and load both programs, write config.
 
     router_ip is the pods' gateway; node_ip the address traffic leaving the
     cluster is source-NATed to (None: BPF SNAT off, such traffic goes to the
     stack); nat overrides shared_types.NAT_CONFIG_DEFAULTS; the NAT map holds
-    two entries for each of nat_max_flows flows.
+    two entries for each of nat_max_flows flows, the IPv6 NAT map for nat6_max_flows (0: an
+    IPv4-only lab, a map of one entry: a hash map's memory is allocated when it is made).
     """
     st.pack_config(router_ip, trace, node_ip, nat)  # validate before spending a compile on it
     if not 1 <= nat_max_flows <= MAX_NAT_MAX_FLOWS:
         raise ValueError(f"nat_max_flows must be 1..{MAX_NAT_MAX_FLOWS}, not {nat_max_flows}")
-    bpf = compile_bpf(source, [f"-DHR_NAT_MAP_SIZE={2 * nat_max_flows}", *(cflags or [])])
+    bpf = compile_bpf(source, [f"-DHR_NAT_MAP_SIZE={2 * nat_max_flows}",
+                               f"-DHR_NAT6_MAP_SIZE={max(1, 2 * nat6_max_flows)}", *(cflags or [])])
     try:
         programs = {}
         for name in PROGRAMS:

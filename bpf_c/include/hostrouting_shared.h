@@ -12,13 +12,16 @@
 
 /*
  * Every verdict the programs reach, with its reason. Each one is counted in
- * the per-CPU `counters` array at index hook * HR_REASON_MAX + reason (enum
- * hr_hook below) and named in trace events.
+ * the per-CPU `counters` array at index
+ * (family * HR_HOOK_MAX + hook) * HR_REASON_MAX + reason (enum hr_family and
+ * enum hr_hook below; IPv4's indexes are those of the programs before IPv6)
+ * and named in trace events. A reason that speaks of IPv4 (TTL, frag-needed)
+ * means its IPv6 counterpart (hop limit, Packet Too Big) under HR_FAMILY_IPV6.
  */
 enum hr_reason {
 	HR_REDIRECT_PEER = 0,		/* local pod: bpf_redirect_peer into its eth0 */
 	HR_REDIRECT_NEIGH = 1,		/* FIB hit: bpf_redirect_neigh to the egress device */
-	HR_PASS_NOT_IPV4 = 2,		/* ARP, IPv6, any other ethertype: to the stack */
+	HR_PASS_NOT_IPV4 = 2,		/* neither IPv4 nor IPv6 (ARP, VLAN, ...): to the stack */
 	HR_PASS_FRAGMENT = 3,		/* IPv4 fragment: to the stack */
 	HR_PASS_FIB_MISS = 4,		/* FIB lookup found no forwarding route: to the stack */
 	HR_PASS_LOCAL = 5,		/* for the node itself: to the stack */
@@ -61,17 +64,33 @@ enum hr_reason {
 					 * not seen (out of order, or its record gone): cannot be NATed */
 	HR_PASS_FRAG_UNTRACKED = 33,	/* a later fragment for the node IP without a record: to the
 					 * stack (the node's own, or a reply whose first fragment is late) */
-	HR_REASON_MAX = 34
+	HR_PASS_ICMP6_CONTROL = 34,	/* IPv6: neighbour discovery, router solicitation/advertisement,
+					 * MLD, redirect, other ICMPv6 control: to the stack */
+	HR_PASS_EXT_HEADERS = 35,	/* IPv6: extension headers not walked (too many, unknown,
+					 * truncated, or in paged data): to the stack */
+	HR_DROP_LINK_LOCAL = 36,	/* IPv6 from a pod with a link-local source (or to a link-local
+					 * destination) that is not ICMPv6 control: never routed */
+	HR_REASON_MAX = 37
 };
 
-/* Which program reached a verdict: in trace events, and the counters' first dimension. */
+/* The counters' outer dimension and the family of a trace event. */
+enum hr_family {
+	HR_FAMILY_IPV4 = 0,	/* also every frame that is neither IPv4 nor IPv6 (ARP, ...) */
+	HR_FAMILY_IPV6 = 1,
+	HR_FAMILY_MAX = 2
+};
+
+/* Which program reached a verdict: in trace events, and the counters' second dimension. */
 enum hr_hook {
 	HR_HOOK_FROM_POD = 0,
 	HR_HOOK_FROM_UNDERLAY = 1,
 	HR_HOOK_MAX = 2
 };
 
-/* Value of the `endpoints` hash map, keyed by the pod's IPv4 address (network order). */
+/*
+ * Value of the `endpoints` hash map, keyed by the pod's IPv4 address (network
+ * order), and of `endpoints6`, keyed by its IPv6 address (struct hr_in6).
+ */
 struct hr_endpoint {
 	__u32 ifindex;		/* host-side veth of the pod, in the node namespace */
 	__u32 flags;		/* reserved, 0 */
@@ -90,6 +109,12 @@ struct hr_pod_veth {
 	__u32 addr;		/* the pod's IPv4 address (network order) */
 	__u8 mac[6];		/* the pod's eth0 MAC */
 	__u8 pad[2];
+	__u32 addr6[4];		/* the pod's IPv6 address (network order); all 0: none known */
+};
+
+/* An IPv6 address as the programs keep it: 16 bytes in network order, as four words. */
+struct hr_in6 {
+	__u32 a[4];
 };
 
 /* Sizes of the maps Python must know. */
@@ -108,6 +133,12 @@ struct hr_lpm_key {
 	__u32 addr;		/* network order */
 };
 
+/* Key of the LPM-trie maps `cluster_cidrs6` and `node_routes6`. */
+struct hr_lpm6_key {
+	__u32 prefixlen;
+	__u32 addr[4];		/* network order */
+};
+
 /*
  * Value of `node_routes`: another node's pod CIDR is reached through its
  * underlay address. Used when the kernel's FIB lookup is refused because
@@ -116,6 +147,12 @@ struct hr_lpm_key {
 struct hr_route {
 	__u32 nexthop;		/* the other node's underlay address (network order) */
 	__u32 ifindex;		/* the uplink, in this node's namespace */
+};
+
+/* Value of `node_routes6`: as struct hr_route, for IPv6 (next hop: a global address). */
+struct hr_route6 {
+	__u32 nexthop[4];	/* the other node's underlay IPv6 address (network order) */
+	__u32 ifindex;
 };
 
 /* The single entry of the `config` array map. */
@@ -130,7 +167,11 @@ struct hr_config {
 	__u32 nat_timeout_tcp_established;	/* TCP once a reply was seen */
 	__u32 nat_timeout_tcp_closing;		/* TCP after RST, or FIN both ways */
 	__u32 nat_timeout_udp;
-	__u32 nat_timeout_icmp;
+	__u32 nat_timeout_icmp;		/* ICMP and ICMPv6 echo */
+	__u32 router_ip6[4];	/* pods' IPv6 gateway on this node: the source of a Packet Too
+				 * Big sent to a pod; all 0 in an IPv4-only lab */
+	__u32 node_ip6[4];	/* IPv6 SNAT source (the node's underlay IPv6 address); all 0: no
+				 * BPF SNAT for IPv6, such traffic goes to the stack */
 };
 
 /* Which way a NAT entry translates. */
@@ -185,6 +226,35 @@ struct hr_nat_entry {
 };
 
 /*
+ * Key of the `nat6` hash: as struct hr_nat_key, for IPv6 (ICMPv6 echo: the
+ * identifier as ICMP echo's).
+ */
+struct hr_nat6_key {
+	__u32 saddr[4];		/* network order */
+	__u32 daddr[4];
+	__u16 sport;		/* network order */
+	__u16 dport;
+	__u8 protocol;		/* IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6 */
+	__u8 dir;		/* enum hr_nat_dir */
+	__u8 pad[2];
+};
+
+/* Value of the `nat6` map: as struct hr_nat_entry, with an IPv6 address. */
+struct hr_nat6_entry {
+	__u64 created_ns;
+	__u64 last_seen_ns;
+	__u64 packets;
+	__u64 bytes;
+	__u32 addr[4];		/* address written into the packet (network order) */
+	__u16 port;		/* port / ICMPv6 identifier written into the packet (network order) */
+	__u16 pad;
+	__u32 pad2;
+	__u64 state;		/* enum hr_nat_state bits */
+	__u32 seq_hint;		/* as in struct hr_nat_entry */
+	__u32 seq_end;
+};
+
+/*
  * Key of the `nat_frags` LRU hash: one fragmented datagram as it is on the
  * wire (before translation), as IPv4 reassembly tells datagrams apart.
  */
@@ -229,13 +299,15 @@ struct hr_trace_event {
 	__u32 daddr;		/* IPv4: destination; ARP: target protocol address */
 	__u16 sport;		/* network order; 0 unless TCP/UDP */
 	__u16 dport;
-	__u8 protocol;
-	__u8 pad;
+	__u8 protocol;		/* IPv6: the upper-layer protocol, after the extension headers */
+	__u8 family;		/* enum hr_family */
 	__u16 eth_proto;	/* the frame's ethertype (host order); ETH_P_IP also for a frame
 				 * too short to have one (those are drop_malformed) */
 	__u32 len;		/* skb->len */
 	__u16 arp_op;		/* ARP: 1 request, 2 reply (host order); 0 when not ARP */
 	__u8 arp_sha[6];	/* ARP: the sender's hardware address */
+	__u32 saddr6[4];	/* IPv6: source, destination (network order); 0 otherwise */
+	__u32 daddr6[4];
 };
 
 /* A record of the `refusals` ring buffer of bpf_c/xtables_refusal.c: one refused
