@@ -227,36 +227,49 @@ class DatapathMaps:
     # counters -------------------------------------------------------------------------------
 
     def counters(self) -> dict[str, tuple[int, int]]:
-        """reason name -> (packets, bytes), summed over all CPUs and both hooks; every
-        reason present."""
-        out = {name: (0, 0) for name in st.REASON_NAMES.values()}
-        for (_, reason), (p, b) in self.counters_by_hook().items():
-            pk, by = out[reason]
-            out[reason] = (pk + p, by + b)
-        return out
+        """reason name -> (packets, bytes), summed over all CPUs, both hooks and both
+        families; every reason present."""
+        return _summed(self.counters_by_family_hook(), lambda family, hook, reason: reason)
 
     def counters_by_hook(self) -> dict[tuple[str, str], tuple[int, int]]:
-        """(hook name, reason name) -> (packets, bytes), summed over all CPUs; every pair
-        present (a program built before the hook dimension: its counters under from_pod)."""
+        """(hook name, reason name) -> (packets, bytes), summed over all CPUs and both
+        families; every pair present."""
+        return _summed(self.counters_by_family_hook(), lambda family, hook, reason:
+                       (hook, reason))
+
+    def counters_by_family(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(family name "ipv4" / "ipv6", reason name) -> (packets, bytes), summed over all
+        CPUs and both hooks; every pair present."""
+        return _summed(self.counters_by_family_hook(), lambda family, hook, reason:
+                       (family, reason))
+
+    def counters_by_family_hook(self) -> dict[tuple[str, str, str], tuple[int, int]]:
+        """(family, hook, reason) -> (packets, bytes), summed over all CPUs; every triple
+        present. A program built before a dimension counted what it has under the first
+        family (ipv4) and hook (from_pod); the others read 0."""
         stride = (st.SIZEOF_COUNTER + 7) // 8 * 8
         size = libbpf.percpu_value_size(st.SIZEOF_COUNTER)
-        out: dict[tuple[str, str], tuple[int, int]] = {}
-        for hook, hook_name in sorted(st.HOOK_NAMES.items()):
-            for value, reason in st.REASON_NAMES.items():
-                index = hook * st.REASON_MAX + value
-                raw = (libbpf.map_lookup(self.fd("counters"), index.to_bytes(4, "little"), size)
-                       if index < self.counter_entries else None)
-                pk = by = 0
-                for off in range(0, len(raw or b""), stride):
-                    p, b = st.unpack_counter(raw[off:off + st.SIZEOF_COUNTER])
-                    pk += p
-                    by += b
-                out[(hook_name, reason)] = (pk, by)
+        out: dict[tuple[str, str, str], tuple[int, int]] = {}
+        for family, family_name in sorted(st.FAMILY_NAMES.items()):
+            for hook, hook_name in sorted(st.HOOK_NAMES.items()):
+                for value, reason in st.REASON_NAMES.items():
+                    index = st.counter_index(family, hook, value)
+                    raw = (libbpf.map_lookup(self.fd("counters"), index.to_bytes(4, "little"),
+                                             size)
+                           if index < self.counter_entries else None)
+                    pk = by = 0
+                    for off in range(0, len(raw or b""), stride):
+                        p, b = st.unpack_counter(raw[off:off + st.SIZEOF_COUNTER])
+                        pk += p
+                        by += b
+                    out[(family_name, hook_name, reason)] = (pk, by)
         return out
 
     def reset_counters(self) -> None:
+        """Every counter of every family and hook to 0."""
         size = libbpf.percpu_value_size(st.SIZEOF_COUNTER)
-        for index in range(min(st.HOOK_MAX * st.REASON_MAX, self.counter_entries)):
+        slots = st.FAMILY_MAX * st.HOOK_MAX * st.REASON_MAX
+        for index in range(min(slots, self.counter_entries)):
             libbpf.map_update(self.fd("counters"), index.to_bytes(4, "little"), bytes(size))
 
     # trace events ---------------------------------------------------------------------------
@@ -282,6 +295,17 @@ class DatapathMaps:
                     rb.poll(left)
             rb.consume()
         return events
+
+
+def _summed(counters: dict[tuple, tuple[int, int]], key: Callable[..., object]) -> dict:
+    """counters_by_family_hook() summed into the keys key(family, hook, reason) gives, in
+    the order they first come."""
+    out: dict = {}
+    for triple, (p, b) in counters.items():
+        k = key(*triple)
+        pk, by = out.get(k, (0, 0))
+        out[k] = (pk + p, by + b)
+    return out
 
 
 @dataclass

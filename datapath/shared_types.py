@@ -72,6 +72,19 @@ HOOKS: dict[str, int] = {n: v for n, v in _enum_members("hr_hook").items() if n 
 HOOK_MAX: int = _enum_members("hr_hook")["HR_HOOK_MAX"]
 HOOK_NAMES: dict[int, str] = {v: n.removeprefix("HR_HOOK_").lower() for n, v in HOOKS.items()}
 
+#: enum hr_family, name -> value (HR_FAMILY_MAX excluded): the counters' outer dimension.
+FAMILIES: dict[str, int] = {n: v for n, v in _enum_members("hr_family").items()
+                            if n != "HR_FAMILY_MAX"}
+FAMILY_MAX: int = _enum_members("hr_family")["HR_FAMILY_MAX"]
+#: value -> "ipv4" / "ipv6" (IPv4's also counts frames of neither family: ARP, ...).
+FAMILY_NAMES: dict[int, str] = {v: n.removeprefix("HR_FAMILY_").lower()
+                                for n, v in sorted(FAMILIES.items(), key=lambda kv: kv[1])}
+
+
+def counter_index(family: int, hook: int, reason: int) -> int:
+    """The slot of the `counters` array that counts `reason` of `hook` under `family`."""
+    return (family * HOOK_MAX + hook) * REASON_MAX + reason
+
 SIZEOF_ENDPOINT = ffi.sizeof("struct hr_endpoint")
 SIZEOF_POD_VETH = ffi.sizeof("struct hr_pod_veth")
 POD_VETH_SLOTS: int = _enum_members("hr_map_sizes")["HR_POD_VETH_SLOTS"]
@@ -303,7 +316,7 @@ def unpack_counter(raw: bytes) -> tuple[int, int]:
     return c.packets, c.bytes
 
 
-ETH_P_IP, ETH_P_ARP = 0x0800, 0x0806
+ETH_P_IP, ETH_P_ARP, ETH_P_IPV6 = 0x0800, 0x0806, 0x86dd
 
 
 @dataclass(frozen=True)
@@ -313,26 +326,38 @@ class TraceEvent:
     reason: str
     ifindex_in: int
     ifindex_out: int
-    saddr: str
+    saddr: str          # the address of the event's family: IPv4 dotted, IPv6 as text
     daddr: str
     sport: int          # host order
     dport: int
-    protocol: int
+    protocol: int       # IPv6: the upper-layer protocol, after the extension headers
     len: int
     eth_proto: int = ETH_P_IP   # the frame's ethertype
     arp_op: int = 0             # ARP: 1 request, 2 reply
     arp_sha: str = ""           # ARP: the sender's MAC
+    family: str = "ipv4"        # FAMILY_NAMES: the counters' family of the verdict
+
+
+def in6_to_ip(words) -> str:
+    """Four __u32 words holding an IPv6 address in network order (struct hr_in6, the trace's
+    saddr6 / daddr6) -> its text ("::" when all 0)."""
+    return str(ipaddress.IPv6Address(bytes(ffi.buffer(words))))
 
 
 def unpack_trace_event(raw: bytes) -> TraceEvent:
     ev = _from_bytes("struct hr_trace_event", raw)
+    family = FAMILY_NAMES.get(ev.family, str(ev.family))
+    if ev.family == FAMILIES["HR_FAMILY_IPV6"]:
+        saddr, daddr = in6_to_ip(ev.saddr6), in6_to_ip(ev.daddr6)
+    else:
+        saddr, daddr = be32_to_ip(ev.saddr), be32_to_ip(ev.daddr)
     return TraceEvent(ts_ns=ev.ts_ns, hook=HOOK_NAMES.get(ev.hook, str(ev.hook)),
                       reason=reason_name(ev.reason), ifindex_in=ev.ifindex_in,
-                      ifindex_out=ev.ifindex_out, saddr=be32_to_ip(ev.saddr),
-                      daddr=be32_to_ip(ev.daddr), sport=_ntohs(ev.sport),
-                      dport=_ntohs(ev.dport), protocol=ev.protocol, len=ev.len,
-                      eth_proto=ev.eth_proto, arp_op=ev.arp_op,
-                      arp_sha=mac_to_str(ffi.buffer(ev.arp_sha)) if ev.arp_op else "")
+                      ifindex_out=ev.ifindex_out, saddr=saddr, daddr=daddr,
+                      sport=_ntohs(ev.sport), dport=_ntohs(ev.dport), protocol=ev.protocol,
+                      len=ev.len, eth_proto=ev.eth_proto, arp_op=ev.arp_op,
+                      arp_sha=mac_to_str(ffi.buffer(ev.arp_sha)) if ev.arp_op else "",
+                      family=family)
 
 
 @dataclass(frozen=True)
