@@ -93,13 +93,17 @@ def print_status(status: dict) -> None:
 def print_stats(stats: dict) -> None:
     table = Table(title=f"lab {stats['lab']}: datapath counters")
     table.add_column("node")
+    table.add_column("family")
     table.add_column("verdict / reason")
     table.add_column("packets", justify="right")
     table.add_column("bytes", justify="right")
     for node in stats["nodes"]:
-        for name, c in node["counters"].items():
-            if c["packets"]:
-                table.add_row(node["name"], name, f"{c['packets']:,}", f"{c['bytes']:,}")
+        # ipv4 also counts the frames of neither family (ARP, ...), as the datapath does
+        for family, counters in node["counters_by_family"].items():
+            for name, c in counters.items():
+                if c["packets"]:
+                    table.add_row(node["name"], family, name, f"{c['packets']:,}",
+                                  f"{c['bytes']:,}")
     out = console()
     out.print(table)
     for node in stats["nodes"]:

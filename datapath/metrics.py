@@ -77,6 +77,16 @@ def _attached(topo: Topology, node) -> dict[str, int]:
     return found
 
 
+def count_verdicts(totals: "Totals", node: str, counters: dict, source) -> None:
+    """A node's DatapathMaps.counters_by_family_hook() into the verdict series of `totals`:
+    (kind, "packets" / "bytes", node, family, hook, reason)."""
+    from .shared_types import reason_kind
+    for (family, hook, reason), (packets, nbytes) in counters.items():
+        kind = reason_kind(reason)
+        totals.update((kind, "packets", node, family, hook, reason), packets, source)
+        totals.update((kind, "bytes", node, family, hook, reason), nbytes, source)
+
+
 class Totals:
     """Counter series that never go down for the exporter's lifetime.
 
@@ -209,21 +219,18 @@ class DatapathCollector:
     def _read_node(node, programs: dict[str, int], lab: _Lab, reading: _Reading) -> bool:
         """The node's counters, NAT table and program stats into `lab` and `reading`;
         False when the programs are gone."""
-        from . import prog_stats, shared_types as st
+        from . import prog_stats
         from .host_routing import DatapathError, DatapathMaps
         source = programs[FROM_UNDERLAY]    # new with every enable, as the maps
         try:
             with DatapathMaps.from_prog_id(source) as maps:     # every map metrics need
-                counters = maps.counters_by_hook()
+                counters = maps.counters_by_family_hook()
                 cfg = maps.config()
                 nat = (len(maps.nat_raw_entries()), maps.nat_capacity(),
                        cfg.nat["nat_port_max"] - cfg.nat["nat_port_min"] + 1)
         except (OSError, DatapathError):
             return False
-        for (hook, reason), (packets, nbytes) in counters.items():
-            kind = st.reason_kind(reason)
-            lab.totals.update((kind, "packets", node.name, hook, reason), packets, source)
-            lab.totals.update((kind, "bytes", node.name, hook, reason), nbytes, source)
+        count_verdicts(lab.totals, node.name, counters, source)
         reading.nat[node.name] = nat
         for program, prog_id in programs.items():
             try:
@@ -240,8 +247,9 @@ class DatapathCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         from . import prog_stats
         verdicts = {(kind, unit): CounterMetricFamily(
-                        f"hostrouting_{kind}_{unit}", f"{unit.capitalize()} {what}, by program "
-                        "(hook) and reason", labels=["lab", "node", "hook", "reason"])
+                        f"hostrouting_{kind}_{unit}", f"{unit.capitalize()} {what}, by address "
+                        "family, program (hook) and reason",
+                        labels=["lab", "node", "family", "hook", "reason"])
                     for kind, what in _VERDICT_KINDS.items() for unit in ("packets", "bytes")}
         run_seconds = CounterMetricFamily(
             "hostrouting_program_run_seconds", "Time spent in each datapath program, counted "
@@ -282,8 +290,9 @@ class DatapathCollector:
                     else:
                         runs.add_metric([r.name, node, program], value)
                 else:
-                    kind, unit, node, hook, reason = key
-                    verdicts[(kind, unit)].add_metric([r.name, node, hook, reason], value)
+                    kind, unit, node, family, hook, reason = key
+                    verdicts[(kind, unit)].add_metric([r.name, node, family, hook, reason],
+                                                      value)
             for node, (entries, capacity, ports) in r.nat.items():
                 nat_entries.add_metric([r.name, node], entries)
                 nat_capacity.add_metric([r.name, node], capacity)

@@ -23,7 +23,7 @@ from . import shared_types as st
 from netns_lab import netns
 from netns_lab.topology import Topology
 
-PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp"}
+PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6"}
 ETHERTYPES = {0x0800: "ip", 0x0806: "arp", 0x86dd: "ipv6", 0x8100: "vlan", 0x88a8: "qinq",
               0x8035: "rarp", 0x88cc: "lldp"}
 
@@ -33,17 +33,31 @@ def _ifnames(ns: str) -> dict[int, str]:
         return {link["index"]: link.get_attr("IFLA_IFNAME") for link in sock.get_links()}
 
 
-def _wanted(event, kind: str, pod_ip: str | None) -> bool:
+def _wanted(event, kind: str, pod_ips: set[str] | None) -> bool:
     if kind == "drop" and not event.reason.startswith("drop"):
         return False
-    return pod_ip is None or pod_ip in (event.saddr, event.daddr)
+    return pod_ips is None or bool(pod_ips & {event.saddr, event.daddr})
+
+
+def _with_port(addr: str, port: int, family: str) -> str:
+    if not port:
+        return addr
+    return f"[{addr}]:{port}" if family == "ipv6" else f"{addr}:{port}"
+
+
+def _has_addresses(event) -> bool:
+    """IPv4 frames show their addresses (0.0.0.0 too: a malformed header); IPv6 frames once
+    the IPv6 program parsed them (one that did not leaves them all 0)."""
+    if event.family == "ipv6":
+        return event.saddr != "::" or event.daddr != "::" or bool(event.protocol)
+    return event.eth_proto == st.ETH_P_IP
 
 
 def describe(node: str, event, names: dict[int, str]) -> dict:
-    if event.eth_proto == st.ETH_P_IP:
+    if _has_addresses(event):
         proto = PROTOCOLS.get(event.protocol, str(event.protocol) if event.protocol else "-")
-        src = f"{event.saddr}:{event.sport}" if event.sport else event.saddr
-        dst = f"{event.daddr}:{event.dport}" if event.dport else event.daddr
+        src = _with_port(event.saddr, event.sport, event.family)
+        dst = _with_port(event.daddr, event.dport, event.family)
         summary = f"{src} > {dst}"
     elif event.eth_proto == st.ETH_P_ARP and event.arp_op:
         proto, src, dst = "arp", event.saddr, event.daddr
@@ -53,7 +67,8 @@ def describe(node: str, event, names: dict[int, str]) -> dict:
         proto = ETHERTYPES.get(event.eth_proto, f"0x{event.eth_proto:04x}")
         src = dst = None
         summary = f"ethertype 0x{event.eth_proto:04x}"
-    return {"node": node, "hook": event.hook, "verdict": event.reason, "protocol": proto,
+    return {"node": node, "hook": event.hook, "verdict": event.reason, "family": event.family,
+            "protocol": proto,
             "src": src, "dst": dst, "summary": summary, "len": event.len,
             "in": names.get(event.ifindex_in, str(event.ifindex_in)),
             "out": names.get(event.ifindex_out, str(event.ifindex_out)) if event.ifindex_out
@@ -61,9 +76,14 @@ def describe(node: str, event, names: dict[int, str]) -> dict:
 
 
 def format_line(rec: dict) -> str:
+    """One line per verdict. The protocol column names IPv6 as netstat does (tcp6, udp6,
+    icmp6; an IPv6 frame without addresses: ipv6)."""
     stamp = datetime.now().strftime("%H:%M:%S.%f")[:-3]
     out = f" -> {rec['out']}" if rec["out"] else ""
-    return (f"{stamp} {rec['node']:<8} {rec['hook']:<14} {rec['verdict']:<20} {rec['protocol']:<5} "
+    proto = rec["protocol"]
+    if rec.get("family") == "ipv6" and rec["src"] is not None and not proto.endswith("6"):
+        proto += "6"
+    return (f"{stamp} {rec['node']:<8} {rec['hook']:<14} {rec['verdict']:<20} {proto:<5} "
             f"{rec['summary']} len {rec['len']} on {rec['in']}{out}")
 
 
@@ -74,7 +94,10 @@ def run_monitor(state, topo: Topology, kind: str = "trace", pod: str | None = No
     from datapath.observe import monitor_pidfile, monitors
     from datapath.switch import node_maps
     from netns_lab import procs
-    pod_ip = topo.find_pod(pod)[1].ip if pod else None
+    pod_ips = None
+    if pod:
+        found = topo.find_pod(pod)[1]
+        pod_ips = {ip for ip in (found.ip, getattr(found, "ip6", None)) if ip}
     printed = 0
     pidfile = monitor_pidfile(topo.lab, os.getpid())
     with contextlib.ExitStack() as stack:
@@ -95,7 +118,7 @@ def run_monitor(state, topo: Topology, kind: str = "trace", pod: str | None = No
             for node_name, names, pending, reader in readers:
                 reader.poll(50)
                 for event in pending:
-                    if _wanted(event, kind, pod_ip) and (count is None or printed < count):
+                    if _wanted(event, kind, pod_ips) and (count is None or printed < count):
                         rec = describe(node_name, event, names)
                         emit(json.dumps(rec) if as_json else format_line(rec))
                         printed += 1

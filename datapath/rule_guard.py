@@ -443,7 +443,7 @@ class Guard:
                 try:
                     with DatapathMaps.from_prog_id(prog_id) as maps:
                         nat_table.sweep(maps)
-                        counters = maps.counters()
+                        counters = maps.counters_by_family()
                         used, capacity = len(maps.nat_raw_entries()), maps.nat_capacity()
                 except (OSError, RuntimeError):
                     continue    # the program is going away with the lab
@@ -451,27 +451,36 @@ class Guard:
                 refused = self._counter_rise(seen, node, counters, "drop_nat_table_full")
                 if exhausted:
                     events.record(self.lab, events.WARNING, "NatPortsExhausted", f"node/{node}",
-                                  f"{exhausted} packet(s) of new flows dropped: no free "
+                                  f"{_packets_of_new_flows(exhausted)} dropped: no free "
                                   "NAT port towards their destination (widen [nat] port_min.."
-                                  "port_max)", dropped=exhausted)
+                                  "port_max)", dropped=sum(exhausted.values()),
+                                  families=exhausted)
                 if (refused or used >= NAT_FULL_FRACTION * capacity) and node not in full_warned:
                     full_warned.add(node)
+                    details = {"families": refused} if refused else {}
                     events.record(self.lab, events.WARNING, "NatTableFull", f"node/{node}",
                                   f"BPF SNAT table at {used} of {capacity} entries"
-                                  + (f", {refused} packet(s) of new flows refused"
+                                  + (f", {_packets_of_new_flows(refused)} refused"
                                      if refused else "")
                                   + ": new flows are refused (drop_nat_table_full) until flows "
-                                  "expire (raise [nat] max_flows)", used=used, capacity=capacity)
+                                  "expire (raise [nat] max_flows)", used=used, capacity=capacity,
+                                  **details)
                 elif not refused and used < NAT_FULL_FRACTION * capacity / 2:
                     full_warned.discard(node)
 
     @staticmethod
-    def _counter_rise(seen: dict, node: str, counters: dict, reason: str) -> int:
-        """How much a drop counter rose since the last sweep."""
-        now = counters[reason][0]
-        before = seen.get((node, reason), 0)
-        seen[(node, reason)] = now
-        return max(0, now - before)
+    def _counter_rise(seen: dict, node: str, counters: dict, reason: str) -> dict[str, int]:
+        """How much a drop counter rose since the last sweep, per family that it rose in
+        ({"ipv6": 3}; {}: in none). `counters`: DatapathMaps.counters_by_family()."""
+        rises = {}
+        for (family, name), (now, _) in counters.items():
+            if name != reason:
+                continue
+            before = seen.get((node, family, reason), 0)
+            seen[(node, family, reason)] = now
+            if now > before:
+                rises[family] = now - before
+        return rises
 
     def worker(self, target, *args, every: float | None = None) -> None:
         """A thread the guard cannot do without: its end ends the heartbeat and the guard.
@@ -546,6 +555,17 @@ class Guard:
             time.sleep(0.2)
         self.stopping.set()
         return 0
+
+
+def _packets_of_new_flows(rises: dict[str, int]) -> str:
+    """Guard._counter_rise()'s {family: packets} in words: "3 packet(s) of new IPv6 flows",
+    "5 packet(s) of new flows (IPv4 2, IPv6 3)"."""
+    named = {family.replace("ip", "IP"): n for family, n in sorted(rises.items())}
+    total = sum(named.values())
+    if len(named) == 1:
+        return f"{total} packet(s) of new {next(iter(named))} flows"
+    return (f"{total} packet(s) of new flows ("
+            + ", ".join(f"{family} {n}" for family, n in named.items()) + ")")
 
 
 def _failures(failed: dict) -> str:

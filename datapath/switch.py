@@ -207,15 +207,14 @@ def stats(state: LabState, topo: Topology, bpf_stats_s: float = 0) -> dict:
     result = {"lab": topo.lab, "nodes": []}
     for node in topo.nodes:
         with node_maps(state, node) as maps:
-            counters = maps.counters()
+            by_family = maps.counters_by_family()
             # raw: a full table has half a million entries, and only their direction counts
             dirs = [st.ffi.from_buffer("struct hr_nat_key *", k).dir
                     for k, _ in maps.nat_raw_entries()]
             capacity = maps.nat_capacity()
         out_entries = sum(1 for d in dirs if d == st.NAT_DIR_VALUES["out"])
         result["nodes"].append({
-            "name": node.name,
-            "counters": {name: {"packets": p, "bytes": b} for name, (p, b) in counters.items()},
+            "name": node.name, **counter_tables(by_family),
             "nat": {"entries": len(dirs), "capacity": capacity,
                     "out_entries": out_entries, "in_entries": len(dirs) - out_entries}})
     result["bpf_stats"] = {"sysctl": prog_stats.stats_enabled(), "window_s": bpf_stats_s or None}
@@ -229,6 +228,20 @@ def stats(state: LabState, topo: Topology, bpf_stats_s: float = 0) -> dict:
     for node in result["nodes"]:
         node["programs"] = {name: f for (n, name), f in sorted(runs.items()) if n == node["name"]}
     return result
+
+
+def counter_tables(by_family: dict[tuple[str, str], tuple[int, int]]) -> dict:
+    """DatapathMaps.counters_by_family() as `stats` gives it: "counters", {reason: {packets,
+    bytes}} of both families summed (what it gave before IPv6), and "counters_by_family",
+    {family: {reason: {packets, bytes}}}, every family and reason present."""
+    counters: dict[str, dict[str, int]] = {}
+    families: dict[str, dict[str, dict[str, int]]] = {}
+    for (family, reason), (packets, nbytes) in by_family.items():
+        total = counters.setdefault(reason, {"packets": 0, "bytes": 0})
+        total["packets"] += packets
+        total["bytes"] += nbytes
+        families.setdefault(family, {})[reason] = {"packets": packets, "bytes": nbytes}
+    return {"counters": counters, "counters_by_family": families}
 
 
 def nat_flows(state: LabState, topo: Topology, node_name: str | None = None) -> dict:

@@ -170,8 +170,8 @@ def test_a_spoofed_packet_is_counted_as_a_drop(prometheus, lab):
         own_mac = netns.link_mac(sock, netns.ifindex(sock, "eth0"))
     with netns.ipr(lab.nodes[0].netns) as sock:
         gw_mac = netns.link_mac(sock, netns.ifindex(sock, a1.host_ifname))
-    dropped = series("hostrouting_drop_packets_total", lab, node="node1", hook="from_pod",
-                     reason="drop_spoofed")
+    dropped = series("hostrouting_drop_packets_total", lab, node="node1", family="ipv4",
+                     hook="from_pod", reason="drop_spoofed")
     before = prometheus.wait_for(dropped, lambda v: True)
     netns.run(a1.netns, [sys.executable, "-c", SPOOF, b1.ip, gw_mac, "1", f"{a2.ip},{own_mac}"],
               timeout=60)
