@@ -5,10 +5,20 @@ command line fills what the file leaves out). ``Topology.build`` validates
 everything before anything is created, and a ``TopologyError`` names the field
 and, for a file, the line.
 
+IPv6 (``ip_family`` "dual" or "ipv6") comes from the documentation prefix
+2001:db8::/32 unless the file says otherwise (see netns_lab/__init__.py for
+the drawing). Its networks are at most /120 and none is, or overlaps, the
+unspecified, loopback, IPv4-mapped, link-local or multicast range; an
+IPv4-only lab refuses every ``*6`` key.
+
 File format::
 
     [lab]
+    ip_family = "ipv4"                # "ipv4", "dual" (every pod, node, the fabric and the
+                                      #   external host have both families) or "ipv6" (pods
+                                      #   IPv6 only; nodes, fabric and external keep both)
     underlay_cidr = "198.19.0.0/24"   # node IPs are .1, .2, ...; the router .254
+    underlay_cidr6 = "2001:db8:1::/64"  # dual/ipv6: node N is ::N (hex), the router ::fe
     underlay_mtu = 1500
     external_mtu = 1500               # the router <-> external link
     pods_reach_nodes = false          # eBPF mode: may pods reach other nodes' host namespaces?
@@ -18,10 +28,14 @@ File format::
     [external]
     cidr = "203.0.113.0/24"           # router .1, external host .10
     ip = "203.0.113.10"
+    cidr6 = "2001:db8:2::/64"         # dual/ipv6: router ::1, external host ip6 (default ::a);
+    ip6 = "2001:db8:2::a"             #   it routes nothing to pods: they reach it NATed only
 
     [[nodes]]
     name = "node1"
     pod_cidr = "198.18.1.0/24"        # gateway .1, pods from .10
+    pod_cidr6 = "2001:db8:0:1::/64"   # dual/ipv6 (default 2001:db8:0:N::/64, N in hex): gateway
+                                      #   ::1, pods from ::a; prefix at most /120
     pods = 2                          # a count, or a list of pod names (at most 64)
 
     [nat]                             # BPF SNAT of traffic leaving the cluster (eBPF mode)
@@ -30,7 +44,7 @@ File format::
     port_max = 60999                  #   overlap node_local_port_range: a node's own connection
                                       #   would take a pod's NAT port towards the same remote
     exclude = []                      # more destinations never masqueraded (as
-                                      #   ip-masq-agent's nonMasqueradeCIDRs)
+                                      #   ip-masq-agent's nonMasqueradeCIDRs), IPv4 or IPv6
     timeout_tcp_syn = 60              # seconds idle before an entry expires
     timeout_tcp_established = 7500    # > Linux's keepalive time (7200 s)
     timeout_tcp_closing = 10          # after RST, or FIN both ways
@@ -54,6 +68,12 @@ RESERVED_NAMES = {"fabric", "ext", "uplink", "br0"}
 DEFAULT_UNDERLAY = "198.19.0.0/24"
 DEFAULT_EXTERNAL_CIDR = "203.0.113.0/24"
 DEFAULT_EXTERNAL_IP = "203.0.113.10"
+IP_FAMILIES = ("ipv4", "dual", "ipv6")
+# IPv6 (dual and ipv6 labs), from the documentation prefix 2001:db8::/32
+DEFAULT_UNDERLAY6 = "2001:db8:1::/64"
+DEFAULT_EXTERNAL_CIDR6 = "2001:db8:2::/64"
+ROUTER_HOST6 = 0xfe             # the fabric's address on the IPv6 underlay: ::fe
+MAX_PREFIX6 = 120               # room for the router (::fe) and 64 pods from ::a
 FIRST_POD_HOST = 10
 MAX_NODES = 64
 MAX_PODS_PER_NODE = 64
@@ -70,9 +90,10 @@ class TopologyError(ValueError):
 @dataclass(frozen=True)
 class Pod:
     name: str
-    ip: str
+    ip: str           # in an "ipv6" lab, planned but not configured (the pod has no IPv4)
     netns: str
     host_ifname: str  # the host-side veth, in the node's namespace: <lab>-<node #>-<pod #>
+    ip6: str | None = None      # None in an IPv4-only lab, as every *6 name below
 
 
 @dataclass(frozen=True)
@@ -85,6 +106,9 @@ class Node:
     netns: str
     pods: tuple[Pod, ...]
     fabric_ifname: str = ""  # its uplink's peer, a bridge port in the fabric: <lab>-<node #>
+    ip6: str | None = None          # on the IPv6 underlay
+    pod_cidr6: str | None = None
+    gateway6: str | None = None     # /128 on every host-side veth, as gateway
 
 
 @dataclass(frozen=True)
@@ -93,6 +117,9 @@ class External:
     ip: str
     cidr: str
     router_ip: str  # the fabric's address on the external link
+    ip6: str | None = None
+    cidr6: str | None = None
+    router_ip6: str | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +166,19 @@ class Topology:
     nat: NatSettings = field(default_factory=NatSettings)
     pods_reach_nodes: bool = False
     node_local_port_range: tuple[int, int] = DEFAULT_NODE_LOCAL_PORTS
+    ip_family: str = "ipv4"         # ipv4 | dual | ipv6
+    underlay_cidr6: str | None = None
+    router_ip6: str | None = None   # the fabric's address on the IPv6 underlay
+
+    @property
+    def has_ipv4(self) -> bool:
+        """Pods have IPv4 (nodes, fabric and external always do)."""
+        return self.ip_family != "ipv6"
+
+    @property
+    def has_ipv6(self) -> bool:
+        """Every part of the lab has IPv6 too (pods only IPv6 in an "ipv6" lab)."""
+        return self.ip_family != "ipv4"
 
     @property
     def cluster_cidrs(self) -> list[str]:
@@ -146,9 +186,24 @@ class Topology:
         return [n.pod_cidr for n in self.nodes] + [self.underlay_cidr]
 
     @property
+    def cluster_cidrs6(self) -> list[str]:
+        """IPv6 destinations inside the cluster ([] in an IPv4-only lab)."""
+        if not self.has_ipv6:
+            return []
+        return [n.pod_cidr6 for n in self.nodes] + [self.underlay_cidr6]
+
+    @property
     def non_masquerade_cidrs(self) -> list[str]:
-        """Destinations never masqueraded: the cluster, and [nat] exclude."""
-        return self.cluster_cidrs + list(self.nat.exclude)
+        """IPv4 destinations never masqueraded: the cluster, and [nat] exclude's IPv4."""
+        return self.cluster_cidrs + [c for c in self.nat.exclude if ":" not in c]
+
+    @property
+    def non_masquerade_cidrs6(self) -> list[str]:
+        """IPv6 destinations never masqueraded: the cluster, and [nat] exclude's IPv6 ([] in
+        an IPv4-only lab)."""
+        if not self.has_ipv6:
+            return []
+        return self.cluster_cidrs6 + [c for c in self.nat.exclude if ":" in c]
 
     @property
     def namespaces(self) -> list[str]:
@@ -182,7 +237,9 @@ class Topology:
                            f"(known: {', '.join(known)}, external, fabric)") from None
 
     def to_dict(self) -> dict:
-        return {
+        """The topology as its record keeps it; an IPv4-only lab's has no IPv6 key (as
+        before IPv6 existed, so that older records and their readers still agree)."""
+        data = {
             "lab": self.lab,
             "underlay_cidr": self.underlay_cidr,
             "router_ip": self.router_ip,
@@ -195,6 +252,13 @@ class Topology:
                        "pods": [p.name for p in n.pods]} for n in self.nodes],
             "nat": self.nat.to_dict(),
         }
+        if self.has_ipv6:
+            data.update(ip_family=self.ip_family, underlay_cidr6=self.underlay_cidr6,
+                        router_ip6=self.router_ip6)
+            data["external"].update(cidr6=self.external.cidr6, ip6=self.external.ip6)
+            for raw, node in zip(data["nodes"], self.nodes):
+                raw["pod_cidr6"] = node.pod_cidr6
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Topology":
@@ -244,10 +308,13 @@ RESERVED_RANGES = [(ipaddress.IPv4Network(net), what) for net, what in (
     ("0.0.0.0/8", "'this network'"), ("127.0.0.0/8", "loopback"),
     ("169.254.0.0/16", "link-local"), ("224.0.0.0/4", "multicast"),
     ("240.0.0.0/4", "reserved (240/4 and broadcast)"))]
+RESERVED_RANGES6 = [(ipaddress.IPv6Network(net), what) for net, what in (
+    ("::/128", "unspecified"), ("::1/128", "loopback"), ("::ffff:0:0/96", "IPv4-mapped"),
+    ("fe80::/10", "link-local"), ("ff00::/8", "multicast"))]
 
 
-def _unreserved(net: ipaddress.IPv4Network, value, where: str):
-    for reserved, what in RESERVED_RANGES:
+def _unreserved(net: ipaddress.IPv4Network | ipaddress.IPv6Network, value, where: str):
+    for reserved, what in RESERVED_RANGES if net.version == 4 else RESERVED_RANGES6:
         if net.overlaps(reserved):
             verb = "is in" if net.subnet_of(reserved) else "overlaps"
             raise TopologyError(f"{where}: {value} {verb} the {what} range {reserved}, "
@@ -255,23 +322,28 @@ def _unreserved(net: ipaddress.IPv4Network, value, where: str):
     return net
 
 
-def _net(value, where: str) -> ipaddress.IPv4Network:
+_NETWORK = {4: ipaddress.IPv4Network, 6: ipaddress.IPv6Network}
+_ADDRESS = {4: ipaddress.IPv4Address, 6: ipaddress.IPv6Address}
+_MAX_PREFIX = {4: 29, 6: MAX_PREFIX6}
+
+
+def _net(value, where: str, version: int = 4):
     try:
-        net = ipaddress.IPv4Network(str(value), strict=True)
+        net = _NETWORK[version](str(value), strict=True)
     except ValueError as e:
-        raise TopologyError(f"{where}: {value!r} is not an IPv4 network ({e})") from None
+        raise TopologyError(f"{where}: {value!r} is not an IPv{version} network ({e})") from None
     _unreserved(net, value, where)
-    if net.prefixlen > 29:
-        raise TopologyError(f"{where}: {value} is too small (at most /29)")
+    if net.prefixlen > _MAX_PREFIX[version]:
+        raise TopologyError(f"{where}: {value} is too small (at most /{_MAX_PREFIX[version]})")
     return net
 
 
-def _addr(value, where: str) -> ipaddress.IPv4Address:
+def _addr(value, where: str, version: int = 4):
     try:
-        addr = ipaddress.IPv4Address(str(value))
+        addr = _ADDRESS[version](str(value))
     except ValueError:
-        raise TopologyError(f"{where}: {value!r} is not an IPv4 address") from None
-    _unreserved(ipaddress.IPv4Network(addr), value, where)
+        raise TopologyError(f"{where}: {value!r} is not an IPv{version} address") from None
+    _unreserved(_NETWORK[version](addr), value, where)
     return addr
 
 
@@ -326,14 +398,15 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
         raise TopologyError(f"lab name {lab!r}: 1 to 8 lowercase letters and digits, "
                             "starting with a letter")
     known_top = {"lab", "external", "nodes", "underlay_cidr", "router_ip", "underlay_mtu",
-                 "external_mtu", "nat", "pods_reach_nodes", "node_local_port_range"}
+                 "external_mtu", "nat", "pods_reach_nodes", "node_local_port_range",
+                 "ip_family", "underlay_cidr6", "router_ip6"}
     for key in data:
         if key not in known_top:
             raise TopologyError(f"{loc.where('', 0, key)}: unknown key {key!r}")
     labsec = data.get("lab", {}) if isinstance(data.get("lab", {}), dict) else {}
     for key in labsec:
         if key not in ("underlay_cidr", "underlay_mtu", "external_mtu", "pods_reach_nodes",
-                       "node_local_port_range"):
+                       "node_local_port_range", "ip_family", "underlay_cidr6"):
             raise TopologyError(f"{loc.where('lab', 0, key)}: unknown key {key!r}")
 
     def lab_value(key, default):
@@ -353,12 +426,20 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
     pods_reach_nodes = value
     value, where = lab_value("node_local_port_range", list(DEFAULT_NODE_LOCAL_PORTS))
     node_ports, node_ports_where = _port_range(value, where), where
+    value, where = lab_value("ip_family", "ipv4")
+    if value not in IP_FAMILIES:
+        raise TopologyError(f'{where}: {value!r} must be "ipv4", "dual" or "ipv6"')
+    family = value
+    v6 = _V6(loc, family != "ipv4")
+    value, where = lab_value("underlay_cidr6", DEFAULT_UNDERLAY6)
+    underlay6 = v6.net("underlay_cidr6", value, where, "underlay_cidr6" in labsec or
+                       "underlay_cidr6" in data)
 
     ext = data.get("external", {})
     if not isinstance(ext, dict):
         raise TopologyError(f"{loc.where('external', 0, None)}: must be a table")
     for key in ext:
-        if key not in ("cidr", "ip"):
+        if key not in ("cidr", "ip", "cidr6", "ip6"):
             raise TopologyError(f"{loc.where('external', 0, key)}: unknown key {key!r}")
     ext_net = _net(ext.get("cidr", DEFAULT_EXTERNAL_CIDR), loc.where("external", 0, "cidr"))
     ext_ip = _addr(ext.get("ip", DEFAULT_EXTERNAL_IP), loc.where("external", 0, "ip"))
@@ -366,6 +447,9 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
                                            ext_net.network_address + 1):
         raise TopologyError(f"{loc.where('external', 0, 'ip')}: {ext_ip} must be a host "
                             f"address of {ext_net} other than its first (the router's)")
+    ext_net6 = v6.net("external.cidr6", ext.get("cidr6", DEFAULT_EXTERNAL_CIDR6),
+                      loc.where("external", 0, "cidr6"), "cidr6" in ext)
+    ext_ip6 = v6.host(ext_net6, ext.get("ip6"), loc.where("external", 0, "ip6"), "ip6" in ext)
 
     raw_nodes = data.get("nodes")
     if not isinstance(raw_nodes, list) or not raw_nodes:
@@ -384,7 +468,7 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
         if not isinstance(raw, dict):
             raise TopologyError(f"{loc.where('nodes', i, None)}: must be a table")
         for key in raw:
-            if key not in ("name", "pod_cidr", "pods"):
+            if key not in ("name", "pod_cidr", "pods", "pod_cidr6"):
                 raise TopologyError(f"{loc.where('nodes', i, key)}: unknown key {key!r}")
         for key in ("name", "pod_cidr"):
             if key not in raw:
@@ -408,16 +492,20 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
                 raise TopologyError(f"{loc.where('nodes', i, 'pod_cidr')}: {pod_net} overlaps "
                                     f"{owner} ({net})")
         cidrs.append((pod_net, f"nodes[{i}].pod_cidr"))
+        pod_net6 = v6.net(f"nodes[{i}].pod_cidr6", raw.get("pod_cidr6", default_pod_cidr6(i + 1)),
+                          loc.where("nodes", i, "pod_cidr6"), "pod_cidr6" in raw)
         _claim(names, node_name, "node", loc.where("nodes", i, "name"))
         node_ns = f"{lab}-{node_name}"
         pods = []
         for j, pod_name in enumerate(pod_names):
             _claim(names, pod_name, "pod", where)
             pods.append(Pod(pod_name, str(pod_net.network_address + FIRST_POD_HOST + j),
-                            f"{lab}-{pod_name}", host_ifname(lab, i + 1, j + 1)))
+                            f"{lab}-{pod_name}", host_ifname(lab, i + 1, j + 1),
+                            _host(pod_net6, FIRST_POD_HOST + j)))
         nodes.append(Node(node_name, i + 1, str(underlay.network_address + i + 1), str(pod_net),
                           str(pod_net.network_address + 1), node_ns, tuple(pods),
-                          fabric_ifname(lab, i + 1)))
+                          fabric_ifname(lab, i + 1), ip6=_host(underlay6, i + 1),
+                          pod_cidr6=_str(pod_net6), gateway6=_host(pod_net6, 1)))
 
     nat = _nat_settings(data.get("nat", {}), loc)
     if nat.port_min <= node_ports[1] and node_ports[0] <= nat.port_max:
@@ -434,7 +522,8 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
     return Topology(
         lab=lab,
         nodes=tuple(nodes),
-        external=External(f"{lab}-ext", str(ext_ip), str(ext_net), str(ext_net.network_address + 1)),
+        external=External(f"{lab}-ext", str(ext_ip), str(ext_net), str(ext_net.network_address + 1),
+                          ip6=_str(ext_ip6), cidr6=_str(ext_net6), router_ip6=_host(ext_net6, 1)),
         underlay_cidr=str(underlay),
         router_ip=str(underlay.broadcast_address - 1),
         underlay_mtu=underlay_mtu,
@@ -444,7 +533,63 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
         nat=nat,
         pods_reach_nodes=pods_reach_nodes,
         node_local_port_range=node_ports,
+        ip_family=family,
+        underlay_cidr6=_str(underlay6),
+        router_ip6=_host(underlay6, ROUTER_HOST6),
     )
+
+
+def default_pod_cidr6(node_index: int) -> str:
+    """Node N's (1-based) IPv6 pods: 2001:db8:0:N::/64, N in hex."""
+    return f"2001:db8:0:{node_index:x}::/64"
+
+
+def _str(value) -> str | None:
+    return None if value is None else str(value)
+
+
+def _host(net: ipaddress.IPv6Network | None, host: int) -> str | None:
+    """The net's address number ``host`` (None: no IPv6 in the lab)."""
+    return None if net is None else str(net.network_address + host)
+
+
+class _V6:
+    """The IPv6 values of a topology: validated in a dual or ipv6 lab (None in an IPv4 one,
+    where a file may not set them), and their networks checked against each other."""
+
+    def __init__(self, loc: _Locator, enabled: bool):
+        self.loc, self.enabled = loc, enabled
+        self.nets: list[tuple[ipaddress.IPv6Network, str]] = []
+
+    def _refuse(self, where: str) -> None:
+        raise TopologyError(f'{where}: IPv6 needs [lab] ip_family = "dual" or "ipv6" '
+                            '(this lab is IPv4 only)')
+
+    def net(self, owner: str, value, where: str, given: bool) -> ipaddress.IPv6Network | None:
+        if not self.enabled:
+            if given:
+                self._refuse(where)
+            return None
+        net = _net(value, where, 6)
+        for other, name in self.nets:
+            if net.overlaps(other):
+                raise TopologyError(f"{where}: {net} overlaps {name} ({other})")
+        self.nets.append((net, owner))
+        return net
+
+    def host(self, net: ipaddress.IPv6Network | None, value, where: str, given: bool
+             ) -> ipaddress.IPv6Address | None:
+        """A host of ``net`` other than its first two (subnet-router anycast, the router);
+        by default its address number FIRST_POD_HOST (::a)."""
+        if net is None:
+            if given:
+                self._refuse(where)
+            return None
+        addr = _addr(net.network_address + FIRST_POD_HOST if value is None else value, where, 6)
+        if addr not in net or addr in (net.network_address, net.network_address + 1):
+            raise TopologyError(f"{where}: {addr} must be a host address of {net} other than "
+                                "its first two (::0 and the router's ::1)")
+        return addr
 
 
 def _port_range(value, where: str) -> tuple[int, int]:
@@ -482,21 +627,22 @@ def _nat_settings(raw, loc: _Locator) -> NatSettings:
     exclude = raw.get("exclude", [])
     where = loc.where("nat", 0, "exclude")
     if not isinstance(exclude, list):
-        raise TopologyError(f"{where}: must be a list of IPv4 networks")
+        raise TopologyError(f"{where}: must be a list of IPv4 or IPv6 networks")
     nets = []
     for item in exclude:
         try:
-            net = ipaddress.IPv4Network(str(item), strict=True)
+            net = ipaddress.ip_network(str(item), strict=True)
         except ValueError as e:
-            raise TopologyError(f"{where}: {item!r} is not an IPv4 network ({e})") from None
+            raise TopologyError(f"{where}: {item!r} is not an IPv4 or IPv6 network "
+                                f"({e})") from None
         nets.append(str(_unreserved(net, item, where)))
     values["exclude"] = tuple(nets)
     return NatSettings(**values)
 
 
 def load_topology(lab: str, path: str | Path | None = None, nodes: int | None = None,
-                  pods_per_node: int | None = None) -> Topology:
-    """A topology from a file and/or the command line's node and pod counts."""
+                  pods_per_node: int | None = None, ip_family: str | None = None) -> Topology:
+    """A topology from a file and/or the command line's node and pod counts and IP family."""
     data: dict = {}
     loc = _Locator(None)
     if path is not None:
@@ -520,4 +666,11 @@ def load_topology(lab: str, path: str | Path | None = None, nodes: int | None = 
         if not 0 <= p <= MAX_PODS_PER_NODE:
             raise TopologyError(f"--pods-per-node: {p} must be from 0 to {MAX_PODS_PER_NODE}")
         data["nodes"] = default_nodes(n, p)
+    if ip_family is not None:
+        labsec = data["lab"] if isinstance(data.get("lab"), dict) else data
+        found = labsec.get("ip_family", data.get("ip_family"))
+        if found is not None and found != ip_family:
+            raise TopologyError(f"{path}: sets ip_family {found!r}; --ip-family {ip_family} "
+                                "contradicts it")
+        labsec["ip_family"] = ip_family
     return build_topology(lab, data, loc)

@@ -117,6 +117,162 @@ def test_reserved_ranges_are_refused_with_the_line(tmp_path, text, expected):
     assert expected in str(err.value)
 
 
+# -- IPv6 and dual stack (issue 12) --------------------------------------------------------------
+
+IPV4_RECORD_KEYS = {"lab", "underlay_cidr", "router_ip", "underlay_mtu", "external_mtu",
+                    "pods_reach_nodes", "node_local_port_range", "external", "nodes", "nat"}
+
+
+def test_an_ipv4_lab_has_no_ipv6_and_its_record_is_as_before():
+    topo = load_topology("hr")
+    assert (topo.ip_family, topo.has_ipv4, topo.has_ipv6) == ("ipv4", True, False)
+    assert (topo.underlay_cidr6, topo.router_ip6) == (None, None)
+    assert (topo.cluster_cidrs6, topo.non_masquerade_cidrs6) == ([], [])
+    ext = topo.external
+    assert (ext.ip6, ext.cidr6, ext.router_ip6) == (None, None, None)
+    assert {(n.ip6, n.pod_cidr6, n.gateway6) for n in topo.nodes} == {(None, None, None)}
+    assert {p.ip6 for n in topo.nodes for p in n.pods} == {None}
+    data = topo.to_dict()
+    assert set(data) == IPV4_RECORD_KEYS
+    assert data["external"] == {"cidr": "203.0.113.0/24", "ip": "203.0.113.10"}
+    assert set(data["nodes"][0]) == {"name", "pod_cidr", "pods"}
+
+
+def test_dual_stack_defaults_follow_the_plan():
+    topo = load_topology("hr", None, 3, 2, ip_family="dual")
+    assert (topo.has_ipv4, topo.has_ipv6) == (True, True)
+    assert (topo.underlay_cidr6, topo.router_ip6) == ("2001:db8:1::/64", "2001:db8:1::fe")
+    node3 = topo.nodes[2]
+    assert (node3.ip6, node3.pod_cidr6, node3.gateway6) == \
+        ("2001:db8:1::3", "2001:db8:0:3::/64", "2001:db8:0:3::1")
+    assert [p.ip6 for p in node3.pods] == ["2001:db8:0:3::a", "2001:db8:0:3::b"]
+    assert [p.ip for p in node3.pods] == ["198.18.3.10", "198.18.3.11"]     # both families
+    ext = topo.external
+    assert (ext.cidr6, ext.router_ip6, ext.ip6) == \
+        ("2001:db8:2::/64", "2001:db8:2::1", "2001:db8:2::a")
+    assert topo.cluster_cidrs6 == ["2001:db8:0:1::/64", "2001:db8:0:2::/64",
+                                   "2001:db8:0:3::/64", "2001:db8:1::/64"]
+    assert topo.non_masquerade_cidrs6 == topo.cluster_cidrs6
+    from netns_lab.topology import Topology
+    assert Topology.from_dict(topo.to_dict()) == topo
+
+
+def test_pod_cidr6_numbers_nodes_in_hex():
+    topo = load_topology("hr", None, 12, 0, ip_family="dual")
+    assert topo.nodes[11].pod_cidr6 == "2001:db8:0:c::/64"
+    assert topo.nodes[11].ip6 == "2001:db8:1::c"
+
+
+def test_a_dual_file_with_its_own_plan_and_ipv6_excludes(tmp_path):
+    path = write(tmp_path, """
+[lab]
+ip_family = "dual"
+underlay_cidr6 = "fd00:1::/120"
+[external]
+cidr6 = "fd00:2::/64"
+ip6 = "fd00:2::99"
+[[nodes]]
+name = "a"
+pod_cidr = "198.18.10.0/24"
+pod_cidr6 = "fd00:10::/64"
+pods = ["web"]
+[[nodes]]
+name = "b"
+pod_cidr = "198.18.11.0/24"
+pods = 1
+[nat]
+exclude = ["10.0.0.0/8", "2001:db8:99::/48"]
+""")
+    topo = load_topology("lab1", path)
+    a, b = topo.nodes
+    assert (a.ip6, a.gateway6, a.pods[0].ip6) == ("fd00:1::1", "fd00:10::1", "fd00:10::a")
+    assert b.pod_cidr6 == "2001:db8:0:2::/64"       # the default of node 2
+    assert topo.router_ip6 == "fd00:1::fe"
+    assert (topo.external.ip6, topo.external.router_ip6) == ("fd00:2::99", "fd00:2::1")
+    assert topo.nat.exclude == ("10.0.0.0/8", "2001:db8:99::/48")
+    assert topo.non_masquerade_cidrs == [a.pod_cidr, b.pod_cidr, topo.underlay_cidr,
+                                         "10.0.0.0/8"]
+    assert topo.non_masquerade_cidrs6 == ["fd00:10::/64", "2001:db8:0:2::/64", "fd00:1::/120",
+                                          "2001:db8:99::/48"]
+    from netns_lab.topology import Topology
+    assert Topology.from_dict(topo.to_dict()) == topo
+
+
+def test_an_ipv6_lab_plans_ipv4_for_pods_but_says_they_have_none(tmp_path):
+    topo = load_topology("hr", write(tmp_path, '[lab]\nip_family = "ipv6"\n'))
+    assert (topo.has_ipv4, topo.has_ipv6) == (False, True)
+    assert topo.nodes[0].pods[0].ip6 == "2001:db8:0:1::a"
+    from netns_lab.topology import Topology
+    assert Topology.from_dict(topo.to_dict()).ip_family == "ipv6"
+
+
+def test_the_command_line_family_fills_the_file_or_must_agree(tmp_path):
+    path = write(tmp_path, '[lab]\nunderlay_mtu = 1400\n')
+    assert load_topology("hr", path, ip_family="ipv6").ip_family == "ipv6"
+    path = write(tmp_path, '[lab]\nip_family = "dual"\n')
+    assert load_topology("hr", path, ip_family="dual").ip_family == "dual"
+    with pytest.raises(TopologyError, match="sets ip_family 'dual'; --ip-family ipv4"):
+        load_topology("hr", path, ip_family="ipv4")
+
+
+DUAL = '[lab]\nip_family = "dual"\n'
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('[lab]\nip_family = "ipv5"\n' + NODE,
+     'lab.toml:2: lab.ip_family: \'ipv5\' must be "ipv4", "dual" or "ipv6"'),
+    ('ip_family = 6\n' + NODE, 'lab.toml:1: (top level).ip_family: 6 must be "ipv4"'),
+    ('[lab]\nunderlay_cidr6 = "2001:db8:1::/64"\n' + NODE,
+     'lab.toml:2: lab.underlay_cidr6: IPv6 needs [lab] ip_family = "dual" or "ipv6"'),
+    ('[external]\nip6 = "2001:db8:2::a"\n' + NODE, "lab.toml:2: external.ip6: IPv6 needs"),
+    ('[external]\ncidr6 = "2001:db8:2::/64"\n' + NODE, "lab.toml:2: external.cidr6: IPv6 needs"),
+    (NODE + 'pod_cidr6 = "2001:db8:0:1::/64"\n', "lab.toml:4: nodes[0].pod_cidr6: IPv6 needs"),
+    (DUAL + 'underlay_cidr6 = "2001:db8:1::1/64"\n' + NODE,
+     "lab.toml:3: lab.underlay_cidr6: '2001:db8:1::1/64' is not an IPv6 network"),
+    (DUAL + 'underlay_cidr6 = "198.19.0.0/24"\n' + NODE,
+     "lab.toml:3: lab.underlay_cidr6: '198.19.0.0/24' is not an IPv6 network"),
+    (DUAL + 'underlay_cidr6 = "2001:db8:1::/121"\n' + NODE,
+     "lab.toml:3: lab.underlay_cidr6: 2001:db8:1::/121 is too small (at most /120)"),
+    (DUAL + 'underlay_cidr6 = "fe80::/64"\n' + NODE,
+     "lab.toml:3: lab.underlay_cidr6: fe80::/64 is in the link-local range fe80::/10"),
+    (DUAL + 'underlay_cidr6 = "ff02::/64"\n' + NODE,
+     "lab.toml:3: lab.underlay_cidr6: ff02::/64 is in the multicast range ff00::/8"),
+    (DUAL + 'underlay_cidr6 = "::ffff:0:0/104"\n' + NODE,
+     "lab.toml:3: lab.underlay_cidr6: ::ffff:0:0/104 is in the IPv4-mapped range"),
+    (DUAL + 'underlay_cidr6 = "::/120"\n' + NODE,
+     "lab.toml:3: lab.underlay_cidr6: ::/120 overlaps the unspecified range ::/128"),
+    (DUAL + 'underlay_cidr6 = "::/0"\n' + NODE,
+     "lab.toml:3: lab.underlay_cidr6: ::/0 overlaps the unspecified range"),
+    (DUAL + '[external]\ncidr6 = "2001:db8:1::/64"\n' + NODE,
+     "lab.toml:4: external.cidr6: 2001:db8:1::/64 overlaps underlay_cidr6 (2001:db8:1::/64)"),
+    (DUAL + '[external]\nip6 = "2001:db8:3::a"\n' + NODE,
+     "lab.toml:4: external.ip6: 2001:db8:3::a must be a host address of 2001:db8:2::/64"),
+    (DUAL + '[external]\nip6 = "2001:db8:2::1"\n' + NODE,
+     "lab.toml:4: external.ip6: 2001:db8:2::1 must be a host address"),
+    (DUAL + '[external]\nip6 = "2001:db8:2::zz"\n' + NODE,
+     "lab.toml:4: external.ip6: '2001:db8:2::zz' is not an IPv6 address"),
+    (DUAL + '[external]\ncidr6 = "::1/128"\nip6 = "::1"\n' + NODE,
+     "lab.toml:4: external.cidr6: ::1/128 is in the loopback range"),
+    (DUAL + NODE + 'pod_cidr6 = "2001:db8:2::/64"\n',
+     "lab.toml:6: nodes[0].pod_cidr6: 2001:db8:2::/64 overlaps external.cidr6"),
+    (DUAL + NODE + 'pod_cidr6 = "2001:db8::/32"\n',
+     "lab.toml:6: nodes[0].pod_cidr6: 2001:db8::/32 overlaps underlay_cidr6"),
+    (DUAL + NODE + '[[nodes]]\nname = "b"\npod_cidr = "198.18.2.0/24"\n'
+     'pod_cidr6 = "2001:db8:0:1::/64"\n',
+     "lab.toml:9: nodes[1].pod_cidr6: 2001:db8:0:1::/64 overlaps nodes[0].pod_cidr6"),
+    (DUAL + '[nat]\nexclude = ["ff00::/8"]\n' + NODE,
+     "lab.toml:4: nat.exclude: ff00::/8 is in the multicast range"),
+    ('[nat]\nexclude = ["2001:db8::1/32"]\n' + NODE,
+     "lab.toml:2: nat.exclude: '2001:db8::1/32' is not an IPv4 or IPv6 network"),
+])
+def test_bad_ipv6_names_field_and_line(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(TopologyError) as err:
+        load_topology("lab1", path)
+    assert str(err.value).startswith(f"{path}:")
+    assert expected in str(err.value)
+
+
 def test_interface_names_fit_for_the_longest_lab_name_and_the_most_nodes_and_pods(tmp_path):
     """Every interface a lab creates fits in IFNAMSIZ (15), is unique in its namespace, and
     starts with the lab's name (how leftovers are found); pod and node names may be long."""
@@ -155,11 +311,14 @@ from hypothesis import HealthCheck, given, settings, strategies as hst  # noqa: 
 TOPO_FUZZ_CASES = 400
 _KEYS = ["lab", "external", "nodes", "nat", "underlay_cidr", "underlay_mtu", "external_mtu",
          "pods_reach_nodes", "name", "pod_cidr", "pods", "cidr", "ip", "max_flows", "port_min",
-         "port_max", "exclude", "timeout_udp", "bogus"]
+         "port_max", "exclude", "timeout_udp", "bogus", "ip_family", "underlay_cidr6",
+         "pod_cidr6", "cidr6", "ip6"]
 _SCALARS = hst.one_of(
     hst.integers(-70000, 5_000_000), hst.booleans(), hst.floats(allow_nan=False, width=32),
     hst.sampled_from(["198.18.1.0/24", "198.18.1.0/33", "203.0.113.0/24", "198.19.0.0/24",
-                      "10.0.0.1", "node1", "", "UPPER", "a" * 20, "198.18.0.0/16", "x-1"]),
+                      "10.0.0.1", "node1", "", "UPPER", "a" * 20, "198.18.0.0/16", "x-1",
+                      "dual", "ipv6", "ipv4", "2001:db8:0:1::/64", "2001:db8:1::/64",
+                      "2001:db8:2::a", "fe80::/64", "2001:db8::/32", "fd00::/120"]),
     hst.text(max_size=8))
 
 
