@@ -81,14 +81,19 @@ def require_netperf() -> None:
                                "multiverse), e.g. by running scripts/provision.sh")
 
 
+def netserver_argv(port: int = PORT, family: int = 4) -> list[str]:
+    """netserver in the foreground (-D), listening on ``port`` for IP version ``family``."""
+    return ["netserver", "-D", f"-{family}", "-p", str(port)]
+
+
 class Netserver:
     """A netserver in a namespace; stopped by ``close`` (or the lab's removal)."""
 
-    def __init__(self, ns: str, port: int = PORT):
+    def __init__(self, ns: str, port: int = PORT, family: int = 4):
         self.ns, self.port = ns, port
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "netserver", "-D", "-4", "-p",
-                                      str(port)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, *netserver_argv(port, family)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -114,6 +119,8 @@ class Result:
     values: dict[str, float]
     seconds: float      # wall time of the run
     measured_s: float   # netperf's measurement: the duration, or a counted run's elapsed time
+    measured_from: float = 0.0  # seconds after the run's start that measurement began (N flows:
+                                # the start of the window in which all of them ran)
 
 
 def transactions_for(rate: float, seconds: float) -> int:
@@ -129,11 +136,13 @@ def split_workload(workload: str) -> tuple[str, int]:
 
 def argv_for(host: str, test: str, duration: float, size: int | None, port: int = PORT,
              cpus: str | None = None, demo: bool = False,
-             transactions: int | None = None) -> list[str]:
+             transactions: int | None = None, family: int = 4) -> list[str]:
     """netperf's command line; with ``transactions`` the test runs that many (-l -N) instead
-    of ``duration`` seconds."""
+    of ``duration`` seconds; ``family`` 6: control and data connections over IPv6 (the global
+    -6; ``host`` an IPv6 address)."""
     length = f"-{transactions}" if transactions else f"{duration:g}"
-    argv = ["netperf", "-H", host, "-p", str(port), "-t", test, "-l", length, "-P", "0",
+    argv = ["netperf", *(["-6"] if family == 6 else []), "-H", host, "-p", str(port), "-t",
+            test, "-l", length, "-P", "0",
             *(["-T", cpus] if cpus else []),
             *(["-D", f"-{DEMO_INTERVAL_S:g}"] if demo else []),   # negative: with timestamps
             "--", "-o", ",".join(SELECTORS[test]), *OPTIONS.get(test, ())]
@@ -173,10 +182,11 @@ def parse_interim(stdout: str) -> list[tuple[float, float, float]]:
     return out
 
 
-def common_window_mbps(flows: list[list[tuple[float, float, float]]]) -> tuple[float, float]:
-    """(the flows' summed Mbit/s, seconds) over the window in which every flow reported:
-    from the latest first start to the earliest last end; a report counts for the part of
-    its interval inside the window."""
+def common_window(flows: list[list[tuple[float, float, float]]]) -> tuple[float, float, float]:
+    """(the flows' summed Mbit/s, the window's start, its end) over the window in which every
+    flow reported: from the latest first start to the earliest last end (netperf's interim
+    reports carry the time of day); a report counts for the part of its interval inside the
+    window."""
     if not flows or not all(flows):
         raise ValueError("a flow made no interim report (demo mode): no common window")
     start = max(f[0][0] for f in flows)
@@ -185,24 +195,25 @@ def common_window_mbps(flows: list[list[tuple[float, float, float]]]) -> tuple[f
         raise ValueError("the flows did not run at the same time")
     megabits = sum(rate * max(0.0, min(e, end) - max(s, start))
                    for f in flows for s, e, rate in f)
-    return megabits / (end - start), end - start
+    return megabits / (end - start), start, end
 
 
 def run_test(ns: str, host: str, test: str, duration: float, size: int | None = None,
              port: int = PORT, cpus: str | None = None,
-             transactions: int | None = None) -> Result:
+             transactions: int | None = None, family: int = 4) -> Result:
     """One workload (``WORKLOADS``); ``cpus`` ("local,remote") binds netperf and netserver
     to those CPUs (-T). ``transactions``: a counted run (``COUNTED`` tests), expected to
     last about ``duration``."""
     base, flows = split_workload(test)
     size = FIXED_SIZE.get(test) if size is None else size
     if flows > 1:
-        return _run_flows(ns, host, base, flows, duration, size, port, cpus)
+        return _run_flows(ns, host, base, flows, duration, size, port, cpus, family)
     started = time.monotonic()
     # a counted run that goes slower than its first run foretold still ends
     timeout = duration + 30 + (2 * duration if transactions else 0)
     proc = netns.run(ns, argv_for(host, base, duration, size, port, cpus,
-                                  transactions=transactions), check=False, timeout=timeout)
+                                  transactions=transactions, family=family), check=False,
+                     timeout=timeout)
     seconds = time.monotonic() - started
     if proc.returncode != 0:
         raise NetperfError(f"netperf {test} {ns} -> {host}: exit {proc.returncode}: "
@@ -227,10 +238,10 @@ def counted_elapsed(values: dict[str, float], transactions: int) -> float:
 
 
 def _run_flows(ns: str, host: str, test: str, flows: int, duration: float, size: int | None,
-               port: int, cpus: str | None) -> Result:
+               port: int, cpus: str | None, family: int = 4) -> Result:
     argv = ["ip", "netns", "exec", ns, *argv_for(host, test, duration, size, port, cpus,
-                                                  demo=True)]
-    started = time.monotonic()
+                                                  demo=True, family=family)]
+    started, started_at = time.monotonic(), time.time()
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(flows)]
     outputs = []
@@ -252,9 +263,11 @@ def _run_flows(ns: str, host: str, test: str, flows: int, duration: float, size:
             raise NetperfError(f"netperf {test}x{flows} {ns} -> {host}: exit {rc}: "
                                f"{(err or out).strip()[-300:]}")
     try:
-        mbps, window = common_window_mbps([parse_interim(out) for _, out, _ in outputs])
+        mbps, start, end = common_window([parse_interim(out) for _, out, _ in outputs])
         each = [parse_result(test, out) for _, out, _ in outputs]
     except ValueError as e:
         raise NetperfError(f"netperf {test}x{flows} {ns} -> {host}: {e}") from None
-    return Result({"mbps": mbps, "window_s": window, "flows": flows,
-                   "mbps_whole_runs": sum(v["mbps"] for v in each)}, seconds, duration)
+    # the CPU time is read over the same window
+    return Result({"mbps": mbps, "window_s": end - start, "flows": flows,
+                   "mbps_whole_runs": sum(v["mbps"] for v in each)}, seconds, end - start,
+                  max(0.0, start - started_at))

@@ -502,8 +502,9 @@ class Bench:
         # netperf measures for `duration` (a counted run: its elapsed time) once its control
         # connection is up, a few ms after it starts; its report can come later, so the
         # window is counted from the start, its edges left out
-        window, by_cpu, steal = cpu.between(started + START_EDGE_S,
-                                            started + result.measured_s - END_EDGE_S)
+        begin = started + max(START_EDGE_S, result.measured_from)
+        window, by_cpu, steal = cpu.between(
+            begin, started + result.measured_from + result.measured_s - END_EDGE_S)
         return Sample(point.rules, point.scenario, mode, point.test, point.size, rep,
                       result.values, result.seconds, sum(by_cpu), window, by_cpu, steal,
                       point.pin, started_at,

@@ -53,8 +53,8 @@ def test_concurrent_flows_are_summed_over_the_window_all_of_them_ran():
     b = netperf.parse_interim("200.00,10^6bits/s,1.000,1001.500\n"
                               "200.00,10^6bits/s,0.500,1002.000\n")
     assert a == [(1000.0, 1001.0, 100.0), (1001.0, 1002.0, 300.0)]
-    mbps, window = netperf.common_window_mbps([a, b])
-    assert window == 1.5                                         # 1000.5 to 1002.0
+    mbps, start, end = netperf.common_window([a, b])
+    assert (start, end) == (1000.5, 1002.0)
     # A: 0.5 s at 100 + 1 s at 300; B: 1 s at 200 + 0.5 s at 200 -> 650 Mbit in 1.5 s
     assert mbps == pytest.approx((50 + 300 + 300) / 1.5)
 
@@ -63,9 +63,9 @@ def test_flows_that_never_overlapped_are_an_error():
     a = [(0.0, 1.0, 100.0)]
     b = [(2.0, 3.0, 100.0)]
     with pytest.raises(ValueError, match="same time"):
-        netperf.common_window_mbps([a, b])
+        netperf.common_window([a, b])
     with pytest.raises(ValueError, match="no common window"):
-        netperf.common_window_mbps([a, []])
+        netperf.common_window([a, []])
 
 
 def test_the_report_has_a_table_for_every_workload_and_names_the_node_profile():
@@ -133,3 +133,38 @@ def test_the_bench_sizes_a_counted_test_once_per_point_and_mode(monkeypatch):
                     ("b", "TCP_CRR", netperf.CALIBRATION_TRANSACTIONS)]
     assert bench.transactions(runner.Point(0, "same-node", "TCP_RR"), "legacy", "a", "h") is None
     assert len(runs) == 2                                           # timed tests need none
+
+
+def test_the_cpu_time_of_n_flows_is_read_over_the_window_all_of_them_ran(monkeypatch):
+    from datapath.bench import runner
+    windows = []
+
+    class Cpu:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def between(self, start, end):
+            windows.append((start, end))
+            return end - start, [0.5, 0.25], 0.0
+
+    now = [100.0]
+    monkeypatch.setattr(runner.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(runner, "CpuReader", Cpu)
+    monkeypatch.setattr(runner.Bench, "empty_connection_tables", lambda self, mode: None)
+    # four flows whose common window opened 0.4 s after they were started and lasted 4.2 s
+    monkeypatch.setattr(netperf, "run_test", lambda *a, **k: netperf.Result(
+        {"mbps": 900.0, "window_s": 4.2, "flows": 4}, 5.1, 4.2, 0.4))
+    bench = runner.Bench(runner.BenchConfig(duration=5.0))
+    sample = bench._measure_once(runner.Point(0, "same-node", "TCP_STREAMx4"), "legacy", 0,
+                                 "ns", "h", [])
+    assert windows == [(100.4, 100.0 + 0.4 + 4.2 - runner.END_EDGE_S)]
+    # a single run is measured from its start, the control connection's edge left out
+    monkeypatch.setattr(netperf, "run_test", lambda *a, **k: netperf.Result(
+        {"mbps": 900.0}, 5.1, 5.0))
+    bench._measure_once(runner.Point(0, "same-node", "TCP_STREAM", 16384), "legacy", 0,
+                        "ns", "h", [])
+    assert windows[1] == (100.0 + runner.START_EDGE_S, 105.0 - runner.END_EDGE_S)
+    assert sample.cpu_s == 0.75
