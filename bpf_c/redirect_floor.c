@@ -13,13 +13,18 @@
  *                the next hop found by the kernel's FIB, as from_pod routes
  *
  * Only IPv4 is redirected: ARP must reach the node, or no neighbour would
- * ever be resolved. A peer redirect needs no MAC rewrite to be delivered:
- * the kernel scrubs the skb to PACKET_HOST on the way into the peer.
+ * ever be resolved. Built with -DFLOOR_IPV6 (bench --ip-family 6), IPv6 is
+ * redirected instead, all but ICMPv6, so that neighbour discovery reaches the
+ * node as ARP does (the one read beyond the EtherType: the next header). A
+ * peer redirect needs no MAC rewrite to be delivered: the kernel scrubs the
+ * skb to PACKET_HOST on the way into the peer.
  *
  * Built with bcc (datapath/bpf_build.py).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
 
 #ifndef FLOOR_IFINDEX
@@ -30,16 +35,34 @@
 static long (*floor_redirect_neigh)(__u32 ifindex, struct bpf_redir_neigh *params, int plen,
 				    __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
 
+#ifdef FLOOR_IPV6
+/* IPv6 but ICMPv6 (neighbour discovery, router solicitations: the stack's). */
+static __always_inline int floor_takes(struct __sk_buff *skb)
+{
+	void *data_end = (void *)(long)skb->data_end;
+	struct ipv6hdr *ip6 = (void *)(long)skb->data + sizeof(struct ethhdr);
+
+	if (skb->protocol != bpf_htons(ETH_P_IPV6) || (void *)(ip6 + 1) > data_end)
+		return 0;
+	return ip6->nexthdr != IPPROTO_ICMPV6;
+}
+#else
+static __always_inline int floor_takes(struct __sk_buff *skb)
+{
+	return skb->protocol == bpf_htons(ETH_P_IP);
+}
+#endif
+
 int floor_peer(struct __sk_buff *skb)
 {
-	if (skb->protocol != bpf_htons(ETH_P_IP))
+	if (!floor_takes(skb))
 		return TC_ACT_OK;
 	return bpf_redirect_peer(FLOOR_IFINDEX, 0);
 }
 
 int floor_neigh(struct __sk_buff *skb)
 {
-	if (skb->protocol != bpf_htons(ETH_P_IP))
+	if (!floor_takes(skb))
 		return TC_ACT_OK;
 	return floor_redirect_neigh(FLOOR_IFINDEX, NULL, 0, 0);
 }

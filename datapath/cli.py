@@ -274,7 +274,8 @@ def cmd_bench(args) -> int:
     except ValueError as e:
         raise CliError(f"--node-profile {e}") from None
     cfg = BenchConfig(quick=args.quick, lab_prefix=args.lab_prefix, aa=args.aa,
-                      cpu_pin=args.cpu_pin, node_profile=args.node_profile)
+                      cpu_pin=args.cpu_pin, node_profile=args.node_profile,
+                      ip_family=args.ip_family)
     if args.quick:
         for name in ("duration", "repeat", "sizes", "tests"):
             setattr(cfg, name, QUICK[name])
@@ -430,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_metrics)
 
     from datapath.bench.runner import AA_MODES, LAB_SUFFIX, MODES, QUICK, SCENARIOS, TESTS
+    from datapath.bench.runner import IP_FAMILIES as BENCH_FAMILIES
     p = sub.add_parser("bench", help="legacy vs eBPF vs the limit, with netperf",
                        description="Builds a lab per mode (legacy, eBPF, the limit: no "
                        "netfilter at all, the floor: a constant redirect), runs netperf over "
@@ -451,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "kube-proxy's iptables rules for S services of E endpoints, or AKS's "
                    "(kube-proxy:1000x3, ip-masq-agent, wireserver rules, 100,000 conntrack "
                    "entries); eBPF is enabled over the rules with --force")
+    p.add_argument("--ip-family", type=int, choices=BENCH_FAMILIES, default=4,
+                   help="4 (default): IPv4-only labs; 6: every lab dual stack and "
+                   "the same matrix over IPv6 (netperf -6 to the pods', nodes' and external "
+                   "host's IPv6 addresses); a node profile's rules are IPv4 rules either way")
     p.add_argument("--aa", action="store_true", help="two identical legacy labs against each "
                    "other: the noise floor of this machine (the A/A ratio's interval)")
     p.add_argument("--cpu-pin", action="store_true", help="every point twice: netperf and "

@@ -17,7 +17,9 @@ Same-node and the other two disagree on pod1's host veth, so the bench
 attaches a scenario's programs (``use``) before its floor samples, never
 during one. Nothing is NATed: the floor lab's fabric routes node1's pod CIDR
 back to node1, so the external host's replies find the pod (SNAT is the
-program's logic, not the mechanism).
+program's logic, not the mechanism). With family 6 (bench --ip-family 6, a dual
+stack lab) the programs redirect IPv6 instead of IPv4 (-DFLOOR_IPV6), and the
+fabric routes node1's IPv6 pod CIDR back too.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ SOURCE = BPF_DIR / "redirect_floor.c"
 class Floor:
     """The floor programs of one lab, compiled per target ifindex, and what is attached."""
 
-    def __init__(self, topo: Topology):
-        self.topo = topo
+    def __init__(self, topo: Topology, family: int = 4):
+        self.topo, self.family = topo, family
         self.modules: dict[int, object] = {}     # ifindex -> bcc.BPF built for it
         self.current: str | None = None
         (n1, n2) = topo.nodes[:2]
@@ -42,13 +44,20 @@ class Floor:
         self.n1, self.n2 = n1, n2
 
     def route_replies(self) -> None:
-        """The fabric routes node1's pod CIDR to node1 (no NAT on the floor's way out)."""
+        """The fabric routes node1's pod CIDR to node1 (no NAT on the floor's way out), and
+        with family 6 its IPv6 pod CIDR too."""
         with netns.ipr(self.topo.fabric_netns) as fab:
             fab.route("add", dst=self.n1.pod_cidr, gateway=self.n1.ip)
+            if self.family == 6:
+                fab.route("add", dst=self.n1.pod_cidr6, gateway=self.n1.ip6)
+
+    def cflags(self, ifindex: int) -> list[str]:
+        """The build of the programs that redirect to ``ifindex``."""
+        return [f"-DFLOOR_IFINDEX={ifindex}", *(["-DFLOOR_IPV6"] if self.family == 6 else [])]
 
     def _program(self, ifindex: int, kind: str) -> tuple[int, str]:
         if ifindex not in self.modules:
-            self.modules[ifindex] = compile_bpf(SOURCE, [f"-DFLOOR_IFINDEX={ifindex}"])
+            self.modules[ifindex] = compile_bpf(SOURCE, self.cflags(ifindex))
         name = f"floor_{kind}"
         return load_program(self.modules[ifindex], name), name
 

@@ -286,10 +286,17 @@ def conntrack_count(ns: str) -> int:
     return int(netns.run(ns, ["conntrack", "-C"], changes=False).stdout.strip() or 0)
 
 
-def delete_bench_flows(ns: str) -> None:
-    """Every conntrack entry of the namespace but the fill (mark 0: the bench's own flows);
-    the kernel filters by mark, so this costs no walk of the fill in user space."""
-    netns.run(ns, ["conntrack", "-D", "--mark", "0"], check=False)
+def delete_bench_flows(ns: str, family: int = 4) -> None:
+    """Every conntrack entry of the namespace but the fill (mark 0: the bench's own flows) of
+    IP version ``family``; the kernel filters by mark, so this costs no walk of the fill in
+    user space."""
+    netns.run(ns, conntrack_delete_argv(family), check=False)
+
+
+def conntrack_delete_argv(family: int = 4) -> list[str]:
+    """The conntrack command that deletes the bench's flows of one family (conntrack's -f:
+    it deletes IPv4 entries only when not told)."""
+    return ["conntrack", "-D", "-f", f"ipv{family}", "--mark", "0"]
 
 
 # -- applying a profile ------------------------------------------------------------------------

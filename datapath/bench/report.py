@@ -209,7 +209,8 @@ def print_tables(result: dict, console=None) -> None:
     cfg = env["config"]
     modes = [m for m in env.get("modes", ("legacy", "ebpf", "limit"))]
     console.print(f"[bold]hostrouting bench[/] on {env['kernel']}, {env['cpu']}, {env['cores']} "
-                  f"cores; {cfg['duration']:g}s per test, {cfg['repeat']} repetitions, modes "
+                  f"cores; IPv{cfg.get('ip_family', 4)}; {cfg['duration']:g}s per test, "
+                  f"{cfg['repeat']} repetitions, modes "
                   "back to back in rotated order; medians, ratios: median of the "
                   "per-repetition ratios [95% bootstrap CI]")
     if "floor" in modes:

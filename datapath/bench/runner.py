@@ -21,6 +21,11 @@ no switching in between; the report pairs the modes within a repetition
 under perf record (perf.py): not a sample, so perf's cost stays out of the
 statistics.
 
+``--ip-family 6`` builds every lab dual stack (the IPv6 plan of netns_lab/topology.py)
+and runs the same matrix over IPv6: netperf -6 to the server's IPv6 address, the
+same-node limit pair joined over LIMIT_IPS6 as well, the floor redirecting IPv6
+(neighbour discovery left to the stack, as ARP is).
+
 ``--aa`` builds two identical legacy labs instead (``legacy`` and ``legacy-b``):
 their ratio is the noise floor of the machine.
 
@@ -60,6 +65,9 @@ QUICK = {"duration": 1.0, "repeat": 3, "sizes": (16384,),
          "tests": ("TCP_STREAM", "TCP_RR", "TCP_CRR")}
 PINS = {"same-cpu": "0,0", "cross-cpu": "0,1"}   # netperf -T local,remote
 LIMIT_IPS = ("198.18.255.1", "198.18.255.2")
+LIMIT_IPS6 = ("2001:db8:ff::1", "2001:db8:ff::2")     # the same-node limit pair's, /64
+IP_FAMILIES = (4, 6)
+LAB_FAMILY = {4: None, 6: "dual"}   # --ip-family -> the labs' ip_family (None: the default)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CPU_READ_S = 0.1        # how often /proc/stat is read during a sample
 START_EDGE_S = 0.15     # left out of the CPU window: netperf's start, control connection
@@ -94,6 +102,7 @@ class BenchConfig:
     aa: bool = False
     cpu_pin: bool = False
     profile_dir: str | None = None  # bench --profile: a recording per point and mode there
+    ip_family: int = 4              # 6: every lab dual stack, netperf over IPv6
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -305,8 +314,9 @@ class Bench:
         if self.cfg.profile_dir:
             from . import perf
             perf.require_perf()
+        family = self.cfg.ip_family
         for mode, lab in self.labs.items():
-            topo = load_topology(lab)
+            topo = load_topology(lab, ip_family=LAB_FAMILY[family])
             # the legacy and eBPF labs get the node profile; limit, floor: no mode, no profile
             kind = {"ebpf": "ebpf", "legacy": "legacy", "legacy-b": "legacy"}.get(mode)
             configure = kind and node_profiles.configure(
@@ -315,10 +325,11 @@ class Bench:
             self.topos[mode] = topo
             say(f"lab {lab} up ({mode})")
         if "limit" in self.labs:
-            self.limit_ns = builder.add_veth_pair(self.labs["limit"], "lima", "limb", *LIMIT_IPS)
+            self.limit_ns = builder.add_veth_pair(self.labs["limit"], "lima", "limb", *LIMIT_IPS,
+                                                  ip6=LIMIT_IPS6 if family == 6 else None)
         if "floor" in self.labs:
             from .floor import Floor
-            self.floor = Floor(self.topos["floor"])
+            self.floor = Floor(self.topos["floor"], family)
             self.floor.route_replies()
             for scenario in self.cfg.scenarios:     # compiled now, not between two samples
                 self.floor.load(scenario)
@@ -327,7 +338,7 @@ class Bench:
             for mode in self.labs:
                 server_ns.add(self.server_netns(scenario, mode))
         for ns in sorted(server_ns):
-            self.servers.append(netperf.Netserver(ns))
+            self.servers.append(netperf.Netserver(ns, family=family))
         if "ebpf" in self.labs:
             # on (through our fd, the sysctl left alone) for the whole run: each sample of the
             # eBPF lab records its programs' ns per packet. The price is two clock reads per
@@ -357,15 +368,20 @@ class Bench:
             builder.lab_down(topo.lab)
 
     def target(self, scenario: str, mode: str) -> tuple[str, str]:
-        """(client namespace, server address) of a scenario in a mode."""
+        """(client namespace, server address) of a scenario in a mode: the server's IPv4
+        address, or with --ip-family 6 its IPv6 one."""
         topo = self.topos[mode]
         (a1, a2), (b1, _) = topo.nodes[0].pods[:2], topo.nodes[1].pods[:2]
+        six = self.cfg.ip_family == 6
+
+        def addr(item) -> str:
+            return item.ip6 if six else item.ip
         if mode == "limit":
-            return {"same-node": (self.limit_ns[0], LIMIT_IPS[1]),
-                    "cross-node": (topo.nodes[0].netns, topo.nodes[1].ip),
-                    "pod-to-external": (topo.nodes[0].netns, topo.external.ip)}[scenario]
-        return {"same-node": (a1.netns, a2.ip), "cross-node": (a1.netns, b1.ip),
-                "pod-to-external": (a1.netns, topo.external.ip)}[scenario]
+            return {"same-node": (self.limit_ns[0], (LIMIT_IPS6 if six else LIMIT_IPS)[1]),
+                    "cross-node": (topo.nodes[0].netns, addr(topo.nodes[1])),
+                    "pod-to-external": (topo.nodes[0].netns, addr(topo.external))}[scenario]
+        return {"same-node": (a1.netns, addr(a2)), "cross-node": (a1.netns, addr(b1)),
+                "pod-to-external": (a1.netns, addr(topo.external))}[scenario]
 
     def server_netns(self, scenario: str, mode: str) -> str:
         topo = self.topos[mode]
@@ -392,7 +408,7 @@ class Bench:
         topo = self.topos[mode]
         if mode in ("legacy", "legacy-b"):
             for node in topo.nodes:
-                node_profiles.delete_bench_flows(node.netns)
+                node_profiles.delete_bench_flows(node.netns, self.cfg.ip_family)
         elif mode == "ebpf":
             for node in topo.nodes:
                 with switch.node_maps(load_state(topo.lab), node) as maps:
@@ -439,7 +455,8 @@ class Bench:
         if (point, mode) not in self.counts:
             first = netperf.run_test(ns, host, point.test, self.cfg.duration, point.size,
                                      cpus=PINS.get(point.pin),
-                                     transactions=netperf.CALIBRATION_TRANSACTIONS)
+                                     transactions=netperf.CALIBRATION_TRANSACTIONS,
+                                     family=self.cfg.ip_family)
             self.counts[point, mode] = netperf.transactions_for(
                 netperf.CALIBRATION_TRANSACTIONS / first.measured_s, self.cfg.duration)
         return self.counts[point, mode]
@@ -498,7 +515,8 @@ class Bench:
         with around() if around else contextlib.nullcontext(), CpuReader() as cpu:
             started = time.monotonic()
             result = netperf.run_test(ns, host, point.test, duration, point.size,
-                                      cpus=PINS.get(point.pin), transactions=count)
+                                      cpus=PINS.get(point.pin), transactions=count,
+                                      family=self.cfg.ip_family)
         # netperf measures for `duration` (a counted run: its elapsed time) once its control
         # connection is up, a few ms after it starts; its report can come later, so the
         # window is counted from the start, its edges left out

@@ -118,7 +118,8 @@ def test_the_bench_sizes_a_counted_test_once_per_point_and_mode(monkeypatch):
     from datapath.bench import runner
     runs = []
 
-    def run_test(ns, host, test, duration, size=None, port=None, cpus=None, transactions=None):
+    def run_test(ns, host, test, duration, size=None, port=None, cpus=None, transactions=None,
+                 family=4):
         runs.append((ns, test, transactions))
         rate = {"a": 20000.0, "b": 30000.0}[ns]
         return netperf.Result({"cps": rate}, 0.2, transactions / rate)
