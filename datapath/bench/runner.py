@@ -325,8 +325,9 @@ class Bench:
             self.topos[mode] = topo
             say(f"lab {lab} up ({mode})")
         if "limit" in self.labs:
+            six = {"ip6": LIMIT_IPS6} if family == 6 else {}     # an IPv4 run: as before
             self.limit_ns = builder.add_veth_pair(self.labs["limit"], "lima", "limb", *LIMIT_IPS,
-                                                  ip6=LIMIT_IPS6 if family == 6 else None)
+                                                  **six)
         if "floor" in self.labs:
             from .floor import Floor
             self.floor = Floor(self.topos["floor"], family)
