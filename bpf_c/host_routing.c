@@ -7,6 +7,12 @@
  *   from_pod       ingress of each pod's host-side veth (traffic leaving a pod)
  *   from_underlay  ingress of the node's underlay device (traffic from other nodes)
  *
+ * Both hand an IPv6 frame on, by a tail call through `progs6`, to from_pod6 /
+ * from_underlay6 (each with a 512-byte stack of its own), which route IPv6
+ * the same way: hop limit for TTL, Packet Too Big for frag-needed (pmtu6.h),
+ * ICMPv6 control and link-local traffic left to the stack, extension headers
+ * walked (parse6.h), BPF SNAT to the node's IPv6 address (nat6.h).
+ *
  * A packet for a pod of this node goes straight into the pod's eth0 with
  * bpf_redirect_peer(); anything else a pod sends is routed with
  * bpf_fib_lookup() and bpf_redirect_neigh() (fib.h); one too big for its way
@@ -42,6 +48,7 @@
 #include "pmtu.h"
 #include "nat.h"
 #include "parse6.h"
+#include "pmtu6.h"
 #include "nat6.h"
 
 BPF_HASH(endpoints, __u32, struct hr_endpoint, 1024);
@@ -81,6 +88,9 @@ BPF_PERCPU_ARRAY(icmp_quote, struct hr_icmp_quote, 1);	/* pmtu.h */
 BPF_HASH(endpoints6, struct hr_in6, struct hr_endpoint, 1024);
 BPF_LPM_TRIE(cluster_cidrs6, struct hr_lpm6_key, __u32, 64);
 BPF_LPM_TRIE(node_routes6, struct hr_lpm6_key, struct hr_route6, 256);
+/* from_pod6 and from_underlay6 by enum hr_prog6: the loader fills it */
+BPF_PROG_ARRAY(progs6, HR_PROG6_MAX);
+BPF_PERCPU_ARRAY(icmp6_quote, struct hr_icmp6_quote, 1);	/* pmtu6.h */
 
 /* ---- IPv6 BPF SNAT state (nat6.h): two entries per flow, as `nat`. */
 #ifndef HR_NAT6_MAP_SIZE
@@ -151,6 +161,9 @@ static __always_inline void nat6_remove(struct hr_nat6_key *key)
 {
 	nat6.delete(key);
 }
+
+
+
 /* ---- end of nat6.h's accessors */
 
 static __always_inline struct hr_route6 *node_route6_lookup(const struct hr_in6 *daddr)
@@ -159,6 +172,13 @@ static __always_inline struct hr_route6 *node_route6_lookup(const struct hr_in6 
 
 	__builtin_memcpy(key.addr, daddr->a, sizeof(key.addr));
 	return node_routes6.lookup(&key);
+}
+
+static __always_inline struct hr_icmp6_quote *icmp6_quote_get(void)
+{
+	__u32 zero = 0;
+
+	return icmp6_quote.lookup(&zero);
 }
 
 /* What a program knows of its packet, handed to each step and to the verdict. */
@@ -170,7 +190,6 @@ struct hr_ctx {
 	__u32 slot;
 	struct __sk_buff *skb;
 	struct hr_config *cfg;	/* read once, first thing in start() */
-	struct hr_pkt pkt;	/* all 0 until parsed: a verdict then traces no addresses */
 	__u32 len;		/* the length as it arrived (an ICMP reply is shorter) */
 	__u32 hook;		/* enum hr_hook */
 	__u32 family;		/* enum hr_family: the counters' and the trace's */
@@ -178,6 +197,8 @@ struct hr_ctx {
 	__u16 eth_proto;
 	__u16 arp_op;
 	__u8 arp_sha[6];
+	/* last: struct hr_ctx6 puts the IPv6 parse in its place */
+	struct hr_pkt pkt;	/* all 0 until parsed: a verdict then traces no addresses */
 };
 
 /* An ARP packet for IPv4 over Ethernet (RFC 826), as trace_frame() reads it. */
@@ -224,10 +245,12 @@ static __always_inline void trace_frame_of(struct hr_ctx *c)
 #define HR_CONTINUE	(-1)
 
 /*
- * Count the verdict and, while tracing is on, record it; returns `action`.
- * ifindex_out: where the packet was sent (0: nowhere, or to the stack).
+ * Count a verdict and, while tracing is on, reserve its trace record with
+ * what every family fills alike (addresses and ports 0: the caller's, who
+ * submits it). NULL: not traced.
  */
-static __always_inline int verdict(struct hr_ctx *c, __u32 reason, __u32 ifindex_out, int action)
+static __always_inline struct hr_trace_event *count_verdict(struct hr_ctx *c, __u32 reason,
+							    __u32 ifindex_out)
 {
 	struct hr_trace_event *ev;
 	struct hr_counter *cnt;
@@ -240,29 +263,46 @@ static __always_inline int verdict(struct hr_ctx *c, __u32 reason, __u32 ifindex
 	}
 
 	if (!c->cfg || c->cfg->trace != 1)
-		return action;
-	parse_ports(c->skb, &c->pkt);	/* read now if no step needed them */
+		return 0;
 	ev = trace_events.ringbuf_reserve(sizeof(*ev));
 	if (!ev)
-		return action;
+		return 0;
+	__builtin_memset(ev, 0, sizeof(*ev));
 	ev->ts_ns = bpf_ktime_get_ns();
 	ev->hook = c->hook;
 	ev->reason = reason;
 	ev->ifindex_in = c->skb->ifindex;
 	ev->ifindex_out = ifindex_out;
+	ev->family = c->family;
+	ev->len = c->len;
+	ev->eth_proto = c->eth_proto;
+	return ev;
+}
+
+static __always_inline void trace_submit(struct hr_trace_event *ev)
+{
+	trace_events.ringbuf_submit(ev, 0);
+}
+
+/*
+ * Count the verdict and, while tracing is on, record it; returns `action`.
+ * ifindex_out: where the packet was sent (0: nowhere, or to the stack).
+ */
+static __always_inline int verdict(struct hr_ctx *c, __u32 reason, __u32 ifindex_out, int action)
+{
+	struct hr_trace_event *ev = count_verdict(c, reason, ifindex_out);
+
+	if (!ev)
+		return action;
+	parse_ports(c->skb, &c->pkt);	/* read now if no step needed them */
 	ev->saddr = c->pkt.saddr;
 	ev->daddr = c->pkt.daddr;
 	ev->sport = c->pkt.sport;
 	ev->dport = c->pkt.dport;
 	ev->protocol = c->pkt.protocol;
-	ev->family = c->family;
-	ev->len = c->len;
-	ev->eth_proto = c->eth_proto;
 	ev->arp_op = c->arp_op;
 	__builtin_memcpy(ev->arp_sha, c->arp_sha, sizeof(ev->arp_sha));
-	__builtin_memset(ev->saddr6, 0, sizeof(ev->saddr6));
-	__builtin_memset(ev->daddr6, 0, sizeof(ev->daddr6));
-	trace_events.ringbuf_submit(ev, 0);
+	trace_submit(ev);
 	return action;
 }
 
@@ -284,6 +324,17 @@ static __always_inline int drop_unparsed(struct hr_ctx *c, __u32 reason)
 	return drop(c, reason);
 }
 
+/* An untagged IPv6 frame (the frame is known to hold an Ethernet header). */
+static __always_inline int is_ipv6_frame(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	return (void *)(eth + 1) <= data_end && !skb->vlan_present &&
+	       eth->h_proto == HR_HTONS(ETH_P_IPV6);
+}
+
 /*
  * The first steps of both programs: find the configuration, parse the packet
  * (Ethernet, IPv4, the header checksum; the ports only once a step needs
@@ -302,6 +353,12 @@ static __always_inline int start(struct hr_ctx *c, struct __sk_buff *skb, __u32 
 	c->eth_proto = ETH_P_IP;
 	rc = parse_ipv4(skb, &c->pkt);
 	if (rc == HR_PARSE_NOT_IPV4) {
+		if (is_ipv6_frame(skb)) {
+			/* to from_pod6 / from_underlay6; here only when the slot is empty */
+			progs6.call(skb, hook == HR_HOOK_FROM_POD ? HR_PROG_FROM_POD6 :
+				    HR_PROG_FROM_UNDERLAY6);
+			c->family = HR_FAMILY_IPV6;
+		}
 		if (c->cfg && c->cfg->trace == 1)
 			trace_frame_of(c);
 		return pass(c, HR_PASS_NOT_IPV4);
@@ -621,4 +678,341 @@ int from_underlay(struct __sk_buff *skb)
 	if (!fits_egress(skb, &c.pkt, ep->ifindex, &mtu))
 		return pass(&c, HR_PASS_FRAG_NEEDED);
 	return to_local_pod(&c, ep, HR_REDIRECT_PEER);
+}
+
+/* ---- IPv6: from_pod6 and from_underlay6, tail-called by from_pod and from_underlay --------- */
+
+/*
+ * What an IPv6 program knows of its packet: the context every step and
+ * count_verdict() use (c), with the IPv6 parse (pkt) where IPv4's would be,
+ * so that the IPv6 programs keep their 512-byte stack for BPF SNAT. The IPv6
+ * steps never read c.pkt.
+ */
+struct hr_ctx6 {
+	union {
+		struct hr_ctx c;
+		struct {
+			__u8 head[__builtin_offsetof(struct hr_ctx, pkt)];
+			struct hr_pkt6 pkt;
+		};
+	};
+};
+
+/* verdict() for IPv6: the trace record carries the IPv6 addresses. */
+static __always_inline int verdict6(struct hr_ctx6 *x, __u32 reason, __u32 ifindex_out,
+				    int action)
+{
+	struct hr_trace_event *ev = count_verdict(&x->c, reason, ifindex_out);
+
+	if (!ev)
+		return action;
+	parse_ports6(x->c.skb, &x->pkt);
+	__builtin_memcpy(ev->saddr6, x->pkt.saddr.a, sizeof(ev->saddr6));
+	__builtin_memcpy(ev->daddr6, x->pkt.daddr.a, sizeof(ev->daddr6));
+	ev->sport = x->pkt.sport;
+	ev->dport = x->pkt.dport;
+	ev->protocol = x->pkt.protocol;
+	trace_submit(ev);
+	return action;
+}
+
+static __always_inline int pass6(struct hr_ctx6 *x, __u32 reason)
+{
+	return verdict6(x, reason, 0, TC_ACT_OK);
+}
+
+static __always_inline int drop6(struct hr_ctx6 *x, __u32 reason)
+{
+	return verdict6(x, reason, 0, TC_ACT_SHOT);
+}
+
+static __always_inline int in6_is_zero(const struct hr_in6 *a)
+{
+	return !(a->a[0] | a->a[1] | a->a[2] | a->a[3]);
+}
+
+static __always_inline int in6_equal(const struct hr_in6 *a, const struct hr_in6 *b)
+{
+	return !((a->a[0] ^ b->a[0]) | (a->a[1] ^ b->a[1]) | (a->a[2] ^ b->a[2]) |
+		 (a->a[3] ^ b->a[3]));
+}
+
+/* fe80::/10 */
+static __always_inline int in6_link_local(const struct hr_in6 *a)
+{
+	return (a->a[0] & HR_HTONL(0xffc00000)) == HR_HTONL(0xfe800000);
+}
+
+/* ff00::/8 */
+static __always_inline int in6_multicast(const struct hr_in6 *a)
+{
+	return (a->a[0] & HR_HTONL(0xff000000)) == HR_HTONL(0xff000000);
+}
+
+/*
+ * ICMPv6 the stack must see, never routed blindly: every informational
+ * message but echo (RFC 4443 types 128-129), i.e. router and neighbour
+ * discovery (133-137), MLD (130-132, 143), and the rest of the control
+ * plane. Errors (types below 128) and echo are routed like any packet.
+ */
+static __always_inline int icmp6_control(struct hr_ctx6 *x)
+{
+	return icmp6_type(x->c.skb, &x->pkt) > 129;
+}
+
+/*
+ * The first steps of both IPv6 programs, as start(): the configuration, the
+ * parse (a malformed fixed header is dropped; extension headers that cannot
+ * be walked leave pkt.ext_unwalked set for the program to judge).
+ */
+static __always_inline int start6(struct hr_ctx6 *x, struct __sk_buff *skb, __u32 hook)
+{
+	int rc;
+
+	x->c.skb = skb;
+	x->c.hook = hook;
+	x->c.family = HR_FAMILY_IPV6;
+	x->c.len = skb->len;
+	x->c.slot = 0;
+	x->c.cfg = config.lookup(&x->c.slot);
+	x->c.eth_proto = ETH_P_IPV6;
+	rc = parse_ipv6(skb, &x->pkt);
+	if (rc == HR_PARSE6_NOT_IPV6)	/* not from from_pod / from_underlay's hand-over */
+		return pass6(x, HR_PASS_NOT_IPV4);
+	if (rc == HR_PARSE6_MALFORMED)
+		return drop6(x, HR_DROP_MALFORMED);
+	if (!x->c.cfg)
+		return pass6(x, HR_PASS_NOT_ENDPOINT);
+	return HR_CONTINUE;
+}
+
+/* A frame sent to a group (ff00::/8, or an Ethernet broadcast/multicast): the stack's. */
+static __always_inline int multicast6(struct hr_ctx6 *x)
+{
+	return in6_multicast(&x->pkt.daddr) || x->c.skb->pkt_type == PACKET_BROADCAST ||
+	       x->c.skb->pkt_type == PACKET_MULTICAST;
+}
+
+/* to_local_pod() for IPv6: MACs rewritten, hop limit decremented, into the pod's eth0. */
+static __always_inline int to_local_pod6(struct hr_ctx6 *x, struct hr_endpoint *ep, __u32 reason)
+{
+	__u32 ifindex = ep->ifindex;
+
+	__builtin_memcpy(x->pkt.eth->h_dest, ep->mac, ETH_ALEN);
+	__builtin_memcpy(x->pkt.eth->h_source, ep->node_mac, ETH_ALEN);
+	x->pkt.ip6->hop_limit--;
+	return verdict6(x, reason, ifindex, (int)bpf_redirect_peer(ifindex, 0));
+}
+
+/* sent_by_its_pod() for IPv6: pod_veths' addr6 and MAC, else endpoints6. */
+static __always_inline int sent_by_its_pod6(struct hr_ctx6 *x)
+{
+	struct hr_pod_veth *v;
+	struct hr_endpoint *ep;
+
+	x->c.slot = x->c.skb->ifindex;
+	v = pod_veths.lookup(&x->c.slot);
+	if (v && !in6_is_zero((struct hr_in6 *)v->addr6) &&
+	    in6_equal((struct hr_in6 *)v->addr6, &x->pkt.saddr) &&
+	    mac_equal(v->mac, x->pkt.eth->h_source))
+		return 1;
+	ep = endpoints6.lookup(&x->pkt.saddr);
+	return ep && ep->ifindex == x->c.skb->ifindex && mac_equal(ep->mac, x->pkt.eth->h_source);
+}
+
+/* The cluster_cidrs6 value (enum hr_cidr_flags) of an address; NULL outside the cluster. */
+static __always_inline __u32 *cluster_range6(const struct hr_in6 *addr)
+{
+	struct hr_lpm6_key key = { .prefixlen = 128 };
+
+	__builtin_memcpy(key.addr, addr->a, sizeof(key.addr));
+	return cluster_cidrs6.lookup(&key);
+}
+
+/* Too big for its way out: the pod hears so, from its gateway, into its eth0. */
+static __always_inline int packet_too_big_to_pod(struct hr_ctx6 *x, __u32 mtu)
+{
+	__u32 ifindex = x->c.skb->ifindex;
+
+	parse_ports6(x->c.skb, &x->pkt);	/* for the trace, before the reply replaces them */
+	if (icmp6_packet_too_big(x->c.skb, &x->pkt, mtu, (struct hr_in6 *)x->c.cfg->router_ip6) < 0)
+		return drop6(x, HR_DROP_ICMP_FAILED);
+	return verdict6(x, HR_ICMP_FRAG_NEEDED, ifindex, (int)bpf_redirect_peer(ifindex, 0));
+}
+
+/* route_from_pod() for IPv6 (fib_route_v6). */
+static __always_inline int route_from_pod6(struct hr_ctx6 *x, struct bpf_fib_lookup *fib,
+					   int external, int *nat_then_stack)
+{
+	int rc;
+
+	parse_ports6(x->c.skb, &x->pkt);
+	rc = fib_route_v6(x->c.skb, &x->pkt, fib);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
+		return HR_CONTINUE;
+	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
+		return pass6(x, HR_PASS_FWD_DISABLED);
+	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
+		return pass6(x, HR_PASS_LOCAL);
+	if (external && rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		*nat_then_stack = 1;
+		return HR_CONTINUE;
+	}
+	if (external && rc == BPF_FIB_LKUP_RET_UNSUPP_LWT)
+		return drop6(x, HR_DROP_NAT_UNSUPPORTED);
+	return pass6(x, HR_PASS_FIB_MISS);
+}
+
+/* from_pod_routed() for IPv6: to another node, or out of the cluster (snat_out6). */
+static __always_inline int from_pod6_routed(struct hr_ctx6 *x)
+{
+	struct bpf_fib_lookup fib = {};
+	__u32 *range, mtu;
+	int rc, external, snat;
+	int nat_then_stack = 0;
+
+	range = cluster_range6(&x->pkt.daddr);
+	snat = !in6_is_zero((struct hr_in6 *)x->c.cfg->node_ip6);
+	external = snat && !range;
+	if (range && (*range & HR_CIDR_DENY_FROM_POD))
+		return drop6(x, HR_DROP_POD_TO_NODE);
+	if (x->pkt.fragment && !external)
+		return pass6(x, HR_PASS_FRAGMENT);
+	if (!snat && !range)
+		return pass6(x, HR_PASS_EXTERNAL);
+	rc = route_from_pod6(x, &fib, external, &nat_then_stack);
+	if (rc != HR_CONTINUE)
+		return rc;
+	if (x->pkt.ip6->hop_limit <= 1)
+		return pass6(x, HR_PASS_TTL);
+	/* IPv6 routers never fragment: too big is answered, whatever the next hop */
+	if (!fits_egress6(x->c.skb, &x->pkt, fib.ifindex, &mtu))
+		return packet_too_big_to_pod(x, mtu);
+	if (!nat_then_stack)
+		x->pkt.ip6->hop_limit--;
+	if (!external)
+		return verdict6(x, HR_REDIRECT_NEIGH, fib.ifindex, fib_redirect_v6(&fib));
+
+	/* Leaves the cluster: from node_ip6 and a NAT port (pointers stale after). */
+	rc = snat_out6(x->c.skb, &x->pkt, x->c.cfg);
+	if (rc)
+		return drop6(x, rc);
+	if (nat_then_stack)
+		return pass6(x, HR_SNAT_PASS_FRAG_NEEDED);
+	return verdict6(x, x->pkt.fragment ? HR_SNAT_FRAGMENT : HR_SNAT_REDIRECT_NEIGH,
+			fib.ifindex, fib_redirect_v6(&fib));
+}
+
+/* IPv6 leaving a pod, at ingress of its host-side veth (from from_pod). */
+int from_pod6(struct __sk_buff *skb)
+{
+	struct hr_ctx6 x = {};
+	struct hr_endpoint *ep;
+	__u32 mtu;
+	int rc;
+
+	rc = start6(&x, skb, HR_HOOK_FROM_POD);
+	if (rc != HR_CONTINUE)
+		return rc;
+	if (x.pkt.ext_unwalked) {
+		/* the stack judges it, but only from the pod's own address (or its link's) */
+		if (!in6_link_local(&x.pkt.saddr) && !sent_by_its_pod6(&x))
+			return drop6(&x, HR_DROP_SPOOFED);
+		return pass6(&x, HR_PASS_EXT_HEADERS);
+	}
+	if (icmp6_control(&x))
+		return pass6(&x, HR_PASS_ICMP6_CONTROL);
+	if (in6_link_local(&x.pkt.saddr) || in6_link_local(&x.pkt.daddr))
+		return drop6(&x, HR_DROP_LINK_LOCAL);
+	if (multicast6(&x))
+		return pass6(&x, HR_PASS_L2_MULTICAST);
+	if (!sent_by_its_pod6(&x))
+		return drop6(&x, HR_DROP_SPOOFED);
+
+	ep = endpoints6.lookup(&x.pkt.daddr);
+	if (!ep)
+		return from_pod6_routed(&x);
+	if (x.pkt.fragment)
+		return pass6(&x, HR_PASS_FRAGMENT);
+	if (x.pkt.ip6->hop_limit <= 1)
+		return pass6(&x, HR_PASS_TTL);
+	if (!fits_egress6(skb, &x.pkt, ep->ifindex, &mtu))
+		return packet_too_big_to_pod(&x, mtu);
+	return to_local_pod6(&x, ep, HR_REDIRECT_PEER);
+}
+
+/*
+ * An IPv6 packet for node_ip6: a reply to a flow snat_out6() opened (or an
+ * ICMPv6 error about one) goes back into its pod; anything else is the
+ * node's own. A reply too big for the pod's link goes to the stack.
+ */
+static __always_inline int from_outside_to_node6(struct hr_ctx6 *x)
+{
+	struct hr_endpoint *ep;
+	struct hr_in6 pod = {};
+	__u32 reason = HR_RNAT_REDIRECT_PEER, mtu;
+	int rc;
+
+	parse_ports6(x->c.skb, &x->pkt);
+	rc = rnat_in6(x->c.skb, &x->pkt, x->c.cfg, &pod);
+	if (rc == HR_PASS_NAT_MISS && x->pkt.protocol == IPPROTO_ICMPV6) {
+		rc = rnat_icmp6_error(x->c.skb, &x->pkt, x->c.cfg, &pod);
+		reason = HR_RNAT_ICMP_ERROR;
+	}
+	if (rc == HR_PASS_NAT_MISS || rc == HR_PASS_FRAG_UNTRACKED)
+		return pass6(x, rc);
+	if (rc)
+		return drop6(x, rc);
+	if (parse_ipv6(x->c.skb, &x->pkt) != HR_PARSE6_OK) {
+		__builtin_memset(&x->pkt, 0, sizeof(x->pkt));
+		return drop6(x, HR_DROP_NAT_FAILED);
+	}
+	ep = endpoints6.lookup(&pod);
+	if (!ep)
+		return drop6(x, HR_DROP_NAT_NO_ENDPOINT);
+	if (x->pkt.ip6->hop_limit <= 1)
+		return drop6(x, HR_DROP_NAT_TTL);
+	if (!fits_egress6(x->c.skb, &x->pkt, ep->ifindex, &mtu))
+		return pass6(x, HR_PASS_FRAG_NEEDED);
+	return to_local_pod6(x, ep, x->pkt.fragment ? HR_RNAT_FRAGMENT : reason);
+}
+
+/* IPv6 from other nodes and the outside, at ingress of the underlay (from from_underlay). */
+int from_underlay6(struct __sk_buff *skb)
+{
+	struct hr_ctx6 x = {};
+	struct hr_endpoint *ep;
+	__u32 mtu;
+	int rc;
+
+	rc = start6(&x, skb, HR_HOOK_FROM_UNDERLAY);
+	if (rc != HR_CONTINUE)
+		return rc;
+	if (x.pkt.ext_unwalked)
+		return pass6(&x, HR_PASS_EXT_HEADERS);
+	if (icmp6_control(&x))
+		return pass6(&x, HR_PASS_ICMP6_CONTROL);
+	/* link-local: for the node on this link, never a pod's */
+	if (in6_link_local(&x.pkt.saddr) || in6_link_local(&x.pkt.daddr))
+		return pass6(&x, HR_PASS_LOCAL);
+	if (multicast6(&x))
+		return pass6(&x, HR_PASS_L2_MULTICAST);
+	if (!in6_is_zero((struct hr_in6 *)x.c.cfg->node_ip6) &&
+	    in6_equal(&x.pkt.daddr, (struct hr_in6 *)x.c.cfg->node_ip6))
+		return from_outside_to_node6(&x);
+	ep = endpoints6.lookup(&x.pkt.daddr);
+	if (x.pkt.fragment) {
+		if (ep && !cluster_range6(&x.pkt.saddr))
+			return drop6(&x, HR_DROP_NOT_FROM_CLUSTER);
+		return pass6(&x, HR_PASS_FRAGMENT);
+	}
+	if (!ep)
+		return pass6(&x, HR_PASS_NOT_ENDPOINT);
+	if (!cluster_range6(&x.pkt.saddr))
+		return drop6(&x, HR_DROP_NOT_FROM_CLUSTER);
+	if (x.pkt.ip6->hop_limit <= 1)
+		return pass6(&x, HR_PASS_TTL);
+	if (!fits_egress6(skb, &x.pkt, ep->ifindex, &mtu))
+		return pass6(&x, HR_PASS_FRAG_NEEDED);
+	return to_local_pod6(&x, ep, HR_REDIRECT_PEER);
 }

@@ -10,6 +10,7 @@ program with `DatapathMaps.from_prog_id(prog_id)` (program id -> its map ids
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,11 @@ from datapath.bpf_build import BPF_DIR, compile_bpf, load_program
 
 SOURCE = BPF_DIR / "host_routing.c"
 PROGRAMS = ("from_pod", "from_underlay")
+# IPv6: from_pod / from_underlay tail-call these through `progs6` (slots: enum hr_prog6)
+PROGRAMS6 = tuple(sorted(st.PROG6_SLOTS, key=st.PROG6_SLOTS.get))
 MAP_NAMES = ("endpoints", "config", "counters", "trace_events", "cluster_cidrs", "node_routes",
-             "nat", "nat_frags", "pod_veths")
+             "nat", "nat_frags", "pod_veths", "progs6", "endpoints6", "cluster_cidrs6",
+             "node_routes6")
 # Every program uses these; the route maps only from_pod does.
 REQUIRED_MAPS = ("endpoints", "config", "counters", "trace_events")
 
@@ -41,11 +45,22 @@ _EXPECTED = {
     # fragmented datagrams through BPF SNAT (bpf_c/include/frag.h)
     "nat_frags": (libbpf.BPF_MAP_TYPE_LRU_HASH, st.ffi.sizeof("struct hr_frag_key"),
                   st.ffi.sizeof("struct hr_frag_entry")),
+    "progs6": (libbpf.BPF_MAP_TYPE_PROG_ARRAY, 4, 4),
+    "endpoints6": (libbpf.BPF_MAP_TYPE_HASH, st.SIZEOF_IN6, st.SIZEOF_ENDPOINT),
+    "cluster_cidrs6": (libbpf.BPF_MAP_TYPE_LPM_TRIE, st.SIZEOF_LPM6_KEY, 4),
+    "node_routes6": (libbpf.BPF_MAP_TYPE_LPM_TRIE, st.SIZEOF_LPM6_KEY, st.SIZEOF_ROUTE6),
 }
 
 
 class DatapathError(RuntimeError):
     """The loaded objects are not what this module expects (stale build, wrong program)."""
+
+
+def _endpoint_key(ip: str) -> tuple[str, bytes]:
+    """The endpoint map of an address's family, and its key there."""
+    if ipaddress.ip_address(ip).version == 6:
+        return "endpoints6", st.ip6_to_key(ip)
+    return "endpoints", st.ip_to_key(ip)
 
 
 class _BorrowedFd:
@@ -91,14 +106,11 @@ class DatapathMaps:
         try:
             with libbpf.prog_fd_by_id(prog_id) as pfd:
                 pinfo = libbpf.prog_info(pfd)
-            for map_id in pinfo.map_ids:
-                mfd = libbpf.map_fd_by_id(map_id)
-                name = libbpf.map_info(mfd).name
-                if name in MAP_NAMES and name not in fds:
-                    fds[name] = mfd
-                    ids[name] = map_id
-                else:
-                    mfd.close()
+            cls._open_maps(pinfo.map_ids, fds, ids)
+            # the IPv6 programs' maps (endpoints6, ...), through the programs in `progs6`
+            for prog6_id in cls._progs6_ids(fds.get("progs6")):
+                with libbpf.prog_fd_by_id(prog6_id) as pfd:
+                    cls._open_maps(libbpf.prog_info(pfd).map_ids, fds, ids)
             if not set(REQUIRED_MAPS) <= set(fds):
                 raise DatapathError(
                     f"program {prog_id} ({pinfo.name}) does not use the datapath maps "
@@ -108,6 +120,29 @@ class DatapathMaps:
             for fd in fds.values():
                 fd.close()
             raise
+
+    @staticmethod
+    def _open_maps(map_ids, fds: dict[str, object], ids: dict[str, int]) -> None:
+        """Open the maps of `map_ids` named in MAP_NAMES that fds does not have yet."""
+        for map_id in map_ids:
+            if map_id in ids.values():
+                continue
+            mfd = libbpf.map_fd_by_id(map_id)
+            name = libbpf.map_info(mfd).name
+            if name in MAP_NAMES and name not in fds:
+                fds[name] = mfd
+                ids[name] = map_id
+            else:
+                mfd.close()
+
+    @staticmethod
+    def _progs6_ids(progs6) -> list[int]:
+        """Ids of the programs in a `progs6` array (a lookup from user space gives the id)."""
+        if progs6 is None:
+            return []
+        found = [libbpf.map_lookup(progs6, slot.to_bytes(4, "little"), 4)
+                 for slot in sorted(st.PROG6_SLOTS.values())]
+        return [int.from_bytes(raw, "little") for raw in found if raw is not None]
 
     @classmethod
     def from_bcc(cls, bpf) -> "DatapathMaps":
@@ -134,42 +169,81 @@ class DatapathMaps:
     # endpoints ------------------------------------------------------------------------------
 
     def set_endpoint(self, ip: str, ifindex: int, mac: str | bytes, node_mac: str | bytes) -> None:
-        """The pod `ip` behind host-side veth `ifindex`: in `endpoints` and, for from_pod's
-        spoof check, in `pod_veths` (a pod that moved to another veth leaves its old slot)."""
+        """The pod `ip` (IPv4, or IPv6: `endpoints6`) behind host-side veth `ifindex`: in the
+        endpoint map and, for from_pod's spoof check, in `pod_veths` (a pod that moved to
+        another veth leaves its old slot)."""
+        name, key = _endpoint_key(ip)
         old = self._endpoint(ip)
-        libbpf.map_update(self.fd("endpoints"), st.ip_to_key(ip),
-                          st.pack_endpoint(ifindex, mac, node_mac))
+        libbpf.map_update(self.fd(name), key, st.pack_endpoint(ifindex, mac, node_mac))
         if old is not None and old.ifindex != ifindex:
             self._clear_pod_veth(old.ifindex, ip)
-        self._set_pod_veth(ifindex, st.pack_pod_veth(ip, mac))
+        self._set_pod_veth(ifindex, ip, mac)
 
     def delete_endpoint(self, ip: str) -> bool:
         old = self._endpoint(ip)
         if old is not None:
             self._clear_pod_veth(old.ifindex, ip)
-        return libbpf.map_delete(self.fd("endpoints"), st.ip_to_key(ip))
+        name, key = _endpoint_key(ip)
+        return libbpf.map_delete(self.fd(name), key)
 
     def _endpoint(self, ip: str) -> st.Endpoint | None:
-        raw = libbpf.map_lookup(self.fd("endpoints"), st.ip_to_key(ip), st.SIZEOF_ENDPOINT)
+        name, key = _endpoint_key(ip)
+        raw = libbpf.map_lookup(self.fd(name), key, st.SIZEOF_ENDPOINT)
         return st.unpack_endpoint(raw) if raw is not None else None
 
-    def _set_pod_veth(self, ifindex: int, value: bytes) -> None:
-        # beyond the array (or maps of a program without it): from_pod asks `endpoints`
-        if "pod_veths" in self._fds and 0 <= ifindex < st.POD_VETH_SLOTS:
-            libbpf.map_update(self.fd("pod_veths"), ifindex.to_bytes(4, "little"), value)
-
-    def _clear_pod_veth(self, ifindex: int, ip: str) -> None:
-        """Empty slot `ifindex` if it still holds `ip` (another pod may have it by now)."""
+    def pod_veth(self, ifindex: int) -> st.PodVeth | None:
+        """Slot `ifindex` of `pod_veths`; None beyond the array or where the maps lack it."""
         if "pod_veths" not in self._fds or not 0 <= ifindex < st.POD_VETH_SLOTS:
-            return
+            return None
         raw = libbpf.map_lookup(self.fd("pod_veths"), ifindex.to_bytes(4, "little"),
                                 st.SIZEOF_POD_VETH)
-        if raw is not None and raw[:4] == st.ip_to_key(ip):
-            self._set_pod_veth(ifindex, bytes(st.SIZEOF_POD_VETH))
+        return None if raw is None else st.unpack_pod_veth(raw)
+
+    def _write_pod_veth(self, ifindex: int, ip: str | None, mac: str | bytes,
+                        ip6: str | None) -> None:
+        value = (st.pack_pod_veth(ip, mac, ip6) if ip or ip6
+                 else bytes(st.SIZEOF_POD_VETH))
+        libbpf.map_update(self.fd("pod_veths"), ifindex.to_bytes(4, "little"), value)
+
+    def _set_pod_veth(self, ifindex: int, ip: str, mac: str | bytes) -> None:
+        """`ip` into the slot, beside the pod's address of the other family (kept while the
+        slot's MAC is the same pod's)."""
+        old = self.pod_veth(ifindex)
+        if old is None:     # beyond the array: from_pod asks the endpoint maps
+            return
+        same_pod = old.mac == st.mac_to_str(st.mac_to_bytes(mac))
+        ip4, ip6 = (old.ip, old.ip6) if same_pod else (None, None)
+        if ipaddress.ip_address(ip).version == 6:
+            ip6 = ip
+        else:
+            ip4 = ip
+        self._write_pod_veth(ifindex, ip4, mac, ip6)
+
+    def _clear_pod_veth(self, ifindex: int, ip: str) -> None:
+        """Take `ip` out of slot `ifindex` if it still holds it (another pod may have it by
+        now); a slot left without an address is emptied."""
+        old = self.pod_veth(ifindex)
+        if old is None:
+            return
+        addr = ipaddress.ip_address(ip)
+        ip4, ip6 = old.ip, old.ip6
+        if ip4 is not None and ipaddress.ip_address(ip4) == addr:
+            ip4 = None
+        elif ip6 is not None and ipaddress.ip_address(ip6) == addr:
+            ip6 = None
+        else:
+            return
+        self._write_pod_veth(ifindex, ip4, old.mac, ip6)
 
     def endpoints(self) -> dict[str, st.Endpoint]:
+        """The IPv4 endpoints (endpoints6(): the IPv6 ones)."""
         return {st.key_to_ip(k): st.unpack_endpoint(v)
                 for k, v in libbpf.map_items(self.fd("endpoints"), 4, st.SIZEOF_ENDPOINT)}
+
+    def endpoints6(self) -> dict[str, st.Endpoint]:
+        return {st.key_to_ip6(k): st.unpack_endpoint(v)
+                for k, v in libbpf.map_items(self.fd("endpoints6"), st.SIZEOF_IN6,
+                                             st.SIZEOF_ENDPOINT)}
 
     # routes ---------------------------------------------------------------------------------
 
@@ -185,6 +259,17 @@ class DatapathMaps:
         libbpf.map_update(self.fd("node_routes"), st.pack_lpm_key(cidr),
                           st.pack_route(nexthop, ifindex))
 
+    def set_cluster_cidr6(self, cidr: str, deny_from_pod: bool = False) -> None:
+        """set_cluster_cidr() for IPv6 (`cluster_cidrs6`)."""
+        flags = st.CIDR_FLAGS["deny_from_pod"] if deny_from_pod else 0
+        libbpf.map_update(self.fd("cluster_cidrs6"), st.pack_lpm6_key(cidr),
+                          flags.to_bytes(4, "little"))
+
+    def set_node_route6(self, cidr: str, nexthop: str, ifindex: int) -> None:
+        """set_node_route() for IPv6 (`node_routes6`): nexthop a global IPv6 address."""
+        libbpf.map_update(self.fd("node_routes6"), st.pack_lpm6_key(cidr),
+                          st.pack_route6(nexthop, ifindex))
+
     # config ---------------------------------------------------------------------------------
 
     def config(self) -> st.Config:
@@ -192,14 +277,16 @@ class DatapathMaps:
         return st.unpack_config(raw)
 
     def set_config(self, router_ip: str, trace: bool = False, node_ip: str | None = None,
-                   nat: dict[str, int] | None = None) -> None:
-        """router_ip: the pods' gateway; node_ip: the SNAT source (None: BPF SNAT off)."""
+                   nat: dict[str, int] | None = None, router_ip6: str | None = None,
+                   node_ip6: str | None = None) -> None:
+        """router_ip: the pods' gateway; node_ip: the SNAT source (None: BPF SNAT off);
+        router_ip6, node_ip6 the same for IPv6 (None: an IPv4-only lab; no IPv6 SNAT)."""
         libbpf.map_update(self.fd("config"), (0).to_bytes(4, "little"),
-                          st.pack_config(router_ip, trace, node_ip, nat))
+                          st.pack_config(router_ip, trace, node_ip, nat, router_ip6, node_ip6))
 
     def set_trace(self, on: bool) -> None:
         cfg = self.config()
-        self.set_config(cfg.router_ip, on, cfg.node_ip, cfg.nat)
+        self.set_config(cfg.router_ip, on, cfg.node_ip, cfg.nat, cfg.router_ip6, cfg.node_ip6)
 
     # NAT table ------------------------------------------------------------------------------
 
@@ -320,9 +407,10 @@ class LoadedDatapath:
     """Programs and maps of one load; keep it alive until the programs are attached."""
 
     bpf: object                          # bcc.BPF: owns the program and map fds
-    programs: dict[str, Program]
+    programs: dict[str, Program]         # the attached ones (PROGRAMS)
     maps: DatapathMaps
     map_ids: dict[str, int] = field(default_factory=dict)
+    programs6: dict[str, Program] = field(default_factory=dict)     # in `progs6` (PROGRAMS6)
 
     @property
     def from_pod(self) -> Program:
@@ -351,28 +439,41 @@ class LoadedDatapath:
 
 def load(router_ip: str, source: Path = SOURCE, cflags: list[str] | None = None,
          trace: bool = False, node_ip: str | None = None, nat: dict[str, int] | None = None,
-         nat_max_flows: int = DEFAULT_NAT_MAX_FLOWS, nat6_max_flows: int = 0) -> LoadedDatapath:
-    """Compile and load both programs, write config.
+         nat_max_flows: int = DEFAULT_NAT_MAX_FLOWS, nat6_max_flows: int = 0,
+         router_ip6: str | None = None, node_ip6: str | None = None) -> LoadedDatapath:
+    """Compile and load both programs and the IPv6 programs they hand IPv6 to (in
+    `progs6`), write config.
 
     router_ip is the pods' gateway; node_ip the address traffic leaving the
     cluster is source-NATed to (None: BPF SNAT off, such traffic goes to the
-    stack); nat overrides shared_types.NAT_CONFIG_DEFAULTS; the NAT map holds
+    stack); router_ip6 and node_ip6 the same for IPv6 (None: none); nat overrides
+    shared_types.NAT_CONFIG_DEFAULTS; the NAT map holds
     two entries for each of nat_max_flows flows, the IPv6 NAT map for nat6_max_flows (0: an
     IPv4-only lab, a map of one entry: a hash map's memory is allocated when it is made).
+
+    `progs6` is emptied by the kernel when the last file descriptor or pin of it from user
+    space goes (a program array's entries hold programs, so nothing outlives its users):
+    keep the LoadedDatapath open, or pin_progs6(), for IPv6 to reach the IPv6 programs.
     """
-    st.pack_config(router_ip, trace, node_ip, nat)  # validate before spending a compile on it
+    # validate before spending a compile on it
+    st.pack_config(router_ip, trace, node_ip, nat, router_ip6, node_ip6)
     if not 1 <= nat_max_flows <= MAX_NAT_MAX_FLOWS:
         raise ValueError(f"nat_max_flows must be 1..{MAX_NAT_MAX_FLOWS}, not {nat_max_flows}")
     bpf = compile_bpf(source, [f"-DHR_NAT_MAP_SIZE={2 * nat_max_flows}",
                                f"-DHR_NAT6_MAP_SIZE={max(1, 2 * nat6_max_flows)}", *(cflags or [])])
     try:
-        programs = {}
-        for name in PROGRAMS:
-            fd = load_program(bpf, name)
-            programs[name] = Program(name=name, fd=fd, id=libbpf.prog_info(fd).id)
+        programs, programs6 = {}, {}
+        for names, into in ((PROGRAMS, programs), (PROGRAMS6, programs6)):
+            for name in names:
+                fd = load_program(bpf, name)
+                into[name] = Program(name=name, fd=fd, id=libbpf.prog_info(fd).id)
         maps = DatapathMaps.from_bcc(bpf)
-        maps.set_config(router_ip, trace, node_ip, nat)
+        for name, prog in programs6.items():
+            libbpf.map_update(maps.fd("progs6"), st.PROG6_SLOTS[name].to_bytes(4, "little"),
+                              prog.fd.to_bytes(4, "little"))
+        maps.set_config(router_ip, trace, node_ip, nat, router_ip6, node_ip6)
     except BaseException:
         bpf.cleanup()
         raise
-    return LoadedDatapath(bpf=bpf, programs=programs, maps=maps, map_ids=dict(maps.ids))
+    return LoadedDatapath(bpf=bpf, programs=programs, maps=maps, map_ids=dict(maps.ids),
+                          programs6=programs6)

@@ -90,6 +90,12 @@ SIZEOF_POD_VETH = ffi.sizeof("struct hr_pod_veth")
 POD_VETH_SLOTS: int = _enum_members("hr_map_sizes")["HR_POD_VETH_SLOTS"]
 SIZEOF_LPM_KEY = ffi.sizeof("struct hr_lpm_key")
 SIZEOF_ROUTE = ffi.sizeof("struct hr_route")
+SIZEOF_IN6 = ffi.sizeof("struct hr_in6")
+SIZEOF_LPM6_KEY = ffi.sizeof("struct hr_lpm6_key")
+SIZEOF_ROUTE6 = ffi.sizeof("struct hr_route6")
+#: enum hr_prog6: slot of each IPv6 program in the `progs6` program array.
+PROG6_SLOTS: dict[str, int] = {n.removeprefix("HR_PROG_").lower(): v
+                               for n, v in _enum_members("hr_prog6").items() if n != "HR_PROG6_MAX"}
 SIZEOF_CONFIG = ffi.sizeof("struct hr_config")
 SIZEOF_COUNTER = ffi.sizeof("struct hr_counter")
 SIZEOF_TRACE_EVENT = ffi.sizeof("struct hr_trace_event")
@@ -108,6 +114,15 @@ def ip_to_key(ip: str | ipaddress.IPv4Address) -> bytes:
 
 def key_to_ip(key: bytes) -> str:
     return str(ipaddress.IPv4Address(bytes(key[:4])))
+
+
+def ip6_to_key(ip: str | ipaddress.IPv6Address) -> bytes:
+    """IPv6 address -> the 16 key bytes (network order, struct hr_in6) of `endpoints6`."""
+    return ipaddress.IPv6Address(ip).packed
+
+
+def key_to_ip6(key: bytes) -> str:
+    return str(ipaddress.IPv6Address(bytes(key[:16])))
 
 
 def be32_to_ip(value: int) -> str:
@@ -173,11 +188,45 @@ def pack_route(nexthop: str, ifindex: int) -> bytes:
     return bytes(ffi.buffer(route))
 
 
-def pack_pod_veth(ip: str, mac: str | bytes) -> bytes:
+def pack_lpm6_key(cidr: str) -> bytes:
+    """An IPv6 network -> the key of the `cluster_cidrs6` / `node_routes6` LPM tries."""
+    net = ipaddress.IPv6Network(cidr)
+    key = ffi.new("struct hr_lpm6_key *")
+    key.prefixlen = net.prefixlen
+    ffi.memmove(key.addr, net.network_address.packed, 16)
+    return bytes(ffi.buffer(key))
+
+
+def pack_route6(nexthop: str, ifindex: int) -> bytes:
+    route = ffi.new("struct hr_route6 *")
+    ffi.memmove(route.nexthop, ipaddress.IPv6Address(nexthop).packed, 16)
+    route.ifindex = ifindex
+    return bytes(ffi.buffer(route))
+
+
+@dataclass(frozen=True)
+class PodVeth:
+    """A `pod_veths` slot: the pod's addresses (None: none known) and MAC."""
+    ip: str | None
+    mac: str
+    ip6: str | None = None
+
+
+def pack_pod_veth(ip: str | None, mac: str | bytes, ip6: str | None = None) -> bytes:
     v = ffi.new("struct hr_pod_veth *")
-    ffi.memmove(ffi.addressof(v, "addr"), ip_to_key(ip), 4)
+    if ip:
+        ffi.memmove(ffi.addressof(v, "addr"), ip_to_key(ip), 4)
     ffi.memmove(v.mac, mac_to_bytes(mac), 6)
+    if ip6:
+        ffi.memmove(v.addr6, ip6_to_key(ip6), 16)
     return bytes(ffi.buffer(v))
+
+
+def unpack_pod_veth(raw: bytes) -> PodVeth:
+    v = _from_bytes("struct hr_pod_veth", raw)
+    addr6 = bytes(ffi.buffer(v.addr6))
+    return PodVeth(ip=be32_to_ip(v.addr) if v.addr else None, mac=mac_to_str(ffi.buffer(v.mac)),
+                   ip6=key_to_ip6(addr6) if any(addr6) else None)
 
 
 def unpack_endpoint(raw: bytes) -> Endpoint:
@@ -204,11 +253,15 @@ class Config:
     trace: bool
     node_ip: str | None = None          # None: BPF SNAT off
     nat: dict[str, int] = field(default_factory=lambda: dict(NAT_CONFIG_DEFAULTS))
+    router_ip6: str | None = None       # the pods' IPv6 gateway; None: an IPv4-only lab
+    node_ip6: str | None = None         # None: BPF SNAT off for IPv6
 
 
 def pack_config(router_ip: str, trace: bool = False, node_ip: str | None = None,
-                nat: dict[str, int] | None = None) -> bytes:
-    """struct hr_config; `nat` overrides NAT_CONFIG_DEFAULTS (unknown keys are an error)."""
+                nat: dict[str, int] | None = None, router_ip6: str | None = None,
+                node_ip6: str | None = None) -> bytes:
+    """struct hr_config; `nat` overrides NAT_CONFIG_DEFAULTS (unknown keys are an error);
+    the IPv6 addresses None: all 0 (none)."""
     settings = dict(NAT_CONFIG_DEFAULTS)
     unknown = set(nat or {}) - set(settings)
     if unknown:
@@ -220,14 +273,22 @@ def pack_config(router_ip: str, trace: bool = False, node_ip: str | None = None,
     cfg.node_ip = ip_to_be32(node_ip) if node_ip else 0
     for name, value in settings.items():
         setattr(cfg, name, value)   # cffi raises OverflowError on a value that does not fit
+    for name, ip6 in (("router_ip6", router_ip6), ("node_ip6", node_ip6)):
+        if ip6:
+            ffi.memmove(getattr(cfg, name), ip6_to_key(ip6), 16)
     return bytes(ffi.buffer(cfg))
+
+
+def _in6_or_none(words) -> str | None:
+    return in6_to_ip(words) if any(bytes(ffi.buffer(words))) else None
 
 
 def unpack_config(raw: bytes) -> Config:
     cfg = _from_bytes("struct hr_config", raw)
     return Config(router_ip=be32_to_ip(cfg.router_ip), trace=cfg.trace == 1,
                   node_ip=be32_to_ip(cfg.node_ip) if cfg.node_ip else None,
-                  nat={name: getattr(cfg, name) for name in NAT_CONFIG_DEFAULTS})
+                  nat={name: getattr(cfg, name) for name in NAT_CONFIG_DEFAULTS},
+                  router_ip6=_in6_or_none(cfg.router_ip6), node_ip6=_in6_or_none(cfg.node_ip6))
 
 
 # -- NAT entries ----------------------------------------------------------------------------

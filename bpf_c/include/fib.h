@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * Routing a packet as the node's IPv4 forwarding would, without it: the
+ * Routing a packet as the node's IPv4 (IPv6) forwarding would, without it: the
  * route and next hop from the kernel's FIB (bpf_fib_lookup), or, where the
- * node does not forward, from the datapath's own routes (`node_routes`);
+ * node does not forward, from the datapath's own routes (`node_routes`,
+ * `node_routes6`);
  * then out of the egress device to the next hop (bpf_redirect_neigh), whose
  * neighbour entry the kernel resolves and fills in.
  *
@@ -17,9 +18,29 @@
 #include "hostrouting_shared.h"
 #include "compat.h"
 #include "parse.h"
+#include "parse6.h"
 
 /* Accessor of the `node_routes` LPM trie, defined in host_routing.c: the route to `daddr`. */
 static __always_inline struct hr_route *node_route_lookup(__u32 daddr);
+/* Accessor of the `node_routes6` LPM trie, defined in host_routing.c. */
+static __always_inline struct hr_route6 *node_route6_lookup(const struct hr_in6 *daddr);
+
+/*
+ * bpf_fib_lookup() without resolving the neighbour (SKIP_NEIGH) where the
+ * kernel has it, else with; a FRAG_NEEDED of its own MTU check is no verdict
+ * (see fib_route_v4()).
+ */
+static __always_inline int fib_lookup_skip_neigh(struct __sk_buff *skb, struct bpf_fib_lookup *fib)
+{
+	int rc = bpf_fib_lookup(skb, fib, sizeof(*fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+
+	if (rc == -EINVAL) {
+		/* a kernel without SKIP_NEIGH: NO_NEIGH goes to the stack, which resolves it */
+		fib->tot_len = 0;
+		rc = bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
+	}
+	return rc == BPF_FIB_LKUP_RET_FRAG_NEEDED ? BPF_FIB_LKUP_RET_SUCCESS : rc;
+}
 
 /*
  * Route a packet that came in on skb->ifindex. Returns a
@@ -55,14 +76,7 @@ static __always_inline int fib_route_v4(struct __sk_buff *skb, struct hr_pkt *pk
 	fib->ipv4_src = pkt->saddr;
 	fib->ipv4_dst = pkt->daddr;
 
-	rc = bpf_fib_lookup(skb, fib, sizeof(*fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
-	if (rc == -EINVAL) {
-		/* a kernel without SKIP_NEIGH: NO_NEIGH goes to the stack, which resolves it */
-		fib->tot_len = 0;
-		rc = bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
-	}
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-		return BPF_FIB_LKUP_RET_SUCCESS;
+	rc = fib_lookup_skip_neigh(skb, fib);
 	if (rc != BPF_FIB_LKUP_RET_FWD_DISABLED)
 		return rc;
 	/*
@@ -89,6 +103,50 @@ static __always_inline int fib_redirect_v4(struct bpf_fib_lookup *fib)
 
 	nh.nh_family = AF_INET;
 	nh.ipv4_nh = fib->ipv4_dst;
+	return (int)hr_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
+}
+
+/*
+ * Route an IPv6 packet that came in on skb->ifindex, as fib_route_v4() does
+ * (the same return codes; fib->ipv6_dst is the next hop on SUCCESS), with
+ * `node_routes6` where forwarding is off (net.ipv6.conf.<in>.forwarding 0).
+ */
+static __always_inline int fib_route_v6(struct __sk_buff *skb, struct hr_pkt6 *pkt,
+					struct bpf_fib_lookup *fib)
+{
+	struct hr_route6 *route;
+	__u32 flow;
+	int rc;
+
+	__builtin_memcpy(&flow, pkt->ip6, sizeof(flow));	/* version, class, flow label */
+	fib->family = AF_INET6;
+	fib->flowinfo = flow & HR_HTONL(0x0fffffff);
+	fib->l4_protocol = pkt->protocol;
+	fib->sport = pkt->sport;
+	fib->dport = pkt->dport;
+	fib->tot_len = 0;
+	fib->ifindex = skb->ifindex;
+	__builtin_memcpy(fib->ipv6_src, pkt->saddr.a, sizeof(fib->ipv6_src));
+	__builtin_memcpy(fib->ipv6_dst, pkt->daddr.a, sizeof(fib->ipv6_dst));
+
+	rc = fib_lookup_skip_neigh(skb, fib);
+	if (rc != BPF_FIB_LKUP_RET_FWD_DISABLED)
+		return rc;
+	route = node_route6_lookup(&pkt->daddr);
+	if (!route)
+		return BPF_FIB_LKUP_RET_FWD_DISABLED;
+	fib->ifindex = route->ifindex;
+	__builtin_memcpy(fib->ipv6_dst, route->nexthop, sizeof(fib->ipv6_dst));
+	return BPF_FIB_LKUP_RET_SUCCESS;
+}
+
+/* Out of fib->ifindex to the next hop fib->ipv6_dst, as fib_redirect_v4(). */
+static __always_inline int fib_redirect_v6(struct bpf_fib_lookup *fib)
+{
+	struct bpf_redir_neigh nh = {};
+
+	nh.nh_family = AF_INET6;
+	__builtin_memcpy(nh.ipv6_nh, fib->ipv6_dst, sizeof(nh.ipv6_nh));
 	return (int)hr_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
 }
 

@@ -88,6 +88,17 @@ enum hr_hook {
 };
 
 /*
+ * Slots of the `progs6` program array: from_pod and from_underlay hand an
+ * IPv6 frame to these programs (a tail call); an empty slot leaves it to the
+ * stack (pass_not_ipv4, counted under HR_FAMILY_IPV6).
+ */
+enum hr_prog6 {
+	HR_PROG_FROM_POD6 = 0,
+	HR_PROG_FROM_UNDERLAY6 = 1,
+	HR_PROG6_MAX = 2
+};
+
+/*
  * Value of the `endpoints` hash map, keyed by the pod's IPv4 address (network
  * order), and of `endpoints6`, keyed by its IPv6 address (struct hr_in6).
  */

@@ -23,6 +23,7 @@
 
 /* Byte-order conversion usable in constant expressions (BPF is little-endian here). */
 #define HR_HTONS(x) ((__u16)__builtin_bswap16((__u16)(x)))
+#define HR_HTONL(x) ((__u32)__builtin_bswap32((__u32)(x)))
 
 #define HR_IP_MF	0x2000
 #define HR_IP_DF	0x4000

@@ -51,10 +51,11 @@ static __always_inline struct hr_icmp_quote *icmp_quote_get(void);
  * checked segment by segment (BPF_MTU_CHK_SEGS; the kernel's ip_forward()
  * does the same), any other by its IPv4 total length, whatever the device's
  * link-layer header. The device's MTU is left in *mtu. A device that cannot be checked
- * (gone) counts as fitting: the redirect to it fails on its own.
+ * (gone) counts as fitting: the redirect to it fails on its own. fits_mtu() takes the
+ * length of the L3 datagram (IPv4 total length, IPv6 40 + payload length).
  */
-static __always_inline int fits_egress(struct __sk_buff *skb, struct hr_pkt *pkt, __u32 ifindex,
-				       __u32 *mtu)
+static __always_inline int fits_mtu(struct __sk_buff *skb, __u32 l3_len, __u32 ifindex,
+				    __u32 *mtu)
 {
 	long rc;
 
@@ -62,10 +63,39 @@ static __always_inline int fits_egress(struct __sk_buff *skb, struct hr_pkt *pkt
 		*mtu = 0;	/* with BPF_MTU_CHK_SEGS: must be 0, the skb is measured */
 		rc = hr_check_mtu(skb, ifindex, mtu, 0, BPF_MTU_CHK_SEGS);
 	} else {
-		*mtu = bpf_ntohs(pkt->ip->tot_len);
+		*mtu = l3_len;
 		rc = hr_check_mtu(skb, ifindex, mtu, 0, 0);
 	}
 	return rc != BPF_MTU_CHK_RET_FRAG_NEEDED && rc != BPF_MTU_CHK_RET_SEGS_TOOBIG;
+}
+
+static __always_inline int fits_egress(struct __sk_buff *skb, struct hr_pkt *pkt, __u32 ifindex,
+				       __u32 *mtu)
+{
+	return fits_mtu(skb, bpf_ntohs(pkt->ip->tot_len), ifindex, mtu);
+}
+
+/*
+ * Turn the packet into an ICMP error in place: trimmed to Ethernet + its
+ * first quote_len bytes (the quote stays where it is), room opened behind the
+ * Ethernet header for the new L3 header (l3) and ICMP header (icmp), MACs
+ * (`macs`: destination then source) and both headers written. Returns 0, or
+ * -1 when a helper failed.
+ */
+static __always_inline int icmp_rewrite(struct __sk_buff *skb, __u64 quote_len, __u8 *macs,
+					void *l3, __u32 l3_len, void *icmp, __u32 icmp_len)
+{
+	if (bpf_skb_change_tail(skb, sizeof(struct ethhdr) + quote_len, 0) < 0)
+		return -1;
+	if (bpf_skb_adjust_room(skb, l3_len + icmp_len, BPF_ADJ_ROOM_MAC, 0) < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, 0, macs, 2 * ETH_ALEN, 0) < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr), l3, l3_len, 0) < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr) + l3_len, icmp, icmp_len, 0) < 0)
+		return -1;
+	return 0;
 }
 
 /*
@@ -155,20 +185,7 @@ static __always_inline int icmp_frag_needed(struct __sk_buff *skb, struct hr_pkt
 	if (sum < 0)
 		return -1;
 	icmp.checksum = csum_fold32((__u32)sum);
-
-	/* Trim to eth + the quote (the quote stays where it is), then open room behind eth. */
-	if (bpf_skb_change_tail(skb, sizeof(struct ethhdr) + quote_len, 0) < 0)
-		return -1;
-	if (bpf_skb_adjust_room(skb, sizeof(ip) + sizeof(icmp), BPF_ADJ_ROOM_MAC, 0) < 0)
-		return -1;
-
-	if (bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0) < 0)
-		return -1;
-	if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &ip, sizeof(ip), 0) < 0)
-		return -1;
-	if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr) + sizeof(ip), &icmp, sizeof(icmp), 0) < 0)
-		return -1;
-	return 0;
+	return icmp_rewrite(skb, quote_len, macs, &ip, sizeof(ip), &icmp, sizeof(icmp));
 }
 
 #endif /* HR_PMTU_H */
