@@ -28,8 +28,10 @@ reports at the end, after doing everything else, as ``ConvergeError`` naming
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from netns_lab import faults, legacy, netns
-from netns_lab.state import LabState
+from netns_lab.state import LabState, lab_pin_dir
 from netns_lab.topology import Node, Topology
 
 from . import events, host_routing, iptables_rules, libbpf, nat_handover, rule_guard, tc_attach
@@ -140,6 +142,7 @@ def ensure_legacy(state: LabState, topo: Topology, node: Node, view: NodeView) -
         if claim in state.qdiscs:
             state.qdiscs.remove(claim)
             state.save()
+    progs6_pin(topo, node).unlink(missing_ok=True)     # the IPv6 programs go with them
     if detached:
         events.record(topo.lab, events.NORMAL, "ProgramsDetached", f"node/{node.name}",
                       f"detached from {detached} device(s)")
@@ -161,18 +164,33 @@ def _fill_maps(topo: Topology, node: Node, maps: DatapathMaps, view: NodeView) -
             with netns.ipr(pod.netns) as psock:
                 pod_mac = netns.link_mac(psock, netns.ifindex(psock, "eth0"))
             maps.set_endpoint(pod.ip, hidx, pod_mac, netns.link_mac(nsock, hidx))
+            if pod.ip6:
+                maps.set_endpoint(pod.ip6, hidx, pod_mac, netns.link_mac(nsock, hidx))
         uplink = netns.ifindex(nsock, topo.uplink_ifname)
     for cidr in topo.non_masquerade_cidrs:
         maps.set_cluster_cidr(cidr)
+    for cidr in topo.non_masquerade_cidrs6:
+        maps.set_cluster_cidr6(cidr)
+    others = [other for other in topo.nodes if other is not node]
     if not topo.pods_reach_nodes:
-        for other in topo.nodes:
-            if other is not node:
-                maps.set_cluster_cidr(f"{other.ip}/32", deny_from_pod=True)
-    for other in topo.nodes:
-        if other is not node:
-            maps.set_node_route(other.pod_cidr, other.ip, uplink)
+        for other in others:
+            maps.set_cluster_cidr(f"{other.ip}/32", deny_from_pod=True)
+            if other.ip6:
+                maps.set_cluster_cidr6(f"{other.ip6}/128", deny_from_pod=True)
+    for other in others:
+        maps.set_node_route(other.pod_cidr, other.ip, uplink)
+        if other.pod_cidr6:
+            maps.set_node_route6(other.pod_cidr6, other.ip6, uplink)
     # the outside, for when forwarding is off in the node (the FIB lookup is refused)
     maps.set_node_route("0.0.0.0/0", topo.router_ip, uplink)
+    if topo.has_ipv6:
+        maps.set_node_route6("::/0", topo.router_ip6, uplink)
+
+
+def progs6_pin(topo: Topology, node: Node) -> Path:
+    """Where the node's `progs6` is pinned: the IPv6 programs stay in it only while a pin (or
+    a file descriptor) of it exists (DatapathMaps.pin_progs6)."""
+    return lab_pin_dir(topo.lab) / f"{node.name}_progs6"   # bpffs refuses dots
 
 
 def _carry_nat(topo: Topology, node: Node, maps: DatapathMaps, view: NodeView) -> None:
@@ -232,10 +250,14 @@ def ensure_programs(state: LabState, topo: Topology, node: Node, view: NodeView)
                 _attach(state, node, dev, fd.fileno(), prog)
         return [f"{node.name}: {len(wrong)} program(s) attached again"]
     loaded = host_routing.load(router_ip=node.gateway, node_ip=node.ip,
-                               nat=topo.nat.datapath_config(), nat_max_flows=topo.nat.max_flows)
+                               nat=topo.nat.datapath_config(), nat_max_flows=topo.nat.max_flows,
+                               router_ip6=node.gateway6, node_ip6=node.ip6,
+                               nat6_max_flows=topo.nat.max_flows if topo.has_ipv6 else 0)
     try:
         _fill_maps(topo, node, loaded.maps, view)
         _carry_nat(topo, node, loaded.maps, view)
+        if topo.has_ipv6:   # before the attach: an IPv6 packet then finds from_pod6 there
+            loaded.maps.pin_progs6(progs6_pin(topo, node))
         for dev, prog in points:
             _attach(state, node, dev, loaded.programs[prog].fd, prog)
         ids = loaded.prog_ids

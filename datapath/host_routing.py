@@ -11,6 +11,7 @@ program with `DatapathMaps.from_prog_id(prog_id)` (program id -> its map ids
 from __future__ import annotations
 
 import ipaddress
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,21 @@ _EXPECTED = {
 
 class DatapathError(RuntimeError):
     """The loaded objects are not what this module expects (stale build, wrong program)."""
+
+
+BPFFS = Path("/sys/fs/bpf")
+
+
+def _mount_bpffs(path: Path) -> None:
+    """A bpffs where `path` goes: the one at /sys/fs/bpf (mounted there if need be, as
+    systemd does at boot), for paths below it."""
+    if BPFFS not in path.parents:
+        return
+    with open("/proc/self/mounts") as f:
+        if any(line.split()[1:3] == [str(BPFFS), "bpf"] for line in f):
+            return
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], check=True, capture_output=True,
+                   timeout=10)
 
 
 def _endpoint_key(ip: str) -> tuple[str, bytes]:
@@ -143,6 +159,19 @@ class DatapathMaps:
         found = [libbpf.map_lookup(progs6, slot.to_bytes(4, "little"), 4)
                  for slot in sorted(st.PROG6_SLOTS.values())]
         return [int.from_bytes(raw, "little") for raw in found if raw is not None]
+
+    def progs6_ids(self) -> list[int]:
+        """The IPv6 programs from_pod and from_underlay reach (an empty `progs6`: none)."""
+        return self._progs6_ids(self._fds.get("progs6"))
+
+    def pin_progs6(self, path: Path) -> None:
+        """Pin `progs6` at `path` (in a bpffs, mounted at /sys/fs/bpf if none is there): the
+        kernel empties a program array when no file descriptor or pin of it is left in user
+        space, and the attached programs alone do not count. Replaces an older pin."""
+        _mount_bpffs(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        libbpf.obj_pin(self._fds["progs6"], str(path))
 
     @classmethod
     def from_bcc(cls, bpf) -> "DatapathMaps":

@@ -150,6 +150,7 @@ int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);
 int bpf_obj_get_info_by_fd(int bpf_fd, void *info, __u32 *info_len);
 int bpf_prog_get_fd_by_id(__u32 id);
 int bpf_map_get_fd_by_id(__u32 id);
+int bpf_obj_pin(int fd, const char *pathname);
 int bpf_prog_get_next_id(__u32 start_id, __u32 *next_id);
 int bpf_map_lookup_batch(int fd, void *in_batch, void *out_batch, void *keys, void *values,
                          __u32 *count, const void *opts);
@@ -383,6 +384,11 @@ def prog_fd_by_id(prog_id: int) -> Fd:
 
 def map_fd_by_id(map_id: int) -> Fd:
     return Fd(_check(lib().bpf_map_get_fd_by_id(map_id), f"BPF_MAP_GET_FD_BY_ID {map_id}"))
+
+
+def obj_pin(fd, path: str) -> None:
+    """BPF_OBJ_PIN: the object (program or map) stays as long as `path` in a bpffs does."""
+    _check(lib().bpf_obj_pin(_fdnum(fd), path.encode()), f"BPF_OBJ_PIN {path}")
 
 
 def _ids(next_id) -> list[int]:

@@ -15,12 +15,13 @@ removes them, ``status`` prints them.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from netns_lab import legacy, netns
 from netns_lab.topology import Node, Topology
 
-from . import libbpf, rule_guard, tc_attach
+from . import host_routing, libbpf, rule_guard, tc_attach
 from .host_routing import DatapathError, DatapathMaps
 
 FROM_POD = "from_pod"
@@ -141,15 +142,24 @@ def _config_mismatch(topo: Topology, node: Node, maps: DatapathMaps) -> str:
     cfg = maps.config()
     want = topo.nat.datapath_config()
     if cfg.router_ip != node.gateway or cfg.node_ip != node.ip or \
-            any(cfg.nat.get(k) != v for k, v in want.items()):
+            _ip6(cfg.router_ip6) != _ip6(node.gateway6) or _ip6(cfg.node_ip6) != _ip6(node.ip6) \
+            or any(cfg.nat.get(k) != v for k, v in want.items()):
         return "its config is not the lab's"
     if maps.nat_capacity() != 2 * topo.nat.max_flows:
         return "its NAT table size is not the lab's"
+    # a program array is emptied when its pin goes (the lab's pins removed by hand, say)
+    if topo.has_ipv6 and len(maps.progs6_ids()) != len(host_routing.PROGRAMS6):
+        return "its IPv6 programs are gone from progs6 (not pinned)"
     try:
         endpoints = maps.endpoints()
+        if topo.has_ipv6:
+            endpoints.update((_ip6(ip), ep) for ip, ep in maps.endpoints6().items())
     except DatapathError:       # from_underlay alone does not use the endpoint map
         return ""
-    if set(endpoints) != {pod.ip for pod in node.pods}:
+    want_ips = {pod.ip for pod in node.pods}
+    if topo.has_ipv6:
+        want_ips |= {_ip6(pod.ip6) for pod in node.pods if pod.ip6}
+    if set(endpoints) != want_ips:
         return "its endpoints are not the node's pods"
     for ip, (ifindex, mac, node_mac) in _pod_links(node).items():
         ep = endpoints[ip]
@@ -158,9 +168,15 @@ def _config_mismatch(topo: Topology, node: Node, maps: DatapathMaps) -> str:
     return ""
 
 
+def _ip6(ip: str | None) -> str | None:
+    """An IPv6 address in one spelling (the topology's and the kernel's may differ)."""
+    return str(ipaddress.IPv6Address(ip)) if ip else None
+
+
 def _pod_links(node: Node) -> dict[str, tuple[int, str, str]]:
-    """{pod IP: (host-side veth ifindex, the pod's eth0 MAC, the host veth's MAC)} as the
-    kernel has them (what the endpoint map must hold); pods whose veth is gone are left out."""
+    """{pod IP (both, in a lab with IPv6): (host-side veth ifindex, the pod's eth0 MAC, the
+    host veth's MAC)} as the kernel has them (what the endpoint maps must hold); pods whose
+    veth is gone are left out."""
     out = {}
     with netns.ipr(node.netns) as nsock:
         for pod in node.pods:
@@ -173,6 +189,8 @@ def _pod_links(node: Node) -> dict[str, tuple[int, str, str]]:
             except Exception:   # removed while we looked
                 continue
             out[pod.ip] = (found[0], pod_mac, netns.link_mac(nsock, found[0]))
+            if pod.ip6:
+                out[_ip6(pod.ip6)] = out[pod.ip]
     return out
 
 

@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 from . import netns, procs
 from .state import (GUARD_MODULE, LabState, LabStateError, guard_pidfile, guard_pidfile_arg,
-                    lab_files, lab_lock, lab_names, labs_dir, load_state, stray_lab_names)
+                    lab_files, lab_lock, lab_names, labs_dir, load_state, remove_lab_pins,
+                    stray_lab_names)
 from .topology import NAME_RE, Topology
 
 BRIDGE = "br0"
@@ -222,6 +223,7 @@ def _remove(name: str, namespaces: list[str]) -> list[str]:
         daemon.stop("-m", GUARD_MODULE, "--pidfile", pidfile)
     wanted = sorted(set(namespaces) | set(lab_namespaces(name)))
     removed = [n for n in wanted if netns.remove(n)]
+    remove_lab_pins(name)
     for path in lab_files(name):
         if path.suffix != ".lock":      # lab_lock removes it, holding it
             path.unlink(missing_ok=True)

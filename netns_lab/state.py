@@ -33,6 +33,25 @@ def state_dir() -> Path:
     return Path(os.environ.get("HOSTROUTING_STATE_DIR", "/run/ebpf-hostrouting"))
 
 
+#: Where a lab's BPF objects are pinned (a bpffs), one directory per lab: what only a pin
+#: keeps (a program array's entries, datapath/host_routing.py) lasts until lab down.
+BPF_PIN_ROOT = Path("/sys/fs/bpf/ebpf-hostrouting")
+
+
+def lab_pin_dir(name: str) -> Path:
+    return BPF_PIN_ROOT / name
+
+
+def remove_lab_pins(name: str) -> None:
+    """Unpin every BPF object of the lab (the kernel frees what nothing else holds)."""
+    pins = lab_pin_dir(name)
+    if pins.is_dir():
+        for pin in pins.iterdir():
+            pin.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            pins.rmdir()
+
+
 def labs_dir() -> Path:
     return state_dir() / "labs"
 

@@ -23,7 +23,8 @@ from scapy.layers.ipsec import AH
 from scapy.layers.l2 import Ether
 
 from datapath import bpf_build, libbpf, shared_types as st
-from tests.bpf.harness import from_pod, from_underlay, ip_batch, run_example
+from tests.bpf.harness import (from_pod, from_underlay, ip_batch, run_example, run_prog,
+                               wait_for)
 from tests.bpf.packets import (DST_IFINDEX, DST_MAC, DST_NODE_MAC, HIN_MAC, NARROW_MTU, POD_MAC,
                                TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT)
 from tests.bpf.packets6 import (EXTERNAL_DST6, LOCAL_DST6, NARROW_DST6, NODE_IP6, REMOTE_DST6,
@@ -617,3 +618,41 @@ def test_fuzz_from_underlay6(dp6, route6_ns, data):
                                              route6_ns.uplink))
     dp6.maps.read_trace_events()
 
+
+
+def test_progs6_keeps_the_ipv6_programs_only_while_pinned(route6_ns):
+    """The kernel empties a program array when no file descriptor or pin of it is left in
+    user space (the attached programs do not count): the pin converge makes keeps IPv6 going
+    to from_pod6 after the loader is gone; without it IPv6 falls back to the stack."""
+    import secrets
+    from datapath import host_routing
+    from netns_lab.state import BPF_PIN_ROOT
+    pin = BPF_PIN_ROOT / f"hrtest-{secrets.token_hex(4)}" / "node1_progs6"
+    loaded = host_routing.load("198.18.1.1", router_ip6=ROUTER6)
+    try:
+        loaded.maps.pin_progs6(pin)
+        prog = libbpf.prog_fd_by_id(loaded.from_pod.id)   # the program, as a TC filter holds it
+    finally:
+        loaded.close()
+    data = bytes(pod6_packet(REMOTE_DST6, src="2001:db8:0:1::63"))
+    try:
+        with prog:
+            with host_routing.DatapathMaps.from_prog_id(loaded.from_pod.id) as maps:
+                assert len(maps.progs6_ids()) == 2
+            # from_pod6 judges it: not this veth's pod
+            assert run_prog(prog.fileno(), data, route6_ns.name, route6_ns.hin).retval == \
+                TC_ACT_SHOT
+            pin.unlink()
+            pin.parent.rmdir()
+
+            def emptied():
+                with host_routing.DatapathMaps.from_prog_id(loaded.from_pod.id) as maps:
+                    return maps.progs6_ids() == []
+            assert wait_for(emptied)
+            # the stack's now (pass_not_ipv4)
+            assert run_prog(prog.fileno(), data, route6_ns.name, route6_ns.hin).retval == \
+                TC_ACT_OK
+    finally:
+        pin.unlink(missing_ok=True)
+        if pin.parent.exists():
+            pin.parent.rmdir()
