@@ -51,14 +51,29 @@ static __always_inline void frag_key_of(struct hr_frag_key *k, struct hr_pkt *pk
 	k->pad = 0;
 }
 
-/* The first fragment of datagram `k` carried these ports (network order). */
-static __always_inline void frag_record(struct hr_frag_key *k, struct hr_frag_entry *v,
-					__u16 sport, __u16 dport, __u64 now)
+/* A record of a first fragment that carried these ports (network order), either family's. */
+static __always_inline void frag_fill(struct hr_frag_entry *v, __u16 sport, __u16 dport,
+				      __u64 now)
 {
 	v->seen_ns = now;
 	v->sport = sport;
 	v->dport = dport;
 	v->pad = 0;
+}
+
+/* Record `f` (NULL: none), unless its first fragment is older than the reassembly timeout. */
+static __always_inline struct hr_frag_entry *frag_fresh(struct hr_frag_entry *f, __u64 now)
+{
+	if (f && f->seen_ns < now && now - f->seen_ns > HR_FRAG_TIMEOUT_NS)
+		return 0;
+	return f;
+}
+
+/* The first fragment of datagram `k` carried these ports (network order). */
+static __always_inline void frag_record(struct hr_frag_key *k, struct hr_frag_entry *v,
+					__u16 sport, __u16 dport, __u64 now)
+{
+	frag_fill(v, sport, dport, now);
 	frag_update(k, v);
 }
 
@@ -68,13 +83,7 @@ static __always_inline void frag_record(struct hr_frag_key *k, struct hr_frag_en
  */
 static __always_inline struct hr_frag_entry *frag_find(struct hr_frag_key *k, __u64 now)
 {
-	struct hr_frag_entry *f = frag_lookup(k);
-
-	if (!f)
-		return 0;
-	if (f->seen_ns < now && now - f->seen_ns > HR_FRAG_TIMEOUT_NS)
-		return 0;
-	return f;
+	return frag_fresh(frag_lookup(k), now);
 }
 
 #endif /* HR_FRAG_H */

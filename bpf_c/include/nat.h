@@ -12,6 +12,12 @@
  * the first fragment by its L4 header, the later ones by the ports it
  * recorded in `nat_frags` (frag.h).
  *
+ * The flow logic that does not depend on the address family (twins, expiry,
+ * claims, state, port allocation) is in nat_flow.h, instantiated here for
+ * IPv4 (nat_twin, nat_alive, ...) and in nat6.h for IPv6 (nat6_twin, ...);
+ * the helpers below it that take no address (nat_read_l4_at, nat_fresh,
+ * nat_claim, nat_refresh, ...) serve both.
+ *
  * An entry is deleted by key only by the CPU that claimed it first
  * (nat_claim: compare-and-swap of its last_seen_ns with the value it judged
  * by), so that a delete never hits a fresh entry another CPU put under the
@@ -29,6 +35,7 @@
 #include <uapi/linux/ip.h>
 #include <uapi/linux/icmp.h>
 #include <uapi/linux/in.h>
+#include <uapi/linux/in6.h>
 
 #include "hostrouting_shared.h"
 #include "parse.h"
@@ -53,6 +60,7 @@
  * flight into account without tracking it.
  */
 #define HR_RST_WINDOW		(1U << 20)
+#define HR_NAT_IP6_HLEN		40	/* the fixed IPv6 header */
 #define HR_UDP_CSUM_OFF		6
 #define HR_ICMP_CSUM_OFF	2
 #define HR_ICMP_ID_OFF		4
@@ -60,6 +68,9 @@
 #define HR_TCP_SYN		0x02
 #define HR_TCP_RST		0x04
 #define HR_TCP_ACK		0x10
+/* ICMPv6 echo (uapi/linux/icmpv6.h needs kernel-internal headers) */
+#define HR_NAT_ICMP6_ECHO_REQUEST	128
+#define HR_NAT_ICMP6_ECHO_REPLY	129
 /* Errors of the map helpers (negated). */
 #define HR_E2BIG		7
 #define HR_EEXIST		17
@@ -73,6 +84,8 @@
 #define HR_NAT_REUSE_QUIET_NS	(2 * HR_NSEC)
 /* The most a packet leaves an entry's last_seen_ns behind (nat_refresh_slack). */
 #define HR_NAT_REFRESH_NS	HR_NSEC
+/* The key direction of the test builds' race entries (nat_flow.h, HR_TEST_RACES). */
+#define HR_RACE_DIR		0xee
 
 /* What a NAT step needs to know about the packet besides struct hr_pkt. */
 struct hr_nat_l4 {
@@ -105,58 +118,77 @@ static __always_inline void nat_remove(struct hr_nat_key *key);
 static __always_inline struct hr_nat_scratch *nat_scratch_get(void);
 
 /*
- * Read ports (TCP, UDP) or the ICMP type and identifier. `out` says which
- * way the packet goes: an echo request going out keeps its identifier in
- * sport, an echo reply coming in in dport. Returns -1 when the L4 header is
- * not all there (or is not one NAT can handle).
+ * Read ports (TCP, UDP) or the ICMP (`v6`: ICMPv6) type and identifier of an
+ * L4 header of `protocol` at `l4_off`. `out` says which way the packet goes:
+ * an echo request going out keeps its identifier in sport, an echo reply
+ * coming in in dport. Returns -1 when the L4 header is not all there (or is
+ * not one NAT can handle). `v6` is a constant of the caller (nat_read_l4,
+ * nat6_read_l4): the other family's branches compile away.
  */
-static __always_inline int nat_read_l4(struct __sk_buff *skb, struct hr_pkt *pkt,
-				       struct hr_nat_l4 *l4, int out)
+static __always_inline int nat_read_l4_at(struct __sk_buff *skb, __u8 protocol, __u32 l4_off,
+					  struct hr_nat_l4 *l4, int out, int v6)
 {
+	__u8 icmp_proto = v6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP;
+	__u8 echo = v6 ? HR_NAT_ICMP6_ECHO_REQUEST : ICMP_ECHO;
+	__u8 echo_reply = v6 ? HR_NAT_ICMP6_ECHO_REPLY : ICMP_ECHOREPLY;
+	__u32 l3_len;
 	__u8 hdr[8];
 
-	if (pkt->protocol == IPPROTO_TCP) {
-		if (bpf_skb_load_bytes(skb, pkt->l4_off, hdr, sizeof(hdr)) < 0)
+	if (protocol == IPPROTO_TCP) {
+		if (bpf_skb_load_bytes(skb, l4_off, hdr, sizeof(hdr)) < 0)
 			return -1;
-		if (bpf_skb_load_bytes(skb, pkt->l4_off + HR_TCP_FLAGS_OFF, &l4->tcp_flags, 1) < 0)
+		if (bpf_skb_load_bytes(skb, l4_off + HR_TCP_FLAGS_OFF, &l4->tcp_flags, 1) < 0)
 			return -1;
-		if (bpf_skb_load_bytes(skb, pkt->l4_off + HR_TCP_SEQ_OFF, &l4->seq, 8) < 0)
+		if (bpf_skb_load_bytes(skb, l4_off + HR_TCP_SEQ_OFF, &l4->seq, 8) < 0)
 			return -1;
 		/* the checksum must be there to be fixed */
-		if (skb->len < pkt->l4_off + 20)
+		if (skb->len < l4_off + 20)
 			return -1;
-		/* where the segment ends: IPv4 total length, minus both headers */
-		if (bpf_skb_load_bytes(skb, ETH_HLEN + 2, hdr, 2) < 0 ||
-		    bpf_skb_load_bytes(skb, pkt->l4_off + 12, hdr + 2, 1) < 0)
+		/*
+		 * Where the segment ends: IPv4 total length (from the Ethernet
+		 * header's end), IPv6 payload length (from the fixed header's end;
+		 * 0, a jumbogram or BIG TCP: the skb's end), then the TCP header.
+		 */
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + (v6 ? 4 : 2), hdr, 2) < 0 ||
+		    bpf_skb_load_bytes(skb, l4_off + 12, hdr + 2, 1) < 0)
 			return -1;
-		l4->seq_end = bpf_ntohl(l4->seq) +
-			      (((__u32)hdr[0] << 8 | hdr[1]) - pkt->ihl_len - ((hdr[2] >> 4) << 2)) +
+		l3_len = (__u32)hdr[0] << 8 | hdr[1];
+		if (v6)
+			l3_len = l3_len ? l3_len + HR_NAT_IP6_HLEN : skb->len - ETH_HLEN;
+		l4->seq_end = bpf_ntohl(l4->seq) + (ETH_HLEN + l3_len - l4_off - ((hdr[2] >> 4) << 2)) +
 			      !!(l4->tcp_flags & HR_TCP_SYN) + !!(l4->tcp_flags & HR_TCP_FIN);
-		if (bpf_skb_load_bytes(skb, pkt->l4_off, hdr, sizeof(hdr)) < 0)
+		if (bpf_skb_load_bytes(skb, l4_off, hdr, sizeof(hdr)) < 0)
 			return -1;
-	} else if (pkt->protocol == IPPROTO_UDP || pkt->protocol == IPPROTO_ICMP) {
-		if (bpf_skb_load_bytes(skb, pkt->l4_off, hdr, sizeof(hdr)) < 0)
+	} else if (protocol == IPPROTO_UDP || protocol == icmp_proto) {
+		if (bpf_skb_load_bytes(skb, l4_off, hdr, sizeof(hdr)) < 0)
 			return -1;
 	} else {
 		return -1;
 	}
-	if (pkt->protocol != IPPROTO_ICMP) {
+	if (protocol != icmp_proto) {
 		__builtin_memcpy(&l4->sport, hdr, 2);
 		__builtin_memcpy(&l4->dport, hdr + 2, 2);
 		return 0;
 	}
 	l4->icmp_type = hdr[0];
-	if (out && hdr[0] == ICMP_ECHO) {
+	if (out && hdr[0] == echo) {
 		__builtin_memcpy(&l4->sport, hdr + HR_ICMP_ID_OFF, 2);
 		l4->dport = 0;
 		return 0;
 	}
-	if (!out && hdr[0] == ICMP_ECHOREPLY) {
+	if (!out && hdr[0] == echo_reply) {
 		l4->sport = 0;
 		__builtin_memcpy(&l4->dport, hdr + HR_ICMP_ID_OFF, 2);
 		return 0;
 	}
 	return -1;
+}
+
+/* nat_read_l4_at for an IPv4 packet. */
+static __always_inline int nat_read_l4(struct __sk_buff *skb, struct hr_pkt *pkt,
+				       struct hr_nat_l4 *l4, int out)
+{
+	return nat_read_l4_at(skb, pkt->protocol, pkt->l4_off, l4, out, 0);
 }
 
 /* A TCP flow that ended: RST either way, or FIN both ways. */
@@ -209,127 +241,17 @@ static __always_inline int nat_fresh(__u64 now, __u64 seen, __u64 timeout)
 	return seen >= now || now - seen <= timeout;
 }
 
-/* The key of the other entry of the same flow, and what its value must hold. */
-static __always_inline void nat_twin(const struct hr_nat_key *k, const struct hr_nat_entry *e,
-				     struct hr_nat_key *twin, __u32 *twin_addr, __u16 *twin_port)
-{
-	twin->protocol = k->protocol;
-	twin->pad[0] = 0;
-	twin->pad[1] = 0;
-	if (k->dir == HR_NAT_OUT) {
-		twin->dir = HR_NAT_IN;
-		twin->saddr = k->daddr;
-		twin->daddr = e->addr;
-		twin->sport = k->dport;
-		twin->dport = e->port;
-		*twin_addr = k->saddr;
-		*twin_port = k->sport;
-	} else {
-		twin->dir = HR_NAT_OUT;
-		twin->saddr = e->addr;
-		twin->daddr = k->saddr;
-		twin->sport = e->port;
-		twin->dport = k->sport;
-		*twin_addr = k->daddr;
-		*twin_port = k->dport;
-	}
-}
-
-/* The twin of entry `e` (key `k`, twin key left in s->tk) if it still points back; else NULL. */
-static __always_inline struct hr_nat_entry *nat_twin_entry(struct hr_nat_scratch *s,
-							   const struct hr_nat_key *k,
-							   const struct hr_nat_entry *e)
-{
-	struct hr_nat_entry *t;
-	__u32 taddr;
-	__u16 tport;
-
-	nat_twin(k, e, &s->tk, &taddr, &tport);
-	t = nat_lookup(&s->tk);
-	if (!t || t->addr != taddr || t->port != tport)
-		return 0;
-	return t;
-}
-
 /*
- * Whether the flow of entry `e` (key `k`, last seen at `seen`, as read by the
- * caller) is still alive at `now`: its own last packet, or its twin's, is
- * recent enough for the state. The twin is
- * only looked at when `e` alone would have expired.
- */
-static __always_inline int nat_alive(struct hr_config *cfg, struct hr_nat_scratch *s,
-				     struct hr_nat_key *k, struct hr_nat_entry *e, __u64 seen,
-				     __u64 now)
-{
-	struct hr_nat_entry *t;
-
-	if (nat_fresh(now, seen, nat_timeout_ns(cfg, k->protocol, e->state)))
-		return 1;
-	t = nat_twin_entry(s, k, e);
-	if (!t)
-		return 0;
-	seen = t->last_seen_ns > seen ? t->last_seen_ns : seen;
-	return nat_fresh(now, seen, nat_timeout_ns(cfg, k->protocol, e->state | t->state));
-}
-
-/*
- * Test builds only (-DHR_TEST_RACES): "another CPU" acts at a race point.
- * A test leaves an entry under the key {dir 0xee, dport `point`} in `nat`;
- * at that point the entry under key `at` is replaced with it (as another
- * CPU's delete and insert would) and the test entry goes. Production builds
- * compile the points to nothing.
- */
-#ifdef HR_TEST_RACES
-#define HR_RACE_DIR		0xee
-static __always_inline void nat_race_point(__u16 point, struct hr_nat_key *at)
-{
-	struct hr_nat_key m = {};
-	struct hr_nat_entry *v;
-
-	m.dir = HR_RACE_DIR;
-	m.dport = point;
-	v = nat_lookup(&m);
-	if (!v)
-		return;
-	nat_remove(at);
-	nat_insert(at, v);
-	nat_remove(&m);
-}
-#define NAT_RACE_POINT(point, at)	nat_race_point(point, at)
-#else
-#define NAT_RACE_POINT(point, at)	do { } while (0)
-#endif
-
-/*
- * Claim entry `e` for deletion, judged by its last_seen_ns `seen`: succeeds
+ * Claim an entry for deletion (its last_seen_ns at `last_seen`), judged by
+ * the value `seen` it was read with: succeeds
  * on one CPU only, and only if no packet refreshed the entry (and no other
  * CPU replaced it under the same key) since it was judged. A claimed entry
  * looks fresh to everyone else (and to the sweep) until it is deleted.
  */
-static __always_inline int nat_claim(struct hr_nat_entry *e, __u64 seen)
+static __always_inline int nat_claim(__u64 *last_seen, __u64 seen)
 {
 	return seen != HR_NAT_CLAIMED &&
-	       __sync_val_compare_and_swap(&e->last_seen_ns, seen, HR_NAT_CLAIMED) == seen;
-}
-
-/*
- * Delete the flow of entry `e` (key `k`), judged by its last_seen_ns `seen`:
- * its twin (if it still points back and can be claimed) and itself. Returns
- * 0 when another CPU got there first or a packet refreshed it (nothing
- * deleted then).
- */
-static __always_inline int nat_delete_flow(struct hr_nat_scratch *s, struct hr_nat_key *k,
-					   struct hr_nat_entry *e, __u64 seen)
-{
-	struct hr_nat_entry *t;
-
-	if (!nat_claim(e, seen))
-		return 0;
-	t = nat_twin_entry(s, k, e);
-	if (t && nat_claim(t, t->last_seen_ns))
-		nat_remove(&s->tk);
-	nat_remove(k);
-	return 1;
+	       __sync_val_compare_and_swap(last_seen, seen, HR_NAT_CLAIMED) == seen;
 }
 
 /* TCP state bits a packet adds, by direction. */
@@ -347,7 +269,7 @@ static __always_inline __u64 nat_state_bits(__u8 protocol, struct hr_nat_l4 *l4,
 }
 
 /*
- * Mark `e` seen at `now`, unless it was seen within `slack` ns (or later
+ * Mark an entry (its last_seen_ns at `last_seen`) seen at `now`, unless it was seen within `slack` ns (or later
  * than `now`: another CPU stamped it meanwhile), or a CPU has claimed it for
  * deletion (nat_claim): a plain store could overwrite HR_NAT_CLAIMED, and the
  * entry, already being deleted, could then be judged and claimed again. A
@@ -355,13 +277,13 @@ static __always_inline __u64 nat_state_bits(__u8 protocol, struct hr_nat_l4 *l4,
  * packet's refresh leaves that one's `now`, as good; with a claim, the
  * claim stands.
  */
-static __always_inline void nat_refresh(struct hr_nat_entry *e, __u64 now, __u64 slack)
+static __always_inline void nat_refresh(__u64 *last_seen, __u64 now, __u64 slack)
 {
-	__u64 seen = e->last_seen_ns;
+	__u64 seen = *last_seen;
 
 	if (seen == HR_NAT_CLAIMED || seen >= now || now - seen <= slack)
 		return;
-	__sync_val_compare_and_swap(&e->last_seen_ns, seen, now);
+	__sync_val_compare_and_swap(last_seen, seen, now);
 }
 
 /*
@@ -381,62 +303,6 @@ static __always_inline __u64 nat_refresh_slack(struct hr_config *cfg, __u8 proto
 		return 0;
 	slack = nat_timeout_ns(cfg, protocol, state) >> 4;
 	return slack < HR_NAT_REFRESH_NS ? slack : HR_NAT_REFRESH_NS;
-}
-
-/*
- * Account a packet to entry `e` and fold in new state bits; a state change
- * is copied to the twin too (rare: a few times per flow), so that both
- * entries expire alike.
- */
-static __always_inline void nat_touch(struct hr_config *cfg, struct hr_nat_scratch *s,
-				      struct hr_nat_key *k, struct hr_nat_entry *e, __u64 bits,
-				      __u32 len, __u64 now)
-{
-	struct hr_nat_entry *t;
-
-	nat_refresh(e, now, nat_refresh_slack(cfg, k->protocol, e->state, bits));
-	__sync_fetch_and_add(&e->packets, 1);
-	__sync_fetch_and_add(&e->bytes, len);
-	if ((e->state | bits) == e->state)
-		return;
-	/* atomic: the other direction may be setting its own bits on another CPU */
-	__sync_fetch_and_or(&e->state, bits);
-	t = nat_twin_entry(s, k, e);
-	if (t)
-		__sync_fetch_and_or(&t->state, bits);
-}
-
-/* Clear the state bits of both entries of a flow (a new TCP connection on its tuple). */
-static __always_inline void nat_reset_state(struct hr_nat_scratch *s, struct hr_nat_key *k,
-					    struct hr_nat_entry *e)
-{
-	struct hr_nat_entry *t;
-
-	e->state = 0;
-	e->seq_hint = 0;
-	t = nat_twin_entry(s, k, e);
-	if (t) {
-		t->state = 0;
-		t->seq_hint = 0;
-	}
-}
-
-/*
- * An inbound SYN-ACK answers a SYN of this very tuple: whatever ended before
- * (an RST the pod sent about a stray ACK of the tuple's previous flow, a FIN)
- * is over; the new connection is established. Keeps SEEN_REPLY only.
- */
-static __always_inline void nat_reopen(struct hr_nat_scratch *s, struct hr_nat_key *k,
-				       struct hr_nat_entry *e)
-{
-	struct hr_nat_entry *t;
-
-	if (!(e->state & (HR_NAT_RST | HR_NAT_FIN_OUT | HR_NAT_FIN_IN)))
-		return;
-	e->state = HR_NAT_SEEN_REPLY;
-	t = nat_twin_entry(s, k, e);
-	if (t)
-		t->state = HR_NAT_SEEN_REPLY;
 }
 
 /*
@@ -491,205 +357,19 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, struct hr_pkt *pkt
 	return 0;
 }
 
-/*
- * Whether the IN entry t (key s->rk, last seen at `seen`) of another flow may
- * be taken over by the new flow of this packet: its flow expired; or this is
- * a new TCP connection (a SYN, `l4`), half the tries found no free port, and
- * the flow ended (RST, or FIN both ways) and has been quiet for
- * HR_NAT_REUSE_QUIET_NS, and the SYN starts beyond the sequence numbers the
- * remote saw from it (as conntrack lets a SYN reuse a TIME_WAIT tuple:
- * nf_nat_used_tuple_harder, nf_seq_has_advanced; the remote's TIME_WAIT
- * accepts such a SYN only).
- */
-static __always_inline int nat_may_take(struct hr_config *cfg, struct hr_nat_scratch *s,
-					struct hr_nat_entry *t, __u64 seen, __u64 now,
-					struct hr_nat_l4 *l4, int syn, __u32 try)
-{
-	struct hr_nat_entry *old;
-	__u32 end;
-
-	if (!nat_alive(cfg, s, &s->rk, t, seen, now))
-		return 1;
-	if (!syn || try < HR_NAT_RETRIES / 2 || !nat_tcp_closed(t->state))
-		return 0;
-	if (seen < now && now - seen < HR_NAT_REUSE_QUIET_NS)
-		return 0;
-	if (seen >= now)
-		return 0;
-	old = nat_twin_entry(s, &s->rk, t);	/* the old flow's OUT entry, with its seq_end */
-	if (!old || old->seq_end == 0)
-		return 0;
-	end = bpf_ntohl(old->seq_end);
-	return (__s32)(bpf_ntohl(l4->seq) - end) > 0;
-}
-
-/*
- * Find or create the OUT entry of the flow in s->key. On success *addr and
- * *port hold the node IP and NAT port to write, and *entry the entry when it
- * was found (NULL when this packet created it); returns 0, or the hr_reason
- * of the drop.
- */
-static __always_inline int snat_lookup_or_create(struct hr_config *cfg, struct hr_nat_scratch *s,
-						 __u64 now, struct hr_nat_l4 *l4, int syn,
-						 __u32 *addr, __u16 *port,
-						 struct hr_nat_entry **entry)
-{
-	struct hr_nat_key *k = &s->key, *rk = &s->rk;
-	struct hr_nat_entry *e, *t, *v = &s->val;
-	__u32 range, i, taddr;
-	__u64 seen;
-	__u16 tport, p;
-	int rc;
-
-	e = nat_lookup(k);
-	if (e) {
-		seen = e->last_seen_ns;
-		nat_twin(k, e, rk, &taddr, &tport);
-		t = nat_lookup(rk);
-		if (t && t->addr == taddr && t->port == tport) {
-			if (nat_alive(cfg, s, k, e, seen, now))
-				goto found;
-		} else if (!t && nat_fresh(now, seen, nat_timeout_ns(cfg, k->protocol, e->state))) {
-			/* the IN entry of a live flow is gone: put it back if the port is free */
-			__builtin_memset(v, 0, sizeof(*v));
-			v->created_ns = e->created_ns;
-			v->last_seen_ns = now;
-			v->addr = taddr;
-			v->port = tport;
-			v->state = e->state;
-			NAT_RACE_POINT(1, rk);
-			rc = nat_insert(rk, v);
-			if (rc == 0)
-				goto found;
-			if (rc == -HR_E2BIG)
-				return HR_DROP_NAT_TABLE_FULL;
-			/* another CPU put it back meanwhile: the flow goes on with its port */
-			t = nat_lookup(rk);
-			if (t && t->addr == taddr && t->port == tport)
-				goto found;
-		}
-		/* expired, or its port went to another flow: start afresh */
-		if (!nat_delete_flow(s, k, e, seen))
-			return HR_DROP_NAT_FAILED;	/* another CPU is at it: a racing flow won */
-	}
-
-	if (cfg->nat_port_min == 0 || cfg->nat_port_max < cfg->nat_port_min)
-		return HR_DROP_NAT_EXHAUSTED;
-	range = (__u32)cfg->nat_port_max - cfg->nat_port_min + 1;
-
-	__builtin_memset(rk, 0, sizeof(*rk));
-	rk->protocol = k->protocol;
-	rk->dir = HR_NAT_IN;
-	rk->saddr = k->daddr;
-	rk->daddr = cfg->node_ip;
-	rk->sport = k->dport;
-	__builtin_memset(v, 0, sizeof(*v));
-	v->created_ns = now;
-	v->last_seen_ns = now;
-	v->addr = k->saddr;
-	v->port = k->sport;
-
-	for (i = 0; i < HR_NAT_RETRIES; i++) {
-		/* a random port each try: linear probing would pile flows into runs */
-		p = bpf_htons((__u16)(cfg->nat_port_min + bpf_get_prandom_u32() % range));
-		rk->dport = p;
-		rc = nat_insert(rk, v);
-		if (rc == 0)
-			goto claimed;
-		if (rc == -HR_E2BIG)
-			return HR_DROP_NAT_TABLE_FULL;
-		t = nat_lookup(rk);
-		if (!t)
-			continue;
-		seen = t->last_seen_ns;
-		/* a flow that expired, or a TCP connection that ended: free it, claim it like anyone */
-		if (nat_may_take(cfg, s, t, seen, now, l4, syn, i)) {
-			NAT_RACE_POINT(2, rk);
-			if (nat_delete_flow(s, rk, t, seen) && nat_insert(rk, v) == 0)
-				goto claimed;
-		}
-	}
-	return HR_DROP_NAT_EXHAUSTED;
-
-claimed:
-	v->addr = cfg->node_ip;
-	v->port = p;
-	rc = nat_insert(k, v);
-	if (rc != 0) {
-		/* table full, or another CPU created this flow meanwhile: give our port back */
-		nat_remove(rk);
-		if (rc == -HR_E2BIG)
-			return HR_DROP_NAT_TABLE_FULL;
-		e = nat_lookup(k);
-		if (!e)
-			return HR_DROP_NAT_FAILED;
-		goto found;
-	}
-	*addr = v->addr;
-	*port = v->port;
-	*entry = 0;
-	return 0;
-
-found:
-	*addr = e->addr;
-	*port = e->port;
-	*entry = e;
-	return 0;
-}
-
-/*
- * Whether an RST or a FIN from outside (`l4`) about the flow of IN entry
- * (s->key, e) may change its NAT state. Its sequence number must lie near
- * what the pod acknowledged last (the OUT entry's seq_hint). Without a hint
- * (the pod has acknowledged nothing: its SYN unanswered, or the tuple reset
- * by a new SYN) only one that acknowledges exactly what the pod sent is
- * believed (an RST answering the SYN); without that either (the OUT entry was
- * put back by a reply) nothing is until the pod acknowledges again: a hint
- * of 0 must not make every sequence number plausible.
- */
-static __always_inline int nat_close_plausible(struct hr_nat_scratch *s, struct hr_nat_entry *e,
-					       struct hr_nat_l4 *l4)
-{
-	struct hr_nat_entry *t;
-	__u32 taddr;
-	__u16 tport;
-
-	nat_twin(&s->key, e, &s->tk, &taddr, &tport);
-	t = nat_lookup(&s->tk);
-	if (!t || t->addr != taddr || t->port != tport)
-		return 0;
-	if (t->seq_hint == 0)
-		return (l4->tcp_flags & HR_TCP_ACK) && t->seq_end != 0 && l4->ack == t->seq_end;
-	return bpf_ntohl(l4->seq) - bpf_ntohl(t->seq_hint) < HR_RST_WINDOW;
-}
-
-/*
- * A reply came through the IN entry (s->key, e) of a live flow: if its OUT
- * entry is gone (a race with a delete), put it back, or the pod's next packet would get a
- * new port and the remote would reset the connection.
- */
-static __always_inline void nat_restore_out(struct hr_nat_scratch *s, struct hr_nat_entry *e,
-					    __u64 now)
-{
-	__u32 taddr;
-	__u16 tport;
-
-	nat_twin(&s->key, e, &s->tk, &taddr, &tport);
-	if (nat_lookup(&s->tk))
-		return;
-	__builtin_memset(&s->val, 0, sizeof(s->val));
-	s->val.created_ns = e->created_ns;
-	s->val.last_seen_ns = now;
-	s->val.addr = taddr;
-	s->val.port = tport;
-	s->val.state = e->state;
-	nat_insert(&s->tk, &s->val);
-}
+/* The flows of the `nat` map (nat_flow.h): nat_twin, nat_alive, nat_lookup_or_create, ... */
+#define NF(name)		nat_##name
+#define NF_KEY			struct hr_nat_key
+#define NF_ENTRY		struct hr_nat_entry
+#define NF_SCRATCH		struct hr_nat_scratch
+#define NF_ADDR			__u32
+#define NF_ADDR_EQ(a, b)	((a) == (b))
+#define NF_NODE_ADDR(dst, cfg)	((dst) = (cfg)->node_ip)
+#define NF_RACES
+#include "nat_flow.h"
 
 static __always_inline int nat_icmp_error(struct __sk_buff *skb, struct hr_pkt *pkt,
 					  struct hr_config *cfg, int out, __u32 *new_ip);
-static __always_inline struct hr_nat_entry *rnat_find(struct hr_config *cfg,
-						      struct hr_nat_scratch *s, __u64 now);
 
 /*
  * Rewrite one address of a later fragment (no L4 header in it: only the
@@ -746,7 +426,7 @@ static __always_inline int snat_frag_later(struct __sk_buff *skb, struct hr_pkt 
 	if (!e || !nat_fresh(now, e->last_seen_ns, nat_timeout_ns(cfg, s->key.protocol, e->state)))
 		return HR_DROP_FRAG_UNTRACKED;
 	addr = e->addr;
-	nat_refresh(e, now, nat_refresh_slack(cfg, s->key.protocol, e->state, 0));
+	nat_refresh(&e->last_seen_ns, now, nat_refresh_slack(cfg, s->key.protocol, e->state, 0));
 	__sync_fetch_and_add(&e->packets, 1);
 	__sync_fetch_and_add(&e->bytes, skb->len);
 	if (frag_rewrite(skb, 1, pkt->saddr, addr) < 0)
@@ -772,7 +452,7 @@ static __always_inline int rnat_frag_later(struct __sk_buff *skb, struct hr_pkt 
 	if (!f)
 		return HR_PASS_FRAG_UNTRACKED;
 	frag_nat_key(s, pkt, f, HR_NAT_IN);
-	e = rnat_find(cfg, s, now);
+	e = nat_find_in(cfg, s, now);
 	if (!e)
 		return HR_PASS_FRAG_UNTRACKED;
 	addr = e->addr;
@@ -824,49 +504,16 @@ static __always_inline int snat_out(struct __sk_buff *skb, struct hr_pkt *pkt,
 
 	syn = pkt->protocol == IPPROTO_TCP && (l4.tcp_flags & HR_TCP_SYN) &&
 	      !(l4.tcp_flags & HR_TCP_ACK);
-	reason = snat_lookup_or_create(cfg, s, now, &l4, syn, &addr, &port, &e);
+	reason = nat_lookup_or_create(cfg, s, now, &l4, syn, &addr, &port, &e);
 	if (reason)
 		return reason;
-	if (!e)	/* created by this packet: accounted below like any */
-		e = nat_lookup(&s->key);
-	if (e) {
-		/* the pod reopened the very same 5-tuple: a new connection, state afresh */
-		if (syn && nat_tcp_closed(e->state))
-			nat_reset_state(s, &s->key, e);
-		nat_touch(cfg, s, &s->key, e, nat_state_bits(pkt->protocol, &l4, 1), skb->len, now);
-		if (pkt->protocol == IPPROTO_TCP) {
-			/* written only when they move: a shared cache line costs every CPU */
-			if ((l4.tcp_flags & HR_TCP_ACK) && e->seq_hint != l4.ack)
-				e->seq_hint = l4.ack;
-			/* the furthest the pod has sent (a SYN starts over; retransmits do not go back) */
-			if (syn || e->seq_end == 0 ||
-			    (__s32)(l4.seq_end - bpf_ntohl(e->seq_end)) > 0)
-				e->seq_end = bpf_htonl(l4.seq_end);
-		}
-	}
+	nat_account_out(cfg, s, e, &l4, syn, skb->len, now);
 	/* a first fragment: its datagram's later fragments go by the ports it carries */
 	if (pkt->fragment)
 		frag_record(&s->fk, &s->fv, l4.sport, l4.dport, now);
 	if (nat_rewrite(skb, pkt, 1, pkt->saddr, addr, l4.sport, port) < 0)
 		return HR_DROP_NAT_FAILED;
 	return 0;
-}
-
-/* Look up the IN entry a reply or an ICMP error belongs to; NULL unless alive. */
-static __always_inline struct hr_nat_entry *rnat_find(struct hr_config *cfg,
-						      struct hr_nat_scratch *s, __u64 now)
-{
-	struct hr_nat_entry *e = nat_lookup(&s->key);
-	__u64 seen;
-
-	if (!e)
-		return 0;
-	seen = e->last_seen_ns;
-	if (!nat_alive(cfg, s, &s->key, e, seen, now)) {
-		nat_delete_flow(s, &s->key, e, seen);
-		return 0;
-	}
-	return e;
 }
 
 /*
@@ -882,7 +529,7 @@ static __always_inline int rnat_in(struct __sk_buff *skb, struct hr_pkt *pkt,
 	struct hr_nat_scratch *s;
 	struct hr_nat_entry *e;
 	struct hr_nat_l4 l4 = {};
-	__u64 now = bpf_ktime_get_ns(), bits;
+	__u64 now = bpf_ktime_get_ns();
 	__u32 addr;
 	__u16 port;
 
@@ -899,7 +546,7 @@ static __always_inline int rnat_in(struct __sk_buff *skb, struct hr_pkt *pkt,
 	if (nat_read_l4(skb, pkt, &l4, 0) < 0)
 		return HR_PASS_NAT_MISS;
 	nat_packet_key(&s->key, pkt, &l4, HR_NAT_IN);
-	e = rnat_find(cfg, s, now);
+	e = nat_find_in(cfg, s, now);
 	if (!e)
 		return HR_PASS_NAT_MISS;
 	addr = e->addr;
@@ -907,15 +554,7 @@ static __always_inline int rnat_in(struct __sk_buff *skb, struct hr_pkt *pkt,
 	/* a first fragment: its datagram's later fragments go by the ports it carries */
 	if (pkt->fragment)
 		frag_record(&s->fk, &s->fv, l4.sport, l4.dport, now);
-	bits = nat_state_bits(pkt->protocol, &l4, 0);
-	if ((bits & (HR_NAT_RST | HR_NAT_FIN_IN)) && !nat_close_plausible(s, e, &l4))
-		/* delivered, the pod judges it; the NAT state ignores it */
-		bits &= ~(__u64)(HR_NAT_RST | HR_NAT_FIN_IN);
-	if (pkt->protocol == IPPROTO_TCP &&
-	    (l4.tcp_flags & (HR_TCP_SYN | HR_TCP_ACK | HR_TCP_RST)) == (HR_TCP_SYN | HR_TCP_ACK))
-		nat_reopen(s, &s->key, e);
-	nat_touch(cfg, s, &s->key, e, bits, skb->len, now);
-	nat_restore_out(s, e, now);
+	nat_account_in(cfg, s, e, &l4, skb->len, now);
 	if (nat_rewrite(skb, pkt, 0, pkt->daddr, addr, l4.dport, port) < 0)
 		return HR_DROP_NAT_FAILED;
 	*pod_ip = addr;
@@ -1020,7 +659,7 @@ static __always_inline int nat_icmp_error(struct __sk_buff *skb, struct hr_pkt *
 		return HR_PASS_NAT_MISS;
 	}
 
-	e = rnat_find(cfg, s, now);
+	e = nat_find_in(cfg, s, now);
 	if (!e)
 		return HR_PASS_NAT_MISS;
 	new_addr = e->addr;
