@@ -840,14 +840,20 @@ static __always_inline int packet_too_big_to_pod(struct hr_ctx6 *x, __u32 mtu)
 	return verdict6(x, HR_ICMP_FRAG_NEEDED, ifindex, (int)bpf_redirect_peer(ifindex, 0));
 }
 
-/* route_from_pod() for IPv6 (fib_route_v6). */
-static __always_inline int route_from_pod6(struct hr_ctx6 *x, struct bpf_fib_lookup *fib,
+/*
+ * route_from_pod() for IPv6 (fib_route_v6): the next hop in *nh. The lookup's
+ * 64 bytes live in here only, so that BPF SNAT after it has their stack.
+ */
+static __always_inline int route_from_pod6(struct hr_ctx6 *x, struct hr_nexthop6 *nh,
 					   int external, int *nat_then_stack)
 {
+	struct bpf_fib_lookup fib = {};
 	int rc;
 
 	parse_ports6(x->c.skb, &x->pkt);
-	rc = fib_route_v6(x->c.skb, &x->pkt, fib);
+	rc = fib_route_v6(x->c.skb, &x->pkt, &fib);
+	nh->ifindex = fib.ifindex;
+	__builtin_memcpy(nh->addr.a, fib.ipv6_dst, sizeof(nh->addr));
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
 		return HR_CONTINUE;
 	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
@@ -866,7 +872,7 @@ static __always_inline int route_from_pod6(struct hr_ctx6 *x, struct bpf_fib_loo
 /* from_pod_routed() for IPv6: to another node, or out of the cluster (snat_out6). */
 static __always_inline int from_pod6_routed(struct hr_ctx6 *x)
 {
-	struct bpf_fib_lookup fib = {};
+	struct hr_nexthop6 nh = {};
 	__u32 *range, mtu;
 	int rc, external, snat;
 	int nat_then_stack = 0;
@@ -880,18 +886,18 @@ static __always_inline int from_pod6_routed(struct hr_ctx6 *x)
 		return pass6(x, HR_PASS_FRAGMENT);
 	if (!snat && !range)
 		return pass6(x, HR_PASS_EXTERNAL);
-	rc = route_from_pod6(x, &fib, external, &nat_then_stack);
+	rc = route_from_pod6(x, &nh, external, &nat_then_stack);
 	if (rc != HR_CONTINUE)
 		return rc;
 	if (x->pkt.ip6->hop_limit <= 1)
 		return pass6(x, HR_PASS_TTL);
 	/* IPv6 routers never fragment: too big is answered, whatever the next hop */
-	if (!fits_egress6(x->c.skb, &x->pkt, fib.ifindex, &mtu))
+	if (!fits_egress6(x->c.skb, &x->pkt, nh.ifindex, &mtu))
 		return packet_too_big_to_pod(x, mtu);
 	if (!nat_then_stack)
 		x->pkt.ip6->hop_limit--;
 	if (!external)
-		return verdict6(x, HR_REDIRECT_NEIGH, fib.ifindex, fib_redirect_v6(&fib));
+		return verdict6(x, HR_REDIRECT_NEIGH, nh.ifindex, fib_redirect_v6(&nh));
 
 	/* Leaves the cluster: from node_ip6 and a NAT port (pointers stale after). */
 	rc = snat_out6(x->c.skb, &x->pkt, x->c.cfg);
@@ -900,7 +906,7 @@ static __always_inline int from_pod6_routed(struct hr_ctx6 *x)
 	if (nat_then_stack)
 		return pass6(x, HR_SNAT_PASS_FRAG_NEEDED);
 	return verdict6(x, x->pkt.fragment ? HR_SNAT_FRAGMENT : HR_SNAT_REDIRECT_NEIGH,
-			fib.ifindex, fib_redirect_v6(&fib));
+			nh.ifindex, fib_redirect_v6(&nh));
 }
 
 /* IPv6 leaving a pod, at ingress of its host-side veth (from from_pod). */
@@ -920,8 +926,14 @@ int from_pod6(struct __sk_buff *skb)
 			return drop6(&x, HR_DROP_SPOOFED);
 		return pass6(&x, HR_PASS_EXT_HEADERS);
 	}
-	if (icmp6_control(&x))
+	if (icmp6_control(&x)) {
+		/* from the pod's link-local address, its own, or none (DAD, to a group) */
+		if (!in6_link_local(&x.pkt.saddr) &&
+		    !(in6_is_zero(&x.pkt.saddr) && in6_multicast(&x.pkt.daddr)) &&
+		    !sent_by_its_pod6(&x))
+			return drop6(&x, HR_DROP_SPOOFED);
 		return pass6(&x, HR_PASS_ICMP6_CONTROL);
+	}
 	if (in6_link_local(&x.pkt.saddr) || in6_link_local(&x.pkt.daddr))
 		return drop6(&x, HR_DROP_LINK_LOCAL);
 	if (multicast6(&x))

@@ -140,14 +140,23 @@ static __always_inline int fib_route_v6(struct __sk_buff *skb, struct hr_pkt6 *p
 	return BPF_FIB_LKUP_RET_SUCCESS;
 }
 
-/* Out of fib->ifindex to the next hop fib->ipv6_dst, as fib_redirect_v4(). */
-static __always_inline int fib_redirect_v6(struct bpf_fib_lookup *fib)
-{
-	struct bpf_redir_neigh nh = {};
+/*
+ * Where fib_route_v6() sends a packet: what the IPv6 programs keep of the
+ * lookup (a fifth of struct bpf_fib_lookup, for the stack NAT needs after it).
+ */
+struct hr_nexthop6 {
+	__u32 ifindex;
+	struct hr_in6 addr;
+};
 
-	nh.nh_family = AF_INET6;
-	__builtin_memcpy(nh.ipv6_nh, fib->ipv6_dst, sizeof(nh.ipv6_nh));
-	return (int)hr_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
+/* Out of nh->ifindex to the next hop nh->addr, as fib_redirect_v4(). */
+static __always_inline int fib_redirect_v6(const struct hr_nexthop6 *nh)
+{
+	struct bpf_redir_neigh neigh = {};
+
+	neigh.nh_family = AF_INET6;
+	__builtin_memcpy(neigh.ipv6_nh, nh->addr.a, sizeof(neigh.ipv6_nh));
+	return (int)hr_redirect_neigh(nh->ifindex, &neigh, sizeof(neigh), 0);
 }
 
 #endif /* HR_FIB_H */

@@ -146,6 +146,13 @@ POD_CASES = {
     "neighbour_advert_global": (Ether(src=POD_MAC, dst=HIN_MAC)
                                 / IPv6(src=SRC6, dst=ROUTER6, hlim=255)
                                 / ICMPv6ND_NA(tgt=SRC6), TC_ACT_OK, "pass_icmp6_control"),
+    "control_from_another_address": (Ether(src=POD_MAC, dst=HIN_MAC)
+                                     / IPv6(src="2001:db8:0:1::63", dst=REMOTE_DST6, hlim=255)
+                                     / ICMPv6ND_NA(tgt=SRC6), TC_ACT_SHOT, "drop_spoofed"),
+    "control_from_no_address_to_one": (Ether(src=POD_MAC, dst=HIN_MAC)
+                                       / IPv6(src="::", dst=REMOTE_DST6, hlim=255)
+                                       / ICMPv6ND_NS(tgt=REMOTE_DST6), TC_ACT_SHOT,
+                                       "drop_spoofed"),
     "mld_report_router_alert": (Ether(src=POD_MAC, dst="33:33:00:00:00:16")
                                 / IPv6(src="fe80::a", dst="ff02::16", hlim=1) / MLD_HBH
                                 / ICMPv6MLReport2(), TC_ACT_OK, "pass_icmp6_control"),
@@ -580,8 +587,10 @@ def check_invariants6(dp, data: bytes, res) -> None:
         assert res.data_out == data
     elif res.retval == TC_ACT_SHOT:
         assert reason.startswith("drop_"), reason
-    elif reason == "icmp_frag_needed":
-        assert_valid_packet_too_big(res.data_out, data, NARROW_MTU)
+    elif reason == "icmp_frag_needed":      # narrow's MTU, or uplink's for a larger packet
+        mtu = Ether(res.data_out)[ICMPv6PacketTooBig].mtu
+        assert mtu in (NARROW_MTU, 1500)
+        assert_valid_packet_too_big(res.data_out, data, mtu)
     else:
         assert reason in ("redirect_peer", "redirect_neigh"), reason
         out = res.data_out
