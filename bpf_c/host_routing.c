@@ -97,6 +97,9 @@ BPF_PERCPU_ARRAY(icmp6_quote, struct hr_icmp6_quote, 1);	/* pmtu6.h */
 #define HR_NAT6_MAP_SIZE 524288
 #endif
 BPF_TABLE("hash", struct hr_nat6_key, struct hr_nat6_entry, nat6, HR_NAT6_MAP_SIZE);
+BPF_PERCPU_ARRAY(nat6_scratch, struct hr_nat6_scratch, 1);
+/* Fragmented IPv6 datagrams through BPF SNAT: as `nat_frags` (LRU, HR_FRAG_MAP_SIZE). */
+BPF_TABLE("lru_hash", struct hr_frag6_key, struct hr_frag_entry, nat6_frags, HR_FRAG_MAP_SIZE);
 /* ---- end of nat6.h's maps */
 
 /* Map accessors for the headers (bcc rewrites map calls in this file only). */
@@ -162,8 +165,22 @@ static __always_inline void nat6_remove(struct hr_nat6_key *key)
 	nat6.delete(key);
 }
 
+static __always_inline struct hr_nat6_scratch *nat6_scratch_get(void)
+{
+	__u32 zero = 0;
 
+	return nat6_scratch.lookup(&zero);
+}
 
+static __always_inline struct hr_frag_entry *frag6_lookup(struct hr_frag6_key *key)
+{
+	return nat6_frags.lookup(key);
+}
+
+static __always_inline void frag6_update(struct hr_frag6_key *key, struct hr_frag_entry *value)
+{
+	nat6_frags.update(key, value);
+}
 /* ---- end of nat6.h's accessors */
 
 static __always_inline struct hr_route6 *node_route6_lookup(const struct hr_in6 *daddr)

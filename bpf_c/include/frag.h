@@ -16,6 +16,9 @@
  * so that a datagram reusing an old identification is never sent after the
  * ports of another.
  *
+ * IPv6 (nat6.h) does the same with the Fragment header's identification, in
+ * `nat6_frags` (struct hr_frag6_key), through frag_fill and frag_fresh here.
+ *
  * Included by nat.h; the map accessors are defined in host_routing.c (bcc
  * rewrites map calls only in the file it compiles).
  */

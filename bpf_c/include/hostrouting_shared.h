@@ -241,8 +241,8 @@ struct hr_nat_entry {
  * identifier as ICMP echo's).
  */
 struct hr_nat6_key {
-	__u32 saddr[4];		/* network order */
-	__u32 daddr[4];
+	struct hr_in6 saddr;	/* network order */
+	struct hr_in6 daddr;
 	__u16 sport;		/* network order */
 	__u16 dport;
 	__u8 protocol;		/* IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6 */
@@ -256,7 +256,7 @@ struct hr_nat6_entry {
 	__u64 last_seen_ns;
 	__u64 packets;
 	__u64 bytes;
-	__u32 addr[4];		/* address written into the packet (network order) */
+	struct hr_in6 addr;	/* address written into the packet (network order) */
 	__u16 port;		/* port / ICMPv6 identifier written into the packet (network order) */
 	__u16 pad;
 	__u32 pad2;
@@ -286,6 +286,20 @@ struct hr_frag_entry {
 	__u16 sport;		/* network order, as in struct hr_nat_key (before translation) */
 	__u16 dport;
 	__u32 pad;
+};
+
+/*
+ * Key of the `nat6_frags` LRU hash (value: struct hr_frag_entry): one
+ * fragmented IPv6 datagram as it is on the wire (before translation), as
+ * IPv6 reassembly tells datagrams apart (the Fragment header's 32-bit
+ * identification).
+ */
+struct hr_frag6_key {
+	struct hr_in6 saddr;	/* network order */
+	struct hr_in6 daddr;
+	__u32 id;		/* Fragment header identification (network order) */
+	__u8 protocol;		/* the Fragment header's next header */
+	__u8 pad[3];
 };
 
 /* One per-CPU slot of the `counters` array, per enum hr_hook x enum hr_reason. */

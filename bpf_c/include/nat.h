@@ -191,6 +191,29 @@ static __always_inline int nat_read_l4(struct __sk_buff *skb, struct hr_pkt *pkt
 	return nat_read_l4_at(skb, pkt->protocol, pkt->l4_off, l4, out, 0);
 }
 
+/*
+ * The ports of the flow an ICMP error quotes (its quoted TCP or UDP header
+ * `il4`) as the flow's NAT key holds them: out (the pod's error about a
+ * remote's packet), the OUT key's; in, the IN key's. Returns the port the
+ * translation changes: in, the NAT port (the quote's source); out, the pod's
+ * (its destination).
+ */
+static __always_inline __u16 nat_quoted_ports(const __u8 *il4, int out, __u16 *sport,
+					      __u16 *dport)
+{
+	__u16 old_port;
+
+	__builtin_memcpy(&old_port, il4 + (out ? 2 : 0), 2);
+	if (out) {
+		*sport = old_port;
+		__builtin_memcpy(dport, il4, 2);
+	} else {
+		__builtin_memcpy(sport, il4 + 2, 2);
+		*dport = old_port;
+	}
+	return old_port;
+}
+
 /* A TCP flow that ended: RST either way, or FIN both ways. */
 static __always_inline int nat_tcp_closed(__u64 state)
 {
@@ -629,15 +652,7 @@ static __always_inline int nat_icmp_error(struct __sk_buff *skb, struct hr_pkt *
 		old_addr = inner.saddr;
 	}
 	if (inner.protocol == IPPROTO_TCP || inner.protocol == IPPROTO_UDP) {
-		/* in: the NAT port is the quoted source port; out: the pod's, its destination */
-		__builtin_memcpy(&old_port, il4 + (out ? 2 : 0), 2);
-		if (out) {
-			s->key.sport = old_port;
-			__builtin_memcpy(&s->key.dport, il4, 2);
-		} else {
-			__builtin_memcpy(&s->key.sport, il4 + 2, 2);
-			s->key.dport = old_port;
-		}
+		old_port = nat_quoted_ports(il4, out, &s->key.sport, &s->key.dport);
 		port_off = il4_off + (out ? 2 : 0);
 		if (inner.protocol == IPPROTO_TCP) {
 			/*
