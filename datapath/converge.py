@@ -200,12 +200,11 @@ def _carry_nat(topo: Topology, node: Node, maps: DatapathMaps, view: NodeView) -
     if old is not None:
         with old:
             try:
-                entries = old.nat_raw_entries()
+                entries = nat_handover.nat_snapshot(old)     # `nat` and `nat6`
             except (OSError, DatapathError):
                 entries = []
         faults.point(f"copy {len(entries)} NAT entries of {node.name}")
-        for key, value in entries:
-            libbpf.map_update(maps.fd("nat"), key, value)
+        nat_handover.restore(maps, entries)
         if entries:
             events.record(topo.lab, events.NORMAL, "NatFlowsKept", f"node/{node.name}",
                           f"{len(entries) // 2} BPF SNAT flow(s) carried into the new datapath")

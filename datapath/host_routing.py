@@ -26,7 +26,7 @@ PROGRAMS = ("from_pod", "from_underlay")
 PROGRAMS6 = tuple(sorted(st.PROG6_SLOTS, key=st.PROG6_SLOTS.get))
 MAP_NAMES = ("endpoints", "config", "counters", "trace_events", "cluster_cidrs", "node_routes",
              "nat", "nat_frags", "pod_veths", "progs6", "endpoints6", "cluster_cidrs6",
-             "node_routes6")
+             "node_routes6", "nat6", "nat6_frags")
 # Every program uses these; the route maps only from_pod does.
 REQUIRED_MAPS = ("endpoints", "config", "counters", "trace_events")
 
@@ -50,7 +50,14 @@ _EXPECTED = {
     "endpoints6": (libbpf.BPF_MAP_TYPE_HASH, st.SIZEOF_IN6, st.SIZEOF_ENDPOINT),
     "cluster_cidrs6": (libbpf.BPF_MAP_TYPE_LPM_TRIE, st.SIZEOF_LPM6_KEY, 4),
     "node_routes6": (libbpf.BPF_MAP_TYPE_LPM_TRIE, st.SIZEOF_LPM6_KEY, st.SIZEOF_ROUTE6),
+    # IPv6 BPF SNAT (bpf_c/include/nat6.h)
+    "nat6": (libbpf.BPF_MAP_TYPE_HASH, st.SIZEOF_NAT6_KEY, st.SIZEOF_NAT6_ENTRY),
+    "nat6_frags": (libbpf.BPF_MAP_TYPE_LRU_HASH, st.SIZEOF_FRAG6_KEY,
+                   st.ffi.sizeof("struct hr_frag_entry")),
 }
+#: family -> (its NAT map, key size, entry size); NatKey / NatEntry of either by their addresses
+NAT_MAPS = {4: ("nat", st.SIZEOF_NAT_KEY, st.SIZEOF_NAT_ENTRY),
+            6: ("nat6", st.SIZEOF_NAT6_KEY, st.SIZEOF_NAT6_ENTRY)}
 
 
 class DatapathError(RuntimeError):
@@ -319,26 +326,35 @@ class DatapathMaps:
 
     # NAT table ------------------------------------------------------------------------------
 
-    def nat_entries(self) -> list[tuple[st.NatKey, st.NatEntry]]:
-        return [(st.unpack_nat_key(k), st.unpack_nat_entry(v))
-                for k, v in self.nat_raw_entries()]
+    def nat_families(self) -> list[int]:
+        """The families whose NAT table this datapath has: 4, and 6 once it has `nat6`."""
+        return [f for f, (name, _, _) in NAT_MAPS.items() if name in self._fds]
 
-    def nat_raw_entries(self) -> list[tuple[bytes, bytes]]:
-        """The NAT table as raw (key, value) bytes, for passes over large tables."""
-        return libbpf.map_items_batch(self.fd("nat"), st.SIZEOF_NAT_KEY, st.SIZEOF_NAT_ENTRY)
+    def nat_entries(self, family: int = 4) -> list[tuple[st.NatKey, st.NatEntry]]:
+        return [(st.unpack_nat_key(k), st.unpack_nat_entry(v))
+                for k, v in self.nat_raw_entries(family)]
+
+    def nat_raw_entries(self, family: int = 4) -> list[tuple[bytes, bytes]]:
+        """The family's NAT table as raw (key, value) bytes, for passes over large tables."""
+        name, ksize, vsize = NAT_MAPS[family]
+        return libbpf.map_items_batch(self.fd(name), ksize, vsize)
 
     def nat_lookup(self, key: st.NatKey) -> st.NatEntry | None:
-        raw = libbpf.map_lookup(self.fd("nat"), st.pack_nat_key(key), st.SIZEOF_NAT_ENTRY)
+        """The entry under `key`, in `nat` or (IPv6 addresses) `nat6`."""
+        name, _, vsize = NAT_MAPS[st.nat_family(key.saddr)]
+        raw = libbpf.map_lookup(self.fd(name), st.pack_nat_key(key), vsize)
         return None if raw is None else st.unpack_nat_entry(raw)
 
     def nat_delete(self, key: st.NatKey) -> bool:
-        return libbpf.map_delete(self.fd("nat"), st.pack_nat_key(key))
+        return libbpf.map_delete(self.fd(NAT_MAPS[st.nat_family(key.saddr)][0]),
+                                 st.pack_nat_key(key))
 
     def nat_update(self, key: st.NatKey, entry: st.NatEntry) -> None:
-        libbpf.map_update(self.fd("nat"), st.pack_nat_key(key), st.pack_nat_entry(entry))
+        libbpf.map_update(self.fd(NAT_MAPS[st.nat_family(key.saddr)][0]), st.pack_nat_key(key),
+                          st.pack_nat_entry(entry))
 
-    def nat_capacity(self) -> int:
-        return libbpf.map_info(self._fds["nat"]).max_entries
+    def nat_capacity(self, family: int = 4) -> int:
+        return libbpf.map_info(self._fds[NAT_MAPS[family][0]]).max_entries
 
     # counters -------------------------------------------------------------------------------
 

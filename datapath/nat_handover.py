@@ -1,5 +1,9 @@
 """Handing open pod-to-external flows over between conntrack and the BPF SNAT table.
 
+A datapath replaced by another (a new build, converge) hands its entries of
+both tables, `nat` and `nat6`, to its successor as they are (``nat_snapshot``,
+``restore``).
+
 In legacy mode a flow's NAT mapping (pod address and port <-> node IP and
 port) lives in the node's conntrack, made by the MASQUERADE rule; in eBPF
 mode it lives in the `nat` map (two entries per flow, bpf_c/include/nat.h).
@@ -41,7 +45,7 @@ from netns_lab import netns
 from netns_lab.topology import Node, Topology
 
 from . import libbpf, nat_table, shared_types as st
-from .host_routing import DatapathMaps
+from .host_routing import NAT_MAPS, DatapathMaps
 
 _BITS = st.NAT_STATE_BITS
 _PROTOS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "icmp": socket.IPPROTO_ICMP}
@@ -161,6 +165,21 @@ def import_conntrack(topo: Topology, node: Node, maps: DatapathMaps,
             continue
         imported += 1
     return imported, skipped
+
+
+def nat_snapshot(maps: DatapathMaps) -> list[tuple[str, bytes, bytes]]:
+    """Every raw entry of a datapath's NAT tables, IPv4's (`nat`) and IPv6's (`nat6`), as
+    (map name, key, value): what a datapath replacing it gets (``restore``)."""
+    return [(NAT_MAPS[family][0], key, value) for family in maps.nat_families()
+            for key, value in maps.nat_raw_entries(family)]
+
+
+def restore(maps: DatapathMaps, entries: list[tuple[str, bytes, bytes]]) -> None:
+    """Write a ``nat_snapshot`` into a new datapath's tables (an IPv6 table it lacks: none)."""
+    have = {NAT_MAPS[f][0] for f in maps.nat_families()}
+    for name, key, value in entries:
+        if name in have:
+            libbpf.map_update(maps.fd(name), key, value)
 
 
 @dataclass(frozen=True)

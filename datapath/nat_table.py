@@ -1,11 +1,13 @@
 """The BPF SNAT table of a node, read and swept from user space.
 
 The datapath keeps two entries per flow in the `nat` hash map (see
-bpf_c/include/nat.h): OUT, keyed by the pod's packet, and IN, keyed by the
-reply. This module pairs them into flows for ``hostrouting nat list``, and
-deletes flows that have been idle longer than their timeout (``sweep``), which
-the rule guard runs every few seconds while eBPF host routing is on: the
-table is bounded by expiry (a full table refuses new flows, it evicts none).
+bpf_c/include/nat.h), and in `nat6` for IPv6 (nat6.h): OUT, keyed by the pod's
+packet, and IN, keyed by the reply. This module pairs them into flows for
+``hostrouting nat list``, and deletes flows that have been idle longer than
+their timeout (``sweep``), which the rule guard runs every few seconds while
+eBPF host routing is on: the table is bounded by expiry (a full table refuses
+new flows, it evicts none). Both tables are listed and swept alike (an IPv6
+flow's addresses are IPv6, written [addr]:port; its ICMPv6 echo is "icmp6").
 
 Expiry follows the datapath's rule exactly: a flow is alive while the most
 recent packet of either entry is younger than the timeout of its state (TCP:
@@ -20,14 +22,18 @@ import time
 from dataclasses import asdict, dataclass
 
 from . import libbpf, shared_types as st
-from .host_routing import DatapathMaps
+from .host_routing import NAT_MAPS, DatapathMaps
 
 _BITS = st.NAT_STATE_BITS
 #: The sweep leaves a flow alone this long past its expiry: the datapath may be taking
 #: its port over right then (its delete is claimed by compare-and-swap, the sweep's is a
 #: delete by key), and the sweep's delete must not hit the new flow's fresh entry.
 SWEEP_GRACE_NS = 2_000_000_000
-_PROTO_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", socket.IPPROTO_ICMP: "icmp"}
+_PROTO_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", socket.IPPROTO_ICMP: "icmp",
+                socket.IPPROTO_ICMPV6: "icmp6"}
+_ECHO = (socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6)   # an identifier, no ports
+_KEY_STRUCTS = {4: "struct hr_nat_key *", 6: "struct hr_nat6_key *"}
+_ENTRY_STRUCTS = {4: "struct hr_nat_entry *", 6: "struct hr_nat6_entry *"}
 
 
 def state_name(protocol: int, state: int) -> str:
@@ -74,10 +80,15 @@ def points_back(key: st.NatKey, twin: st.NatEntry | None) -> bool:
     return (twin.addr, twin.port) == (key.daddr, key.dport)
 
 
+def _at(addr: str, port: int) -> str:
+    """addr:port, [addr]:port for IPv6."""
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
 @dataclass(frozen=True)
 class Flow:
     protocol: str
-    pod: str            # ip:port (ICMP: ip:identifier)
+    pod: str            # ip:port (ICMP: ip:identifier); IPv6: [ip]:port
     remote: str         # ip:port
     nat: str            # node ip:port
     state: str
@@ -94,10 +105,11 @@ class Flow:
 
 
 def flows(maps: DatapathMaps, now_ns: int | None = None) -> list[Flow]:
-    """Every flow of the table, each once, whether OUT, IN or both entries are left."""
+    """Every flow of both tables (IPv4, IPv6), each once, whether OUT, IN or both entries
+    are left."""
     now_ns = time.monotonic_ns() if now_ns is None else now_ns
     cfg = maps.config()
-    table = dict(maps.nat_entries())
+    table = {k: v for family in maps.nat_families() for k, v in maps.nat_entries(family)}
     seen: set[st.NatKey] = set()
     out: list[Flow] = []
     for key, entry in table.items():
@@ -116,15 +128,12 @@ def flows(maps: DatapathMaps, now_ns: int | None = None) -> list[Flow]:
         idle = max(0.0, (now_ns - last) / 1e9)
         proto = key.protocol
         if key.dir == "out":
-            pod = f"{key.saddr}:{key.sport}"
-            remote = f"{key.daddr}:{key.dport}"
-            nat = f"{entry.addr}:{entry.port}"
+            pod, nat = _at(key.saddr, key.sport), _at(entry.addr, entry.port)
+            remote = key.daddr if proto in _ECHO else _at(key.daddr, key.dport)
         else:
-            pod = f"{entry.addr}:{entry.port}"
-            remote = f"{key.saddr}:{key.sport}"
-            nat = f"{key.daddr}:{key.dport}"
-        if proto == socket.IPPROTO_ICMP:      # the identifier is in sport (out) / dport (in)
-            remote = remote.rsplit(":", 1)[0]
+            pod, nat = _at(entry.addr, entry.port), _at(key.daddr, key.dport)
+            # the identifier is in sport (out) / dport (in)
+            remote = key.saddr if proto in _ECHO else _at(key.saddr, key.sport)
         out.append(Flow(
             protocol=_PROTO_NAMES.get(proto, str(proto)), pod=pod, remote=remote, nat=nat,
             state=state_name(proto, state), idle_s=round(idle, 3),
@@ -150,7 +159,8 @@ def alive(cfg: st.Config, key: st.NatKey, entry: st.NatEntry, twin: st.NatEntry 
 
 
 def sweep(maps: DatapathMaps, now_ns: int | None = None) -> int:
-    """Delete the entries of every expired flow; returns how many entries went.
+    """Delete the entries of every expired flow, of both tables; returns how many entries
+    went.
 
     Expiry is judged as the datapath does (``alive``), on the dump and again
     on a fresh read just before deleting; a packet that refreshes the flow
@@ -162,12 +172,13 @@ def sweep(maps: DatapathMaps, now_ns: int | None = None) -> int:
     now_ns = time.monotonic_ns() if now_ns is None else now_ns
     cfg = maps.config()
     stale = []
-    for kraw, vraw in maps.nat_raw_entries():
-        k = st.ffi.from_buffer("struct hr_nat_key *", kraw)
-        v = st.ffi.from_buffer("struct hr_nat_entry *", vraw)
-        if now_ns - v.last_seen_ns > timeout_s(cfg, k.protocol, v.state) * 1_000_000_000 + \
-                SWEEP_GRACE_NS:
-            stale.append((st.unpack_nat_key(kraw), st.unpack_nat_entry(vraw)))
+    for family in maps.nat_families():
+        for kraw, vraw in maps.nat_raw_entries(family):
+            k = st.ffi.from_buffer(_KEY_STRUCTS[family], kraw)
+            v = st.ffi.from_buffer(_ENTRY_STRUCTS[family], vraw)
+            if now_ns - v.last_seen_ns > timeout_s(cfg, k.protocol, v.state) * 1_000_000_000 \
+                    + SWEEP_GRACE_NS:
+                stale.append((st.unpack_nat_key(kraw), st.unpack_nat_entry(vraw)))
     deleted = 0
     for key, entry in stale:
         tkey = twin_key(key, entry)
@@ -189,5 +200,6 @@ def sweep(maps: DatapathMaps, now_ns: int | None = None) -> int:
 
 
 def flush(maps: DatapathMaps) -> int:
-    """Delete every entry (the benchmark starts each sample with an empty table)."""
-    return sum(libbpf.map_delete(maps.fd("nat"), key) for key, _ in maps.nat_raw_entries())
+    """Delete every entry of both tables (the benchmark starts each sample empty)."""
+    return sum(libbpf.map_delete(maps.fd(NAT_MAPS[family][0]), key)
+               for family in maps.nat_families() for key, _ in maps.nat_raw_entries(family))

@@ -303,6 +303,19 @@ CIDR_FLAGS: dict[str, int] = {n.removeprefix("HR_CIDR_").lower(): v
                               for n, v in _enum_members("hr_cidr_flags").items()}
 SIZEOF_NAT_KEY = ffi.sizeof("struct hr_nat_key")
 SIZEOF_NAT_ENTRY = ffi.sizeof("struct hr_nat_entry")
+#: The `nat6` map's (IPv6 BPF SNAT): NatKey and NatEntry hold IPv6 addresses then.
+SIZEOF_NAT6_KEY = ffi.sizeof("struct hr_nat6_key")
+SIZEOF_NAT6_ENTRY = ffi.sizeof("struct hr_nat6_entry")
+SIZEOF_FRAG6_KEY = ffi.sizeof("struct hr_frag6_key")
+
+
+def nat_family(addr: str) -> int:
+    """4 or 6: the family of a NAT key's or entry's address, which picks `nat` or `nat6`."""
+    return 6 if ":" in addr else 4
+
+
+def _set_in6(field_, ip: str) -> None:
+    ffi.memmove(field_.a, ipaddress.IPv6Address(ip).packed, 16)
 
 
 @dataclass(frozen=True)
@@ -329,9 +342,15 @@ class NatEntry:
 
 
 def pack_nat_key(key: NatKey) -> bytes:
-    k = ffi.new("struct hr_nat_key *")
-    k.saddr = ip_to_be32(key.saddr)
-    k.daddr = ip_to_be32(key.daddr)
+    """struct hr_nat_key, or struct hr_nat6_key for a key with IPv6 addresses."""
+    if nat_family(key.saddr) == 6:
+        k = ffi.new("struct hr_nat6_key *")
+        _set_in6(k.saddr, key.saddr)
+        _set_in6(k.daddr, key.daddr)
+    else:
+        k = ffi.new("struct hr_nat_key *")
+        k.saddr = ip_to_be32(key.saddr)
+        k.daddr = ip_to_be32(key.daddr)
     k.sport = socket.htons(key.sport)
     k.dport = socket.htons(key.dport)
     k.protocol = key.protocol
@@ -340,17 +359,27 @@ def pack_nat_key(key: NatKey) -> bytes:
 
 
 def unpack_nat_key(raw: bytes) -> NatKey:
-    k = _from_bytes("struct hr_nat_key", raw)
-    return NatKey(saddr=be32_to_ip(k.saddr), daddr=be32_to_ip(k.daddr), sport=_ntohs(k.sport),
+    """A key of `nat` or, by its size, of `nat6`."""
+    if len(raw) == SIZEOF_NAT6_KEY:
+        k = _from_bytes("struct hr_nat6_key", raw)
+        saddr, daddr = in6_to_ip(k.saddr.a), in6_to_ip(k.daddr.a)
+    else:
+        k = _from_bytes("struct hr_nat_key", raw)
+        saddr, daddr = be32_to_ip(k.saddr), be32_to_ip(k.daddr)
+    return NatKey(saddr=saddr, daddr=daddr, sport=_ntohs(k.sport),
                   dport=_ntohs(k.dport), protocol=k.protocol,
                   dir=NAT_DIRS.get(k.dir, str(k.dir)))
 
 
 def pack_nat_entry(e: NatEntry) -> bytes:
-    v = ffi.new("struct hr_nat_entry *")
+    """struct hr_nat_entry, or struct hr_nat6_entry for an entry with an IPv6 address."""
+    v = ffi.new("struct hr_nat6_entry *" if nat_family(e.addr) == 6 else "struct hr_nat_entry *")
     v.created_ns, v.last_seen_ns, v.packets, v.bytes = (e.created_ns, e.last_seen_ns,
                                                         e.packets, e.bytes)
-    v.addr = ip_to_be32(e.addr)
+    if nat_family(e.addr) == 6:
+        _set_in6(v.addr, e.addr)
+    else:
+        v.addr = ip_to_be32(e.addr)
     v.port = socket.htons(e.port)
     v.state = e.state
     v.seq_hint = socket.htonl(e.seq_hint)
@@ -359,9 +388,12 @@ def pack_nat_entry(e: NatEntry) -> bytes:
 
 
 def unpack_nat_entry(raw: bytes) -> NatEntry:
-    v = _from_bytes("struct hr_nat_entry", raw)
+    """An entry of `nat` or, by its size, of `nat6`."""
+    six = len(raw) == SIZEOF_NAT6_ENTRY
+    v = _from_bytes("struct hr_nat6_entry" if six else "struct hr_nat_entry", raw)
+    addr = in6_to_ip(v.addr.a) if six else be32_to_ip(v.addr)
     return NatEntry(created_ns=v.created_ns, last_seen_ns=v.last_seen_ns, packets=v.packets,
-                    bytes=v.bytes, addr=be32_to_ip(v.addr), port=_ntohs(v.port), state=v.state,
+                    bytes=v.bytes, addr=addr, port=_ntohs(v.port), state=v.state,
                     seq_hint=socket.ntohl(v.seq_hint), seq_end=socket.ntohl(v.seq_end))
 
 
