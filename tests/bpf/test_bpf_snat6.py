@@ -14,6 +14,7 @@ import dataclasses
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as hst
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest,
                                 ICMPv6PacketTooBig, ICMPv6ParamProblem, ICMPv6TimeExceeded,
@@ -215,6 +216,33 @@ def test_udp_without_a_checksum_is_not_nated(snat6, route6_ns):
     assert res.retval == TC_ACT_OK and res.data_out == data
     assert counters6(snat6) == {"drop_nat_unsupported": 1, "snat_redirect_neigh": 1,
                                 "pass_nat_miss": 1}
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(proto=hst.sampled_from(["tcp", "udp"]), sport=hst.integers(1, 65535),
+       dport=hst.integers(1, 65535), payload=hst.binary(max_size=300),
+       flags=hst.integers(0, 0xff), tc=hst.integers(0, 255), fl=hst.integers(0, 0xfffff))
+def test_translation_keeps_every_checksum_valid_and_reverses_exactly(snat6, route6_ns, proto,
+                                                                     sport, dport, payload,
+                                                                     flags, tc, fl):
+    l4 = TCP(sport=sport, dport=dport, flags=flags & ~0x04) if proto == "tcp" \
+        else UDP(sport=sport, dport=dport)
+    pkt = out6(l4, payload=payload)
+    pkt[IPv6].tc, pkt[IPv6].fl = tc, fl
+    _, res = run_out(snat6, route6_ns, pkt)
+    assert res.retval == TC_ACT_REDIRECT
+    out = ip6(res.data_out)
+    assert l4_sum_ok(out) and IPv6(out).src == NODE_IP6
+    assert out[:8] == bytes(pkt[IPv6])[:7] + bytes([63])      # class, label, length kept
+    assert bytes(IPv6(out).payload.payload) == payload
+    reply = (TCP(sport=dport, dport=IPv6(out).payload.sport, flags="A") if proto == "tcp"
+             else UDP(sport=dport, dport=IPv6(out).payload.sport))
+    _, back = run_in(snat6, route6_ns, in6(reply, payload=payload))
+    assert back.retval == TC_ACT_REDIRECT
+    assert l4_sum_ok(ip6(back.data_out))
+    b = IPv6(ip6(back.data_out))
+    assert (b.dst, b.payload.dport, b.payload.sport) == (SRC6, sport, dport)
 
 
 # -- what is not translated -----------------------------------------------------------------
