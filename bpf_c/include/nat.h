@@ -155,7 +155,8 @@ static __always_inline int nat_read_l4_at(struct __sk_buff *skb, __u8 protocol, 
 		l3_len = (__u32)hdr[0] << 8 | hdr[1];
 		if (v6)
 			l3_len = l3_len ? l3_len + HR_NAT_IP6_HLEN : skb->len - ETH_HLEN;
-		l4->seq_end = bpf_ntohl(l4->seq) + (ETH_HLEN + l3_len - l4_off - ((hdr[2] >> 4) << 2)) +
+		l4->seq_end = bpf_ntohl(l4->seq) +
+			      (ETH_HLEN + l3_len - l4_off - ((hdr[2] >> 4) << 2)) +
 			      !!(l4->tcp_flags & HR_TCP_SYN) + !!(l4->tcp_flags & HR_TCP_FIN);
 		if (bpf_skb_load_bytes(skb, l4_off, hdr, sizeof(hdr)) < 0)
 			return -1;
@@ -292,13 +293,13 @@ static __always_inline __u64 nat_state_bits(__u8 protocol, struct hr_nat_l4 *l4,
 }
 
 /*
- * Mark an entry (its last_seen_ns at `last_seen`) seen at `now`, unless it was seen within `slack` ns (or later
- * than `now`: another CPU stamped it meanwhile), or a CPU has claimed it for
- * deletion (nat_claim): a plain store could overwrite HR_NAT_CLAIMED, and the
- * entry, already being deleted, could then be judged and claimed again. A
- * compare-and-swap from the value just read: a lost race with another
- * packet's refresh leaves that one's `now`, as good; with a claim, the
- * claim stands.
+ * Mark an entry (its last_seen_ns at `last_seen`) seen at `now`, unless it
+ * was seen within `slack` ns (or later than `now`: another CPU stamped it
+ * meanwhile), or a CPU has claimed it for deletion (nat_claim): a plain store
+ * could overwrite HR_NAT_CLAIMED, and the entry, already being deleted, could
+ * then be judged and claimed again. A compare-and-swap from the value just
+ * read: a lost race with another packet's refresh leaves that one's `now`, as
+ * good; with a claim, the claim stands.
  */
 static __always_inline void nat_refresh(__u64 *last_seen, __u64 now, __u64 slack)
 {

@@ -84,7 +84,7 @@ static __always_inline int nat6_addr_eq(const struct hr_in6 *a, const struct hr_
 #define NF_SCRATCH		struct hr_nat6_scratch
 #define NF_ADDR			struct hr_in6
 #define NF_ADDR_EQ(a, b)	nat6_addr_eq(&(a), &(b))
-#define NF_NODE_ADDR(dst, cfg)	__builtin_memcpy(&(dst), (cfg)->node_ip6, sizeof(struct hr_in6))
+#define NF_NODE_ADDR(dst, cfg)	__builtin_memcpy(&(dst), (cfg)->node_ip6, sizeof(dst))
 #include "nat_flow.h"
 
 /* The 16-bit checksum `check` after a 16-byte field went from *from to *to (RFC 1624). */
@@ -142,7 +142,8 @@ static __always_inline int nat6_csum_addr(struct __sk_buff *skb, __u32 csum_off,
 					  struct hr_in6 *old_addr, struct hr_in6 *new_addr,
 					  __u64 flags)
 {
-	__s64 diff = hr_csum_diff(old_addr->a, sizeof(*old_addr), new_addr->a, sizeof(*new_addr), 0);
+	__s64 diff = hr_csum_diff(old_addr->a, sizeof(*old_addr), new_addr->a, sizeof(*new_addr),
+				   0);
 
 	if (diff < 0)
 		return -1;

@@ -15,8 +15,9 @@
  *
  * and declaring the accessors of its map: NF(lookup), NF(insert), NF(remove);
  * NF_RACES, if defined, compiles the test builds' race points in. All of
- * them are #undef'd at the end of this file, ready for the next family. Each family gets its own functions,
- * as if written out twice: IPv4's are exactly what they were before IPv6.
+ * them are #undef'd at the end of this file, ready for the next family. Each
+ * family gets its own functions, as if written out twice: IPv4's do what they
+ * did before IPv6.
  *
  * On its own (no family chosen), this file is nat.h's IPv4 instance.
  */
