@@ -107,9 +107,11 @@ def print_stats(stats: dict) -> None:
     out = console()
     out.print(table)
     for node in stats["nodes"]:
-        nat = node["nat"]
-        out.print(f"{node['name']}: BPF SNAT table {nat['entries']:,} of {nat['capacity']:,} "
-                  f"entries ({nat['out_entries']:,} out, {nat['in_entries']:,} in)")
+        for key, which in (("nat", ""), ("nat6", " (IPv6)")):
+            if nat := node.get(key):
+                out.print(f"{node['name']}: BPF SNAT table{which} {nat['entries']:,} of "
+                          f"{nat['capacity']:,} entries ({nat['out_entries']:,} out, "
+                          f"{nat['in_entries']:,} in)")
     print_program_runs(stats, out)
 
 

@@ -29,6 +29,7 @@ from netns_lab.topology import Topology
 
 DEFAULT_LISTEN = "127.0.0.1:9962"     # Cilium's agent metrics port
 FROM_POD, FROM_UNDERLAY = "from_pod", "from_underlay"
+FAMILY_NAMES = {4: "ipv4", 6: "ipv6"}     # DatapathMaps.nat_families() -> the family label
 MODES = ("legacy", "ebpf")
 #: verdict kind (shared_types.reason_kind) -> what the metric's HELP says of the packets
 _VERDICT_KINDS = {"forward": "forwarded by BPF (redirected, or answered: icmp_frag_needed)",
@@ -162,7 +163,8 @@ class _Reading:
     name: str
     mode: str
     guard_up: bool
-    nat: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # entries, cap, ports
+    # (node, family) -> NAT table entries, capacity, ports
+    nat: dict[tuple[str, str], tuple[int, int, int]] = field(default_factory=dict)
 
 
 class DatapathCollector:
@@ -206,19 +208,20 @@ class DatapathCollector:
                            guard_up=rule_guard.find(state.name).live)
         for node in topo.nodes:
             known = lab.programs.get(node.name)
-            if known and self._read_node(node, known, lab, reading):
+            if known and self._read_node(node, known, lab, reading, topo.has_ipv6):
                 continue
             # not looked for yet, none attached at the last look, or replaced since
             found = lab.programs[node.name] = _attached(topo, node)
             if found:
-                self._read_node(node, found, lab, reading)
+                self._read_node(node, found, lab, reading, topo.has_ipv6)
         lab.tally.read_new(state.name)
         return reading
 
     @staticmethod
-    def _read_node(node, programs: dict[str, int], lab: _Lab, reading: _Reading) -> bool:
-        """The node's counters, NAT table and program stats into `lab` and `reading`;
-        False when the programs are gone."""
+    def _read_node(node, programs: dict[str, int], lab: _Lab, reading: _Reading,
+                   ipv6: bool = False) -> bool:
+        """The node's counters, NAT tables (the IPv6 one too in a lab with IPv6) and program
+        stats into `lab` and `reading`; False when the programs are gone."""
         from . import prog_stats
         from .host_routing import DatapathError, DatapathMaps
         source = programs[FROM_UNDERLAY]    # new with every enable, as the maps
@@ -226,12 +229,14 @@ class DatapathCollector:
             with DatapathMaps.from_prog_id(source) as maps:     # every map metrics need
                 counters = maps.counters_by_family_hook()
                 cfg = maps.config()
-                nat = (len(maps.nat_raw_entries()), maps.nat_capacity(),
-                       cfg.nat["nat_port_max"] - cfg.nat["nat_port_min"] + 1)
+                ports = cfg.nat["nat_port_max"] - cfg.nat["nat_port_min"] + 1
+                nat = {FAMILY_NAMES[f]: (len(maps.nat_raw_entries(f)), maps.nat_capacity(f), ports)
+                       for f in maps.nat_families() if f == 4 or ipv6}
         except (OSError, DatapathError):
             return False
         count_verdicts(lab.totals, node.name, counters, source)
-        reading.nat[node.name] = nat
+        for family, figures in nat.items():
+            reading.nat[(node.name, family)] = figures
         for program, prog_id in programs.items():
             try:
                 run_ns, runs = prog_stats.program_stats_by_id(prog_id)
@@ -259,11 +264,14 @@ class DatapathCollector:
             "hostrouting_program_runs", "Runs of each datapath program, counted while BPF "
             "stats are on (hostrouting_bpf_stats_enabled)", labels=["lab", "node", "program"])
         nat_entries = GaugeMetricFamily("hostrouting_nat_entries", "Entries in the node's "
-                                        "BPF SNAT table (two per flow)", labels=["lab", "node"])
+                                        "BPF SNAT table of a family (two per flow)",
+                                        labels=["lab", "node", "family"])
         nat_capacity = GaugeMetricFamily("hostrouting_nat_capacity", "Entries the node's BPF "
-                                         "SNAT table can hold", labels=["lab", "node"])
+                                         "SNAT table of a family can hold",
+                                         labels=["lab", "node", "family"])
         nat_ports = GaugeMetricFamily("hostrouting_nat_port_range_size", "NAT ports per "
-                                      "destination the node allocates from", labels=["lab", "node"])
+                                      "destination the node allocates from (each family)",
+                                      labels=["lab", "node", "family"])
         mode = GaugeMetricFamily("hostrouting_mode", "1 for the routing mode the lab's record "
                                  "asks for (mixed: its nodes differ), 0 for the others; what "
                                  "the kernel has is hostrouting status", labels=["lab", "mode"])
@@ -293,10 +301,10 @@ class DatapathCollector:
                     kind, unit, node, family, hook, reason = key
                     verdicts[(kind, unit)].add_metric([r.name, node, family, hook, reason],
                                                       value)
-            for node, (entries, capacity, ports) in r.nat.items():
-                nat_entries.add_metric([r.name, node], entries)
-                nat_capacity.add_metric([r.name, node], capacity)
-                nat_ports.add_metric([r.name, node], ports)
+            for (node, family), (entries, capacity, ports) in r.nat.items():
+                nat_entries.add_metric([r.name, node, family], entries)
+                nat_capacity.add_metric([r.name, node, family], capacity)
+                nat_ports.add_metric([r.name, node, family], ports)
             for m in dict.fromkeys((*MODES, r.mode)):
                 mode.add_metric([r.name, m], 1 if m == r.mode else 0)
             guard.add_metric([r.name], 1 if r.guard_up else 0)

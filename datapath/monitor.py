@@ -97,7 +97,7 @@ def run_monitor(state, topo: Topology, kind: str = "trace", pod: str | None = No
     pod_ips = None
     if pod:
         found = topo.find_pod(pod)[1]
-        pod_ips = {ip for ip in (found.ip, getattr(found, "ip6", None)) if ip}
+        pod_ips = {ip for ip in (found.ip, found.ip6) if ip}
     printed = 0
     pidfile = monitor_pidfile(topo.lab, os.getpid())
     with contextlib.ExitStack() as stack:

@@ -433,7 +433,7 @@ class Guard:
         from . import nat_table
         from .host_routing import DatapathMaps
         seen: dict[tuple[str, str], int] = {}
-        full_warned: set[str] = set()
+        full_warned: set[tuple[str, str]] = set()     # (node, family)
         while not self.stopping.wait(NAT_SWEEP_S):
             self.stamp()
             if paused(self.lab):
@@ -444,7 +444,8 @@ class Guard:
                     with DatapathMaps.from_prog_id(prog_id) as maps:
                         nat_table.sweep(maps)
                         counters = maps.counters_by_family()
-                        used, capacity = len(maps.nat_raw_entries()), maps.nat_capacity()
+                        tables = {_FAMILY[f]: (len(maps.nat_raw_entries(f)), maps.nat_capacity(f))
+                                  for f in maps.nat_families()}
                 except (OSError, RuntimeError):
                     continue    # the program is going away with the lab
                 exhausted = self._counter_rise(seen, node, counters, "drop_nat_exhausted")
@@ -455,18 +456,26 @@ class Guard:
                                   "NAT port towards their destination (widen [nat] port_min.."
                                   "port_max)", dropped=sum(exhausted.values()),
                                   families=exhausted)
-                if (refused or used >= NAT_FULL_FRACTION * capacity) and node not in full_warned:
-                    full_warned.add(node)
-                    details = {"families": refused} if refused else {}
-                    events.record(self.lab, events.WARNING, "NatTableFull", f"node/{node}",
-                                  f"BPF SNAT table at {used} of {capacity} entries"
-                                  + (f", {_packets_of_new_flows(refused)} refused"
-                                     if refused else "")
-                                  + ": new flows are refused (drop_nat_table_full) until flows "
-                                  "expire (raise [nat] max_flows)", used=used, capacity=capacity,
-                                  **details)
-                elif not refused and used < NAT_FULL_FRACTION * capacity / 2:
-                    full_warned.discard(node)
+                for family, (used, capacity) in tables.items():     # each table its own
+                    self._table_fill(node, family, used, capacity, refused.get(family, 0),
+                                     full_warned)
+
+    def _table_fill(self, node: str, family: str, used: int, capacity: int, refused: int,
+                    full_warned: set) -> None:
+        """NatTableFull once a node's table of a family is 90% full or refused a new flow,
+        and again only after it was under half that."""
+        if (refused or used >= NAT_FULL_FRACTION * capacity) and (node, family) not in full_warned:
+            full_warned.add((node, family))
+            which = " (IPv6)" if family == "ipv6" else ""
+            events.record(self.lab, events.WARNING, "NatTableFull", f"node/{node}",
+                          f"BPF SNAT table{which} at {used} of {capacity} entries"
+                          + (f", {_packets_of_new_flows({family: refused})} refused"
+                             if refused else "")
+                          + ": new flows are refused (drop_nat_table_full) until flows "
+                          "expire (raise [nat] max_flows)", used=used, capacity=capacity,
+                          family=family)
+        elif not refused and used < NAT_FULL_FRACTION * capacity / 2:
+            full_warned.discard((node, family))
 
     @staticmethod
     def _counter_rise(seen: dict, node: str, counters: dict, reason: str) -> dict[str, int]:
@@ -555,6 +564,9 @@ class Guard:
             time.sleep(0.2)
         self.stopping.set()
         return 0
+
+
+_FAMILY = {4: "ipv4", 6: "ipv6"}       # DatapathMaps.nat_families() -> the counters' names
 
 
 def _packets_of_new_flows(rises: dict[str, int]) -> str:

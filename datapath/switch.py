@@ -208,15 +208,10 @@ def stats(state: LabState, topo: Topology, bpf_stats_s: float = 0) -> dict:
     for node in topo.nodes:
         with node_maps(state, node) as maps:
             by_family = maps.counters_by_family()
-            # raw: a full table has half a million entries, and only their direction counts
-            dirs = [st.ffi.from_buffer("struct hr_nat_key *", k).dir
-                    for k, _ in maps.nat_raw_entries()]
-            capacity = maps.nat_capacity()
-        out_entries = sum(1 for d in dirs if d == st.NAT_DIR_VALUES["out"])
-        result["nodes"].append({
-            "name": node.name, **counter_tables(by_family),
-            "nat": {"entries": len(dirs), "capacity": capacity,
-                    "out_entries": out_entries, "in_entries": len(dirs) - out_entries}})
+            nat = {"nat": nat_table_use(maps, 4)}
+            if topo.has_ipv6 and 6 in maps.nat_families():     # the IPv6 table: beside it
+                nat["nat6"] = nat_table_use(maps, 6)
+        result["nodes"].append({"name": node.name, **counter_tables(by_family), **nat})
     result["bpf_stats"] = {"sysctl": prog_stats.stats_enabled(), "window_s": bpf_stats_s or None}
     prog_ids = {(node.name, name): prog_id for node in topo.nodes
                 for name, prog_id in node_programs(topo, node).items()}
@@ -228,6 +223,16 @@ def stats(state: LabState, topo: Topology, bpf_stats_s: float = 0) -> dict:
     for node in result["nodes"]:
         node["programs"] = {name: f for (n, name), f in sorted(runs.items()) if n == node["name"]}
     return result
+
+
+def nat_table_use(maps, family: int) -> dict[str, int]:
+    """How full a node's BPF SNAT table of one family is: entries (OUT and IN) of capacity."""
+    # raw: a full table has half a million entries, and only their direction counts
+    ctype = "struct hr_nat6_key *" if family == 6 else "struct hr_nat_key *"
+    dirs = [st.ffi.from_buffer(ctype, k).dir for k, _ in maps.nat_raw_entries(family)]
+    out_entries = sum(1 for d in dirs if d == st.NAT_DIR_VALUES["out"])
+    return {"entries": len(dirs), "capacity": maps.nat_capacity(family),
+            "out_entries": out_entries, "in_entries": len(dirs) - out_entries}
 
 
 def counter_tables(by_family: dict[tuple[str, str], tuple[int, int]]) -> dict:

@@ -178,3 +178,64 @@ def test_nat_drop_events_name_the_family_of_the_packets():
     assert rule_guard._packets_of_new_flows({"ipv4": 2, "ipv6": 3}) == \
         "5 packet(s) of new flows (IPv4 2, IPv6 3)"
     assert rule_guard.Guard._counter_rise(seen, "node1", later, "drop_nat_exhausted") == {}
+
+
+class NatMaps:
+    """What stats reads of a node's NAT tables, crafted: raw keys of both families."""
+
+    def __init__(self, keys: dict[int, list]):
+        self.keys = keys
+
+    def nat_raw_entries(self, family: int = 4) -> list[tuple[bytes, bytes]]:
+        return [(st.pack_nat_key(k), b"") for k in self.keys[family]]
+
+    def nat_capacity(self, family: int = 4) -> int:
+        return {4: 524288, 6: 1024}[family]
+
+
+def test_stats_sizes_each_familys_nat_table():
+    def key(src, dst, direction):
+        return st.NatKey(src, dst, 40000, 443, socket.IPPROTO_TCP, direction)
+    maps = NatMaps({4: [key("198.18.1.10", "203.0.113.10", "out"),
+                        key("203.0.113.10", "198.19.0.1", "in")],
+                    6: [key(POD6, "2001:db8:2::a", "out"), key(POD6, "2001:db8:2::b", "out"),
+                        key("2001:db8:2::a", "2001:db8:1::1", "in")]})
+    assert switch.nat_table_use(maps, 4) == {"entries": 2, "capacity": 524288,
+                                             "out_entries": 1, "in_entries": 1}
+    assert switch.nat_table_use(maps, 6) == {"entries": 3, "capacity": 1024,
+                                             "out_entries": 2, "in_entries": 1}
+
+
+def test_nat_gauges_are_labelled_with_the_family():
+    collector = metrics.DatapathCollector(["t1"])
+    collector._known["t1"] = metrics._Lab(created_at=0)
+    reading = metrics._Reading(name="t1", mode="ebpf", guard_up=True)
+    reading.nat = {("node1", "ipv4"): (2, 524288, 59976), ("node1", "ipv6"): (4, 1024, 59976)}
+    gauges = {(m.name, s.labels["family"]): s.value
+              for m in collector._families([reading]) if m.name.startswith("hostrouting_nat_")
+              for s in m.samples}
+    assert gauges == {("hostrouting_nat_entries", "ipv4"): 2,
+                      ("hostrouting_nat_entries", "ipv6"): 4,
+                      ("hostrouting_nat_capacity", "ipv4"): 524288,
+                      ("hostrouting_nat_capacity", "ipv6"): 1024,
+                      ("hostrouting_nat_port_range_size", "ipv4"): 59976,
+                      ("hostrouting_nat_port_range_size", "ipv6"): 59976}
+
+
+def test_a_full_ipv6_nat_table_is_its_own_event():
+    from datapath import events
+    lab = "h4fam"
+    guard = rule_guard.Guard(lab, {})
+    warned: set = set()
+    guard._table_fill("node1", "ipv6", 950, 1024, 0, warned)     # 90 %: warned once
+    guard._table_fill("node1", "ipv6", 960, 1024, 0, warned)
+    guard._table_fill("node1", "ipv4", 10, 524288, 0, warned)    # the IPv4 table is fine
+    guard._table_fill("node1", "ipv6", 100, 1024, 0, warned)     # under half: may warn again
+    guard._table_fill("node1", "ipv4", 20, 524288, 3, warned)    # refused new flows
+    full = [e for e in events.read(lab) if e["reason"] == "NatTableFull"]
+    assert [(e["details"]["family"], e["details"]["used"]) for e in full] == [
+        ("ipv6", 950), ("ipv4", 20)]
+    assert full[0]["message"].startswith("BPF SNAT table (IPv6) at 950 of 1024 entries: ")
+    assert full[1]["message"].startswith("BPF SNAT table at 20 of 524288 entries, 3 packet(s) "
+                                         "of new IPv4 flows refused: new flows are refused")
+    assert warned == {("node1", "ipv4")}
