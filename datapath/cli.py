@@ -274,8 +274,9 @@ def cmd_bench(args) -> int:
     except ValueError as e:
         raise CliError(f"--node-profile {e}") from None
     cfg = BenchConfig(quick=args.quick, lab_prefix=args.lab_prefix, aa=args.aa,
-                      cpu_pin=args.cpu_pin, node_profile=args.node_profile,
-                      ip_family=args.ip_family)
+                      node_profile=args.node_profile, ip_family=args.ip_family)
+    if args.cpu_pin is not None:
+        cfg.cpu_pin = args.cpu_pin
     if args.quick:
         for name in ("duration", "repeat", "sizes", "tests"):
             setattr(cfg, name, QUICK[name])
@@ -431,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_metrics)
 
     from datapath.bench.runner import AA_MODES, LAB_SUFFIX, MODES, QUICK, SCENARIOS, TESTS
-    from datapath.bench.runner import IP_FAMILIES as BENCH_FAMILIES
+    from datapath.bench.runner import IP_FAMILIES as BENCH_FAMILIES, PIN_CHOICES
     p = sub.add_parser("bench", help="legacy vs eBPF vs the limit, with netperf",
                        description="Builds a lab per mode (legacy, eBPF, the limit: no "
                        "netfilter at all, the floor: a constant redirect), runs netperf over "
@@ -459,8 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "host's IPv6 addresses); a node profile's rules are IPv4 rules either way")
     p.add_argument("--aa", action="store_true", help="two identical legacy labs against each "
                    "other: the noise floor of this machine (the A/A ratio's interval)")
-    p.add_argument("--cpu-pin", action="store_true", help="every point twice: netperf and "
-                   "netserver on the same CPU, and on two CPUs (netperf -T)")
+    p.add_argument("--cpu-pin", nargs="?", const="both", choices=PIN_CHOICES,
+                   metavar="cross-cpu|same-cpu|both|none",
+                   help="where netperf and netserver run (netperf -T): on two CPUs (cross-cpu, "
+                   "the default where there are two), on one (same-cpu), every point in both "
+                   "placements (both; --cpu-pin alone), or where the scheduler puts them (none: "
+                   "on a 2-core VM a request/response test then measures the placement)")
     p.add_argument("--json", metavar="FILE", help="write every sample, the summary, the "
                    "machine and the labs' settings")
     p.add_argument("--plot", metavar="FILE.png", help="ratios with their intervals, then "

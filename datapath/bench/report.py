@@ -202,6 +202,15 @@ def node_profile_line(profile: dict) -> str:
                "to its pod traffic)" if forced else ""))
 
 
+def placement(cpu_pin) -> str:
+    """The bench's --cpu-pin in words (a result from before it took a value: True or False)."""
+    pin = {True: "both", False: "none", None: "none"}.get(cpu_pin, cpu_pin)
+    return {"cross-cpu": "pinned to two CPUs (netperf -T 0,1)",
+            "same-cpu": "pinned to one CPU (netperf -T 0,0)",
+            "both": "every point on two CPUs and on one (netperf -T 0,1 and 0,0)",
+            "none": "where the scheduler put them (not pinned)"}.get(pin, str(pin))
+
+
 def print_tables(result: dict, console=None) -> None:
     from rich.table import Table
     console = console_for_output(console)
@@ -219,6 +228,7 @@ def print_tables(result: dict, console=None) -> None:
                       "floor/limit what the redirect mechanism costs.")
     if (profile := env.get("node_profile")) and profile["name"] != "bare":
         console.print(node_profile_line(profile))
+    console.print(f"netperf and netserver: {placement(cfg.get('cpu_pin'))}")
     attach = sorted(set((result.get("lab_settings") or {}).get("attach", {}).values()))
     if attach:
         console.print(f"eBPF programs attached with: {', '.join(attach)}")
@@ -462,10 +472,12 @@ def plot(result: dict, path: str) -> None:
     ax.set_title("ratios per point, 95% bootstrap CI (above 1: more throughput)")
     ax.legend()
     modes = [m for m in MODE_NAMES if any(m in r for r in rows)]
+    # the absolute panels show one placement (--cpu-pin both measures two): two CPUs first
+    pin = min({r.get("pin") for r in rows}, key=lambda p: (p != "cross-cpu", p or ""))
     for col, scenario in enumerate(scenarios):
         ax = fig.add_subplot(grid[1, col])
         stream = sorted((r for r in rows if r["scenario"] == scenario and r["metric"] == "mbps"
-                         and not r.get("pin")), key=lambda r: r["size"])
+                         and r.get("pin") == pin), key=lambda r: r["size"])
         for i, mode in enumerate(modes):
             pts = [(r["size"] * (1 + 0.06 * (i - len(modes) / 2)), *_errorbar(r[mode]))
                    for r in stream if mode in r]
@@ -474,13 +486,13 @@ def plot(result: dict, path: str) -> None:
                 ax.errorbar(xs, ys, yerr=[down, up], fmt="o", linestyle="none", capsize=3,
                             label=MODE_NAMES[mode])
         ax.set_xscale("log", base=2)
-        ax.set_title(f"{scenario}: TCP_STREAM")
+        ax.set_title(f"{scenario}: TCP_STREAM{f' ({pin})' if pin else ''}")
         ax.set_xlabel("message size (bytes)")
         ax.set_ylabel("Mbit/s")
         ax.legend(fontsize=7)
         ax = fig.add_subplot(grid[2, col])
         lat = {r["metric"]: r for r in rows if r["scenario"] == scenario and r["test"] == "TCP_RR"
-               and not r.get("pin")}
+               and r.get("pin") == pin}
         pcts = [m for m in ("p50_us", "p90_us", "p99_us") if m in lat]
         for i, mode in enumerate(modes):
             pts = [(x + (i - (len(modes) - 1) / 2) * 0.15, *_errorbar(lat[m][mode]))

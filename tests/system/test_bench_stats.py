@@ -121,13 +121,33 @@ def test_sysctl_differences_compare_devices_with_default():
 
 def test_points_are_extended_by_placement():
     cfg = runner.BenchConfig(scenarios=("same-node",), tests=("TCP_RR", "TCP_STREAM"),
-                             sizes=(64, 1024), cpu_pin=True)
+                             sizes=(64, 1024), cpu_pin="both")
     points = cfg.points()
     assert [(p.test, p.size) for p in points[::2]] == [("TCP_RR", None), ("TCP_STREAM", 64),
                                                        ("TCP_STREAM", 1024)]
     assert {p.pin for p in points} == set(runner.PINS)
     assert cfg.runs() == len(points) * len(runner.MODES) * cfg.repeat
     assert runner.BenchConfig(aa=True).modes == runner.AA_MODES
+
+
+@pytest.mark.parametrize("cpus, pin, pins", [(2, None, {"cross-cpu"}), (8, None, {"cross-cpu"}),
+                                             (1, None, {None}), (2, "same-cpu", {"same-cpu"}),
+                                             (2, "none", {None})])
+def test_netperf_and_netserver_are_pinned_to_two_cpus_unless_asked(monkeypatch, cpus, pin, pins):
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: cpus)
+    cfg = runner.BenchConfig(scenarios=("same-node",), tests=("TCP_RR",))
+    if pin:
+        cfg.cpu_pin = pin
+    assert {p.pin for p in cfg.points()} == pins
+    assert all(runner.PINS.get(p.pin) in ("0,1", "0,0", None) for p in cfg.points())
+
+
+@pytest.mark.parametrize("argv, pin", [([], None), (["--cpu-pin"], "both"),
+                                       (["--cpu-pin", "same-cpu"], "same-cpu")])
+def test_cpu_pin_on_the_command_line(argv, pin):
+    from datapath import cli
+    args = cli.build_parser().parse_args(["bench", *argv])
+    assert args.cpu_pin == pin
 
 
 def test_compare_says_noise_when_intervals_overlap():
