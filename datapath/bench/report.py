@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from collections import defaultdict
 
 import numpy as np
@@ -276,6 +277,7 @@ def print_tables(result: dict, console=None) -> None:
             table.add_row(r["scenario"], str(r["rules"]), _fmt(r["legacy"]["median"]),
                           _fmt(r["ebpf"]["median"]), format_ratio(r["ratios"].get("ebpf/legacy")))
         console.print(table)
+    print_program_costs(result, console)
     if env.get("steal_s"):
         console.print(f"steal time during the run: {env['steal_s']:.2f} s (the hypervisor ran "
                       "something else on these CPUs)")
@@ -284,6 +286,40 @@ def print_tables(result: dict, console=None) -> None:
                       f"{retry['mode']} (repeat {retry['repeat'] + 1}): {retry['error']}")
     if result.get("profiles"):
         print_profiles(result["profiles"], console)
+
+
+def program_costs(result: dict) -> list[dict]:
+    """Per point and eBPF program that ran in it: the median over the eBPF samples of its ns
+    per run (bpf_stats: the program's own time, tail calls included) and of its runs a
+    second (programs that did not run in a point are left out)."""
+    runs: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+    for s in result["samples"]:
+        if s["mode"] != "ebpf":
+            continue
+        for prog, fig in (s.get("bpf_programs") or {}).items():
+            if fig.get("run_cnt") and fig.get("ns_per_run") is not None:
+                runs[(*_key(s), prog)].append((fig["ns_per_run"],
+                                               fig["run_cnt"] / max(s["seconds"], 1e-9)))
+    return [{"key": key[:-1], "program": key[-1],
+             "ns_per_run": statistics.median(ns for ns, _ in v),
+             "runs_per_s": statistics.median(r for _, r in v), "samples": len(v)}
+            for key, v in sorted(runs.items(), key=lambda kv: tuple(map(str, kv[0])))]
+
+
+def print_program_costs(result: dict, console) -> None:
+    from rich.table import Table
+    rows = program_costs(result)
+    if not rows:
+        return
+    table = Table(title="eBPF programs: ns per run (bpf_stats, median over the eBPF samples)")
+    for col in ("point", "program", "ns/run", "runs/s", "samples"):
+        table.add_column(col, justify="left" if col in ("point", "program") else "right")
+    for r in rows:
+        rules, scenario, test, size, pin = r["key"]
+        point = " ".join(str(x) for x in (scenario, test, size and f"{size} B", pin) if x)
+        table.add_row(point, r["program"], f"{r['ns_per_run']:.0f}", _fmt(r["runs_per_s"]),
+                      str(r["samples"]))
+    console.print(table)
 
 
 def side_by_side(profiles: list[dict], left: str, right: str, top: int) -> list[dict]:

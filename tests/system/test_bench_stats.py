@@ -230,3 +230,23 @@ def test_guard_legacy_poll_waits_while_paused(monkeypatch, tmp_path):
     guard.stopping.set()
     thread.join(5)
     assert len(reads) > baseline_reads         # polling again once resumed
+
+
+def test_the_report_gives_each_programs_ns_per_run_per_point():
+    from rich.console import Console
+
+    def sample(mode, rep, ns, runs):
+        progs = {"node1/from_pod": {"id": 7, "run_cnt": runs, "run_time_ns": int(ns * runs),
+                                    "ns_per_run": ns if runs else None},
+                 "node2/from_pod": {"id": 8, "run_cnt": 0, "run_time_ns": 0, "ns_per_run": None}}
+        return {"rules": 0, "scenario": "same-node", "mode": mode, "test": "TCP_RR", "size": None,
+                "pin": "cross-cpu", "repeat": rep, "values": {"tps": 100.0}, "seconds": 2.0,
+                "bpf_programs": progs if mode == "ebpf" else {}}
+    result = {"samples": [sample(m, rep, ns, 1000) for rep, ns in enumerate((130.0, 90.0, 110.0))
+                          for m in ("legacy", "ebpf")]}
+    [row] = report.program_costs(result)
+    assert row["program"] == "node1/from_pod" and row["ns_per_run"] == 110.0
+    assert row["runs_per_s"] == 500.0 and row["samples"] == 3      # node2 never ran: left out
+    out = io.StringIO()
+    report.print_program_costs(result, Console(file=out, width=120))
+    assert "same-node TCP_RR cross-cpu" in out.getvalue() and " 110 " in out.getvalue()
