@@ -15,7 +15,7 @@ import sys
 
 from netns_lab.builder import foreign_namespaces, lab_down, lab_down_all, lab_up
 from netns_lab.state import LabStateError, lab_lock, lab_names, load_state
-from netns_lab.topology import Topology, TopologyError, load_topology
+from netns_lab.topology import IP_FAMILIES, Topology, TopologyError, load_topology
 
 EPILOG = """examples:
   hostrouting doctor
@@ -58,29 +58,51 @@ def _topology_of(lab: str) -> tuple:
     return state, Topology.from_dict(state.topology)
 
 
+def _with_ip6(entry: dict, ip6: str | None, **more) -> dict:
+    """``ip6`` (and more IPv6 keys) right after ``ip``, only in a lab that has IPv6: an
+    IPv4-only lab's JSON stays as it was."""
+    if ip6 is None:
+        return entry
+    out = {}
+    for key, value in entry.items():
+        out[key] = value
+        if key == "ip":
+            out["ip6"] = ip6
+    return {**out, **more}
+
+
 def lab_json(state, topo: Topology) -> dict:
-    return {
+    data = {
         "name": topo.lab,
         "mode": state.mode,
         "phase": state.phase,
         "underlay_cidr": topo.underlay_cidr,
-        "nodes": [{"name": n.name, "netns": n.netns, "ip": n.ip, "pod_cidr": n.pod_cidr,
-                   "gateway": n.gateway,
-                   "pods": [{"name": p.name, "netns": p.netns, "ip": p.ip,
-                             "host_ifname": p.host_ifname} for p in n.pods]}
+        "nodes": [_with_ip6({"name": n.name, "netns": n.netns, "ip": n.ip,
+                             "pod_cidr": n.pod_cidr, "gateway": n.gateway,
+                             "pods": [_with_ip6({"name": p.name, "netns": p.netns, "ip": p.ip,
+                                                 "host_ifname": p.host_ifname}, p.ip6)
+                                      for p in n.pods]},
+                            n.ip6, pod_cidr6=n.pod_cidr6, gateway6=n.gateway6)
                   for n in topo.nodes],
-        "external": {"netns": topo.external.netns, "ip": topo.external.ip},
+        "external": _with_ip6({"netns": topo.external.netns, "ip": topo.external.ip},
+                              topo.external.ip6),
         "fabric": {"netns": topo.fabric_netns, "router_ip": topo.router_ip},
     }
+    if topo.has_ipv6:
+        data.update(ip_family=topo.ip_family, underlay_cidr6=topo.underlay_cidr6)
+        data["fabric"]["router_ip6"] = topo.router_ip6
+    return data
 
 
 def cmd_lab_up(args) -> int:
     _require_root()
-    topo = load_topology(args.lab, args.topology, args.nodes, args.pods_per_node)
+    topo = load_topology(args.lab, args.topology, args.nodes, args.pods_per_node,
+                         args.ip_family)
     from datapath import switch
     state, seconds = lab_up(topo, switch.configure_mode(args.mode))
     pods = sum(len(n.pods) for n in topo.nodes)
-    print(f"lab {topo.lab}: {len(topo.nodes)} nodes, {pods} pods, mode {state.mode}, "
+    family = "" if topo.ip_family == "ipv4" else f", {topo.ip_family}"
+    print(f"lab {topo.lab}: {len(topo.nodes)} nodes, {pods} pods{family}, mode {state.mode}, "
           f"{len(topo.namespaces)} namespaces, up in {seconds:.2f}s")
     return 0
 
@@ -365,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", metavar="FILE", help="TOML topology (see netns_lab/topology.py)")
     p.add_argument("--nodes", type=int, help="number of nodes (default 2)")
     p.add_argument("--pods-per-node", type=int, help="pods per node (default 2)")
+    p.add_argument("--ip-family", choices=IP_FAMILIES,
+                   help="ipv4 (default), dual (both everywhere) or ipv6 (IPv6-only pods)")
     p.add_argument("--mode", choices=("legacy", "ebpf"), default="legacy")
     p.set_defaults(func=cmd_lab_up)
     p = with_lab(labsub.add_parser("down", help="remove a lab (or --all)"))

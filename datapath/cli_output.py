@@ -36,16 +36,27 @@ def print_labs(labs: list[dict]) -> None:
     if not labs:
         out.print("no labs")
     for lab in labs:
-        table = Table(title=f"lab {lab['name']} (mode {lab['mode']}, {lab['phase']})")
-        for col in ("node", "netns", "ip", "pod", "pod netns", "pod ip"):
+        family = lab.get("ip_family", "ipv4")     # ip6 columns only when the lab has IPv6
+        six = family != "ipv4"
+        table = Table(title=f"lab {lab['name']} (mode {lab['mode']}, {lab['phase']}"
+                            + (f", {family})" if six else ")"))
+        for col in ("node", "netns", "ip") + ("ip6",) * six + ("pod", "pod netns", "pod ip") \
+                + ("pod ip6",) * six:
             table.add_column(col)
+
+        def ips(entry: dict, pod: bool = False) -> tuple:
+            ip = "-" if pod and family == "ipv6" else entry.get("ip", "")   # planned, unused
+            return (ip, entry.get("ip6", "")) if six else (ip,)
+
         for node in lab["nodes"]:
             first = True
             for pod in node["pods"] or [{"name": "", "netns": "", "ip": ""}]:
-                table.add_row(*(node["name"], node["netns"], node["ip"]) if first else ("", "", ""),
-                              pod["name"], pod["netns"], pod["ip"])
+                mine = (node["name"], node["netns"], *ips(node))
+                table.add_row(*mine if first else ("",) * len(mine),
+                              pod["name"], pod["netns"], *ips(pod, pod=bool(pod["name"])))
                 first = False
-        table.add_row("external", lab["external"]["netns"], lab["external"]["ip"], "", "", "")
+        table.add_row("external", lab["external"]["netns"], *ips(lab["external"]), "", "",
+                      *("",) * (1 + six))
         out.print(table)
 
 

@@ -26,7 +26,8 @@ from .topology import NAME_RE, Topology
 BRIDGE = "br0"
 POD_IFNAME = "eth0"
 
-# IPv4-only labs: IPv6 would add router solicitations and DAD to every veth.
+# IPv4-only labs: IPv6 would add router solicitations and DAD to every veth (dual and ipv6
+# labs turn IPv6 on, _NS_SYSCTLS6).
 # tcp_tw_reuse=1 (the kernel's default, 2, allows it on loopback only): a client opening
 # ~10,000 connections a second to one server port (netperf TCP_CRR) runs out of ephemeral
 # ports within seconds while the closed ones sit in TIME_WAIT, and then stalls; busy
@@ -35,6 +36,15 @@ _NS_SYSCTLS = {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disab
                "net.ipv4.tcp_tw_reuse": 1}
 _ROUTER_SYSCTLS = {"net.ipv4.ip_forward": 1, "net.ipv4.conf.all.rp_filter": 0,
                    "net.ipv4.conf.default.rp_filter": 0}
+# Dual and ipv6 labs: IPv6 on, without duplicate address detection (addresses are usable at
+# once; they are also added nodad) or router advertisements (routes are configured).
+_NS_SYSCTLS6 = {**_NS_SYSCTLS, **{f"net.ipv6.conf.{dev}.{key}": value
+                                  for dev in ("all", "default")
+                                  for key, value in (("disable_ipv6", 0), ("accept_dad", 0),
+                                                     ("accept_ra", 0))}}
+_ROUTER_SYSCTLS6 = {"net.ipv6.conf.all.forwarding": 1}
+NODAD = 0x02    # IFA_F_NODAD
+HOST6 = 128     # a pod's address and its gateway, as IPv4's /32
 
 
 def _node_sysctls(topo: Topology) -> dict[str, str]:
@@ -44,6 +54,22 @@ def _node_sysctls(topo: Topology) -> dict[str, str]:
     replies translated to the pod."""
     low, high = topo.node_local_port_range
     return {"net.ipv4.ip_local_port_range": f"{low} {high}"}
+
+
+def _ns_sysctls(topo: Topology) -> dict:
+    return _NS_SYSCTLS6 if topo.has_ipv6 else _NS_SYSCTLS
+
+
+def _router_sysctls(topo: Topology) -> dict:
+    return {**_ROUTER_SYSCTLS, **_ROUTER_SYSCTLS6} if topo.has_ipv6 else _ROUTER_SYSCTLS
+
+
+def _addr6(sock, index: int, address: str, prefixlen: int) -> None:
+    sock.addr("add", index=index, address=address, prefixlen=prefixlen, flags=NODAD)
+
+
+def _prefix(cidr: str) -> int:
+    return ipaddress.ip_network(cidr).prefixlen
 
 
 def _up(ipr, ifname: str, mtu: int | None = None, alias: str | None = None) -> int:
@@ -63,21 +89,27 @@ def _veth(ipr, ifname: str, peer_ns: str, peer_ifname: str) -> None:
 
 def _build_fabric(topo: Topology, socks: dict) -> None:
     fab = socks[topo.fabric_netns]
-    fab.link("add", ifname=BRIDGE, kind="bridge")
+    # IPv6: no MLD snooping, which could keep neighbour solicitations from a node that the
+    # bridge has not heard join its solicited-node group (there is no querier)
+    fab.link("add", ifname=BRIDGE, kind="bridge",
+             **({"br_mcast_snooping": 0} if topo.has_ipv6 else {}))
     br = _up(fab, BRIDGE, topo.underlay_mtu)
-    prefix = ipaddress.IPv4Network(topo.underlay_cidr).prefixlen
-    fab.addr("add", index=br, address=topo.router_ip, prefixlen=prefix)
+    fab.addr("add", index=br, address=topo.router_ip, prefixlen=_prefix(topo.underlay_cidr))
 
     ext = topo.external
     ext_link = f"{topo.lab}-ext"
     _veth(fab, ext_link, ext.netns, POD_IFNAME)
     idx = _up(fab, ext_link, topo.external_mtu)
-    ext_prefix = ipaddress.IPv4Network(ext.cidr).prefixlen
-    fab.addr("add", index=idx, address=ext.router_ip, prefixlen=ext_prefix)
+    fab.addr("add", index=idx, address=ext.router_ip, prefixlen=_prefix(ext.cidr))
     esock = socks[ext.netns]
-    idx = _up(esock, POD_IFNAME, topo.external_mtu)
-    esock.addr("add", index=idx, address=ext.ip, prefixlen=ext_prefix)
+    eidx = _up(esock, POD_IFNAME, topo.external_mtu)
+    esock.addr("add", index=eidx, address=ext.ip, prefixlen=_prefix(ext.cidr))
     esock.route("add", dst="0.0.0.0/0", gateway=ext.router_ip)
+    if topo.has_ipv6:
+        _addr6(fab, br, topo.router_ip6, _prefix(topo.underlay_cidr6))
+        _addr6(fab, idx, ext.router_ip6, _prefix(ext.cidr6))
+        _addr6(esock, eidx, ext.ip6, _prefix(ext.cidr6))
+        esock.route("add", dst="::/0", gateway=ext.router_ip6)
 
 
 def _build_node(topo: Topology, node, socks: dict) -> None:
@@ -88,23 +120,35 @@ def _build_node(topo: Topology, node, socks: dict) -> None:
     fab.link("set", index=pidx, master=netns.ifindex(fab, BRIDGE))
 
     up = _up(nsock, topo.uplink_ifname, topo.underlay_mtu)
-    prefix = ipaddress.IPv4Network(topo.underlay_cidr).prefixlen
-    nsock.addr("add", index=up, address=node.ip, prefixlen=prefix)
+    nsock.addr("add", index=up, address=node.ip, prefixlen=_prefix(topo.underlay_cidr))
     nsock.route("add", dst="0.0.0.0/0", gateway=topo.router_ip)
     for other in topo.nodes:
         if other is not node:
             nsock.route("add", dst=other.pod_cidr, gateway=other.ip)
+    if topo.has_ipv6:
+        _addr6(nsock, up, node.ip6, _prefix(topo.underlay_cidr6))
+        nsock.route("add", dst="::/0", gateway=topo.router_ip6)
+        for other in topo.nodes:
+            if other is not node:
+                nsock.route("add", dst=other.pod_cidr6, gateway=other.ip6)
 
     for pod in node.pods:
         psock = socks[pod.netns]
         _veth(nsock, pod.host_ifname, pod.netns, POD_IFNAME)
         hidx = _up(nsock, pod.host_ifname, alias=pod.netns)
-        nsock.addr("add", index=hidx, address=node.gateway, prefixlen=32)
-        nsock.route("add", dst=f"{pod.ip}/32", oif=hidx, scope=253, prefsrc=node.gateway)
         eidx = _up(psock, POD_IFNAME)
-        psock.addr("add", index=eidx, address=pod.ip, prefixlen=32)
-        psock.route("add", dst=f"{node.gateway}/32", oif=eidx, scope=253)
-        psock.route("add", dst="0.0.0.0/0", gateway=node.gateway, oif=eidx)
+        if topo.has_ipv4:
+            nsock.addr("add", index=hidx, address=node.gateway, prefixlen=32)
+            nsock.route("add", dst=f"{pod.ip}/32", oif=hidx, scope=253, prefsrc=node.gateway)
+            psock.addr("add", index=eidx, address=pod.ip, prefixlen=32)
+            psock.route("add", dst=f"{node.gateway}/32", oif=eidx, scope=253)
+            psock.route("add", dst="0.0.0.0/0", gateway=node.gateway, oif=eidx)
+        if topo.has_ipv6:       # the gateway is found by neighbour discovery, as ARP for IPv4
+            _addr6(nsock, hidx, node.gateway6, HOST6)
+            nsock.route("add", dst=f"{pod.ip6}/{HOST6}", oif=hidx, prefsrc=node.gateway6)
+            _addr6(psock, eidx, pod.ip6, HOST6)
+            psock.route("add", dst=f"{node.gateway6}/{HOST6}", oif=eidx)
+            psock.route("add", dst="::/0", gateway=node.gateway6, oif=eidx)
 
 
 def lab_mark(lab: str) -> str:
@@ -120,10 +164,10 @@ def _build(topo: Topology) -> None:
     try:
         for name, sock in socks.items():
             _up(sock, "lo", alias=lab_mark(topo.lab))
-            netns.sysctl(name, _NS_SYSCTLS)
-        netns.sysctl(topo.fabric_netns, _ROUTER_SYSCTLS)
+            netns.sysctl(name, _ns_sysctls(topo))
+        netns.sysctl(topo.fabric_netns, _router_sysctls(topo))
         for node in topo.nodes:
-            netns.sysctl(node.netns, {**_ROUTER_SYSCTLS, **_node_sysctls(topo)})
+            netns.sysctl(node.netns, {**_router_sysctls(topo), **_node_sysctls(topo)})
         _build_fabric(topo, socks)
         for node in topo.nodes:
             _build_node(topo, node, socks)
@@ -265,8 +309,10 @@ def lab_down_all() -> dict[str, list[str]]:
 
 
 def add_veth_pair(lab: str, name_a: str, name_b: str, ip_a: str, ip_b: str,
-                  prefixlen: int = 30) -> tuple[str, str]:
-    """Two more namespaces in a lab, joined by one veth pair (``eth0`` on each side).
+                  prefixlen: int = 30, ip6: tuple[str, str] | None = None,
+                  prefixlen6: int = 64) -> tuple[str, str]:
+    """Two more namespaces in a lab, joined by one veth pair (``eth0`` on each side); with
+    ``ip6`` (the two sides' IPv6 addresses), IPv6 too.
 
     The benchmark uses this as the same-node limit: a pod-to-pod path can be
     no faster than one veth between two namespaces. Recorded in the lab's
@@ -279,13 +325,18 @@ def add_veth_pair(lab: str, name_a: str, name_b: str, ip_a: str, ip_b: str,
         state.save()
         for name in names:
             netns.create(name)
+            if ip6:     # before the veth exists, so that it has no DAD to do
+                netns.sysctl(name, _NS_SYSCTLS6)
         with netns.ipr(names[0]) as a, netns.ipr(names[1]) as b:
             _veth(a, POD_IFNAME, names[1], "peer0")
             b.link("set", index=netns.ifindex(b, "peer0"), ifname=POD_IFNAME)
-            for sock, ip in ((a, ip_a), (b, ip_b)):
+            for side, (sock, ip) in enumerate(((a, ip_a), (b, ip_b))):
                 _up(sock, "lo", alias=lab_mark(lab))
                 idx = _up(sock, POD_IFNAME)
                 sock.addr("add", index=idx, address=ip, prefixlen=prefixlen)
-        for name in names:
-            netns.sysctl(name, _NS_SYSCTLS)
+                if ip6:
+                    _addr6(sock, idx, ip6[side], prefixlen6)
+        if not ip6:
+            for name in names:
+                netns.sysctl(name, _NS_SYSCTLS)
     return names

@@ -104,35 +104,69 @@ for case in cases:                      # "ip,mac"
 """
 
 
-UDP_ECHO = """
+ECHO = """
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
+port, family, proto = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+af = socket.AF_INET6 if family == "6" else socket.AF_INET
+s = socket.socket(af, socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM)
+if af == socket.AF_INET6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::" if af == socket.AF_INET6 else "0.0.0.0", port))
+if proto == "tcp":
+    s.listen(16)
 while True:
-    data, addr = s.recvfrom(65535)
-    s.sendto(data + (" from %s" % addr[0]).encode(), addr)
+    if proto == "udp":
+        data, addr = s.recvfrom(65535)
+        s.sendto(data + (" from %s" % addr[0]).encode(), addr)
+        continue
+    conn, addr = s.accept()
+    with conn:
+        conn.sendall(conn.recv(65535) + (" from %s" % addr[0]).encode())
 """
 
-UDP_CLIENT = """
+CLIENT = """
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+host, port, proto = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+af = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(af, socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM)
 s.settimeout(2)
-s.sendto(b"hello", (sys.argv[1], int(sys.argv[2])))
-print(s.recvfrom(65535)[0].decode())
+if proto == "udp":
+    s.sendto(b"hello", (host, port))
+    print(s.recvfrom(65535)[0].decode())
+else:
+    s.connect((host, port))
+    s.sendall(b"hello")
+    reply = b""
+    while chunk := s.recv(65535):
+        reply += chunk
+    print(reply.decode())
 """
 
 
 @contextlib.contextmanager
-def udp_echo(ns: str, port: int = 5353):
-    with background(ns, [sys.executable, "-c", UDP_ECHO, str(port)], port=port, proto="udp") as p:
+def echo_server(ns: str, port: int = 5353, proto: str = "udp", family: int = 4):
+    """A server that answers what it gets with " from <the client address it saw>"."""
+    with background(ns, [sys.executable, "-c", ECHO, str(port), str(family), proto],
+                    port=port, proto=proto) as p:
         yield p
+
+
+def udp_echo(ns: str, port: int = 5353, family: int = 4):
+    return echo_server(ns, port, "udp", family)
+
+
+def echo_request(ns: str, host: str, port: int = 5353, proto: str = "udp") -> str:
+    """Send "hello" (UDP, or TCP), return the reply, which names the source the server saw;
+    IPv6 when the host is an IPv6 address."""
+    proc = netns.run(ns, [sys.executable, "-c", CLIENT, host, str(port), proto], check=False)
+    assert proc.returncode == 0, f"{proto.upper()} {host}:{port} from {ns}: {proc.stderr}"
+    return proc.stdout.strip()
 
 
 def udp_request(ns: str, host: str, port: int = 5353) -> str:
     """Send one datagram, return the reply, which names the source the server saw."""
-    proc = netns.run(ns, [sys.executable, "-c", UDP_CLIENT, host, str(port)], check=False)
-    assert proc.returncode == 0, f"UDP {host}:{port} from {ns}: {proc.stderr}"
-    return proc.stdout.strip()
+    return echo_request(ns, host, port, "udp")
 
 
 def conntrack_entries(ns: str, *filters: str) -> list[str]:

@@ -39,6 +39,8 @@ def snapshot() -> dict:
         "neigh_proxy": _cmd(["ip", "neigh", "show", "proxy"]),
         "iptables_nft": _cmd(["iptables-nft-save"]),
         "iptables_legacy": _cmd(["iptables-legacy-save"]),
+        "ip6tables_nft": _cmd(["ip6tables-nft-save"]),
+        "ip6tables_legacy": _cmd(["ip6tables-legacy-save"]),
         "nft": _cmd(["nft", "list", "ruleset"]),
         "qdiscs": _cmd(["tc", "qdisc", "show"]),
         "sysctls": _sysctls(),

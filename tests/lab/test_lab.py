@@ -31,11 +31,24 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_root_namespace_is_identical_after_lab_up_and_down(lab_name):
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_root_namespace_is_identical_after_lab_up_and_down(lab_name, family):
+    """IPv4 and IPv6 (links, addresses, routes, rules, sysctls, iptables and ip6tables in
+    both backends, nft): an ipv6 lab has IPv6 everywhere (its pods only IPv6) and its legacy
+    mode masquerades with ip6tables too."""
     before = rootns.snapshot()
-    topo = load_topology(lab_name)
+    topo = load_topology(lab_name, ip_family=family)
     from datapath.switch import configure_mode
     lab_up(topo, configure_mode("legacy"))
+    if family == "ipv6":
+        pod = topo.nodes[1].pods[0]
+        # no IPv4 but loopback's: no address on eth0, no route in the main table
+        assert netns.run(pod.netns, ["ip", "-4", "addr", "show", "dev", "eth0"]).stdout == ""
+        assert netns.run(pod.netns, ["ip", "-4", "route", "show"]).stdout == ""
+        assert f"inet6 {pod.ip6}/128" in netns.run(pod.netns, ["ip", "-6", "addr"]).stdout
+        from tests.labtools import assert_ping
+        assert_ping(pod.netns, topo.nodes[0].pods[0].ip6)
+        assert_ping(pod.netns, topo.external.ip6)
     during = rootns.snapshot()
     lab_down(lab_name)
     after = rootns.snapshot()
@@ -101,6 +114,8 @@ def test_show_json_has_the_documented_fields(legacy_lab):
     assert (node["name"], node["ip"], node["pod_cidr"]) == ("node1", "198.19.0.1", "198.18.1.0/24")
     assert {"name", "netns", "ip"} <= set(node["pods"][0])
     assert node["pods"][0]["ip"] == "198.18.1.10"
+    # no IPv6 key in an IPv4-only lab: consumers of the IPv4 output keep working
+    assert "ip6" not in json.dumps(data) and "ip_family" not in data
 
 
 @pytest.mark.slow
@@ -137,9 +152,13 @@ def test_down_all_after_sigkill_during_lab_up(lab_name):
         assert lab_namespaces(lab_name) == []
 
 
-def test_cli_errors_are_one_line(lab_name):
+def test_cli_errors_are_one_line(lab_name, tmp_path):
+    dual = tmp_path / "dual.toml"
+    dual.write_text('[lab]\nip_family = "dual"\n')
     for args in (["lab", "down", "--lab", lab_name], ["lab", "up", "--lab", "Bad!"],
                  ["lab", "up", "--lab", lab_name, "--nodes", "0"],
+                 ["lab", "up", "--lab", lab_name, "--topology", str(dual), "--ip-family",
+                  "ipv4"],
                  ["lab", "up", "--lab", lab_name, "--topology", "/nonexistent.toml"]):
         proc = cli(*args)
         assert proc.returncode == 1, args
@@ -185,6 +204,7 @@ def test_longest_lab_name_with_ten_nodes_comes_up_routes_and_goes(private_state_
     (["lab", "up", "--nodes", "abc"], "lab up: argument --nodes: invalid int value: 'abc'"),
     (["lab", "up", "--pods-per-node"], "lab up: argument --pods-per-node: expected one argument"),
     (["lab", "up", "--mode", "fast"], "lab up: argument --mode: invalid choice: 'fast'"),
+    (["lab", "up", "--ip-family", "ipv5"], "lab up: argument --ip-family: invalid choice"),
     (["lab", "up", "--bogus"], "unrecognized arguments: --bogus"),
     ([], "the following arguments are required: COMMAND"),
     (["lab"], "lab: the following arguments are required: LAB_COMMAND"),
