@@ -7,18 +7,18 @@ point, ends in the same place.
 
 - legacy: the rule guard stopped (it would revert the next step), the live
   BPF SNAT flows written into conntrack and MASQUERADE restored in one
-  ``iptables-restore --noflush`` transaction (only while programs are still
-  attached and MASQUERADE is not whole), our programs removed, TCX or clsact
-  filter (a missing one is done), and the clsact qdiscs the lab added with
-  them, ``accept_local`` 0.
+  ``iptables-restore --noflush`` transaction per family (ip6tables' too in a
+  dual or ipv6 lab), only while programs are still attached and MASQUERADE is
+  not whole, our programs removed, TCX or clsact filter (a missing one is
+  done), and the clsact qdiscs the lab added with them, ``accept_local`` 0.
 - ebpf: the programs attached where they are missing (a loaded datapath whose
   config, table size and endpoints are the lab's is kept, and with it its NAT
   table; a new one takes over the old one's NAT entries, or conntrack's while
-  MASQUERADE still translates), ``accept_local`` 1, MASQUERADE removed in one
-  transaction, then exactly one live rule guard serving these programs
-  (orphans and stuck guards stopped; a new one only over firewall rules that
-  are none or accepted with ``enable --force``), tracing off when no monitor
-  runs.
+  MASQUERADE still translates), ``accept_local`` 1, MASQUERADE removed (one
+  transaction per family), then exactly one live rule guard serving these
+  programs (orphans and stuck guards stopped; a new one only over firewall
+  rules that are none or accepted with ``enable --force``), tracing off when
+  no monitor runs.
 - absent: netns_lab.builder.lab_down (guard, namespaces, every ``<lab>.*``).
 
 What converge cannot repair (a namespace or device deleted by hand) it
@@ -116,6 +116,10 @@ def _export_flows(topo: Topology, node: Node, view: NodeView) -> None:
                       written=written, failed=failed)
 
 
+def _masquerade_tables(topo: Topology) -> str:
+    return "iptables and ip6tables" if topo.has_ipv6 else "iptables"
+
+
 def ensure_legacy(state: LabState, topo: Topology, node: Node, view: NodeView) -> list[str]:
     done = []
     # While programs are attached no pod packet meets netfilter: conntrack learns the BPF
@@ -125,8 +129,8 @@ def ensure_legacy(state: LabState, topo: Topology, node: Node, view: NodeView) -
             _export_flows(topo, node, view)
         legacy.install_masquerade(topo, node)
         events.record(topo.lab, events.NORMAL, "MasqueradeRestored", f"node/{node.name}",
-                      "the iptables MASQUERADE rule masquerades traffic leaving the cluster "
-                      "again")
+                      f"the {_masquerade_tables(topo)} MASQUERADE rule masquerades traffic "
+                      "leaving the cluster again")
         done.append(f"{node.name}: MASQUERADE restored")
     detached = 0
     for dev, _ in attach_points(topo, node):
@@ -279,7 +283,8 @@ def ensure_ebpf(state: LabState, topo: Topology, node: Node, view: NodeView) -> 
         legacy.remove_masquerade(topo, node)
         events.record(topo.lab, events.NORMAL, "MasqueradeReplaced", f"node/{node.name}",
                       f"BPF SNAT to {node.ip} (ports {topo.nat.port_min}-{topo.nat.port_max}, "
-                      f"up to {topo.nat.max_flows} flows) replaces the iptables MASQUERADE rule")
+                      f"up to {topo.nat.max_flows} flows) replaces the "
+                      f"{_masquerade_tables(topo)} MASQUERADE rule")
         done.append(f"{node.name}: MASQUERADE removed")
     return done
 

@@ -4,8 +4,10 @@
 the program this project attached to every attach point (tc_attach.attached:
 a TCX program or a clsact filter),
 whether those programs are one consistent datapath with the lab's config (so
-it can be kept, NAT table and all), the MASQUERADE chain and its jump, the
-``accept_local`` sysctls and the trace flag; and for the lab: every namespace
+it can be kept, NAT table and all), the MASQUERADE chain and its jump (in
+iptables, and in ip6tables too in a dual or ipv6 lab: "present" only when every
+family has it whole, legacy.Masquerade.state), the ``accept_local`` sysctls and
+the trace flag; and for the lab: every namespace
 and the rule guard (rule_guard.find: pidfile checked against /proc, heartbeat).
 
 ``differences(state, view)`` compares that with what the record wants
