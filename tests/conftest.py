@@ -54,13 +54,14 @@ def lab_name():
 
 @contextlib.contextmanager
 def lab_maker():
-    """``make(mode='legacy', **topology)`` builds labs; all are removed when the block ends."""
+    """``make(mode='legacy', **topology)`` builds labs (``ip_family="dual"``: dual stack);
+    all are removed when the block ends."""
     made = []
 
     def make(mode: str = "legacy", nodes: int | None = None, pods_per_node: int | None = None,
-             topology: str | None = None):
+             topology: str | None = None, ip_family: str | None = None):
         from datapath.switch import configure_mode
-        topo = load_topology(fresh_lab_name(), topology, nodes, pods_per_node)
+        topo = load_topology(fresh_lab_name(), topology, nodes, pods_per_node, ip_family)
         made.append(topo.lab)
         state, _ = lab_up(topo, configure_mode(mode))
         return state, topo

@@ -24,10 +24,8 @@ pytestmark = pytest.mark.slow     # every test here builds a lab
 
 
 @pytest.fixture(scope="module")
-def lab(make_module_lab, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ipv6") / "dual.toml"
-    path.write_text('[lab]\nip_family = "dual"\n')
-    _, topo = make_module_lab("legacy", topology=str(path))
+def lab(make_module_lab):
+    _, topo = make_module_lab("legacy", ip_family="dual")
     return topo
 
 
