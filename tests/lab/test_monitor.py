@@ -37,8 +37,12 @@ def trace_flags(state, topo) -> list[int]:
     return flags
 
 
-def test_no_listener_no_events_then_filtered_stream(make_lab):
-    state, topo = make_lab("ebpf")
+def test_no_listener_no_events_then_filtered_streams_of_both_families(make_lab, tmp_path):
+    """A dual-stack lab (the IPv6 part: ipv6_stream below, in this lab so as to build no
+    other)."""
+    dual = tmp_path / "dual.toml"
+    dual.write_text('[lab]\nip_family = "dual"\n')
+    state, topo = make_lab("ebpf", topology=str(dual))
     state = load_state(topo.lab)
     (a1, a2), (b1, _) = topo.nodes[0].pods, topo.nodes[1].pods
     assert trace_flags(state, topo) == [0, 0]
@@ -54,6 +58,30 @@ def test_no_listener_no_events_then_filtered_stream(make_lab):
     timer.join()
     assert len(lines) == 2
     assert all("198.18.1.10" in line and "redirect_peer" in line for line in lines), lines
+    assert trace_flags(state, topo) == [0, 0]
+    ipv6_stream(state, topo)
+
+
+def ipv6_stream(state, topo):
+    """ping -6 from node1-pod1 to a pod on its node and one on node2: the monitor shows the
+    pods' IPv6 addresses (icmp6) and the family in --json, for the redirects of both hooks
+    on both nodes; --pod matches the pod by its IPv6 address too. (The line's format:
+    tests/system/test_family_observability.py.)"""
+    (a1, a2), (b1, _) = topo.nodes[0].pods, topo.nodes[1].pods
+    records: list[str] = []
+    timer = later(lambda: (assert_ping(a1.netns, a2.ip6), assert_ping(a1.netns, b1.ip6)))
+    run_monitor(state, topo, "trace", pod="node1-pod1", duration=4, as_json=True,
+                emit=records.append)
+    timer.join()
+    seen = [json.loads(r) for r in records]
+    assert all(a1.ip6 in (r["src"], r["dst"]) or a1.ip in (r["src"], r["dst"]) for r in seen)
+    v6 = {(r["node"], r["hook"], r["verdict"], r["protocol"], r["src"], r["dst"])
+          for r in seen if r["family"] == "ipv6"}
+    assert ("node1", "from_pod", "redirect_peer", "icmp6", a1.ip6, a2.ip6) in v6, seen
+    assert ("node1", "from_pod", "redirect_peer", "icmp6", a2.ip6, a1.ip6) in v6, seen
+    assert ("node1", "from_pod", "redirect_neigh", "icmp6", a1.ip6, b1.ip6) in v6, seen
+    assert ("node2", "from_underlay", "redirect_peer", "icmp6", a1.ip6, b1.ip6) in v6, seen
+    assert ("node1", "from_underlay", "redirect_peer", "icmp6", b1.ip6, a1.ip6) in v6, seen
     assert trace_flags(state, topo) == [0, 0]
 
 
