@@ -1,0 +1,152 @@
+"""eBPF host routing of IPv6 with real packets, in one dual-stack lab (issue 12): it carries pod
+traffic with the kernel's IPv6 routing switched off, and takes the BPF path.
+
+As tests/lab/test_ebpf_routing.py for IPv4: connectivity alone proves little, so the
+kernel's IPv6 forwarding is blocked every way (ip6tables FORWARD DROP in both backends, an
+nft inet drop chain, net.ipv6.conf.all.forwarding 0), conntrack must see no pod flow, and a
+drop-everything checker sits where only the slow path passes. Each block is first shown to
+stop legacy routing (the control). One lab serves the module; each test leaves it in
+legacy mode without blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+from datapath import switch, tc_attach
+from datapath.bpf_build import compile_bpf, load_program
+from datapath.converge import progs6_pin
+from netns_lab import netns
+from netns_lab.state import load_state
+from tests.labtools import assert_ping, conntrack_entries, echo_request, echo_server, ping
+
+pytestmark = pytest.mark.slow     # every test here builds a lab
+
+DROP_ALL = r"""
+#include <uapi/linux/pkt_cls.h>
+int drop_all(struct __sk_buff *skb) { return TC_ACT_SHOT; }
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(make_module_lab):
+    _, topo = make_module_lab("legacy", ip_family="dual")
+    return topo
+
+
+@pytest.fixture(scope="module")
+def drop_all():
+    checker = compile_bpf("drop_all.c", text=DROP_ALL)
+    try:
+        yield load_program(checker, "drop_all")
+    finally:
+        checker.cleanup()
+
+
+def ipv6_counters(topo) -> dict[str, dict[str, int]]:
+    """{node: {reason: packets}} of the verdicts counted under the family ipv6."""
+    stats = switch.stats(load_state(topo.lab), topo)
+    return {n["name"]: {k: v["packets"] for k, v in n["counters_by_family"]["ipv6"].items()}
+            for n in stats["nodes"]}
+
+
+def pods(topo):
+    (a1, a2), (b1, _) = topo.nodes[0].pods, topo.nodes[1].pods
+    return a1, a2, b1
+
+
+@contextlib.contextmanager
+def kernel_ipv6_routing_off(topo):
+    """FORWARD DROP in ip6tables (nft and legacy backends), an nft inet chain dropping what
+    is forwarded, IPv6 forwarding off in every node; all undone after the block."""
+    for node in topo.nodes:
+        for tool in ("ip6tables-nft", "ip6tables-legacy"):
+            netns.run(node.netns, [tool, "-P", "FORWARD", "DROP"])
+        netns.run(node.netns, ["nft", "add table inet hr6test; add chain inet hr6test forward_drop "
+                               "{ type filter hook forward priority 0; policy drop; }"])
+        netns.sysctl(node.netns, {"net.ipv6.conf.all.forwarding": 0})
+    try:
+        yield
+    finally:
+        for node in topo.nodes:
+            for tool in ("ip6tables-nft", "ip6tables-legacy"):
+                netns.run(node.netns, [tool, "-P", "FORWARD", "ACCEPT"])
+            netns.run(node.netns, ["nft", "delete table inet hr6test"])
+            netns.sysctl(node.netns, {"net.ipv6.conf.all.forwarding": 1})
+
+
+def kernel_ipv6_routing_still_off(topo) -> bool:
+    return all(":FORWARD DROP " in netns.run(node.netns, [tool]).stdout
+               for node in topo.nodes for tool in ("ip6tables-nft-save", "ip6tables-legacy-save")) \
+        and all("policy drop" in netns.run(node.netns, ["nft", "list", "table", "inet",
+                                                        "hr6test"]).stdout
+                and netns.read_sysctl(node.netns, "net.ipv6.conf.all.forwarding") == "0"
+                for node in topo.nodes)
+
+
+@contextlib.contextmanager
+def checker_on(topo, pod, fd):
+    """The drop-all program at egress of the pod's host-side veth, which only the stack's
+    forwarding path crosses (a peer redirect goes straight into the pod's eth0)."""
+    node = next(n for n in topo.nodes if pod in n.pods)
+    tc_attach.attach(node.netns, pod.host_ifname, fd, "drop_all", "egress")
+    try:
+        yield
+    finally:
+        tc_attach.detach(node.netns, pod.host_ifname, "egress")
+
+
+def test_the_blocks_and_the_checker_stop_legacy_ipv6(lab, drop_all):
+    """The control: each block, and the checker, stops legacy IPv6 between pods."""
+    a1, a2, b1 = pods(lab)
+    for dst in (a2, b1):
+        assert_ping(a1.netns, dst.ip6)
+        with checker_on(lab, dst, drop_all):
+            assert ping(a1.netns, dst.ip6, timeout=1).returncode != 0, \
+                f"legacy passed {dst.name}'s checker"
+    with kernel_ipv6_routing_off(lab):
+        for dst in (a2, b1):
+            assert ping(a1.netns, dst.ip6, timeout=1).returncode != 0
+    assert_ping(a1.netns, b1.ip6)           # unblocked again
+
+
+def test_ebpf_routes_ipv6_with_kernel_routing_off_and_without_conntrack(lab, drop_all):
+    """ping -6, TCP and UDP between pods, same node and across nodes, both ways, with every
+    block in (enable --force: the operator accepts that eBPF bypasses them), past the
+    drop-all checker on the destination's veth; conntrack never sees the flows."""
+    a1, a2, b1 = pods(lab)
+    with kernel_ipv6_routing_off(lab):
+        switch.enable_ebpf(load_state(lab.lab), lab, force=True)
+        for node in lab.nodes:      # what legacy mode tracked before
+            netns.run(node.netns, ["conntrack", "-F"], check=False)
+        try:
+            # the IPv6 programs stay reachable after converge is done: progs6 is pinned
+            assert all(progs6_pin(lab, node).exists() for node in lab.nodes)
+            before = ipv6_counters(lab)
+            for src, dst in ((a1, a2), (a2, a1), (a1, b1), (b1, a1)):
+                assert_ping(src.netns, dst.ip6, count=2)
+            for server, client in ((a2, a1), (b1, a1), (a1, b1)):
+                for proto in ("udp", "tcp"):
+                    with echo_server(server.netns, 5353, proto, family=6):
+                        reply = echo_request(client.netns, server.ip6, 5353, proto)
+                    assert reply == f"hello from {client.ip6}", (proto, reply)
+            for dst in (a2, b1):
+                with checker_on(lab, dst, drop_all):
+                    assert_ping(a1.netns, dst.ip6)
+            assert kernel_ipv6_routing_still_off(lab)
+            for node in lab.nodes:
+                for pod in (a1, a2, b1):
+                    for way in ("--orig-src", "--reply-src"):
+                        assert conntrack_entries(node.netns, "-f", "ipv6", way, pod.ip6) == []
+            after = ipv6_counters(lab)
+            grown = {node: {k: after[node][k] - before[node][k] for k in after[node]}
+                     for node in after}
+            # same node by peer redirect, across by neighbour redirect out and peer in
+            assert grown["node1"]["redirect_peer"] >= 8 and grown["node2"]["redirect_peer"] >= 4
+            assert grown["node1"]["redirect_neigh"] >= 4 and grown["node2"]["redirect_neigh"] >= 4
+        finally:
+            switch.disable_ebpf(load_state(lab.lab), lab)
+    assert not any(progs6_pin(lab, node).exists() for node in lab.nodes)
+    assert_ping(a1.netns, b1.ip6)           # legacy again, unblocked
