@@ -126,9 +126,11 @@ def prometheus(exporter, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lab(exporter, make_module_lab):
-    """The module's eBPF lab, made after the exporter started."""
-    _, topo = make_module_lab("ebpf")
+def lab(exporter, make_module_lab, tmp_path_factory):
+    """The module's eBPF lab, dual stack, made after the exporter started."""
+    dual = tmp_path_factory.mktemp("topology") / "dual.toml"
+    dual.write_text('[lab]\nip_family = "dual"\n')
+    _, topo = make_module_lab("ebpf", topology=str(dual))
     return topo
 
 
@@ -163,6 +165,23 @@ def test_forward_counters_grow_by_the_packets_sent(prometheus, lab):
     assert prometheus.query(nbytes) >= before_bytes + PINGS * 98     # 84 B of IP + Ethernet
 
 
+def test_ipv6_packets_are_counted_under_their_family(prometheus, lab):
+    src, dst = lab.nodes[0].pods[0], lab.nodes[1].pods[0]
+    out6 = total("hostrouting_forward_packets_total", lab, node="node1", family="ipv6",
+                 hook="from_pod", reason="redirect_neigh")
+    back6 = total("hostrouting_forward_packets_total", lab, node="node1", family="ipv6",
+                  hook="from_underlay", reason="redirect_peer")
+    out4 = total("hostrouting_forward_packets_total", lab, node="node1", family="ipv4",
+                 hook="from_pod", reason="redirect_neigh")
+    before_out, before_back = (prometheus.wait_for(q, lambda v: True) for q in (out6, back6))
+    before_out4 = prometheus.query(out4)
+    proc = ping(src.netns, dst.ip6, count=PINGS, interval=0.01)
+    assert f"{PINGS} received" in proc.stdout, proc.stdout
+    prometheus.wait_for(out6, lambda v: v >= before_out + PINGS)      # requests out, IPv6
+    prometheus.wait_for(back6, lambda v: v >= before_back + PINGS)    # replies into the pod
+    assert prometheus.query(out4) == before_out4                      # none under IPv4
+
+
 def test_a_spoofed_packet_is_counted_as_a_drop(prometheus, lab):
     a1, a2 = lab.nodes[0].pods
     b1 = lab.nodes[1].pods[0]
@@ -182,13 +201,17 @@ def test_nat_entries_after_a_pod_to_external_flow(prometheus, lab):
     node, pod = lab.nodes[0], lab.nodes[0].pods[0]
     with udp_echo(lab.external.netns):
         assert udp_request(pod.netns, lab.external.ip) == f"hello from {node.ip}"
-    entries = prometheus.wait_for(series("hostrouting_nat_entries", lab, node="node1"),
+    v4 = {"node": "node1", "family": "ipv4"}
+    entries = prometheus.wait_for(series("hostrouting_nat_entries", lab, **v4),
                                   lambda v: v > 0)
     assert entries >= 2                                     # the flow's OUT and IN entries
-    capacity = prometheus.query(series("hostrouting_nat_capacity", lab, node="node1"))
+    capacity = prometheus.query(series("hostrouting_nat_capacity", lab, **v4))
     assert capacity == 2 * lab.nat.max_flows
-    assert prometheus.query(series("hostrouting_nat_port_range_size", lab, node="node1")) == \
+    assert prometheus.query(series("hostrouting_nat_port_range_size", lab, **v4)) == \
         lab.nat.port_max - lab.nat.port_min + 1
+    # the lab has IPv6: its table is exported beside, as large
+    assert prometheus.query(series("hostrouting_nat_capacity", lab, node="node1",
+                                   family="ipv6")) == 2 * lab.nat.max_flows
 
 
 def test_program_run_time_while_bpf_stats_are_on(prometheus, lab):
