@@ -43,6 +43,7 @@
 #define HR_IP6_SADDR_OFF	8
 #define HR_IP6_DADDR_OFF	24
 #define HR_FRAG6_ID_OFF		4
+#define HR_FRAG6_HLEN		8
 /* ICMPv6 error types NAT translates (RFC 4443) */
 #define HR_ICMP6_DEST_UNREACH	1
 #define HR_ICMP6_PARAMPROB	4	/* 2 packet too big, 3 time exceeded: in between */
@@ -366,8 +367,9 @@ static __always_inline int rnat_in6(struct __sk_buff *skb, struct hr_pkt6 *pkt,
  * port become node_ip6 and the NAT port. The inner L4 checksum (when quoted,
  * within the outer payload length; it covers the quoted addresses, ICMPv6
  * echo's too) and the ICMPv6 checksum (over the outer pseudo-header and the
- * whole quote) are fixed. The quote must be an IPv6 header straight followed
- * by TCP, UDP or (in) an ICMPv6 echo request. Returns 0 when translated
+ * whole quote) are fixed. The quote must be an IPv6 header followed by TCP,
+ * UDP or (in) an ICMPv6 echo request: straight, or (in) after the Fragment
+ * header of a first fragment. Returns 0 when translated
  * (*new_ip: the outer address written; packet pointers stale),
  * HR_PASS_NAT_MISS when no live flow matches (untouched), or the hr_reason of
  * a drop. Not a refresh.
@@ -384,6 +386,7 @@ static __always_inline int nat6_icmp_error(struct __sk_buff *skb, struct hr_pkt6
 	__u32 il4_off = ip_off + sizeof(struct ipv6hdr);
 	__u32 csum_off = 0, port_off;
 	__u16 icmp_check, l4_check = 0, new_l4_check = 0, old_port, new_port;
+	__u8 nexthdr;
 
 	s = nat6_scratch_get();
 	if (!s)
@@ -397,8 +400,22 @@ static __always_inline int nat6_icmp_error(struct __sk_buff *skb, struct hr_pkt6
 		return HR_PASS_NAT_MISS;
 	if (icmp[0] < HR_ICMP6_DEST_UNREACH || icmp[0] > HR_ICMP6_PARAMPROB)
 		return HR_PASS_NAT_MISS;
+	if (bpf_skb_load_bytes(skb, ip_off, inner, sizeof(*inner)) < 0)
+		return HR_PASS_NAT_MISS;
+	nexthdr = inner->nexthdr;
+	/*
+	 * in: the quote of a first fragment (a router's Packet Too Big about a
+	 * fragmented datagram): its L4 header follows the Fragment header. A later
+	 * fragment's quote has none: not translated.
+	 */
+	if (!out && nexthdr == HR_NEXTHDR_FRAGMENT) {
+		if (bpf_skb_load_bytes(skb, il4_off, il4, HR_FRAG6_HLEN) < 0 ||
+		    (il4[2] | (il4[3] & 0xf8)))
+			return HR_PASS_NAT_MISS;
+		nexthdr = il4[0];
+		il4_off += HR_FRAG6_HLEN;
+	}
 	if (il4_off + sizeof(s->il4) > pkt->end ||
-	    bpf_skb_load_bytes(skb, ip_off, inner, sizeof(*inner)) < 0 ||
 	    bpf_skb_load_bytes(skb, il4_off, il4, sizeof(s->il4)) < 0)
 		return HR_PASS_NAT_MISS;
 	/* in: what we sent, from node_ip6; out: what the remote sent the pod, the error back */
@@ -410,17 +427,17 @@ static __always_inline int nat6_icmp_error(struct __sk_buff *skb, struct hr_pkt6
 
 	/* out: the flow's OUT key, the quote turned around; in: its IN key, a reply's */
 	__builtin_memset(&s->key, 0, sizeof(s->key));
-	s->key.protocol = inner->nexthdr;
+	s->key.protocol = nexthdr;
 	s->key.saddr = *idst;
 	s->key.daddr = *isrc;
 	s->key.dir = out ? HR_NAT_OUT : HR_NAT_IN;
 	old_addr = out ? idst : isrc;
-	if (inner->nexthdr == IPPROTO_TCP || inner->nexthdr == IPPROTO_UDP) {
+	if (nexthdr == IPPROTO_TCP || nexthdr == IPPROTO_UDP) {
 		old_port = nat_quoted_ports(il4, out, &s->key.sport, &s->key.dport);
 		port_off = il4_off + (out ? 2 : 0);
-		csum_off = il4_off + (inner->nexthdr == IPPROTO_TCP ? HR_TCP_CSUM_OFF
+		csum_off = il4_off + (nexthdr == IPPROTO_TCP ? HR_TCP_CSUM_OFF
 								      : HR_UDP_CSUM_OFF);
-	} else if (!out && inner->nexthdr == IPPROTO_ICMPV6 &&
+	} else if (!out && nexthdr == IPPROTO_ICMPV6 &&
 		   il4[0] == HR_NAT_ICMP6_ECHO_REQUEST) {
 		__builtin_memcpy(&old_port, il4 + HR_ICMP_ID_OFF, 2);
 		s->key.dport = old_port;
@@ -445,10 +462,10 @@ static __always_inline int nat6_icmp_error(struct __sk_buff *skb, struct hr_pkt6
 			return HR_DROP_NAT_FAILED;
 		new_l4_check = l4_check;
 		/* a quoted UDP checksum of 0 (not allowed, but quoted as sent) stays */
-		if (inner->nexthdr != IPPROTO_UDP || l4_check != 0) {
+		if (nexthdr != IPPROTO_UDP || l4_check != 0) {
 			new_l4_check = csum_replace16(new_l4_check, old_addr, &s->addr);
 			new_l4_check = csum_replace2(new_l4_check, old_port, new_port);
-			if (inner->nexthdr == IPPROTO_UDP && new_l4_check == 0)
+			if (nexthdr == IPPROTO_UDP && new_l4_check == 0)
 				new_l4_check = 0xffff;
 		}
 		icmp_check = csum_replace2(icmp_check, l4_check, new_l4_check);

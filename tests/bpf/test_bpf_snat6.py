@@ -542,6 +542,42 @@ def test_a_fragmented_datagram_goes_out_and_its_fragmented_reply_comes_back(snat
     assert len(frag_records6(snat6)) == 2
 
 
+@pytest.mark.parametrize("proto", ["udp", "echo"])
+def test_a_packet_too_big_about_a_first_fragment_reaches_the_pod_translated(snat6, route6_ns,
+                                                                             proto):
+    """A router's Packet Too Big about a fragmented datagram quotes a fragment (IPv6 header,
+    Fragment header, and in the first the L4 header): the first's is translated, so the pod
+    learns the path MTU; a later fragment's quote (no L4 header) stays with the node."""
+    l4 = UDP(sport=40000, dport=5353) if proto == "udp" else ICMPv6EchoRequest(id=0x99, seq=1)
+    frames = frames6(IPv6(src=SRC6, dst=EXT6) / IPv6ExtHdrFragment(id=0x77) / l4
+                     / (b"f" * 3000), size=1500)
+    sent = []
+    for f in frames:
+        _, res = run_out(snat6, route6_ns, f)
+        assert res.retval == TC_ACT_REDIRECT, counters6(snat6)
+        sent.append(ip6(res.data_out))
+    nat_port = struct.unpack("!H", sent[0][48 + (0 if proto == "udp" else 4):][:2])[0]
+    for i, quote in enumerate(sent[:2]):
+        err = Ether(src=ROUTER_MAC, dst=UPLINK_MAC) / IPv6(src=ROUTER6_UNDERLAY, dst=NODE_IP6) \
+            / ICMPv6PacketTooBig(mtu=1280)
+        raw = bytes(err / quote[:1232])
+        data, res = run_in(snat6, route6_ns, raw)
+        if i > 0:                                           # a later fragment: no L4 header
+            assert res.retval == TC_ACT_OK and res.data_out == data
+            continue
+        assert res.retval == TC_ACT_REDIRECT, counters6(snat6)
+        out = ip6(res.data_out)
+        assert l4_sum_ok(out) and IPv6(out).dst == SRC6
+        inner = out[48:]
+        assert IPv6(inner[:40]).src == SRC6 and inner[40] == (17 if proto == "udp" else 58)
+        # the quoted L4 header is the pod's own again: port / identifier and the datagram's
+        # checksum (not all quoted: moved incrementally) as the pod sent them
+        assert inner[48:56] == bytes(frames[0])[14 + 48:14 + 56]
+    assert counters6(snat6) == {"snat_fragment": len(frames), "rnat_icmp_error": 1,
+                                "pass_nat_miss": 1}
+    assert PORT_MIN <= nat_port <= PORT_MAX
+
+
 def test_a_later_fragment_whose_first_was_not_seen_is_counted_never_leaked(snat6, route6_ns):
     first, middle, last = frames6(IPv6(src=SRC6, dst=EXT6) / IPv6ExtHdrFragment(id=7)
                                   / UDP(sport=40000, dport=53) / (b"a" * 3000))

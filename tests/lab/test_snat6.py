@@ -25,7 +25,7 @@ from datapath.host_routing import DatapathMaps
 from netns_lab import netns
 from netns_lab.state import load_state
 from tests.labtools import (assert_ping, background, conntrack_entries, echo_request,
-                            echo_server, lab_counters)
+                            echo_server, lab_counters, ping)
 
 pytestmark = pytest.mark.slow     # every test here builds a lab
 
@@ -140,6 +140,23 @@ def test_path_mtu_discovery_through_snat_tracepath_and_a_2mb_upload(lab, tmp_pat
                                      str(blob)], check=False, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [hashlib.sha256(data).hexdigest(), node.ip6]
+    assert_no_ipv6_conntrack(lab)
+
+
+def test_fragmented_ping6_learns_the_path_mtu_through_snat(lab):
+    """3,000-byte echoes leave the pod in 1500-byte fragments; the router's Packet Too Big
+    about the first (quoting it after its Fragment header) reaches the pod translated, and
+    the next echoes, in 1280-byte fragments, go both ways through BPF SNAT."""
+    node, pod = first_pods(lab)[0]
+    ext = lab.external
+    before = lab_counters(lab)[node.name]
+    proc = ping(pod.netns, ext.ip6, count=4, size=3000)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    route = netns.run(pod.netns, ["ip", "-6", "-o", "route", "get", ext.ip6]).stdout
+    assert re.search(rf"\bmtu {EXTERNAL_MTU}\b", route), route
+    after = lab_counters(lab)[node.name]
+    for reason in ("snat_fragment", "rnat_fragment", "rnat_icmp_error"):
+        assert after.get(reason, 0) > before.get(reason, 0), reason
     assert_no_ipv6_conntrack(lab)
 
 
