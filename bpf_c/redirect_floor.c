@@ -2,10 +2,11 @@
 /*
  * The benchmark's mechanism floor (datapath/bench/floor.py): on the hooks
  * host_routing.c uses, a redirect and nothing else. No maps, no parsing
- * beyond the EtherType, no MAC or TTL rewrite, no FIB lookup: the target
- * device is a constant, FLOOR_IFINDEX, compiled in at load time (one build
- * per constant). What eBPF host routing costs above this floor is its own
- * logic; what the floor costs above the lab's limit is the redirect itself.
+ * beyond the EtherType (IPv6: see below), no MAC or TTL rewrite, no FIB
+ * lookup: the target device is a constant, FLOOR_IFINDEX, compiled in at load
+ * time (one build per constant). What eBPF host routing costs above this
+ * floor is its own logic; what the floor costs above the lab's limit is the
+ * redirect itself.
  *
  *   floor_peer   bpf_redirect_peer(): straight into the peer of FLOOR_IFINDEX
  *                (a pod's eth0), as from_pod/from_underlay hand packets to pods
@@ -14,15 +15,17 @@
  *
  * Only IPv4 is redirected: ARP must reach the node, or no neighbour would
  * ever be resolved. Built with -DFLOOR_IPV6 (bench --ip-family 6), IPv6 is
- * redirected instead, all but ICMPv6, so that neighbour discovery reaches the
- * node as ARP does (the one read beyond the EtherType: the next header). A
- * peer redirect needs no MAC rewrite to be delivered: the kernel scrubs the
- * skb to PACKET_HOST on the way into the peer.
+ * redirected instead, but not ICMPv6 other than echo, so that neighbour
+ * discovery reaches the node as ARP does (the one read beyond the EtherType:
+ * the next header and an ICMPv6 message's type). A peer redirect needs no MAC
+ * rewrite to be delivered: the kernel scrubs the skb to PACKET_HOST on the
+ * way into the peer.
  *
  * Built with bcc (datapath/bpf_build.py).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
+#include <uapi/linux/icmpv6.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
@@ -36,15 +39,23 @@ static long (*floor_redirect_neigh)(__u32 ifindex, struct bpf_redir_neigh *param
 				    __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
 
 #ifdef FLOOR_IPV6
-/* IPv6 but ICMPv6 (neighbour discovery, router solicitations: the stack's). */
+/*
+ * IPv6 but ICMPv6 control (neighbour discovery, router solicitations: the
+ * stack's); ICMPv6 echo is redirected, as eBPF host routing does.
+ */
 static __always_inline int floor_takes(struct __sk_buff *skb)
 {
 	void *data_end = (void *)(long)skb->data_end;
 	struct ipv6hdr *ip6 = (void *)(long)skb->data + sizeof(struct ethhdr);
+	__u8 *icmp6_type = (void *)(ip6 + 1);
 
 	if (skb->protocol != bpf_htons(ETH_P_IPV6) || (void *)(ip6 + 1) > data_end)
 		return 0;
-	return ip6->nexthdr != IPPROTO_ICMPV6;
+	if (ip6->nexthdr != IPPROTO_ICMPV6)
+		return 1;
+	if ((void *)(icmp6_type + 1) > data_end)
+		return 0;
+	return *icmp6_type == ICMPV6_ECHO_REQUEST || *icmp6_type == ICMPV6_ECHO_REPLY;
 }
 #else
 static __always_inline int floor_takes(struct __sk_buff *skb)

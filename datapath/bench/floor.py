@@ -46,10 +46,10 @@ class Floor:
     def route_replies(self) -> None:
         """The fabric routes node1's pod CIDR to node1 (no NAT on the floor's way out), and
         with family 6 its IPv6 pod CIDR too."""
-        with netns.ipr(self.topo.fabric_netns) as fab:
-            fab.route("add", dst=self.n1.pod_cidr, gateway=self.n1.ip)
+        with netns.ipr(self.topo.fabric_netns) as fab:     # replace: a second floor may ask
+            fab.route("replace", dst=self.n1.pod_cidr, gateway=self.n1.ip)
             if self.family == 6:
-                fab.route("add", dst=self.n1.pod_cidr6, gateway=self.n1.ip6)
+                fab.route("replace", dst=self.n1.pod_cidr6, gateway=self.n1.ip6)
 
     def cflags(self, ifindex: int) -> list[str]:
         """The build of the programs that redirect to ``ifindex``."""

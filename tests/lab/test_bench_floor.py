@@ -21,36 +21,40 @@ from tests.labtools import ping
 pytestmark = pytest.mark.slow     # every test here builds a lab
 
 
-def _server(topo, scenario):
+def _server(topo, scenario, family=4):
     pod = {"same-node": topo.nodes[0].pods[1], "cross-node": topo.nodes[1].pods[0]}.get(scenario)
-    return (pod.netns, pod.ip) if pod else (topo.external.netns, topo.external.ip)
+    where = pod or topo.external
+    return where.netns, where.ip6 if family == 6 else where.ip
 
 
 def test_floor_alone_delivers_every_scenario(lab_name):
-    topo = load_topology(lab_name)
+    """In a dual-stack lab, the IPv4 floor and then the IPv6 one (bench --ip-family 6)."""
+    topo = load_topology(lab_name, ip_family="dual")
     lab_up(topo, None)
     for node in topo.nodes:     # the stack cannot route pod traffic any more
-        netns.sysctl(node.netns, {"net.ipv4.ip_forward": 0})
+        netns.sysctl(node.netns, {"net.ipv4.ip_forward": 0, "net.ipv6.conf.all.forwarding": 0})
     client = topo.nodes[0].pods[0].netns
-    floor = Floor(topo)
-    try:
-        floor.route_replies()
-        for scenario in ("same-node", "cross-node", "pod-to-external"):
-            server_ns, ip = _server(topo, scenario)
-            floor.use(scenario)
-            assert ping(client, ip).returncode == 0, scenario
-            server = netperf.Netserver(server_ns)
-            try:
-                result = netperf.run_test(client, ip, "TCP_RR", 1)
-            finally:
-                server.close()
-            assert result.values["tps"] > 0, scenario
-            for ns, dev, *_ in floor.hooks(scenario):     # the control: no floor, no path
-                tc_attach.detach(ns, dev, "ingress")
-            floor.current = None
-            assert ping(client, ip).returncode != 0, scenario
-    finally:
-        floor.close()
+    for family in (4, 6):
+        floor = Floor(topo, family)
+        try:
+            floor.route_replies()
+            for scenario in ("same-node", "cross-node", "pod-to-external"):
+                server_ns, ip = _server(topo, scenario, family)
+                what = f"{scenario} IPv{family}"
+                floor.use(scenario)
+                assert ping(client, ip).returncode == 0, what
+                server = netperf.Netserver(server_ns, family=family)
+                try:
+                    result = netperf.run_test(client, ip, "TCP_RR", 1, family=family)
+                finally:
+                    server.close()
+                assert result.values["tps"] > 0, what
+                for ns, dev, *_ in floor.hooks(scenario):     # the control: no floor, no path
+                    tc_attach.detach(ns, dev, "ingress")
+                floor.current = None
+                assert ping(client, ip).returncode != 0, what
+        finally:
+            floor.close()
 
 
 def test_limit_lab_tracks_no_connection(lab_name):
