@@ -50,10 +50,31 @@ def reasons(lab: str) -> list[str]:
     return [e["reason"] for e in events.read(lab)]
 
 
+# IPv6 rules the pre-enable check must find: (node index, command, what it lists)
+IPV6_USER_RULES = [
+    (0, ["ip6tables-nft", "-A", "FORWARD", "-s", "2001:db8:9::9", "-j", "DROP"],
+     "ip6tables-nft table filter chain FORWARD: -A FORWARD -s 2001:db8:9::9/128 -j DROP"),
+    (1, ["ip6tables-legacy", "-A", "FORWARD", "-d", "2001:db8:9::8", "-j", "DROP"],
+     "ip6tables-legacy table filter chain FORWARD: -A FORWARD -d 2001:db8:9::8/128 -j DROP"),
+    (1, ["nft", "add table ip6 user6; add chain ip6 user6 c { type filter hook forward "
+         "priority 0; }; add rule ip6 user6 c ip6 saddr 2001:db8:9::7 drop"],
+     "nftables table ip6 user6 chain c: ip6 saddr 2001:db8:9::7 drop"),
+    (0, ["nft", "add table inet user; add chain inet user c { type filter hook forward "
+         "priority 0; policy drop; }; add rule inet user c ip6 daddr 2001:db8:9::6 drop"],
+     "nftables table inet user chain c: ip6 daddr 2001:db8:9::6 drop"),
+    (0, [], "nftables table inet user chain c: policy drop"),
+]
+
+
 def test_enable_refuses_over_a_user_rule_then_blocks_new_ones(legacy_lab, make_lab):
+    """Every backend and family: iptables-nft here, then IPv6 in ip6tables (both backends),
+    an nft ip6 table and an nft inet table; each is listed with a command that removes it."""
     _, topo = legacy_lab
     node1, node2 = topo.nodes[0].netns, topo.nodes[1].netns
     netns.run(node1, ["iptables-nft", "-A", "FORWARD", "-s", "198.18.9.9", "-j", "DROP"])
+    for index, argv, _ in IPV6_USER_RULES:
+        if argv:
+            netns.run(topo.nodes[index].netns, argv)
 
     proc = cli("enable", "--lab", topo.lab)
     assert proc.returncode == 1
@@ -61,8 +82,17 @@ def test_enable_refuses_over_a_user_rule_then_blocks_new_ones(legacy_lab, make_l
     assert "iptables-nft -t filter -D FORWARD -s 198.18.9.9/32 -j DROP" in proc.stderr
     assert load_state(topo.lab).mode == "legacy"
     assert "clsact" not in netns.run(node1, ["tc", "qdisc", "show"]).stdout
+    removals = []
+    for index, _, listed in IPV6_USER_RULES:
+        ns = topo.nodes[index].netns
+        at = proc.stderr.find(f"  {ns}: {listed}\n    remove: ")
+        assert at >= 0, f"{listed} not listed: {proc.stderr}"
+        removals.append(proc.stderr[at:].splitlines()[1].removeprefix("    remove: "))
+    assert len(re.findall(r"^    remove: ", proc.stderr, re.M)) == len(IPV6_USER_RULES) + 1
 
     netns.run(node1, ["iptables-nft", "-D", "FORWARD", "-s", "198.18.9.9", "-j", "DROP"])
+    for command in removals:      # as printed: each removes what it was printed for
+        subprocess.run(command, shell=True, check=True, timeout=30)
     proc = cli("enable", "--lab", topo.lab)
     assert proc.returncode == 0, proc.stderr
 
@@ -212,6 +242,14 @@ NF_TABLES_CHANGES = [
     ("iptables-nft new chain", [["iptables-nft", "-N", "USERCHAIN"]], "USERCHAIN"),
     ("ip6tables-nft append", [["ip6tables-nft", "-A", "INPUT", "-s", "2001:db8::1", "-j",
                                "DROP"]], "2001:db8::1"),
+    ("ip6tables-nft policy", [["ip6tables-nft", "-P", "FORWARD", "DROP"]],
+     "ip6 filter FORWARD"),
+    ("nft ip6 table rule",
+     [["nft", "add table ip6 user6; add chain ip6 user6 c { type filter hook forward "
+       "priority 0; }; add rule ip6 user6 c ip6 saddr 2001:db8:9::5 drop"]], "2001:db8:9::5"),
+    ("nft inet rule on IPv6 addresses",
+     [["nft", "add table inet user; add chain inet user c { type filter hook forward "
+       "priority 0; }; add rule inet user c ip6 daddr 2001:db8:9::6 drop"]], "2001:db8:9::6"),
     ("nft base chain with policy drop and no rules",
      [["nft", "add table inet user; add chain inet user c { type filter hook forward "
        "priority 0; policy drop; }"]], "policy drop"),
