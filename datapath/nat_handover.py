@@ -28,8 +28,11 @@ remote resets it. So:
   be INVALID, leave un-NATed, and replies would reach the node's own stack,
   which resets them.
 
-A flow opened in the milliseconds between the import and the attach is not
-carried over (its next packet gets a new port). conntrack cannot be told an
+Both families: IPv4's flows go between `nat` and conntrack, IPv6's (in a dual or
+ipv6 lab: the pods' flows masqueraded to the node's IPv6 address by ip6tables)
+between `nat6` and conntrack, ``conntrack -I`` taking an IPv6 NAT target as
+``[addr]:port``. A flow opened in the milliseconds between the import and the
+attach is not carried over (its next packet gets a new port). conntrack cannot be told an
 ICMP echo's translated identifier, so an echo flow whose BPF identifier is
 not the pod's own goes over without it (later requests get a new mapping).
 """
@@ -48,8 +51,11 @@ from . import libbpf, nat_table, shared_types as st
 from .host_routing import NAT_MAPS, DatapathMaps
 
 _BITS = st.NAT_STATE_BITS
-_PROTOS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "icmp": socket.IPPROTO_ICMP}
+_PROTOS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "icmp": socket.IPPROTO_ICMP,
+           "icmpv6": socket.IPPROTO_ICMPV6}
 _PROTO_NAMES = {v: k for k, v in _PROTOS.items()}
+#: an echo flow (no ports; its identifier instead): the request's type, by protocol
+_ECHO_REQUEST = {socket.IPPROTO_ICMP: "8", socket.IPPROTO_ICMPV6: "128"}
 _CLOSING = _BITS["seen_reply"] | _BITS["fin_out"] | _BITS["fin_in"]
 #: conntrack's TCP state -> the datapath's state bits. Half-closed states keep the
 #: established bits only: conntrack does not say which side sent the FIN.
@@ -74,11 +80,12 @@ class CtFlow:
 
 
 def parse_conntrack(text: str) -> list[CtFlow]:
-    """IPv4 TCP, UDP and ICMP echo entries of ``conntrack -L -o extended``."""
+    """TCP, UDP and ICMP (ICMPv6) echo entries of ``conntrack -L -o extended``, IPv4's and
+    IPv6's."""
     found = []
     for line in text.splitlines():
         words = line.split()
-        if len(words) < 6 or words[0] != "ipv4" or words[2] not in _PROTOS:
+        if len(words) < 6 or words[0] not in ("ipv4", "ipv6") or words[2] not in _PROTOS:
             continue
         proto = _PROTOS[words[2]]
         state = words[5] if proto == socket.IPPROTO_TCP and "=" not in words[5] else ""
@@ -89,8 +96,8 @@ def parse_conntrack(text: str) -> list[CtFlow]:
                 k, v = w.split("=", 1)
                 (reply if k in orig else orig).setdefault(k, v)
         try:
-            if proto == socket.IPPROTO_ICMP:
-                if orig.get("type") != "8":
+            if proto in _ECHO_REQUEST:
+                if orig.get("type") != _ECHO_REQUEST[proto]:
                     continue
                 ports = int(orig["id"]), 0, int(reply["id"])
             else:
@@ -117,14 +124,21 @@ def liberal_tcp_tracking(node: Node) -> None:
 
 
 def masqueraded(topo: Topology, node: Node) -> list[CtFlow]:
-    """The node's conntrack entries of its pods' flows masqueraded to the node IP."""
+    """The node's conntrack entries of its pods' flows masqueraded to the node IP (and, in a
+    lab with IPv6, to its IPv6 address)."""
     proc = netns.run(node.netns, ["conntrack", "-L", "-o", "extended"], check=False,
                      changes=False)
-    pods = ipaddress.IPv4Network(node.pod_cidr)
-    inside = [ipaddress.IPv4Network(c) for c in topo.non_masquerade_cidrs]
-    return [f for f in parse_conntrack(proc.stdout)
-            if ipaddress.IPv4Address(f.pod) in pods and f.nat_addr == node.ip
-            and not any(ipaddress.IPv4Address(f.remote) in net for net in inside)]
+    families = [(node.pod_cidr, node.ip, topo.non_masquerade_cidrs)]
+    if topo.has_ipv6 and node.ip6:
+        families.append((node.pod_cidr6, node.ip6, topo.non_masquerade_cidrs6))
+    found = []
+    for pod_cidr, node_ip, inside in families:
+        pods = ipaddress.ip_network(pod_cidr)
+        nets = [ipaddress.ip_network(c) for c in inside]
+        found += [f for f in parse_conntrack(proc.stdout)
+                  if f.nat_addr == node_ip and ipaddress.ip_address(f.pod) in pods
+                  and not any(ipaddress.ip_address(f.remote) in net for net in nets)]
+    return found
 
 
 def _state_bits(flow: CtFlow) -> int:
@@ -142,9 +156,13 @@ def import_conntrack(topo: Topology, node: Node, maps: DatapathMaps,
     """
     liberal_tcp_tracking(node)
     now_ns = time.monotonic_ns() if now_ns is None else now_ns
-    fd = maps.fd("nat")
     imported = skipped = 0
     for f in masqueraded(topo, node):
+        family = st.nat_family(f.pod)
+        if family not in maps.nat_families():
+            skipped += 1
+            continue
+        fd = maps.fd(NAT_MAPS[family][0])
         bits = _state_bits(f)
         out_key = st.NatKey(f.pod, f.remote, f.pod_port, f.remote_port, f.protocol, "out")
         in_key = st.NatKey(f.remote, f.nat_addr, f.remote_port, f.nat_port, f.protocol, "in")
@@ -199,7 +217,7 @@ def live_flows(maps: DatapathMaps, now_ns: int | None = None) -> list[BpfFlow]:
     """Every live flow of the table with both entries (as the datapath would judge it)."""
     now_ns = time.monotonic_ns() if now_ns is None else now_ns
     cfg = maps.config()
-    table = dict(maps.nat_entries())
+    table = {k: v for family in maps.nat_families() for k, v in maps.nat_entries(family)}
     found = []
     for key, out in table.items():
         if key.dir != "out":
@@ -220,9 +238,12 @@ def live_flows(maps: DatapathMaps, now_ns: int | None = None) -> list[BpfFlow]:
 
 
 def _ct_tuple(protocol: int, pod: str, pod_port: int, remote: str, remote_port: int) -> list[str]:
+    # the family follows from the addresses (-I refuses -f)
     argv = ["-p", _PROTO_NAMES[protocol], "-s", pod, "-d", remote]
-    if protocol == socket.IPPROTO_ICMP:
-        return argv + ["--icmp-type", "8", "--icmp-code", "0", "--icmp-id", str(pod_port)]
+    if protocol in _ECHO_REQUEST:
+        opt = "--icmpv6" if protocol == socket.IPPROTO_ICMPV6 else "--icmp"
+        return argv + [f"{opt}-type", _ECHO_REQUEST[protocol], f"{opt}-code", "0",
+                       f"{opt}-id", str(pod_port)]
     return argv + ["--sport", str(pod_port), "--dport", str(remote_port)]
 
 
@@ -244,6 +265,11 @@ def _ct_state(flow: BpfFlow) -> list[str]:
     return ["--state", tcp, "-u", "SEEN_REPLY,ASSURED"]
 
 
+def _nat_to(addr: str, port: int) -> str:
+    """conntrack's --src-nat argument: addr:port, [addr]:port for IPv6."""
+    return f"[{addr}]:{port}" if st.nat_family(addr) == 6 else f"{addr}:{port}"
+
+
 def export_to_conntrack(topo: Topology, node: Node, maps: DatapathMaps) -> tuple[int, int]:
     """A conntrack entry with the same NAT mapping for every live BPF flow; (written, failed).
 
@@ -259,7 +285,7 @@ def export_to_conntrack(topo: Topology, node: Node, maps: DatapathMaps) -> tuple
                   check=False)
     failed = 0
     for f in flows:
-        nat = f.nat_addr if f.protocol == socket.IPPROTO_ICMP else f"{f.nat_addr}:{f.nat_port}"
+        nat = f.nat_addr if f.protocol in _ECHO_REQUEST else _nat_to(f.nat_addr, f.nat_port)
         argv = ["conntrack", "-I", *_ct_tuple(f.protocol, f.pod, f.pod_port, f.remote,
                                               f.remote_port),
                 *_ct_state(f), "-t", str(f.remaining_s), "--src-nat", nat]
@@ -270,6 +296,6 @@ def export_to_conntrack(topo: Topology, node: Node, maps: DatapathMaps) -> tuple
                 for c in masqueraded(topo, node)}
         def kept(f: BpfFlow) -> bool:
             port = have.get((f.protocol, f.pod, f.pod_port, f.remote, f.remote_port))
-            return port is not None and (f.protocol == socket.IPPROTO_ICMP or port == f.nat_port)
+            return port is not None and (f.protocol in _ECHO_REQUEST or port == f.nat_port)
         failed = sum(1 for f in flows if not kept(f))
     return len(flows) - failed, failed
