@@ -18,8 +18,10 @@ import pytest
 from datapath import switch, tc_attach
 from datapath.bpf_build import compile_bpf, load_program
 from datapath.converge import progs6_pin
+from datapath.host_routing import DatapathMaps
 from netns_lab import netns
 from netns_lab.state import load_state
+from tests.bpf.harness import wait_for
 from tests.labtools import assert_ping, conntrack_entries, echo_request, echo_server, ping
 
 pytestmark = pytest.mark.slow     # every test here builds a lab
@@ -50,6 +52,13 @@ def ipv6_counters(topo) -> dict[str, dict[str, int]]:
     stats = switch.stats(load_state(topo.lab), topo)
     return {n["name"]: {k: v["packets"] for k, v in n["counters_by_family"]["ipv6"].items()}
             for n in stats["nodes"]}
+
+
+def progs6_ids(topo, node) -> list[int]:
+    """The IPv6 programs in the node's progs6 (through its attached from_underlay)."""
+    prog = next(a.prog_id for a in tc_attach.attached(node.netns, topo.uplink_ifname))
+    with DatapathMaps.from_prog_id(prog) as maps:
+        return maps.progs6_ids()
 
 
 def pods(topo):
@@ -123,6 +132,14 @@ def test_ebpf_routes_ipv6_with_kernel_routing_off_and_without_conntrack(lab, dro
             netns.run(node.netns, ["conntrack", "-F"], check=False)
         try:
             # the IPv6 programs stay reachable after converge is done: progs6 is pinned
+            assert all(progs6_pin(lab, node).exists() for node in lab.nodes)
+            # and the datapath is the lab's (IPv6 config, endpoints6, progs6): kept as it is
+            assert switch.enable_ebpf(load_state(lab.lab), lab, force=True) == []
+            # a pin removed by hand empties progs6: converge sees it and loads node1 anew
+            progs6_pin(lab, lab.nodes[0]).unlink()
+            assert wait_for(lambda: progs6_ids(lab, lab.nodes[0]) == [])    # a kernel worker
+            done = switch.enable_ebpf(load_state(lab.lab), lab, force=True)
+            assert any("node1: programs loaded" in line for line in done), done
             assert all(progs6_pin(lab, node).exists() for node in lab.nodes)
             before = ipv6_counters(lab)
             for src, dst in ((a1, a2), (a2, a1), (a1, b1), (b1, a1)):
