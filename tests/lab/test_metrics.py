@@ -126,11 +126,9 @@ def prometheus(exporter, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lab(exporter, make_module_lab, tmp_path_factory):
+def lab(exporter, make_module_lab):
     """The module's eBPF lab, dual stack, made after the exporter started."""
-    dual = tmp_path_factory.mktemp("topology") / "dual.toml"
-    dual.write_text('[lab]\nip_family = "dual"\n')
-    _, topo = make_module_lab("ebpf", topology=str(dual))
+    _, topo = make_module_lab("ebpf", ip_family="dual")
     return topo
 
 

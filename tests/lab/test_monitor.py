@@ -37,12 +37,10 @@ def trace_flags(state, topo) -> list[int]:
     return flags
 
 
-def test_no_listener_no_events_then_filtered_streams_of_both_families(make_lab, tmp_path):
+def test_no_listener_no_events_then_filtered_streams_of_both_families(make_lab):
     """A dual-stack lab (the IPv6 part: ipv6_stream below, in this lab so as to build no
     other)."""
-    dual = tmp_path / "dual.toml"
-    dual.write_text('[lab]\nip_family = "dual"\n')
-    state, topo = make_lab("ebpf", topology=str(dual))
+    state, topo = make_lab("ebpf", ip_family="dual")
     state = load_state(topo.lab)
     (a1, a2), (b1, _) = topo.nodes[0].pods, topo.nodes[1].pods
     assert trace_flags(state, topo) == [0, 0]
