@@ -389,6 +389,7 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, struct hr_pkt *pkt
 #define NF_ADDR			__u32
 #define NF_ADDR_EQ(a, b)	((a) == (b))
 #define NF_NODE_ADDR(dst, cfg)	((dst) = (cfg)->node_ip)
+#define NF_OPAQUE(ptr)		do { } while (0)
 #define NF_RACES
 #include "nat_flow.h"
 

@@ -12,6 +12,7 @@
  *   NF_ADDR           its address type (__u32, struct hr_in6), assignable
  *   NF_ADDR_EQ(a, b)  whether two NF_ADDR values are equal
  *   NF_NODE_ADDR(dst, cfg)  dst (an NF_ADDR) = the node's address, the SNAT source
+ *   NF_OPAQUE(ptr)    nothing, or a compiler barrier on a pointer (see nat6.h)
  *
  * and declaring the accessors of its map: NF(lookup), NF(insert), NF(remove);
  * NF_RACES, if defined, compiles the test builds' race points in. All of
@@ -289,6 +290,8 @@ static __always_inline int NF(lookup_or_create)(struct hr_config *cfg, NF_SCRATC
 	v->port = k->sport;
 
 	for (i = 0; i < HR_NAT_RETRIES; i++) {
+		NF_OPAQUE(s);
+		NF_OPAQUE(cfg);
 		/* a random port each try: linear probing would pile flows into runs */
 		p = bpf_htons((__u16)(cfg->nat_port_min + bpf_get_prandom_u32() % range));
 		rk->dport = p;
@@ -449,5 +452,6 @@ static __always_inline void NF(account_in)(struct hr_config *cfg, NF_SCRATCH *s,
 #undef NF_ADDR
 #undef NF_ADDR_EQ
 #undef NF_NODE_ADDR
+#undef NF_OPAQUE
 #undef NF_KEY
 #endif /* NF_KEY */
