@@ -12,6 +12,8 @@ legacy mode without blocks.
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 
 import pytest
 
@@ -22,7 +24,8 @@ from datapath.host_routing import DatapathMaps
 from netns_lab import netns
 from netns_lab.state import load_state
 from tests.bpf.harness import wait_for
-from tests.labtools import assert_ping, conntrack_entries, echo_request, echo_server, ping
+from tests.labtools import (assert_ping, conntrack_entries, echo_request, echo_server, ping,
+                            wait_port)
 
 pytestmark = pytest.mark.slow     # every test here builds a lab
 
@@ -124,7 +127,8 @@ def test_the_blocks_and_the_checker_stop_legacy_ipv6(lab, drop_all):
 def test_ebpf_routes_ipv6_with_kernel_routing_off_and_without_conntrack(lab, drop_all):
     """ping -6, TCP and UDP between pods, same node and across nodes, both ways, with every
     block in (enable --force: the operator accepts that eBPF bypasses them), past the
-    drop-all checker on the destination's veth; conntrack never sees the flows."""
+    drop-all checker on the destination's veth; conntrack never sees the flows; spoofed
+    sources and another node's host namespace are refused."""
     a1, a2, b1 = pods(lab)
     with kernel_ipv6_routing_off(lab):
         switch.enable_ebpf(load_state(lab.lab), lab, force=True)
@@ -152,6 +156,7 @@ def test_ebpf_routes_ipv6_with_kernel_routing_off_and_without_conntrack(lab, dro
             for dst in (a2, b1):
                 with checker_on(lab, dst, drop_all):
                     assert_ping(a1.netns, dst.ip6)
+            check_spoofing_and_pods_to_nodes(lab)
             assert kernel_ipv6_routing_still_off(lab)
             for node in lab.nodes:
                 for pod in (a1, a2, b1):
@@ -167,3 +172,59 @@ def test_ebpf_routes_ipv6_with_kernel_routing_off_and_without_conntrack(lab, dro
             switch.disable_ebpf(load_state(lab.lab), lab)
     assert not any(progs6_pin(lab, node).exists() for node in lab.nodes)
     assert_ping(a1.netns, b1.ip6)           # legacy again, unblocked
+
+
+# In a pod: UDP datagrams to argv[1] (port 5353) through the gateway MAC argv[2], each of the
+# cases "ip6,mac" (argv[3:]) three times.
+SPOOF6 = """
+import sys
+from scapy.all import Ether, IPv6, UDP, sendp, conf
+conf.verb = 0
+for case in sys.argv[3:]:
+    ip6, mac = case.split(",")
+    sendp(Ether(src=mac, dst=sys.argv[2]) / IPv6(src=ip6, dst=sys.argv[1])
+          / UDP(sport=4444, dport=5353) / b"x", iface="eth0", count=3)
+"""
+
+# The sources of the datagrams that arrive on [::]:5353: the first within 20 s, each other
+# within argv[1] seconds of the one before.
+RECEIVER6 = """
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind(("::", 5353)); s.settimeout(20)
+got = []
+try:
+    while True:
+        got.append(s.recvfrom(100)[1][0])
+        s.settimeout(float(sys.argv[1]))
+except socket.timeout:
+    pass
+print(" ".join(got))
+"""
+
+
+def check_spoofing_and_pods_to_nodes(topo) -> None:
+    """A pod sends from its own IPv6 address and MAC only (another pod's address, one nobody
+    has, its own with another MAC: dropped, counted); another node's host namespace is closed
+    to pods (pods_reach_nodes false), not to the node."""
+    a1, a2, b1 = pods(topo)
+    node1, node2 = topo.nodes
+    with netns.ipr(a1.netns) as sock:
+        own_mac = netns.link_mac(sock, netns.ifindex(sock, "eth0"))
+    with netns.ipr(node1.netns) as sock:
+        gw_mac = netns.link_mac(sock, netns.ifindex(sock, a1.host_ifname))
+    before = ipv6_counters(topo)["node1"]
+    recv = subprocess.Popen(["ip", "netns", "exec", b1.netns, sys.executable, "-c", RECEIVER6,
+                             "1"], stdout=subprocess.PIPE, text=True)
+    wait_port(b1.netns, 5353, "udp")
+    cases = [f"{a2.ip6},{own_mac}", f"2001:db8:0:1::77,{own_mac}",
+             f"{a1.ip6},02:66:66:66:66:66", f"{a1.ip6},{own_mac}"]
+    sent = netns.run(a1.netns, [sys.executable, "-c", SPOOF6, b1.ip6, gw_mac, *cases],
+                     check=False, timeout=60)
+    assert sent.returncode == 0, sent.stderr
+    assert recv.communicate(timeout=30)[0].split() == [a1.ip6] * 3     # the honest ones
+    assert ping(a1.netns, node2.ip6, timeout=1).returncode != 0
+    assert_ping(node1.netns, node2.ip6)
+    after = ipv6_counters(topo)["node1"]
+    assert after["drop_spoofed"] - before["drop_spoofed"] == 9
+    assert after["drop_pod_to_node"] - before["drop_pod_to_node"] == 1
