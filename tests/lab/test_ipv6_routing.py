@@ -118,17 +118,19 @@ def test_the_blocks_and_the_checker_stop_legacy_ipv6(lab, drop_all):
         with checker_on(lab, dst, drop_all):
             assert ping(a1.netns, dst.ip6, timeout=1).returncode != 0, \
                 f"legacy passed {dst.name}'s checker"
+    assert_ping(a1.netns, lab.external.ip6)     # masqueraded by ip6tables
     with kernel_ipv6_routing_off(lab):
-        for dst in (a2, b1):
-            assert ping(a1.netns, dst.ip6, timeout=1).returncode != 0
+        for dst in (a2.ip6, b1.ip6, lab.external.ip6):
+            assert ping(a1.netns, dst, timeout=1).returncode != 0, dst
     assert_ping(a1.netns, b1.ip6)           # unblocked again
 
 
 def test_ebpf_routes_ipv6_with_kernel_routing_off_and_without_conntrack(lab, drop_all):
-    """ping -6, TCP and UDP between pods, same node and across nodes, both ways, with every
-    block in (enable --force: the operator accepts that eBPF bypasses them), past the
-    drop-all checker on the destination's veth; conntrack never sees the flows; spoofed
-    sources and another node's host namespace are refused."""
+    """ping -6, TCP and UDP between pods, same node and across nodes, both ways, and from a
+    pod of each node to the external host (BPF SNAT), with every block in (enable --force:
+    the operator accepts that eBPF bypasses them), past the drop-all checker on the
+    destination's veth; conntrack never sees the flows; spoofed sources and another node's
+    host namespace are refused."""
     a1, a2, b1 = pods(lab)
     with kernel_ipv6_routing_off(lab):
         switch.enable_ebpf(load_state(lab.lab), lab, force=True)
@@ -156,6 +158,14 @@ def test_ebpf_routes_ipv6_with_kernel_routing_off_and_without_conntrack(lab, dro
             for dst in (a2, b1):
                 with checker_on(lab, dst, drop_all):
                     assert_ping(a1.netns, dst.ip6)
+            # to the outside: BPF SNAT to the node's IPv6 address, past the same blocks
+            ext = lab.external
+            for pod, node in ((a1, lab.nodes[0]), (b1, lab.nodes[1])):
+                assert_ping(pod.netns, ext.ip6, count=2)
+                for proto in ("udp", "tcp"):
+                    with echo_server(ext.netns, 5353, proto, family=6):
+                        reply = echo_request(pod.netns, ext.ip6, 5353, proto)
+                    assert reply == f"hello from {node.ip6}", (proto, reply)
             check_spoofing_and_pods_to_nodes(lab)
             assert kernel_ipv6_routing_still_off(lab)
             for node in lab.nodes:
