@@ -61,7 +61,10 @@ static __always_inline void frag_fill(struct hr_frag_entry *v, __u16 sport, __u1
 	v->seen_ns = now;
 	v->sport = sport;
 	v->dport = dport;
-	v->pad = 0;
+	v->protocol = 0;
+	v->pad[0] = 0;
+	v->pad[1] = 0;
+	v->pad[2] = 0;
 }
 
 /* Record `f` (NULL: none), unless its first fragment is older than the reassembly timeout. */

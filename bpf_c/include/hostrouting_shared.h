@@ -278,14 +278,18 @@ struct hr_frag_key {
 };
 
 /*
- * Value of `nat_frags`: the ports (ICMP echo: the identifier, as in the NAT
- * key) the first fragment carried, for the later ones, which carry none.
+ * Value of `nat_frags` and `nat6_frags`: the ports (ICMP echo: the
+ * identifier, as in the NAT key) the first fragment carried, for the later
+ * ones, which carry none; in `nat6_frags` also its upper-layer protocol (a
+ * later IPv6 fragment does not tell it: extension headers may follow its
+ * Fragment header, in the first fragment only).
  */
 struct hr_frag_entry {
 	__u64 seen_ns;		/* bpf_ktime_get_ns() of the first fragment */
 	__u16 sport;		/* network order, as in struct hr_nat_key (before translation) */
 	__u16 dport;
-	__u32 pad;
+	__u8 protocol;		/* nat6_frags: the L4 protocol of the flow; nat_frags: 0 */
+	__u8 pad[3];
 };
 
 /*

@@ -19,8 +19,11 @@
  *   parameter problem) quote an IPv6 header without a checksum of its own; the
  *   quoted L4 checksum (ICMPv6's too) covers the quoted addresses;
  * - fragments: the Fragment header's 32-bit identification tells datagrams
- *   apart (`nat6_frags`, keyed by struct hr_frag6_key); a later fragment's
- *   only change is its address (the L4 checksum, in the first, covers it).
+ *   apart (`nat6_frags`, keyed by struct hr_frag6_key with the Fragment
+ *   header's next header, which every fragment carries; extension headers
+ *   after it are in the first only, so the first records its L4 protocol
+ *   beside its ports); a later fragment's only change is its address (the
+ *   L4 checksum, in the first, covers it).
  *   TCP fragments, and fragments of other protocols, are not NATed (dropped,
  *   counted), as IPv4's.
  * The maps and their accessors are in host_routing.c's nat6 block.
@@ -108,13 +111,18 @@ static __always_inline __u16 csum_replace16(__u16 check, struct hr_in6 *from, st
 
 /*
  * nat_read_l4_at for IPv6 (ICMPv6 echo); -1 also for UDP without a checksum,
- * which IPv6 does not allow (RFC 8200 8.1).
+ * which IPv6 does not allow (RFC 8200 8.1), and for an L4 header (TCP's 20
+ * bytes, UDP's or ICMPv6's 8) not all within the payload length: bytes past
+ * it (Ethernet padding) are no ports, and rewriting them would change what
+ * the packet does not carry.
  */
 static __always_inline int nat6_read_l4(struct __sk_buff *skb, struct hr_pkt6 *pkt,
 					struct hr_nat_l4 *l4, int out)
 {
 	__u16 check;
 
+	if (pkt->l4_off + (pkt->protocol == IPPROTO_TCP ? 20 : 8) > pkt->end)
+		return -1;
 	if (nat_read_l4_at(skb, pkt->protocol, pkt->l4_off, l4, out, 1) < 0)
 		return -1;
 	if (pkt->protocol == IPPROTO_UDP &&
@@ -199,23 +207,27 @@ static __always_inline int nat6_rewrite(struct __sk_buff *skb, struct hr_pkt6 *p
 	return nat6_store_addr(skb, source, new_addr);
 }
 
-/* The datagram of a fragment (its Fragment header's identification), as on the wire. */
+/*
+ * The datagram of a fragment (its Fragment header's identification and next
+ * header, the same in every fragment), as on the wire.
+ */
 static __always_inline int frag6_key_of(struct __sk_buff *skb, struct hr_frag6_key *k,
 					struct hr_pkt6 *pkt)
 {
 	__builtin_memset(k, 0, sizeof(*k));
 	k->saddr = pkt->saddr;
 	k->daddr = pkt->daddr;
-	k->protocol = pkt->protocol;
+	k->protocol = pkt->frag_nexthdr;
 	return bpf_skb_load_bytes(skb, pkt->frag_off + HR_FRAG6_ID_OFF, &k->id, sizeof(k->id));
 }
 
 /*
  * A later fragment (datagram in s->fk) through the flow its first fragment
- * recorded: `out`, from node_ip6 (HR_DROP_FRAG_UNTRACKED without a record or
- * a live flow); in, to the pod (*pod set; HR_PASS_FRAG_UNTRACKED without,
- * the packet untouched: the node's own, or a reply whose first fragment is
- * late). Only the address changes. Returns 0 once rewritten.
+ * recorded (its ports and L4 protocol): `out`, from node_ip6
+ * (HR_DROP_FRAG_UNTRACKED without a record or a live flow); in, to the pod
+ * (*pod set; HR_PASS_FRAG_UNTRACKED without, the packet untouched: the node's
+ * own, or a reply whose first fragment is late). Only the address changes.
+ * Returns 0 once rewritten.
  */
 static __always_inline int nat6_frag_later(struct __sk_buff *skb, struct hr_pkt6 *pkt,
 					   struct hr_config *cfg, struct hr_nat6_scratch *s,
@@ -228,6 +240,7 @@ static __always_inline int nat6_frag_later(struct __sk_buff *skb, struct hr_pkt6
 	if (!f)
 		return out ? HR_DROP_FRAG_UNTRACKED : HR_PASS_FRAG_UNTRACKED;
 	nat6_packet_key(&s->key, pkt, f->sport, f->dport, out ? HR_NAT_OUT : HR_NAT_IN);
+	s->key.protocol = f->protocol;
 	if (out) {
 		/* its first fragment refreshed the flow moments ago: as snat_frag_later */
 		e = nat6_lookup(&s->key);
@@ -281,13 +294,14 @@ static __always_inline int snat_out6(struct __sk_buff *skb, struct hr_pkt6 *pkt,
 			return reason;
 	}
 	if (pkt->fragment) {
+		if (frag6_key_of(skb, &s->fk, pkt) < 0)
+			return HR_DROP_NAT_UNSUPPORTED;
+		/* a later one is judged by its first's record, which only UDP and echo leave */
+		if (pkt->later_fragment)
+			return nat6_frag_later(skb, pkt, cfg, s, 1, &s->addr);
 		/* UDP and ICMPv6 echo; a TCP segment is never fragmented by its sender (PMTU) */
 		if (pkt->protocol != IPPROTO_UDP && pkt->protocol != IPPROTO_ICMPV6)
 			return HR_DROP_NAT_UNSUPPORTED;
-		if (frag6_key_of(skb, &s->fk, pkt) < 0)
-			return HR_DROP_NAT_UNSUPPORTED;
-		if (pkt->later_fragment)
-			return nat6_frag_later(skb, pkt, cfg, s, 1, &s->addr);
 	}
 	if (nat6_read_l4(skb, pkt, l4, 1) < 0)
 		return HR_DROP_NAT_UNSUPPORTED;
@@ -302,6 +316,7 @@ static __always_inline int snat_out6(struct __sk_buff *skb, struct hr_pkt6 *pkt,
 	/* a first fragment: its datagram's later fragments go by the ports it carries */
 	if (pkt->fragment) {
 		frag_fill(&s->fv, l4->sport, l4->dport, now);
+		s->fv.protocol = pkt->protocol;
 		frag6_update(&s->fk, &s->fv);
 	}
 	len = skb->len;
@@ -336,12 +351,12 @@ static __always_inline int rnat_in6(struct __sk_buff *skb, struct hr_pkt6 *pkt,
 	l4 = &s->l4;
 	__builtin_memset(l4, 0, sizeof(*l4));
 	if (pkt->fragment) {
-		if (pkt->protocol != IPPROTO_UDP && pkt->protocol != IPPROTO_ICMPV6)
-			return HR_PASS_NAT_MISS;
 		if (frag6_key_of(skb, &s->fk, pkt) < 0)
 			return HR_PASS_NAT_MISS;
 		if (pkt->later_fragment)
 			return nat6_frag_later(skb, pkt, cfg, s, 0, pod);
+		if (pkt->protocol != IPPROTO_UDP && pkt->protocol != IPPROTO_ICMPV6)
+			return HR_PASS_NAT_MISS;
 	}
 	if (nat6_read_l4(skb, pkt, l4, 0) < 0)
 		return HR_PASS_NAT_MISS;
@@ -354,6 +369,7 @@ static __always_inline int rnat_in6(struct __sk_buff *skb, struct hr_pkt6 *pkt,
 	port = e->port;
 	if (pkt->fragment) {
 		frag_fill(&s->fv, l4->sport, l4->dport, now);
+		s->fv.protocol = pkt->protocol;
 		frag6_update(&s->fk, &s->fv);
 	}
 	nat6_account_in(cfg, s, e, l4, skb->len, now);

@@ -29,11 +29,13 @@ struct hr_pkt6 {
 	struct hr_in6 daddr;
 	__u16 sport;		/* network order; TCP/UDP, 0 otherwise and in later fragments */
 	__u16 dport;
-	__u8 protocol;		/* the upper-layer protocol, after the extension headers */
+	__u8 protocol;		/* the upper-layer protocol, after the extension headers; in a
+				 * later fragment the Fragment header's next header */
 	__u8 fragment;		/* 1: a Fragment header is there (first or later fragment) */
 	__u8 later_fragment;	/* 1: a fragment with a non-zero offset (no upper-layer header) */
 	__u8 ports_read;	/* parse_ports6() ran since parse_ipv6() */
 	__u8 ext_unwalked;	/* HR_PARSE6_EXT_HEADERS: protocol and l4_off are not known */
+	__u8 frag_nexthdr;	/* the Fragment header's next header (fragment); 0 otherwise */
 	__u32 end;		/* offset of the end of the IPv6 payload from skb->data */
 };
 
@@ -109,6 +111,7 @@ static __always_inline int ipv6_ext_step(struct __sk_buff *skb, struct hr_pkt6 *
 			return -1;	/* a second Fragment header: not a sane packet */
 		pkt->fragment = 1;
 		pkt->frag_off = *off;
+		pkt->frag_nexthdr = hdr[0];
 		__builtin_memcpy(&frag, hdr + 2, 2);
 		pkt->later_fragment = (bpf_ntohs(frag) & HR_IP6_OFFSET) != 0;
 		*nexthdr = hdr[0];
@@ -163,6 +166,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct hr_pkt6 *pkt
 	pkt->frag_off = 0;
 	pkt->fragment = 0;
 	pkt->later_fragment = 0;
+	pkt->frag_nexthdr = 0;
 	pkt->sport = 0;
 	pkt->dport = 0;
 	pkt->ports_read = 0;

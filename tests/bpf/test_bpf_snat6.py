@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings, strategies as hst
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest,
                                 ICMPv6PacketTooBig, ICMPv6ParamProblem, ICMPv6TimeExceeded,
-                                IPv6, IPv6ExtHdrFragment, fragment6)
+                                IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, fragment6)
 from scapy.layers.l2 import Ether
 
 from datapath import libbpf, shared_types as st
@@ -623,3 +623,77 @@ def test_packets_never_overwrite_a_claimed_entrys_marker(snat6, route6_ns):
         _, res = run(snat6, route6_ns, pkt)
         assert res.retval == TC_ACT_REDIRECT
     assert {e.last_seen_ns for e in nat6_table(snat6).values()} == {claimed}
+
+
+def udp_sum_ok(dgram: bytes) -> bool:
+    """The UDP checksum of an IPv6 datagram with extension headers is what scapy computes."""
+    pkt = IPv6(dgram)
+    sent = pkt[UDP].chksum
+    del pkt[UDP].chksum
+    return sent != 0 and IPv6(bytes(pkt))[UDP].chksum == sent
+
+
+def test_fragments_with_a_header_after_the_fragment_header_go_by_their_record(snat6,
+                                                                              route6_ns):
+    """Destination options after the Fragment header are in the first fragment only: the
+    later ones say 60 where the first says 17 (UDP). The datagram is keyed by the Fragment
+    header's next header (60 in all), and the later fragments go by the first's record
+    (ports and protocol), both ways; the datagrams stay valid."""
+    payload = bytes(range(256)) * 11 + b"z" * 184                      # 3,000 bytes
+    frames = frames6(IPv6(src=SRC6, dst=EXT6) / IPv6ExtHdrFragment(id=0x6060)
+                     / IPv6ExtHdrDestOpt() / UDP(sport=40000, dport=5353) / payload)
+    assert len(frames) == 3 and {bytes(f)[14 + 40] for f in frames} == {60}
+    assert bytes(frames[0])[14 + 48] == UDP_PROTO                     # in the first only
+    outs = []
+    for f in frames:
+        _, res = run_out(snat6, route6_ns, f)
+        assert res.retval == TC_ACT_REDIRECT, counters6(snat6)
+        outs.append(res.data_out)
+    dgram = reassemble6(outs)
+    got = IPv6(dgram)
+    nat_port = got[UDP].sport
+    assert got.src == NODE_IP6 and PORT_MIN <= nat_port <= PORT_MAX and udp_sum_ok(dgram)
+    assert bytes(got[UDP].payload) == payload
+    assert counters6(snat6) == {"snat_fragment": 3}
+
+    back = []
+    for f in frames6(IPv6(src=EXT6, dst=NODE_IP6) / IPv6ExtHdrFragment(id=0x7070)
+                     / IPv6ExtHdrDestOpt() / UDP(sport=5353, dport=nat_port) / payload[::-1],
+                     eth_src=ROUTER_MAC, eth_dst=UPLINK_MAC):
+        _, res = run_in(snat6, route6_ns, f)
+        assert res.retval == TC_ACT_REDIRECT, counters6(snat6)
+        back.append(res.data_out)
+    dgram = reassemble6(back)
+    got = IPv6(dgram)
+    assert (got.src, got.dst, got[UDP].sport, got[UDP].dport) == (EXT6, SRC6, 5353, 40000)
+    assert udp_sum_ok(dgram) and bytes(got[UDP].payload) == payload[::-1]
+    assert counters6(snat6) == {"snat_fragment": 3, "rnat_fragment": 3}
+    assert len(frag_records6(snat6)) == 2
+
+
+# -- an L4 header cut short by the payload length --------------------------------------------
+
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+def test_an_l4_header_cut_short_is_not_read_from_the_ethernet_padding(snat6, route6_ns, proto):
+    """The payload length ends inside the L4 header; the frame goes on with padding that
+    would pass for the rest (a checksum, TCP's flags). Out: dropped as unsupported, never
+    translated from it; in: the node's own, untouched."""
+    cut = 4 if proto == "udp" else 8                         # ports / ports and sequence
+    nh = UDP_PROTO if proto == "udp" else TCP_PROTO
+    pad = b"\x5a" * 24
+
+    def frame(src_mac, dst_mac, src, dst, sport, dport):
+        ip = IPv6(src=src, dst=dst, nh=nh, plen=cut)
+        return Ether(src=src_mac, dst=dst_mac) / ip / (struct.pack("!HHI", sport, dport, 1)[:cut]
+                                                       + pad)
+
+    _, port = open_flow(snat6, route6_ns, UDP(sport=40000, dport=53) if proto == "udp"
+                        else TCP(sport=40000, dport=53, flags="S", seq=1))
+    before = counters6(snat6)
+    data, res = run_out(snat6, route6_ns, frame(POD_MAC, HIN_MAC, SRC6, EXT6, 40000, 53))
+    assert res.retval == TC_ACT_SHOT
+    data, res = run_in(snat6, route6_ns, frame(ROUTER_MAC, UPLINK_MAC, EXT6, NODE_IP6, 53, port))
+    assert res.retval == TC_ACT_OK and res.data_out == data
+    got = {k: v - before.get(k, 0) for k, v in counters6(snat6).items()
+           if v != before.get(k, 0)}
+    assert got == {"drop_nat_unsupported": 1, "pass_nat_miss": 1}
