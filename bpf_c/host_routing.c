@@ -971,18 +971,55 @@ int from_pod6(struct __sk_buff *skb)
 }
 
 /*
+ * A reply translated for its pod (from_outside_to_node6) but too big for the
+ * pod's link (narrower than the underlay). IPv6 routers never fragment, and
+ * the stack's Packet Too Big about the translated packet would quote the
+ * pod's address and port, a datagram the remote never sent: its TCP or UDP
+ * would find no socket for the quote and learn nothing. So, as IPv4's
+ * from_outside_to_node does for DF set: TCP and UDP are translated back (to
+ * node_ip6 and the NAT port, `nat_port`) and answered here with a Packet Too
+ * Big from node_ip6 quoting the datagram as the remote sent it, out of the
+ * underlay device it came in on (MACs swapped). ICMPv6 errors, echo replies
+ * and later fragments (no L4 header to undo; the first, the largest, was
+ * answered) go to the stack translated (pass_frag_needed).
+ */
+static __always_inline int reply_too_big6(struct hr_ctx6 *x, struct hr_in6 *pod,
+					  __u16 nat_port, __u32 reason, __u32 mtu)
+{
+	struct __sk_buff *skb = x->c.skb;
+	struct hr_in6 *node_ip6 = (struct hr_in6 *)x->c.cfg->node_ip6;
+	__u32 ifindex = skb->ifindex;
+
+	if (reason == HR_RNAT_ICMP_ERROR || x->pkt.later_fragment ||
+	    (x->pkt.protocol != IPPROTO_TCP && x->pkt.protocol != IPPROTO_UDP))
+		return pass6(x, HR_PASS_FRAG_NEEDED);
+	parse_ports6(skb, &x->pkt);
+	if (nat6_rewrite(skb, &x->pkt, 0, pod, node_ip6, x->pkt.dport, nat_port) < 0 ||
+	    parse_ipv6(skb, &x->pkt) != HR_PARSE6_OK) {
+		__builtin_memset(&x->pkt, 0, sizeof(x->pkt));
+		return drop6(x, HR_DROP_ICMP_FAILED);
+	}
+	parse_ports6(skb, &x->pkt);	/* for the trace, before the reply replaces them */
+	if (icmp6_packet_too_big(skb, &x->pkt, mtu, node_ip6) < 0)
+		return drop6(x, HR_DROP_ICMP_FAILED);
+	return verdict6(x, HR_ICMP_FRAG_NEEDED, ifindex, (int)bpf_redirect(ifindex, 0));
+}
+
+/*
  * An IPv6 packet for node_ip6: a reply to a flow snat_out6() opened (or an
  * ICMPv6 error about one) goes back into its pod; anything else is the
- * node's own. A reply too big for the pod's link goes to the stack.
+ * node's own. A reply too big for the pod's link: reply_too_big6().
  */
 static __always_inline int from_outside_to_node6(struct hr_ctx6 *x)
 {
 	struct hr_endpoint *ep;
 	struct hr_in6 pod = {};
 	__u32 reason = HR_RNAT_REDIRECT_PEER, mtu;
+	__u16 nat_port;
 	int rc;
 
 	parse_ports6(x->c.skb, &x->pkt);
+	nat_port = x->pkt.dport;	/* TCP, UDP */
 	rc = rnat_in6(x->c.skb, &x->pkt, x->c.cfg, &pod);
 	if (rc == HR_PASS_NAT_MISS && x->pkt.protocol == IPPROTO_ICMPV6) {
 		rc = rnat_icmp6_error(x->c.skb, &x->pkt, x->c.cfg, &pod);
@@ -1002,7 +1039,7 @@ static __always_inline int from_outside_to_node6(struct hr_ctx6 *x)
 	if (x->pkt.ip6->hop_limit <= 1)
 		return drop6(x, HR_DROP_NAT_TTL);
 	if (!fits_egress6(x->c.skb, &x->pkt, ep->ifindex, &mtu))
-		return pass6(x, HR_PASS_FRAG_NEEDED);
+		return reply_too_big6(x, &pod, nat_port, reason, mtu);
 	return to_local_pod6(x, ep, x->pkt.fragment ? HR_RNAT_FRAGMENT : reason);
 }
 

@@ -24,10 +24,10 @@ from scapy.layers.l2 import Ether
 from datapath import libbpf, shared_types as st
 from tests.bpf.harness import loaded_datapath, reset_datapath6
 from tests.bpf.harness import from_pod as run_out, from_underlay as run_in  # -> (bytes, result)
-from tests.bpf.packets import (HIN_MAC, POD_MAC, ROUTER_IP, ROUTER_MAC, TC_ACT_OK,
+from tests.bpf.packets import (HIN_MAC, NARROW_MTU, POD_MAC, ROUTER_IP, ROUTER_MAC, TC_ACT_OK,
                                TC_ACT_REDIRECT, TC_ACT_SHOT, ones_sum)
 from tests.bpf.packets6 import (EXTERNAL_DST6 as EXT6, NODE_IP6, ROUTER6, ROUTER6_UNDERLAY,
-                                SRC6)
+                                SRC6, assert_valid_packet_too_big)
 
 PORT_MIN, PORT_MAX = 20000, 20999
 TCP_PROTO, UDP_PROTO, ICMP6_PROTO = 6, 17, 58
@@ -669,6 +669,65 @@ def test_fragments_with_a_header_after_the_fragment_header_go_by_their_record(sn
     assert udp_sum_ok(dgram) and bytes(got[UDP].payload) == payload[::-1]
     assert counters6(snat6) == {"snat_fragment": 3, "rnat_fragment": 3}
     assert len(frag_records6(snat6)) == 2
+
+
+# -- a reply too big for the pod's link -----------------------------------------------------
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+@pytest.mark.parametrize("size, verdict", [(NARROW_MTU, "rnat_redirect_peer"),
+                                           (NARROW_MTU + 1, "icmp_frag_needed"),
+                                           (1400, "icmp_frag_needed")])
+def test_a_reply_too_big_for_the_pods_link_is_answered_to_the_remote(snat6, route6_ns, proto,
+                                                                     size, verdict):
+    """The pod behind `narrow` (1280), the underlay 1500. IPv6 routers never fragment: a
+    reply too big gets a Packet Too Big from NODE_IP6, mtu 1280, quoting the datagram as the
+    remote sent it (to NODE_IP6 and the NAT port: what its socket knows), out of the
+    underlay device it came in on with the MACs swapped."""
+    first, reply = {"tcp": (TCP(sport=40000, dport=80, flags="A", seq=1, ack=1),
+                            TCP(sport=80, flags="A", seq=1, ack=41)),
+                    "udp": (UDP(sport=40000, dport=53), UDP(sport=53))}[proto]
+    _, reply.dport = open_flow(snat6, route6_ns, first)
+    port = reply.dport
+    snat6.maps.set_endpoint(SRC6, route6_ns.narrow, POD_MAC, HIN_MAC)   # the pod behind 1280
+    pkt = Ether(src=ROUTER_MAC, dst=UPLINK_MAC) / IPv6(src=EXT6, dst=NODE_IP6, hlim=60) / reply
+    pkt = pkt / (b"r" * (size - len(pkt[IPv6])))
+    before = counters6(snat6)
+    data, res = run_in(snat6, route6_ns, pkt)
+    assert len(data) - 14 == size
+    got = {k: v - before.get(k, 0) for k, v in counters6(snat6).items()
+           if v != before.get(k, 0)}
+    assert got == {verdict: 1}
+    assert res.retval == TC_ACT_REDIRECT
+    if verdict == "rnat_redirect_peer":
+        back = IPv6(ip6(res.data_out))
+        assert (back.dst, back.payload.dport) == (SRC6, 40000)
+        assert l4_sum_ok(ip6(res.data_out))
+        return
+    out = Ether(res.data_out)
+    assert (out.src, out.dst) == (UPLINK_MAC, ROUTER_MAC)
+    assert (out[IPv6].src, out[IPv6].dst, out[IPv6].hlim) == (NODE_IP6, EXT6, 64)
+    assert_valid_packet_too_big(res.data_out, data, NARROW_MTU, src=NODE_IP6)
+    assert l4_sum_ok(ip6(res.data_out))                  # the ICMPv6 checksum, summed by hand
+    quoted = IPv6(bytes(out[ICMPv6PacketTooBig].payload))
+    assert (quoted.src, quoted.dst, quoted.hlim) == (EXT6, NODE_IP6, 60)
+    assert (quoted.payload.sport, quoted.payload.dport) == (reply.sport, port)
+    assert bytes(out[ICMPv6PacketTooBig].payload) == data[14:14 + 1232]   # byte for byte
+    ev = [e for e in snat6.maps.read_trace_events() if e.reason == verdict][-1]
+    assert ev.ifindex_out == route6_ns.uplink
+
+
+def test_an_echo_reply_too_big_for_the_pods_link_goes_to_the_stack_translated(snat6,
+                                                                              route6_ns):
+    """An echo only loses that reply: the stack answers it (quoting the pod's identifier)."""
+    _, ident = open_flow(snat6, route6_ns, ICMPv6EchoRequest(id=0x4321, seq=1))
+    snat6.maps.set_endpoint(SRC6, route6_ns.narrow, POD_MAC, HIN_MAC)
+    data, res = run_in(snat6, route6_ns, in6(ICMPv6EchoReply(id=ident, seq=1),
+                                             payload=b"e" * 1300))
+    assert res.retval == TC_ACT_OK
+    back = IPv6(ip6(res.data_out))
+    assert back.dst == SRC6 and back[ICMPv6EchoReply].id == 0x4321
+    assert l4_sum_ok(ip6(res.data_out))
+    assert counters6(snat6) == {"snat_redirect_neigh": 1, "pass_frag_needed": 1}
 
 
 # -- an L4 header cut short by the payload length --------------------------------------------
