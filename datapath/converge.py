@@ -28,16 +28,14 @@ reports at the end, after doing everything else, as ``ConvergeError`` naming
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from netns_lab import faults, legacy, netns
-from netns_lab.state import LabState, lab_pin_dir
+from netns_lab.state import LabState
 from netns_lab.topology import Node, Topology
 
 from . import events, host_routing, iptables_rules, libbpf, nat_handover, rule_guard, tc_attach
 from .host_routing import DatapathError, DatapathMaps
 from .observe import FROM_POD, FROM_UNDERLAY, NodeView, accept_local_keys, attach_points, \
-    monitor_pidfiles, monitors, observe
+    monitor_pidfiles, monitors, observe, progs6_pin
 
 
 class SwitchError(RuntimeError):
@@ -191,12 +189,6 @@ def _fill_maps(topo: Topology, node: Node, maps: DatapathMaps, view: NodeView) -
         maps.set_node_route6("::/0", topo.router_ip6, uplink)
 
 
-def progs6_pin(topo: Topology, node: Node) -> Path:
-    """Where the node's `progs6` is pinned: the IPv6 programs stay in it only while a pin (or
-    a file descriptor) of it exists (DatapathMaps.pin_progs6)."""
-    return lab_pin_dir(topo.lab) / f"{node.name}_progs6"   # bpffs refuses dots
-
-
 def _carry_nat(topo: Topology, node: Node, maps: DatapathMaps, view: NodeView) -> None:
     """The flows a new datapath must know before its first packet: the old datapath's NAT
     entries (a datapath replaced), or conntrack's while MASQUERADE translates (a switch)."""
@@ -245,13 +237,19 @@ def ensure_programs(state: LabState, topo: Topology, node: Node, view: NodeView)
              if [a.name for a in view.programs.get(dev, [])] != [prog]]
     dp = view.datapath
     needed = {prog for _, prog in wrong}
-    if dp is not None and dp.matches and needed <= set(dp.programs):
-        if not wrong:
-            return []
+    if dp is not None and (dp.matches or dp.unpinned) and needed <= set(dp.programs):
+        done = []
+        if dp.unpinned:         # the same load, its progs6 still full: pinned again
+            with DatapathMaps.from_prog_id(next(iter(dp.programs.values()))) as maps:
+                faults.point(f"pin progs6 of {node.name}")
+                maps.pin_progs6(progs6_pin(topo, node))
+            done.append(f"{node.name}: progs6 pinned again")
         for dev, prog in wrong:          # the same load: NAT table and counters stay
             with libbpf.prog_fd_by_id(dp.programs[prog]) as fd:
                 _attach(state, node, dev, fd.fileno(), prog)
-        return [f"{node.name}: {len(wrong)} program(s) attached again"]
+        if wrong:
+            done.append(f"{node.name}: {len(wrong)} program(s) attached again")
+        return done
     loaded = host_routing.load(router_ip=node.gateway, node_ip=node.ip,
                                nat=topo.nat.datapath_config(), nat_max_flows=topo.nat.max_flows,
                                router_ip6=node.gateway6, node_ip6=node.ip6,
@@ -259,10 +257,15 @@ def ensure_programs(state: LabState, topo: Topology, node: Node, view: NodeView)
     try:
         _fill_maps(topo, node, loaded.maps, view)
         _carry_nat(topo, node, loaded.maps, view)
-        if topo.has_ipv6:   # before the attach: an IPv6 packet then finds from_pod6 there
-            loaded.maps.pin_progs6(progs6_pin(topo, node))
         for dev, prog in points:
             _attach(state, node, dev, loaded.programs[prog].fd, prog)
+        # Only now, in one rename: until the last device has the new programs, the old pin
+        # keeps the old progs6 full for the old programs (without it their IPv6 would go to
+        # the stack: un-NATed, and the NATed flows' replies answered with resets), while
+        # `loaded` keeps the new one full for the new programs.
+        if topo.has_ipv6:
+            faults.point(f"pin progs6 of {node.name}")
+            loaded.maps.pin_progs6(progs6_pin(topo, node))
         ids = loaded.prog_ids
     finally:
         loaded.close()

@@ -11,6 +11,7 @@ program with `DatapathMaps.from_prog_id(prog_id)` (program id -> its map ids
 from __future__ import annotations
 
 import ipaddress
+import os
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -174,11 +175,18 @@ class DatapathMaps:
     def pin_progs6(self, path: Path) -> None:
         """Pin `progs6` at `path` (in a bpffs, mounted at /sys/fs/bpf if none is there): the
         kernel empties a program array when no file descriptor or pin of it is left in user
-        space, and the attached programs alone do not count. Replaces an older pin."""
+        space, and the attached programs alone do not count. Replaces an older pin in one
+        rename: the array it pinned stays full until then, never both gone."""
         _mount_bpffs(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)
-        libbpf.obj_pin(self._fds["progs6"], str(path))
+        new = path.with_name(f"{path.name}_new")       # bpffs refuses dots
+        new.unlink(missing_ok=True)                     # of a pin killed half-way
+        libbpf.obj_pin(self._fds["progs6"], str(new))
+        try:
+            os.replace(new, path)
+        except BaseException:
+            new.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def from_bcc(cls, bpf) -> "DatapathMaps":

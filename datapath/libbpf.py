@@ -151,6 +151,10 @@ int bpf_obj_get_info_by_fd(int bpf_fd, void *info, __u32 *info_len);
 int bpf_prog_get_fd_by_id(__u32 id);
 int bpf_map_get_fd_by_id(__u32 id);
 int bpf_obj_pin(int fd, const char *pathname);
+int bpf_obj_get(const char *pathname);
+/* map_type is enum bpf_map_type; opts may be NULL */
+int bpf_map_create(int map_type, const char *map_name, __u32 key_size, __u32 value_size,
+                   __u32 max_entries, const void *opts);
 int bpf_prog_get_next_id(__u32 start_id, __u32 *next_id);
 int bpf_map_lookup_batch(int fd, void *in_batch, void *out_batch, void *keys, void *values,
                          __u32 *count, const void *opts);
@@ -389,6 +393,18 @@ def map_fd_by_id(map_id: int) -> Fd:
 def obj_pin(fd, path: str) -> None:
     """BPF_OBJ_PIN: the object (program or map) stays as long as `path` in a bpffs does."""
     _check(lib().bpf_obj_pin(_fdnum(fd), path.encode()), f"BPF_OBJ_PIN {path}")
+
+
+def obj_get(path: str) -> Fd:
+    """BPF_OBJ_GET: an fd of the object pinned at `path`."""
+    return Fd(_check(lib().bpf_obj_get(path.encode()), f"BPF_OBJ_GET {path}"))
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int,
+               max_entries: int) -> Fd:
+    """BPF_MAP_CREATE with default flags."""
+    return Fd(_check(lib().bpf_map_create(map_type, name.encode(), key_size, value_size,
+                                          max_entries, ffi.NULL), f"BPF_MAP_CREATE {name}"))
 
 
 def _ids(next_id) -> list[int]:

@@ -4,7 +4,8 @@
 the program this project attached to every attach point (tc_attach.attached:
 a TCX program or a clsact filter),
 whether those programs are one consistent datapath with the lab's config (so
-it can be kept, NAT table and all), the MASQUERADE chain and its jump (in
+it can be kept, NAT table and all; with IPv6, its ``progs6`` full and the map pinned
+for the node), the MASQUERADE chain and its jump (in
 iptables, and in ip6tables too in a dual or ipv6 lab: "present" only when every
 family has it whole, legacy.Masquerade.state), the ``accept_local`` sysctls and
 the trace flag; and for the lab: every namespace
@@ -19,8 +20,10 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from netns_lab import legacy, netns
+from netns_lab.state import lab_pin_dir
 from netns_lab.topology import Node, Topology
 
 from . import host_routing, libbpf, rule_guard, tc_attach
@@ -37,12 +40,29 @@ def attach_points(topo: Topology, node: Node) -> list[tuple[str, str]]:
         [(topo.uplink_ifname, FROM_UNDERLAY)]
 
 
+def progs6_pin(topo: Topology, node: Node) -> Path:
+    """Where the node's `progs6` is pinned: the IPv6 programs stay in it only while a pin (or
+    a file descriptor) of it exists (DatapathMaps.pin_progs6)."""
+    return lab_pin_dir(topo.lab) / f"{node.name}_progs6"   # bpffs refuses dots
+
+
+def pinned_map_id(path: Path) -> int | None:
+    """The id of the map pinned at `path`; None when nothing (or no map) is pinned there."""
+    try:
+        with libbpf.obj_get(str(path)) as fd:
+            return libbpf.map_info(fd).id
+    except OSError:
+        return None
+
+
 @dataclass
 class Datapath:
     """One load of the programs, found attached on a node."""
     programs: dict[str, int]            # name -> prog id
     matches: bool                       # config, table size and endpoints are the lab's
     mismatch: str = ""
+    # all is the lab's but the pin of its (still full) progs6: pinning it again keeps it
+    unpinned: bool = False
 
 
 @dataclass
@@ -130,8 +150,15 @@ def find_datapath(topo: Topology, node: Node, programs: dict[str, list[tc_attach
             return None     # two loads
         with DatapathMaps.from_prog_id(progs.get(FROM_POD) or progs[FROM_UNDERLAY]) as maps:
             why = _config_mismatch(topo, node, maps)
+            progs6 = maps.ids.get("progs6")
     except (OSError, DatapathError) as e:      # freed meanwhile
         return Datapath(progs, False, f"unreadable: {e}")
+    # progs6 full only while something holds it: a monitor's fd, or the lab's pin, which
+    # alone outlives the commands (removed by hand, or by lab down of a same-named lab)
+    pin = progs6_pin(topo, node)
+    if not why and topo.has_ipv6 and pinned_map_id(pin) != progs6:
+        return Datapath(progs, False, f"its progs6 (map id {progs6}) is not the one pinned "
+                                      f"at {pin}", unpinned=True)
     return Datapath(progs, not why, why)
 
 

@@ -20,8 +20,9 @@ import sys
 
 import pytest
 
-from datapath import switch
+from datapath import converge, libbpf, switch
 from datapath.host_routing import DatapathMaps
+from datapath.observe import differences, observe, pinned_map_id, progs6_pin
 from netns_lab import netns
 from netns_lab.state import load_state
 from tests.labtools import (assert_ping, background, conntrack_entries, echo_request,
@@ -182,3 +183,74 @@ def test_a_replaced_datapath_keeps_the_ipv6_flows_and_their_ports(lab):
     assert switch.node_programs(lab, node)["from_pod"] != ids["from_pod"]
     assert udp6(switch.nat_flows(load_state(lab.lab), lab)) == before
     assert_ping(pod.netns, ext.ip6)
+
+
+def _filled_slots(map_id: int) -> int:
+    """How many of a progs6's two slots hold a program (opened by id: held only meanwhile)."""
+    with libbpf.map_fd_by_id(map_id) as fd:
+        return sum(libbpf.map_lookup(fd, slot.to_bytes(4, "little"), 4) is not None
+                   for slot in (0, 1))
+
+
+def test_a_replaced_datapath_keeps_the_old_progs6_full_until_the_new_programs_are_attached(
+        lab, monkeypatch):
+    """converge pins a new datapath's progs6 after its last attach, in one rename: until then
+    the old pin keeps the old programs' progs6 full, so before each of the node's devices is
+    given the new program, a pod behind a device still running the old one reaches the
+    external host through BPF SNAT (with progs6 emptied its IPv6 would go to the stack
+    un-NATed, and the external host has no route back); afterwards the pin holds the new
+    progs6, full."""
+    node, ext = lab.nodes[0], lab.external
+    pin = progs6_pin(lab, node)
+    old = switch.node_programs(lab, node)
+    with DatapathMaps.from_prog_id(old["from_pod"]) as maps:
+        old_progs6 = maps.ids["progs6"]
+        ep = maps.endpoints()[node.pods[0].ip]      # an endpoint of no pod: to be replaced
+        maps.set_endpoint("10.255.255.254", ep.ifindex, ep.mac, ep.node_mac)
+    assert pinned_map_id(pin) == old_progs6
+    steps = []
+    attach = converge._attach
+
+    def watched(state, at, dev, fd, prog):
+        if at.name == node.name:
+            pod = next((p for p in node.pods if p.host_ifname == dev), None)
+            steps.append((dev, _filled_slots(old_progs6),
+                          pod and ping(pod.netns, ext.ip6, timeout=2).returncode == 0))
+        attach(state, at, dev, fd, prog)
+
+    monkeypatch.setattr(converge, "_attach", watched)
+    switch.enable_ebpf(load_state(lab.lab), lab)
+    monkeypatch.undo()
+    assert steps == [(p.host_ifname, 2, True) for p in node.pods] + \
+        [(lab.uplink_ifname, 2, None)]
+    new = switch.node_programs(lab, node)
+    assert new["from_pod"] != old["from_pod"]
+    with DatapathMaps.from_prog_id(new["from_pod"]) as maps:
+        assert pinned_map_id(pin) == maps.ids["progs6"] != old_progs6
+    assert sorted(p.name for p in pin.parent.iterdir()) == [f"{n.name}_progs6" for n in lab.nodes]
+    assert_ping(node.pods[0].netns, ext.ip6)
+
+
+def test_a_pin_removed_while_progs6_is_held_is_drift_and_converge_pins_it_again(lab):
+    """observe wants the lab's pin to hold the datapath's progs6, not only a full progs6: with
+    the pin removed while something else holds progs6 (this test, as a monitor would), the
+    node is drifted and status says why; converge pins the same load again (same programs,
+    NAT table kept), so when the holder lets go the pod still reaches the external host."""
+    node, pod = first_pods(lab)[0]
+    ids = switch.node_programs(lab, node)
+    pin = progs6_pin(lab, node)
+    with DatapathMaps.from_prog_id(ids["from_pod"]) as held:
+        progs6 = held.ids["progs6"]
+        pin.unlink()
+        assert len(held.progs6_ids()) == 2          # held: still full
+        view = observe(lab)
+        assert view.node(node.name).mode(lab) == "drifted"
+        assert differences(load_state(lab.lab), lab, view) == {node.name: [
+            f"the attached datapath does not match: its progs6 (map id {progs6}) is not the "
+            f"one pinned at {pin}"]}
+        assert switch.enable_ebpf(load_state(lab.lab), lab) == \
+            [f"{node.name}: progs6 pinned again"]
+        assert pinned_map_id(pin) == progs6
+    assert switch.node_programs(lab, node) == ids
+    assert observe(lab).node(node.name).mode(lab) == "ebpf"
+    assert_ping(pod.netns, lab.external.ip6)
