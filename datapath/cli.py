@@ -13,7 +13,8 @@ import os
 import signal
 import sys
 
-from netns_lab.builder import foreign_namespaces, lab_down, lab_down_all, lab_up
+from netns_lab.builder import foreign_namespaces, lab_down, lab_down_all, lab_down_stray_pins, \
+    lab_up
 from netns_lab.state import LabStateError, lab_lock, lab_names, load_state
 from netns_lab.topology import IP_FAMILIES, Topology, TopologyError, load_topology
 
@@ -113,7 +114,10 @@ def cmd_lab_down(args) -> int:
         removed = lab_down_all()
         for name, namespaces in removed.items():
             print(f"lab {name}: removed {len(namespaces)} namespaces")
-        if not removed:
+        pins = lab_down_stray_pins()     # of labs gone, whatever state directory made them
+        for name in pins:
+            print(f"lab {name}: removed its pinned BPF objects (no namespace of it is left)")
+        if not removed and not pins:
             print("no labs")
         return 0
     namespaces = lab_down(args.lab)
@@ -392,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("legacy", "ebpf"), default="legacy")
     p.set_defaults(func=cmd_lab_up)
     p = with_lab(labsub.add_parser("down", help="remove a lab (or --all)"))
-    p.add_argument("--all", action="store_true", help="every lab, including crashed ones")
+    p.add_argument("--all", action="store_true", help="every lab, including crashed ones, and the "
+                   "pinned BPF objects of labs whose namespaces are gone (any state directory)")
     p.set_defaults(func=cmd_lab_down)
     p = with_lab(labsub.add_parser("show", help="describe a lab"))
     p.add_argument("--json", action="store_true")

@@ -19,9 +19,9 @@ from collections.abc import Callable
 
 from . import netns, procs
 from .state import (GUARD_MODULE, LabState, LabStateError, guard_pidfile, guard_pidfile_arg,
-                    lab_files, lab_lock, lab_names, labs_dir, load_state, remove_lab_pins,
-                    stray_lab_names)
-from .topology import NAME_RE, Topology
+                    lab_files, lab_lock, lab_names, lab_pin_dir, labs_dir, load_state,
+                    pinned_lab_names, remove_lab_pins, stray_lab_names)
+from .topology import LAB_NAME_RE, NAME_RE, Topology
 
 BRIDGE = "br0"
 POD_IFNAME = "eth0"
@@ -286,7 +286,8 @@ def lab_down(name: str) -> list[str]:
         except LabStateError:
             state = None
         if state is None and not lab_namespaces(name) and not lab_daemons(name) and \
-                not [p for p in lab_files(name) if p.suffix != ".lock"]:
+                not [p for p in lab_files(name) if p.suffix != ".lock"] and \
+                not lab_pin_dir(name).exists():
             foreign = foreign_namespaces(name)
             raise LabStateError(f"no lab named {name!r} (see: hostrouting lab show --all)" + (
                 f"; not removing {', '.join(foreign)}: named like it, but without the lab's "
@@ -306,6 +307,20 @@ def lab_down_all() -> dict[str, list[str]]:
         except LabStateError:   # removed meanwhile by another command
             pass
     return removed
+
+
+def lab_down_stray_pins() -> list[str]:
+    """Remove the pins of labs no namespace of which is left, whatever state directory made
+    them (a test session SIGKILLed with its temporary one leaves its labs' pins, and with
+    them programs and maps, until reboot); returns those labs. A lab alive under another
+    state directory keeps its pins: its namespaces carry its marker, and are made before
+    anything is pinned. Directories not named as a lab names them are not looked at."""
+    stray = []
+    for name in pinned_lab_names():
+        if LAB_NAME_RE.match(name) and not lab_namespaces(name):
+            remove_lab_pins(name)
+            stray.append(name)
+    return stray
 
 
 def add_veth_pair(lab: str, name_a: str, name_b: str, ip_a: str, ip_b: str,

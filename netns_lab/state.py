@@ -45,11 +45,19 @@ def lab_pin_dir(name: str) -> Path:
 def remove_lab_pins(name: str) -> None:
     """Unpin every BPF object of the lab (the kernel frees what nothing else holds)."""
     pins = lab_pin_dir(name)
-    if pins.is_dir():
-        for pin in pins.iterdir():
+    with contextlib.suppress(FileNotFoundError):    # or removed meanwhile by another command
+        for pin in list(pins.iterdir()):
             pin.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            pins.rmdir()
+    with contextlib.suppress(OSError):
+        pins.rmdir()
+
+
+def pinned_lab_names() -> list[str]:
+    """Labs that have a pin directory (the pin root is the machine's: any state directory's)."""
+    try:
+        return sorted(p.name for p in BPF_PIN_ROOT.iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return []
 
 
 def labs_dir() -> Path:

@@ -151,7 +151,7 @@ def _marked_bpf_objects(nat_entries: int) -> tuple[list[int], list[int]]:
                 info = libbpf.map_info(fd)
         except OSError:
             continue
-        if info.name == "nat" and info.max_entries == nat_entries:
+        if info.name in ("nat", "nat6") and info.max_entries == nat_entries:
             maps.append(map_id)
     for prog_id in libbpf.prog_ids():
         try:
@@ -174,9 +174,9 @@ def _wait_gone(nat_entries: int, timeout: float = 10) -> tuple[list[int], list[i
         time.sleep(0.2)
 
 
-def _topology(tmp_path: Path, flows: int) -> Path:
+def _topology(tmp_path: Path, flows: int, family: str = "ipv4") -> Path:
     path = tmp_path / f"t{flows}.toml"
-    path.write_text(f"[nat]\nmax_flows = {flows}\n")
+    path.write_text(f'[lab]\nip_family = "{family}"\n[nat]\nmax_flows = {flows}\n')
     return path
 
 
@@ -191,7 +191,7 @@ def test_sigkill_at_random_points_then_down_all_leaves_nothing(tmp_path, command
     for delay in points:
         lab = fresh_lab_name()
         flows = rng.randrange(5000, 9000)           # marks this lab's BPF objects
-        topo = _topology(tmp_path, flows)
+        topo = _topology(tmp_path, flows, "dual")   # its datapath pins progs6 too
         if command == "bench":
             argv = CLI + ["bench", "--quick", "--lab-prefix", lab[:5], "--tests", "TCP_RR",
                           "--scenarios", "same-node"]

@@ -18,7 +18,7 @@ import pytest
 from netns_lab import procs
 from netns_lab.builder import lab_down, lab_down_all
 from netns_lab.state import (LabState, LabStateError, lab_files, lab_names, labs_dir,
-                             load_state, stray_lab_names)
+                             load_state, remove_lab_pins, stray_lab_names)
 
 
 SLEEPER = "import time; print(flush=True); time.sleep(60)"
@@ -176,3 +176,61 @@ def test_a_guard_whose_periodic_thread_hangs_stops_its_heartbeat_and_exits(labs,
         hung.set()
     found = [e for e in events.read("zq7") if e["reason"] == "GuardFailed"]
     assert len(found) == 1 and "a thread ended or hangs" in found[0]["message"], found
+
+
+def _pin_a_map(lab: str) -> int:
+    """A map pinned in the lab's pin directory as converge pins progs6; returns its id."""
+    from datapath import libbpf
+    from netns_lab.state import lab_pin_dir
+    lab_pin_dir(lab).mkdir(parents=True)
+    with libbpf.map_create(libbpf.BPF_MAP_TYPE_ARRAY, "hrpintest", 4, 4, 1) as fd:
+        libbpf.obj_pin(fd, str(lab_pin_dir(lab) / "node1_progs6"))
+        return libbpf.map_info(fd).id
+
+
+def _map_exists(map_id: int) -> bool:
+    from datapath import libbpf
+    try:
+        libbpf.map_fd_by_id(map_id).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_lab_down_removes_the_pins_of_labs_whose_namespaces_are_gone(labs):
+    """The pin root is the machine's: a session killed with its own state directory leaves its
+    labs' pins (and what they hold) behind. lab down --all removes those of a lab no namespace
+    of which is left, whatever directory made it, and the map goes; a lab alive under another
+    state directory (a namespace with its marker) keeps its pins; lab down --lab removes a
+    lab's pins without a record, and then the lab is gone."""
+    from netns_lab.builder import lab_mark
+    from netns_lab.state import lab_pin_dir
+    from tests.bpf.harness import wait_for
+    from tests.labtools import fresh_lab_name
+    gone, alive = fresh_lab_name(), fresh_lab_name()
+    while alive == gone:
+        alive = fresh_lab_name()
+    ns = f"{alive}-node1"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "alias", lab_mark(alive)],
+                       check=True)
+        ids = {lab: _pin_a_map(lab) for lab in (gone, alive)}
+        down = subprocess.run([sys.executable, "-m", "datapath.cli", "lab", "down", "--all"],
+                              capture_output=True, text=True, timeout=60)
+        assert down.returncode == 0, down.stderr
+        assert f"lab {gone}: removed its pinned BPF objects (no namespace of it is left)" in \
+            down.stdout.splitlines() and alive not in down.stdout
+        assert not lab_pin_dir(gone).exists()
+        assert wait_for(lambda: not _map_exists(ids[gone]), timeout=10)
+        assert lab_pin_dir(alive).is_dir() and _map_exists(ids[alive])
+        subprocess.run(["ip", "netns", "del", ns], check=True)
+        assert lab_down(alive) == []                # no record, no namespace: its pins
+        assert not lab_pin_dir(alive).exists()
+        assert wait_for(lambda: not _map_exists(ids[alive]), timeout=10)
+        with pytest.raises(LabStateError, match=f"no lab named '{alive}'"):
+            lab_down(alive)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        for lab in (gone, alive):
+            remove_lab_pins(lab)
