@@ -926,6 +926,38 @@ static __always_inline int from_pod6_routed(struct hr_ctx6 *x)
 			nh.ifindex, fib_redirect_v6(&nh));
 }
 
+/* For the node itself: its pods' gateway or its IPv6 SNAT address. */
+static __always_inline int for_the_node6(struct hr_ctx6 *x)
+{
+	struct hr_in6 *gw = (struct hr_in6 *)x->c.cfg->router_ip6;
+	struct hr_in6 *node = (struct hr_in6 *)x->c.cfg->node_ip6;
+
+	return (!in6_is_zero(gw) && in6_equal(&x->pkt.daddr, gw)) ||
+	       (!in6_is_zero(node) && in6_equal(&x->pkt.daddr, node));
+}
+
+/*
+ * A pod's packet the program does not route (extension headers it cannot
+ * walk, ICMPv6 control) is the stack's when it stays on the pod's link (a
+ * link-local or group destination) or is for the node; to elsewhere in the
+ * cluster the stack routes it as the program would. Un-NATed, a routable
+ * packet must not reach the stack: leaving the cluster with BPF SNAT on it is
+ * dropped, and another node's host namespace stays closed to pods.
+ */
+static __always_inline int from_pod6_to_stack(struct hr_ctx6 *x, __u32 reason)
+{
+	__u32 *range;
+
+	if (in6_link_local(&x->pkt.daddr) || multicast6(x) || for_the_node6(x))
+		return pass6(x, reason);
+	range = cluster_range6(&x->pkt.daddr);
+	if (range && (*range & HR_CIDR_DENY_FROM_POD))
+		return drop6(x, HR_DROP_POD_TO_NODE);
+	if (!range && !in6_is_zero((struct hr_in6 *)x->c.cfg->node_ip6))
+		return drop6(x, HR_DROP_NAT_UNSUPPORTED);
+	return pass6(x, reason);
+}
+
 /* IPv6 leaving a pod, at ingress of its host-side veth (from from_pod). */
 int from_pod6(struct __sk_buff *skb)
 {
@@ -941,7 +973,7 @@ int from_pod6(struct __sk_buff *skb)
 		/* the stack judges it, but only from the pod's own address (or its link's) */
 		if (!in6_link_local(&x.pkt.saddr) && !sent_by_its_pod6(&x))
 			return drop6(&x, HR_DROP_SPOOFED);
-		return pass6(&x, HR_PASS_EXT_HEADERS);
+		return from_pod6_to_stack(&x, HR_PASS_EXT_HEADERS);
 	}
 	if (icmp6_control(&x)) {
 		/* from the pod's link-local address, its own, or none (DAD, to a group) */
@@ -949,7 +981,7 @@ int from_pod6(struct __sk_buff *skb)
 		    !(in6_is_zero(&x.pkt.saddr) && in6_multicast(&x.pkt.daddr)) &&
 		    !sent_by_its_pod6(&x))
 			return drop6(&x, HR_DROP_SPOOFED);
-		return pass6(&x, HR_PASS_ICMP6_CONTROL);
+		return from_pod6_to_stack(&x, HR_PASS_ICMP6_CONTROL);
 	}
 	if (in6_link_local(&x.pkt.saddr) || in6_link_local(&x.pkt.daddr))
 		return drop6(&x, HR_DROP_LINK_LOCAL);
@@ -1054,6 +1086,10 @@ int from_underlay6(struct __sk_buff *skb)
 	rc = start6(&x, skb, HR_HOOK_FROM_UNDERLAY);
 	if (rc != HR_CONTINUE)
 		return rc;
+	/* Pods are reached directly from inside the cluster only, whatever the headers. */
+	ep = endpoints6.lookup(&x.pkt.daddr);
+	if (ep && !cluster_range6(&x.pkt.saddr))
+		return drop6(&x, HR_DROP_NOT_FROM_CLUSTER);
 	if (x.pkt.ext_unwalked)
 		return pass6(&x, HR_PASS_EXT_HEADERS);
 	if (icmp6_control(&x))
@@ -1066,16 +1102,10 @@ int from_underlay6(struct __sk_buff *skb)
 	if (!in6_is_zero((struct hr_in6 *)x.c.cfg->node_ip6) &&
 	    in6_equal(&x.pkt.daddr, (struct hr_in6 *)x.c.cfg->node_ip6))
 		return from_outside_to_node6(&x);
-	ep = endpoints6.lookup(&x.pkt.daddr);
-	if (x.pkt.fragment) {
-		if (ep && !cluster_range6(&x.pkt.saddr))
-			return drop6(&x, HR_DROP_NOT_FROM_CLUSTER);
+	if (x.pkt.fragment)
 		return pass6(&x, HR_PASS_FRAGMENT);
-	}
 	if (!ep)
 		return pass6(&x, HR_PASS_NOT_ENDPOINT);
-	if (!cluster_range6(&x.pkt.saddr))
-		return drop6(&x, HR_DROP_NOT_FROM_CLUSTER);
 	if (x.pkt.ip6->hop_limit <= 1)
 		return pass6(&x, HR_PASS_TTL);
 	if (!fits_egress6(skb, &x.pkt, ep->ifindex, &mtu))

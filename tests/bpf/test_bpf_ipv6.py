@@ -8,6 +8,7 @@ tail call is part of every case; the verdict must be counted under the family ip
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import sys
 import textwrap
@@ -17,19 +18,21 @@ from hypothesis import HealthCheck, event, given, settings, strategies as hst
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6EchoRequest, ICMPv6MLQuery,
                                 ICMPv6MLReport2, ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6ND_RS,
-                                ICMPv6PacketTooBig, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
-                                IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, RouterAlert)
+                                ICMPv6PacketTooBig, ICMPv6Unknown, IPv6, IPv6ExtHdrDestOpt,
+                                IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting,
+                                RouterAlert)
 from scapy.layers.ipsec import AH
 from scapy.layers.l2 import Ether
 
 from datapath import bpf_build, libbpf, shared_types as st
-from tests.bpf.harness import (from_pod, from_underlay, ip_batch, run_example, run_prog,
-                               wait_for)
+from tests.bpf.harness import (from_pod, from_underlay, ip_batch, loaded_datapath,
+                               reset_datapath6, run_example, run_prog, wait_for)
 from tests.bpf.packets import (DST_IFINDEX, DST_MAC, DST_NODE_MAC, HIN_MAC, NARROW_MTU, POD_MAC,
                                TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT)
-from tests.bpf.packets6 import (EXTERNAL_DST6, LOCAL_DST6, NARROW_DST6, NODE_IP6, REMOTE_DST6,
-                                ROUTER6, SRC6, UNRESOLVED_DST6, assert_valid_packet_too_big,
-                                pod6_packet, underlay6_packet)
+from tests.bpf.packets6 import (CLUSTER_CIDRS6, EXTERNAL_DST6, LOCAL_DST6, NARROW_DST6,
+                                NODE_IP6, REMOTE_DST6, REMOTE_NODE6, ROUTER6, SRC6,
+                                UNRESOLVED_DST6, assert_valid_packet_too_big, pod6_packet,
+                                underlay6_packet)
 
 OTHER_MAC = "02:00:00:00:01:99"
 ETH6 = bytes(Ether(src=POD_MAC, dst=HIN_MAC, type=0x86dd))
@@ -264,18 +267,97 @@ def test_to_another_nodes_host_namespace_is_refused(dp6, route6_ns):
     only_counter(dp6, "drop_pod_to_node", len(data))
 
 
-def test_leaving_the_cluster_with_ipv6_snat_is_never_routed_un_natted(dp6, route6_ns):
+SNAT_IP6 = {"router_ip6": ROUTER6, "node_ip6": NODE_IP6}
+
+
+@pytest.fixture(scope="module")
+def loaded_nat6():
+    """This module's own datapath with room in `nat6` for the flows SNAT tests open."""
+    yield from loaded_datapath(nat6_max_flows=4096)
+
+
+@pytest.fixture
+def snat6_dp(loaded_nat6, route6_ns):
+    """loaded_nat6 reset (reset_datapath6; flows of earlier tests kept), BPF SNAT to
+    NODE_IP6 on, another node's underlay address REMOTE_NODE6 closed to pods."""
+    dp = reset_datapath6(loaded_nat6, route6_ns)
+    dp.maps.set_config("198.18.1.1", trace=True, **SNAT_IP6)
+    dp.maps.set_cluster_cidr6(f"{REMOTE_NODE6}/128", deny_from_pod=True)
+    return dp
+
+
+def test_leaving_the_cluster_with_ipv6_snat_is_never_routed_un_natted(snat6_dp, route6_ns):
     """With node_ip6 set, what leaves the cluster is snat_out6()'s (nat6.h): NATed to the
-    node's address, or dropped; never redirected from the pod's own address."""
-    dp6.maps.set_config("198.18.1.1", trace=True, router_ip6=ROUTER6, node_ip6=NODE_IP6)
+    node's address and redirected, never from the pod's own address."""
+    data, res = from_pod(snat6_dp, route6_ns, pod6_packet(EXTERNAL_DST6))
+    assert res.retval == TC_ACT_REDIRECT
+    only_counter(snat6_dp, "snat_redirect_neigh", len(data))
+    assert Ether(res.data_out)[IPv6].src == NODE_IP6
+
+
+def test_leaving_the_cluster_with_a_full_nat6_table_is_dropped(dp6, route6_ns):
+    """The session datapath's `nat6` holds no flow: refused, counted."""
+    dp6.maps.set_config("198.18.1.1", trace=True, **SNAT_IP6)
     data, res = from_pod(dp6, route6_ns, pod6_packet(EXTERNAL_DST6))
-    (family, reason), = counted(dp6)
-    assert family == "ipv6"
-    if res.retval == TC_ACT_REDIRECT:
-        assert reason == "snat_redirect_neigh"
-        assert Ether(res.data_out)[IPv6].src == NODE_IP6
-    else:
-        assert res.retval == TC_ACT_SHOT and reason.startswith("drop_"), reason
+    assert res.retval == TC_ACT_SHOT
+    only_counter(dp6, "drop_nat_table_full", len(data))
+
+
+# -- what from_pod6 leaves to the stack, by destination ----------------------------------------
+
+SEVEN_DEST_OPTS = (IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt()
+                   / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt()
+                   / IPv6ExtHdrDestOpt())
+
+
+def first_fragment_cut(dst: str):
+    """A first fragment whose header chain its payload ends in (a destination options header
+    cut after 6 of its 8 bytes)."""
+    body = bytes(IPv6ExtHdrFragment(nh=60, m=1, id=9)) + bytes(IPv6ExtHdrDestOpt(nh=6))[:6]
+    return ETH6 + bytes(IPv6(src=SRC6, dst=dst, nh=44, plen=len(body))) + body
+
+
+# how each is built for a destination, and the reason it goes to the stack with
+UNROUTED6 = {
+    "seven_extension_headers": (lambda dst: pod6_packet(dst, ext=SEVEN_DEST_OPTS,
+                                                        l4=TCP(flags="S")), "pass_ext_headers"),
+    "authentication_header": (lambda dst: pod6_packet(dst, ext=AH(), l4=TCP(flags="S")),
+                              "pass_ext_headers"),
+    "first_fragment_cut": (first_fragment_cut, "pass_ext_headers"),
+    "node_information": (lambda dst: pod6_packet(dst, l4=ICMPv6Unknown(type=200)),
+                         "pass_icmp6_control"),
+}
+# destination, BPF SNAT on, the verdict (None: to the stack with the packet's reason)
+UNROUTED6_TO = {
+    "external": (EXTERNAL_DST6, True, (TC_ACT_SHOT, "drop_nat_unsupported")),
+    "another_nodes_host": (REMOTE_NODE6, True, (TC_ACT_SHOT, "drop_pod_to_node")),
+    "another_nodes_host_snat_off": (REMOTE_NODE6, False, (TC_ACT_SHOT, "drop_pod_to_node")),
+    "external_snat_off": (EXTERNAL_DST6, False, None),     # the stack's MASQUERADE
+    "remote_pod": (REMOTE_DST6, True, None),                # inside: the stack routes it
+    "gateway": (ROUTER6, True, None),
+    "the_node": (NODE_IP6, True, None),
+    "link_local": ("fe80::1", True, None),
+    "group": ("ff02::1", True, None),
+}
+
+
+@pytest.mark.parametrize("to", UNROUTED6_TO)
+@pytest.mark.parametrize("kind", UNROUTED6)
+def test_unrouted_pod_packets_reach_the_stack_only_where_un_natted_is_right(dp6, route6_ns,
+                                                                            kind, to):
+    """Extension headers the program cannot walk and ICMPv6 control go to the stack for the
+    pod's link, the node, or elsewhere in the cluster; never out of it un-NATed with BPF SNAT
+    on, never to another node's host namespace (as route_from_pod's rule for IPv4)."""
+    build, reason = UNROUTED6[kind]
+    dst, snat, expected = UNROUTED6_TO[to]
+    dp6.maps.set_cluster_cidr6(f"{REMOTE_NODE6}/128", deny_from_pod=True)
+    if snat:
+        dp6.maps.set_config("198.18.1.1", trace=True, **SNAT_IP6)
+    data, res = from_pod(dp6, route6_ns, build(dst))
+    action, reason = expected or (TC_ACT_OK, reason)
+    assert (res.retval, counted(dp6)) == (action, {("ipv6", reason): (1, len(data))})
+    if action == TC_ACT_OK:
+        assert res.data_out == data
 
 
 # -- Packet Too Big ---------------------------------------------------------------------------
@@ -398,6 +480,20 @@ UNDERLAY_CASES = {
                                / ICMPv6ND_NS(tgt=NODE_IP6), TC_ACT_OK, "pass_icmp6_control"),
     "link_local": (underlay6_packet("fe80::1", src="fe80::2"), TC_ACT_OK, "pass_local"),
     "unwalkable": (underlay6_packet(LOCAL_DST6, ext=AH()), TC_ACT_OK, "pass_ext_headers"),
+    # from outside to a pod: refused before the headers or ICMPv6 type could pass it
+    "unwalkable_from_outside": (underlay6_packet(LOCAL_DST6, src=EXTERNAL_DST6, ext=AH()),
+                                TC_ACT_SHOT, "drop_not_from_cluster"),
+    "seven_headers_from_outside": (underlay6_packet(LOCAL_DST6, src=EXTERNAL_DST6,
+                                                    ext=SEVEN_DEST_OPTS), TC_ACT_SHOT,
+                                   "drop_not_from_cluster"),
+    "control_from_outside": (Ether(dst="02:00:00:00:00:01")
+                             / IPv6(src=EXTERNAL_DST6, dst=LOCAL_DST6)
+                             / ICMPv6Unknown(type=200), TC_ACT_SHOT, "drop_not_from_cluster"),
+    "link_local_source_to_a_pod": (underlay6_packet(LOCAL_DST6, src="fe80::2"), TC_ACT_SHOT,
+                                   "drop_not_from_cluster"),
+    "unwalkable_from_outside_to_the_node": (underlay6_packet(NODE_IP6, src=EXTERNAL_DST6,
+                                                             ext=AH()), TC_ACT_OK,
+                                            "pass_ext_headers"),
 }
 
 
@@ -543,16 +639,17 @@ EXT_HEADERS = [IPv6ExtHdrHopByHop, IPv6ExtHdrDestOpt, IPv6ExtHdrDestOpt,
 
 
 @hst.composite
-def packets6(draw):
-    proto = draw(hst.sampled_from(["udp", "tcp", "echo", "error", "nd", "raw"]))
+def packets6(draw, dests=DESTS6):
+    proto = draw(hst.sampled_from(["udp", "tcp", "echo", "error", "nd", "info", "raw"]))
     l4 = {"udp": lambda: UDP(sport=draw(hst.integers(1, 65535)), dport=5201),
           "tcp": lambda: TCP(sport=draw(hst.integers(1, 65535)), dport=80,
                              flags=draw(hst.integers(0, 0xFF))),
           "echo": lambda: ICMPv6EchoRequest(id=draw(hst.integers(0, 65535))),
           "error": lambda: ICMPv6PacketTooBig(mtu=1280) / IPv6(src=REMOTE_DST6, dst=SRC6),
           "nd": lambda: ICMPv6ND_NS(tgt=ROUTER6),
+          "info": lambda: ICMPv6Unknown(type=draw(hst.integers(130, 255))),
           "raw": lambda: b""}[proto]()
-    ip = IPv6(src=draw(hst.sampled_from(SOURCES6)), dst=draw(hst.sampled_from(DESTS6)),
+    ip = IPv6(src=draw(hst.sampled_from(SOURCES6)), dst=draw(hst.sampled_from(dests)),
               hlim=draw(hst.sampled_from([0, 1, 2, 64, 255])), tc=draw(hst.integers(0, 255)),
               fl=draw(hst.integers(0, 0xFFFFF)))
     chain = draw(hst.sampled_from([0, 0, 0, 1, 2, 3, 8]))
@@ -627,6 +724,57 @@ def test_fuzz_from_underlay6(dp6, route6_ns, data):
                                              route6_ns.uplink))
     dp6.maps.read_trace_events()
 
+
+# outside the cluster: via the default route; inside, closed to pods, local, on the link
+OUTSIDE6 = [EXTERNAL_DST6, "2001:db8:2::b", "2001:db8:7::1"]
+SNAT_DESTS6 = [*OUTSIDE6, *OUTSIDE6, REMOTE_NODE6, REMOTE_NODE6, REMOTE_DST6, LOCAL_DST6,
+               NARROW_DST6, NODE_IP6, ROUTER6, "fe80::1", "ff02::1"]
+NAT_REASONS6 = ("snat_redirect_neigh", "snat_fragment", "snat_pass_frag_needed")
+
+
+def leaves_the_cluster6(addr: ipaddress.IPv6Address) -> bool:
+    """Neither local (the gateway, the node), on the link, nor in the cluster's CIDRs."""
+    return not (addr.is_link_local or addr.is_multicast
+                or addr in (ipaddress.IPv6Address(ROUTER6), ipaddress.IPv6Address(NODE_IP6))
+                or any(addr in ipaddress.IPv6Network(c) for c in CLUSTER_CIDRS6))
+
+
+def check_snat_invariants6(dp, data: bytes, res) -> None:
+    """check_snat_invariants of test_bpf_fuzz for IPv6: one verdict; a pass leaves the bytes
+    alone, a translation comes from NODE_IP6. And the rule: from the pod's own address to
+    outside the cluster nothing reaches the stack un-NATed but what the stack answers
+    (pass_ttl, pass_fib_miss); to another node's host namespace, nothing at all."""
+    assert res.retval in (TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT)
+    found = counted(dp)
+    assert sum(p for p, _ in found.values()) == 1, found
+    ((family, reason), _), = found.items()
+    event(reason)
+    if family != "ipv6":        # a flip made it another ethertype's
+        return
+    if res.retval == TC_ACT_SHOT:
+        assert reason.startswith("drop_"), reason
+    elif reason in NAT_REASONS6:
+        assert Ether(res.data_out)[IPv6].src == NODE_IP6
+    elif res.retval == TC_ACT_OK:
+        assert reason.startswith("pass_") and res.data_out == data, reason
+    src, dst = ipaddress.IPv6Address(data[22:38]), ipaddress.IPv6Address(data[38:54])
+    if src != ipaddress.IPv6Address(SRC6):
+        return
+    if leaves_the_cluster6(dst) and res.retval != TC_ACT_SHOT:
+        assert reason in ("pass_ttl", "pass_fib_miss", "icmp_frag_needed", *NAT_REASONS6), \
+            reason
+    if dst == ipaddress.IPv6Address(REMOTE_NODE6):
+        assert res.retval == TC_ACT_SHOT, reason
+
+
+@SETTINGS
+@given(data=packets6(dests=SNAT_DESTS6))
+def test_fuzz_from_pod6_with_snat(snat6_dp, route6_ns, data):
+    snat6_dp.maps.reset_counters()
+    add_local_pod6(snat6_dp)
+    check_snat_invariants6(snat6_dp, data, run_example(snat6_dp.from_pod.fd, data,
+                                                       route6_ns.name, route6_ns.hin))
+    snat6_dp.maps.read_trace_events()
 
 
 def test_progs6_keeps_the_ipv6_programs_only_while_pinned(route6_ns):
