@@ -777,6 +777,14 @@ static __always_inline int icmp6_control(struct hr_ctx6 *x)
 	return icmp6_type(x->c.skb, &x->pkt) > 129;
 }
 
+/* An ICMPv6 error message (types below 128): never answered with another (RFC 4443 2.4 (e)). */
+static __always_inline int icmp6_error(struct hr_ctx6 *x)
+{
+	int type = icmp6_type(x->c.skb, &x->pkt);
+
+	return type >= 0 && type < 128;
+}
+
 /*
  * The first steps of both IPv6 programs, as start(): the configuration, the
  * parse (a malformed fixed header is dropped; extension headers that cannot
@@ -909,8 +917,14 @@ static __always_inline int from_pod6_routed(struct hr_ctx6 *x)
 	if (x->pkt.ip6->hop_limit <= 1)
 		return pass6(x, HR_PASS_TTL);
 	/* IPv6 routers never fragment: too big is answered, whatever the next hop */
-	if (!fits_egress6(x->c.skb, &x->pkt, nh.ifindex, &mtu))
-		return packet_too_big_to_pod(x, mtu);
+	if (!fits_egress6(x->c.skb, &x->pkt, nh.ifindex, &mtu)) {
+		if (!icmp6_error(x))
+			return packet_too_big_to_pod(x, mtu);
+		/* an error about an error: the stack drops it (NATed first if it leaves) */
+		if (!external)
+			return pass6(x, HR_PASS_FRAG_NEEDED);
+		nat_then_stack = 1;
+	}
 	if (!nat_then_stack)
 		x->pkt.ip6->hop_limit--;
 	if (!external)
@@ -998,7 +1012,8 @@ int from_pod6(struct __sk_buff *skb)
 	if (x.pkt.ip6->hop_limit <= 1)
 		return pass6(&x, HR_PASS_TTL);
 	if (!fits_egress6(skb, &x.pkt, ep->ifindex, &mtu))
-		return packet_too_big_to_pod(&x, mtu);
+		return icmp6_error(&x) ? pass6(&x, HR_PASS_FRAG_NEEDED)
+				       : packet_too_big_to_pod(&x, mtu);
 	return to_local_pod6(&x, ep, HR_REDIRECT_PEER);
 }
 

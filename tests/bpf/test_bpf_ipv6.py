@@ -15,12 +15,12 @@ import textwrap
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as hst
-from scapy.layers.inet import TCP, UDP
+from scapy.layers.inet import TCP, UDP, UDPerror
 from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6EchoRequest, ICMPv6MLQuery,
                                 ICMPv6MLReport2, ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6ND_RS,
-                                ICMPv6PacketTooBig, ICMPv6Unknown, IPv6, IPv6ExtHdrDestOpt,
-                                IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting,
-                                RouterAlert)
+                                ICMPv6PacketTooBig, ICMPv6Unknown, IPerror6, IPv6,
+                                IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop,
+                                IPv6ExtHdrRouting, RouterAlert)
 from scapy.layers.ipsec import AH
 from scapy.layers.l2 import Ether
 
@@ -409,6 +409,44 @@ def test_same_node_pod_with_a_narrower_link(dp6, route6_ns, size, verdict, actio
     only_counter(dp6, verdict, len(data))
     if verdict == "icmp_frag_needed":
         assert_valid_packet_too_big(res.data_out, data, NARROW_MTU)
+
+
+def icmp6_error_from_pod(dst: str, size: int):
+    """The pod's ICMPv6 error (port unreachable) about a datagram from `dst`, `size` bytes of
+    IPv6 in all."""
+    quote = IPv6(src=dst, dst=SRC6) / UDP(sport=53, dport=40000)
+    pkt = Ether(src=POD_MAC, dst=HIN_MAC) / IPv6(src=SRC6, dst=dst) / ICMPv6DestUnreach(code=4)
+    return pkt / quote / (b"e" * (size - 40 - 8 - 48))
+
+
+@pytest.mark.parametrize("same_node", [False, True], ids=["routed", "same_node"])
+def test_an_icmpv6_error_too_big_gets_no_packet_too_big(dp6, route6_ns, same_node):
+    """RFC 4443 2.4 (e): no ICMPv6 error about an ICMPv6 error. The stack drops it, as the
+    router it is (its own Packet Too Big would not be sent either)."""
+    if same_node:
+        dp6.maps.set_endpoint(LOCAL_DST6, route6_ns.narrow, DST_MAC, DST_NODE_MAC)
+    data, res = from_pod(dp6, route6_ns,
+                         icmp6_error_from_pod(LOCAL_DST6 if same_node else NARROW_DST6, 1400))
+    assert res.retval == TC_ACT_OK and res.data_out == data
+    only_counter(dp6, "pass_frag_needed", len(data))
+
+
+def test_an_icmpv6_error_too_big_leaving_the_cluster_goes_to_the_stack_natted(snat6_dp,
+                                                                             route6_ns):
+    """Leaving the cluster, an oversized error of the pod's about a flow is translated and
+    only then given to the stack (which drops it): never a Packet Too Big, never un-NATed."""
+    flow = pod6_packet(EXTERNAL_DST6, l4=UDP(sport=40000, dport=53))
+    _, res = from_pod(snat6_dp, route6_ns, flow)
+    assert res.retval == TC_ACT_REDIRECT
+    nat_port = Ether(res.data_out)[UDP].sport
+    snat6_dp.maps.reset_counters()
+    snat6_dp.maps.read_trace_events()
+    data, res = from_pod(snat6_dp, route6_ns, icmp6_error_from_pod(EXTERNAL_DST6, 1600))
+    assert res.retval == TC_ACT_OK
+    only_counter(snat6_dp, "snat_pass_frag_needed", len(data))
+    out = Ether(res.data_out)
+    assert out[IPv6].src == NODE_IP6 and ICMPv6PacketTooBig not in out
+    assert (out[IPerror6].dst, out[UDPerror].dport) == (NODE_IP6, nat_port)
 
 
 # -- malformed ---------------------------------------------------------------------------------
