@@ -31,9 +31,11 @@ demo: require-root
 	cd $(REPO) && $(VENV)/bin/hostrouting bench --quick
 
 # pytest takes its paths from PYTEST_ARGS, else testpaths (tests/) in pyproject.toml.
+# Two workers: the tests that build labs (marked slow) run one after the other on one of them
+# (tests/conftest.py groups them), the quick ones beside them on the other.
 test: require-root
 	$(PROVISION) --test-tools
-	@cd $(REPO) && { $(VENV)/bin/pytest $(PYTEST_ARGS); status=$$?; \
+	@cd $(REPO) && { $(VENV)/bin/pytest -n 2 --dist loadgroup $(PYTEST_ARGS); status=$$?; \
 	  $(if $(PYTEST_STATUS_FILE),echo $$status > '$(PYTEST_STATUS_FILE)';) \
 	  if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; \
 	  exit $$status; }

@@ -30,6 +30,15 @@ def pytest_configure(config):
                     "(sudo make test)", returncode=4)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under ``pytest -n 2 --dist loadgroup`` (make test) the tests that build labs run one
+    after the other on one worker, in file order, as they would serially; the others share
+    the second worker. Without --dist loadgroup the mark changes nothing."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("labs"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_state_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("hostrouting-state")
