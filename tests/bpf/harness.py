@@ -120,10 +120,7 @@ def reset_datapath(dp, route_ns: RouteNs):
     for ip in list(maps.endpoints()):
         maps.delete_endpoint(ip)
     maps.set_endpoint(SRC, route_ns.hin, POD_MAC, HIN_MAC)
-    for key, _ in maps.nat_raw_entries():
-        libbpf.map_delete(maps.fd("nat"), key)
-    for key in list(libbpf.map_keys(maps.fd("nat_frags"), SIZEOF_FRAG_KEY)):
-        libbpf.map_delete(maps.fd("nat_frags"), key)
+    empty_nat_tables(maps)
     maps.reset_counters()
     for name in ("cluster_cidrs", "node_routes"):
         for key in list(libbpf.map_keys(maps.fd(name), st.SIZEOF_LPM_KEY)):
@@ -133,6 +130,18 @@ def reset_datapath(dp, route_ns: RouteNs):
     maps.set_config(ROUTER_IP, trace=True)
     maps.read_trace_events()
     return dp
+
+
+def empty_nat_tables(maps) -> None:
+    """Every NAT table of the datapath and its fragment records, both families."""
+    frags = {4: ("nat_frags", SIZEOF_FRAG_KEY), 6: ("nat6_frags", st.SIZEOF_FRAG6_KEY)}
+    for family in maps.nat_families():
+        name = host_routing.NAT_MAPS[family][0]
+        for key, _ in maps.nat_raw_entries(family):
+            libbpf.map_delete(maps.fd(name), key)
+        name, size = frags[family]
+        for key in list(libbpf.map_keys(maps.fd(name), size)):
+            libbpf.map_delete(maps.fd(name), key)
 
 
 def reset_datapath6(dp, ns: Route6Ns):
@@ -145,8 +154,7 @@ def reset_datapath6(dp, ns: Route6Ns):
     for ip in [*maps.endpoints(), *maps.endpoints6()]:
         maps.delete_endpoint(ip)
     maps.set_endpoint(SRC6, ns.hin, POD_MAC, HIN_MAC)
-    for key, _ in maps.nat_raw_entries():
-        libbpf.map_delete(maps.fd("nat"), key)
+    empty_nat_tables(maps)
     maps.reset_counters()
     for name in ("cluster_cidrs6", "node_routes6"):
         for key in list(libbpf.map_keys(maps.fd(name), st.SIZEOF_LPM6_KEY)):

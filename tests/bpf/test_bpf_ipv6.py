@@ -278,7 +278,7 @@ def loaded_nat6():
 
 @pytest.fixture
 def snat6_dp(loaded_nat6, route6_ns):
-    """loaded_nat6 reset (reset_datapath6; flows of earlier tests kept), BPF SNAT to
+    """loaded_nat6 reset (reset_datapath6: its NAT tables empty), BPF SNAT to
     NODE_IP6 on, another node's underlay address REMOTE_NODE6 closed to pods."""
     dp = reset_datapath6(loaded_nat6, route6_ns)
     dp.maps.set_config("198.18.1.1", trace=True, **SNAT_IP6)

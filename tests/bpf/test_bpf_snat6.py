@@ -45,9 +45,6 @@ def snat6(loaded6, route6_ns):
     """The datapath reset (harness.reset_datapath6), both IPv6 NAT tables empty, IPv6 SNAT on:
     node_ip6 NODE_IP6, ports PORT_MIN..PORT_MAX."""
     dp = reset_datapath6(loaded6, route6_ns)
-    for name, size in (("nat6", st.SIZEOF_NAT6_KEY), ("nat6_frags", st.SIZEOF_FRAG6_KEY)):
-        for key in list(libbpf.map_keys(dp.maps.fd(name), size)):
-            libbpf.map_delete(dp.maps.fd(name), key)
     set_nat6(dp)
     return dp
 
