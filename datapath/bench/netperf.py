@@ -22,7 +22,15 @@ The workloads (``WORKLOADS``):
   shuts its one connection, UDP_RR when netperf sends zero-length datagrams),
   so a 1 s test took 5 s. A counted test (``-l -N``) ends when netserver has
   served N; the runner sizes N from a short first run (``transactions_for``)
-  and netperf's rate is N over its measured elapsed time;
+  and netperf's rate is N over its measured elapsed time. netperf binds each
+  connection's client port itself, cycling through 5000-65535 unless told
+  (test option ``-p``); a pod's kernel picks from its ephemeral ports
+  (net.ipv4.ip_local_port_range, 32768-60999), so the client cycles through
+  those of its namespace (``ephemeral_ports``). Its ports above the NAT range
+  (61000-65535, the nodes' own) were masqueraded to other ports, some of them
+  held in TIME-WAIT by the external host for an earlier connection with other
+  TCP timestamps: the host dropped the SYN (PAWS) and legacy TCP_CRR to the
+  external host stalled on its second long run (docs/benchmarks.md);
 - TCP_STREAMxN: N TCP_STREAM flows at once (parallel netperf instances),
   summed over the window in which all N ran: each instance reports its rate
   every DEMO_INTERVAL_S with a timestamp (netperf's demo mode), and only the
@@ -134,12 +142,22 @@ def split_workload(workload: str) -> tuple[str, int]:
     return (m.group(1), int(m.group(2))) if m else (workload, 1)
 
 
+def ephemeral_ports(ns: str) -> tuple[int, int]:
+    """The namespace's ephemeral ports: net.ipv4.ip_local_port_range (it holds IPv6's too)."""
+    out = netns.run(ns, ["sysctl", "-n", "net.ipv4.ip_local_port_range"]).stdout.split()
+    if len(out) != 2 or not all(f.isdigit() for f in out):
+        raise NetperfError(f"net.ipv4.ip_local_port_range in {ns}: unexpected {out!r}")
+    return int(out[0]), int(out[1])
+
+
 def argv_for(host: str, test: str, duration: float, size: int | None, port: int = PORT,
              cpus: str | None = None, demo: bool = False,
-             transactions: int | None = None, family: int = 4) -> list[str]:
+             transactions: int | None = None, family: int = 4,
+             client_ports: tuple[int, int] | None = None) -> list[str]:
     """netperf's command line; with ``transactions`` the test runs that many (-l -N) instead
     of ``duration`` seconds; ``family`` 6: control and data connections over IPv6 (the global
-    -6; ``host`` an IPv6 address)."""
+    -6; ``host`` an IPv6 address). ``client_ports``: the range TCP_CRR binds its client
+    ports in (the client's ephemeral ports; netperf's own default is 5000-65535)."""
     length = f"-{transactions}" if transactions else f"{duration:g}"
     argv = ["netperf", *(["-6"] if family == 6 else []), "-H", host, "-p", str(port), "-t",
             test, "-l", length, "-P", "0",
@@ -148,6 +166,8 @@ def argv_for(host: str, test: str, duration: float, size: int | None, port: int 
             "--", "-o", ",".join(SELECTORS[test]), *OPTIONS.get(test, ())]
     if size is not None:
         argv += ["-m", str(size)] if test.endswith("_STREAM") else ["-r", f"{size},{size}"]
+    if client_ports and test == "TCP_CRR":
+        argv += ["-p", f"{client_ports[0]},{client_ports[1]}"]
     return argv
 
 
@@ -211,9 +231,10 @@ def run_test(ns: str, host: str, test: str, duration: float, size: int | None = 
     started = time.monotonic()
     # a counted run that goes slower than its first run foretold still ends
     timeout = duration + 30 + (2 * duration if transactions else 0)
+    ports = ephemeral_ports(ns) if base == "TCP_CRR" else None
     proc = netns.run(ns, argv_for(host, base, duration, size, port, cpus,
-                                  transactions=transactions, family=family), check=False,
-                     timeout=timeout)
+                                  transactions=transactions, family=family,
+                                  client_ports=ports), check=False, timeout=timeout)
     seconds = time.monotonic() - started
     if proc.returncode != 0:
         raise NetperfError(f"netperf {test} {ns} -> {host}: exit {proc.returncode}: "
