@@ -212,6 +212,14 @@ def placement(cpu_pin) -> str:
             "none": "where the scheduler put them (not pinned)"}.get(pin, str(pin))
 
 
+def limits_beaten(rows: list[dict]) -> list[tuple[dict, str]]:
+    """(row, ratio name) of every rate (``HEADLINE``) where eBPF or the floor is above the
+    limit with the whole interval: there the limit is no upper bound."""
+    return [(r, name) for r in sorted(rows, key=_row_order) if r["metric"] in HEADLINE
+            for name in ("ebpf/limit", "floor/limit")
+            if (q := r["ratios"].get(name)) and q["ci"][0] > 1.0]
+
+
 def print_tables(result: dict, console=None) -> None:
     from rich.table import Table
     console = console_for_output(console)
@@ -261,6 +269,11 @@ def print_tables(result: dict, console=None) -> None:
     if shown:
         console.print("published eBPF/legacy (Azure CNI powered by Cilium): " + "; ".join(
             f"{scenario} {test} {unit} {_plain_ratio(v)}" for scenario, test, unit, v in shown))
+    for r, name in limits_beaten(rows):
+        num = MODE_NAMES[name.split("/")[0]]
+        console.print(f"[yellow]limit beaten[/]: {r['scenario']} {r['test']} {_row_label(r)}: "
+                      f"{num}/limit {format_ratio(r['ratios'][name])}; at this point the limit "
+                      "is no upper bound (docs/benchmarks.md: when the limit is not a limit)")
     if aa and (floor := noise_floor(rows)):
         typical, far, row = floor
         console.print(f"noise floor: the A/A intervals of throughput and transaction rates reach "

@@ -191,6 +191,24 @@ def test_tables_are_not_cut_when_piped():
     assert "1.12x [1.12-1.12]" in line and "0.93x [0.93-0.93]" in line
 
 
+def test_a_limit_beaten_beyond_its_interval_is_called_out():
+    from rich.console import Console
+
+    def printed(ebpf, floor):
+        samples = [_sample(m, rep, v) for rep in range(5)
+                   for m, v in (("legacy", 100), ("ebpf", ebpf + rep % 2), ("limit", 110),
+                                ("floor", floor + rep % 2))]
+        out = io.StringIO()
+        report.print_tables(report.with_summary(_result(samples)), Console(file=out, width=200))
+        return [line for line in out.getvalue().splitlines() if "limit beaten" in line]
+    assert printed(ebpf=105, floor=108) == []            # below the limit
+    assert printed(ebpf=110, floor=109) == []            # at it: the interval holds 1.00x
+    lines = printed(ebpf=130, floor=120)
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("limit beaten: same-node TCP_RR trans/s: eBPF/limit 1.18x")
+    assert "floor/limit 1.09x" in lines[1]
+
+
 def test_guard_legacy_poll_waits_while_paused(monkeypatch, tmp_path):
     """The pause stops the guard's periodic work (the NAT sweep checks it the same way); its
     deadline ends a pause nobody lifted."""
