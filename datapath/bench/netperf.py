@@ -144,7 +144,7 @@ def split_workload(workload: str) -> tuple[str, int]:
 
 def ephemeral_ports(ns: str) -> tuple[int, int]:
     """The namespace's ephemeral ports: net.ipv4.ip_local_port_range (it holds IPv6's too)."""
-    out = netns.run(ns, ["sysctl", "-n", "net.ipv4.ip_local_port_range"]).stdout.split()
+    out = netns.read_sysctl(ns, "net.ipv4.ip_local_port_range").split()
     if len(out) != 2 or not all(f.isdigit() for f in out):
         raise NetperfError(f"net.ipv4.ip_local_port_range in {ns}: unexpected {out!r}")
     return int(out[0]), int(out[1])
