@@ -19,7 +19,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from datapath import host_routing, libbpf, shared_types as st
+from datapath import host_routing, libbpf, nat_table, shared_types as st
 from tests.bpf.packets import (CLUSTER_CIDRS, DST_IFINDEX, DST_MAC, DST_NODE_MAC, HIN_MAC,
                                LOCAL_DST, POD_MAC, ROUTER_IP, SRC)
 
@@ -134,11 +134,9 @@ def reset_datapath(dp, route_ns: RouteNs):
 
 def empty_nat_tables(maps) -> None:
     """Every NAT table of the datapath and its fragment records, both families."""
+    nat_table.flush(maps)
     frags = {4: ("nat_frags", SIZEOF_FRAG_KEY), 6: ("nat6_frags", st.SIZEOF_FRAG6_KEY)}
     for family in maps.nat_families():
-        name = host_routing.NAT_MAPS[family][0]
-        for key, _ in maps.nat_raw_entries(family):
-            libbpf.map_delete(maps.fd(name), key)
         name, size = frags[family]
         for key in list(libbpf.map_keys(maps.fd(name), size)):
             libbpf.map_delete(maps.fd(name), key)
