@@ -291,6 +291,10 @@ def print_tables(result: dict, console=None) -> None:
                           _fmt(r["ebpf"]["median"]), format_ratio(r["ratios"].get("ebpf/legacy")))
         console.print(table)
     print_program_costs(result, console)
+    if env.get("bpf_stats_sysctl"):
+        console.print("[yellow]kernel.bpf_stats_enabled was 1[/]: every sample's BPF programs "
+                      "(eBPF's, the floor's) paid two clock reads per run; legacy and limit "
+                      "did not")
     if env.get("steal_s"):
         console.print(f"steal time during the run: {env['steal_s']:.2f} s (the hypervisor ran "
                       "something else on these CPUs)")
@@ -302,13 +306,16 @@ def print_tables(result: dict, console=None) -> None:
 
 
 def program_costs(result: dict) -> list[dict]:
-    """Per point and eBPF program that ran in it: the median over the eBPF samples of its ns
-    per run (bpf_stats: the program's own time, tail calls included) and of its runs a
-    second (programs that did not run in a point are left out)."""
+    """Per point and eBPF program that ran in it: its ns per run (bpf_stats: the program's own
+    time, tail calls included) and runs a second over the point's program-cost run (a run of
+    its own, outside the samples: runner.Bench.record_program_costs), or, in a result from
+    before those runs, the median over the eBPF samples, which carried the stats then.
+    Programs that did not run in a point are left out."""
     runs: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
-    for s in result["samples"]:
-        if s["mode"] != "ebpf":
-            continue
+    measured = result.get("program_costs")
+    if measured is None:        # a result from before: the samples held the stats
+        measured = [s for s in result["samples"] if s["mode"] == "ebpf"]
+    for s in measured:
         for prog, fig in (s.get("bpf_programs") or {}).items():
             if fig.get("run_cnt") and fig.get("ns_per_run") is not None:
                 runs[(*_key(s), prog)].append((fig["ns_per_run"],
@@ -324,14 +331,18 @@ def print_program_costs(result: dict, console) -> None:
     rows = program_costs(result)
     if not rows:
         return
-    table = Table(title="eBPF programs: ns per run (bpf_stats, median over the eBPF samples)")
-    for col in ("point", "program", "ns/run", "runs/s", "samples"):
+    own_run = result.get("program_costs") is not None
+    table = Table(title="eBPF programs: ns per run (bpf_stats, " + (
+        "one more eBPF run per point, outside the samples)" if own_run else
+        "median over the eBPF samples)"))
+    cols = ("point", "program", "ns/run", "runs/s") + (() if own_run else ("samples",))
+    for col in cols:
         table.add_column(col, justify="left" if col in ("point", "program") else "right")
     for r in rows:
         rules, scenario, test, size, pin = r["key"]
         point = " ".join(str(x) for x in (scenario, test, size and f"{size} B", pin) if x)
         table.add_row(point, r["program"], f"{r['ns_per_run']:.0f}", _fmt(r["runs_per_s"]),
-                      str(r["samples"]))
+                      *(() if own_run else (str(r["samples"]),)))
     console.print(table)
 
 

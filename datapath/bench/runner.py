@@ -17,9 +17,11 @@ no switching in between; the report pairs the modes within a repetition
   (floor.py), the redirect mechanism without the program's logic
   (``<prefix>f``).
 
-``--profile DIR`` adds, after a point's repetitions, one more of every mode
-under perf record (perf.py): not a sample, so perf's cost stays out of the
-statistics.
+After a point's repetitions, one more eBPF repetition runs with BPF run-time
+stats on (a BPF_ENABLE_STATS fd held for that run only): what each program
+costs per run on that path. It is not a sample: the stats' two clock reads per
+program run stay out of the statistics, as perf does with ``--profile DIR``,
+which adds one more repetition of every mode under perf record (perf.py).
 
 ``--ip-family 6`` builds every lab dual stack (the IPv6 plan of netns_lab/topology.py)
 and runs the same matrix over IPv6: netperf -6 to the server's IPv6 address, the
@@ -132,8 +134,10 @@ class BenchConfig:
                 for test, size in self.workloads() for pin in pins]
 
     def runs(self) -> int:
-        """netperf runs of the whole matrix: the samples, and the profiled repetitions."""
-        return len(self.points()) * len(self.modes) * (self.repeat + bool(self.profile_dir))
+        """netperf runs of the whole matrix: the samples, the profiled repetitions and the
+        program-cost run of each point."""
+        per_point = len(self.modes) * (self.repeat + bool(self.profile_dir))
+        return len(self.points()) * (per_point + ("ebpf" in self.modes))
 
 
 def rotated(modes: tuple[str, ...], rep: int) -> tuple[str, ...]:
@@ -168,7 +172,8 @@ class Sample:
     steal_s: float = 0.0        # stolen by the hypervisor over the same window
     pin: str | None = None
     started_at: float = field(default_factory=time.time)     # when netperf was started
-    # eBPF: {"node/program": prog_stats.figures()} over the netperf run (ns_per_run per packet)
+    # eBPF, the program-cost run only (Bench.record_program_costs): {"node/program":
+    # prog_stats.figures()} over the netperf run (ns_per_run per packet)
     bpf_programs: dict = field(default_factory=dict)
     transactions: int | None = None     # a counted test's (netperf.COUNTED) count
 
@@ -234,6 +239,7 @@ def _mitigations() -> dict[str, str]:
 
 
 def environment(cfg: BenchConfig) -> dict:
+    from datapath import prog_stats
     def version(argv):
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=5)
@@ -254,6 +260,8 @@ def environment(cfg: BenchConfig) -> dict:
         "netperf": version(["netperf", "-V"]), "iptables": version(["iptables", "--version"]),
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
         "modes": list(cfg.modes),
+        # on: every sample's BPF programs paid the stats' clock reads (report.py says so)
+        "bpf_stats_sysctl": prog_stats.stats_enabled(),
         "started_at": time.time(),
     }
 
@@ -314,7 +322,6 @@ class Bench:
         self.floor = None
         self.limit_ns: tuple[str, str] | None = None
         self.retries: list[dict] = []      # runs that failed once and were repeated
-        self.bpf_stats = None              # the BPF_ENABLE_STATS fd while the run lasts
         self.profile = node_profiles.parse(cfg.node_profile)
         self.profile_applied: dict[str, dict] = {}   # per lab, node_profiles.configure's record
         # the transaction count of each counted test (netperf.COUNTED) per point and mode
@@ -351,14 +358,6 @@ class Bench:
                 server_ns.add(self.server_netns(scenario, mode))
         for ns in sorted(server_ns):
             self.servers.append(netperf.Netserver(ns, family=family))
-        if "ebpf" in self.labs:
-            # on (through our fd, the sysctl left alone) for the whole run: each sample of the
-            # eBPF lab records its programs' ns per packet. The price is two clock reads per
-            # program run, machine-wide while the fd is held (every BPF program on the machine
-            # pays, ours or not); within the bench it weighs on the eBPF and floor modes, the
-            # only ones with programs on their path, not on legacy or limit
-            from datapath import prog_stats
-            self.bpf_stats = prog_stats.enable_stats()
 
     def ebpf_program_ids(self) -> dict[str, int]:
         """{"node/program": id} of the eBPF lab's datapath, read before each sample."""
@@ -368,8 +367,6 @@ class Bench:
                 for name, prog_id in node_programs(topo, node).items()}
 
     def teardown(self) -> None:
-        if self.bpf_stats is not None:
-            self.bpf_stats.close()
         for server in self.servers:
             server.close()
         if self.floor:
@@ -491,35 +488,52 @@ class Bench:
             entry["error"] = str(e)
         return entry
 
-    def measure(self, point: Point, mode: str, rep: int, around=None) -> Sample:
+    def record_program_costs(self, point: Point) -> dict:
+        """One more eBPF repetition of a point with BPF run-time stats on (through a
+        BPF_ENABLE_STATS fd held for this run only; the sysctl is left alone): each program's
+        runs and ns per run on the point's path. Not a sample: the price of the stats, two
+        clock reads per program run (every BPF program on the machine pays it while the fd
+        is open), stays out of the statistics."""
+        from datapath import prog_stats
+        with prog_stats.enable_stats():
+            sample = self.measure(point, "ebpf", self.cfg.repeat, programs=True)
+        return {"rules": point.rules, "scenario": point.scenario, "test": point.test,
+                "size": point.size, "pin": point.pin, "values": sample.values,
+                "seconds": sample.seconds, "bpf_programs": sample.bpf_programs}
+
+    def measure(self, point: Point, mode: str, rep: int, around=None,
+                programs: bool = False) -> Sample:
         """One sample; ``around``: a context manager factory wrapped round the netperf run
-        (perf's recording)."""
+        (perf's recording); ``programs``: read the eBPF lab's program stats before and after
+        (record_program_costs, which turns them on)."""
         ns, host = self.target(point.scenario, mode)
         if mode == "floor":
             self.floor.use(point.scenario)
         guard_labs = [lab for m, lab in self.labs.items() if m == "ebpf"]
         try:
             try:
-                return self._measure_once(point, mode, rep, ns, host, guard_labs, around)
+                return self._measure_once(point, mode, rep, ns, host, guard_labs, around,
+                                          programs)
             except (netperf.NetperfError, netns.NetnsError) as first:
                 # one more try: a run that hangs or fails once should not cost the whole
                 # bench; a second failure is real and ends it
                 self.retries.append({"scenario": point.scenario, "mode": mode,
                                      "test": point.test, "size": point.size, "repeat": rep,
                                      "error": str(first)})
-                return self._measure_once(point, mode, rep, ns, host, guard_labs, around)
+                return self._measure_once(point, mode, rep, ns, host, guard_labs, around,
+                                          programs)
         finally:
             from datapath import rule_guard
             for lab in guard_labs:
                 rule_guard.resume(lab)
 
     def _measure_once(self, point: Point, mode: str, rep: int, ns: str, host: str,
-                      guard_labs: list[str], around=None) -> Sample:
+                      guard_labs: list[str], around=None, programs: bool = False) -> Sample:
         from datapath import prog_stats, rule_guard
         duration = self.cfg.duration
         count = self.transactions(point, mode, ns, host)
         self.empty_connection_tables(mode)
-        progs = self.ebpf_program_ids() if mode == "ebpf" else {}
+        progs = self.ebpf_program_ids() if programs and mode == "ebpf" else {}
         runs_before = prog_stats.read_programs(progs)
         for lab in guard_labs:
             rule_guard.pause(lab, duration + GUARD_PAUSE_MARGIN_S)
@@ -548,6 +562,7 @@ def run_bench(cfg: BenchConfig, on_sample=None, progress=None) -> dict:
     bench = Bench(cfg)
     samples: list[Sample] = []
     profiles: list[dict] = []
+    program_costs: list[dict] = []
     env = environment(cfg)
     settings: dict = {}
     _, steal_before = read_proc_stat()
@@ -569,6 +584,12 @@ def run_bench(cfg: BenchConfig, on_sample=None, progress=None) -> dict:
                         on_sample(sample)
                     if progress:
                         progress.advance(task)
+            if "ebpf" in cfg.modes:
+                if progress:
+                    progress.update(task, description=f"{point.label()} ebpf (BPF stats)")
+                program_costs.append(bench.record_program_costs(point))
+                if progress:
+                    progress.advance(task)
             if cfg.profile_dir:
                 for mode in cfg.modes:
                     if progress:
@@ -587,7 +608,7 @@ def run_bench(cfg: BenchConfig, on_sample=None, progress=None) -> dict:
         env["retried_runs"] = bench.retries
         env["node_profile"] = {"name": bench.profile.name, "labs": bench.profile_applied}
     result = {"environment": env, "lab_settings": settings,
-              "samples": [asdict(s) for s in samples]}
+              "samples": [asdict(s) for s in samples], "program_costs": program_costs}
     if cfg.profile_dir:
         result["profiles"] = profiles
     return result

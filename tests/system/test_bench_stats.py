@@ -126,7 +126,10 @@ def test_points_are_extended_by_placement():
     assert [(p.test, p.size) for p in points[::2]] == [("TCP_RR", None), ("TCP_STREAM", 64),
                                                        ("TCP_STREAM", 1024)]
     assert {p.pin for p in points} == set(runner.PINS)
-    assert cfg.runs() == len(points) * len(runner.MODES) * cfg.repeat
+    # every point: its samples and one program-cost run (eBPF, BPF stats on)
+    assert cfg.runs() == len(points) * (len(runner.MODES) * cfg.repeat + 1)
+    aa = runner.BenchConfig(aa=True)      # no eBPF lab: no program-cost run
+    assert aa.runs() == len(aa.points()) * len(runner.AA_MODES) * aa.repeat
     assert runner.BenchConfig(aa=True).modes == runner.AA_MODES
 
 
@@ -250,6 +253,73 @@ def test_guard_legacy_poll_waits_while_paused(monkeypatch, tmp_path):
     assert len(reads) > baseline_reads         # polling again once resumed
 
 
+def test_bpf_stats_are_on_for_the_program_cost_run_only(monkeypatch):
+    """The stats' clock reads are a cost on the eBPF and floor paths only: no sample may pay
+    them. One more eBPF run per point holds them on, and it alone reads the programs."""
+    from datapath import prog_stats
+    from datapath.bench import netperf
+    held = []
+
+    class StatsFd:      # prog_stats.enable_stats(): on while the fd is open
+        def __enter__(self):
+            held.append(self)
+            return self
+
+        def __exit__(self, *exc):
+            held.remove(self)
+
+    stats_on_during_runs = []
+
+    def run_test(ns, host, test, duration, size=None, port=None, cpus=None,
+                 transactions=None, family=4):
+        stats_on_during_runs.append(bool(held))
+        return netperf.Result({"tps": 100.0}, 2.0, 2.0)
+
+    readings = iter([{"node1/from_pod": (1_000, 10)}, {"node1/from_pod": (4_000, 30)}])
+    monkeypatch.setattr(prog_stats, "enable_stats", StatsFd)
+    monkeypatch.setattr(prog_stats, "read_programs", lambda ids: next(readings) if ids else {})
+    monkeypatch.setattr(netperf, "run_test", run_test)
+    monkeypatch.setattr(rule_guard, "pause", lambda lab, seconds: None)
+    monkeypatch.setattr(rule_guard, "resume", lambda lab: None)
+    monkeypatch.setattr(runner.Bench, "target", lambda self, scenario, mode: ("ns", "host"))
+    monkeypatch.setattr(runner.Bench, "empty_connection_tables", lambda self, mode: None)
+    monkeypatch.setattr(runner.Bench, "ebpf_program_ids", lambda self: {"node1/from_pod": 7})
+    bench = runner.Bench(runner.BenchConfig(duration=2.0))
+    point = runner.Point(0, "same-node", "TCP_RR", None, "cross-cpu")
+    samples = [bench.measure(point, mode, 0) for mode in ("legacy", "ebpf")]
+    cost = bench.record_program_costs(point)
+    assert stats_on_during_runs == [False, False, True] and not held
+    assert [s.bpf_programs for s in samples] == [{}, {}]
+    assert cost["bpf_programs"] == {"node1/from_pod": {"id": 7, "run_cnt": 20,
+                                                       "run_time_ns": 3_000, "ns_per_run": 150.0}}
+    assert (cost["scenario"], cost["test"], cost["pin"]) == ("same-node", "TCP_RR", "cross-cpu")
+
+
+def test_the_report_takes_program_costs_from_their_own_run():
+    from rich.console import Console
+    progs = {"node1/from_pod": {"id": 7, "run_cnt": 4000, "run_time_ns": 480_000,
+                                "ns_per_run": 120.0}}
+    result = _result([_sample(m, rep, 100.0) for rep in range(3) for m in runner.MODES])
+    result["samples"][1]["bpf_programs"] = {"node1/from_pod": {"id": 7, "run_cnt": 1,
+                                                               "run_time_ns": 999,
+                                                               "ns_per_run": 999.0}}
+    result["program_costs"] = [{"rules": 0, "scenario": "same-node", "test": "TCP_RR",
+                                "size": None, "pin": None, "values": {"tps": 100.0},
+                                "seconds": 2.0, "bpf_programs": progs}]
+    [row] = report.program_costs(result)       # the samples' figures are not looked at
+    assert (row["ns_per_run"], row["runs_per_s"], row["samples"]) == (120.0, 2000.0, 1)
+    out = io.StringIO()
+    report.print_tables(report.with_summary(result), Console(file=out, width=160))
+    text = " ".join(out.getvalue().split())      # the title wraps over the narrow table
+    assert "one more eBPF run per point, outside the samples" in text and " 120 " in text
+    assert "bpf_stats_enabled was 1" not in text
+    result["environment"]["bpf_stats_sysctl"] = True
+    out = io.StringIO()
+    report.print_tables(report.with_summary(result), Console(file=out, width=160))
+    assert "kernel.bpf_stats_enabled was 1: every sample's BPF programs" in \
+        " ".join(out.getvalue().split())
+
+
 def test_the_report_gives_each_programs_ns_per_run_per_point():
     from rich.console import Console
 
@@ -260,6 +330,7 @@ def test_the_report_gives_each_programs_ns_per_run_per_point():
         return {"rules": 0, "scenario": "same-node", "mode": mode, "test": "TCP_RR", "size": None,
                 "pin": "cross-cpu", "repeat": rep, "values": {"tps": 100.0}, "seconds": 2.0,
                 "bpf_programs": progs if mode == "ebpf" else {}}
+    # a result from before the program-cost run: the eBPF samples carried the stats
     result = {"samples": [sample(m, rep, ns, 1000) for rep, ns in enumerate((130.0, 90.0, 110.0))
                           for m in ("legacy", "ebpf")]}
     [row] = report.program_costs(result)
