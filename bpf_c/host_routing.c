@@ -392,9 +392,29 @@ static __always_inline int start(struct hr_ctx *c, struct __sk_buff *skb, __u32 
 }
 
 /*
+ * A TSO skb from a sender's TCP is a clone (TCP keeps the original until it
+ * is acknowledged). Handed to the receiving socket still a clone, it cannot be
+ * merged with the skb before it, in the socket backlog or the receive queue
+ * (skb_try_coalesce() refuses a cloned one), and a bulk flow is received one
+ * skb at a time. The kernel's forwarding path un-clones every packet it
+ * routes (skb_cow() in ip_forward()); bpf_skb_change_head() with no room does
+ * the same (its skb_cow() gives a cloned skb a header of its own, the payload
+ * stays shared). Only for skbs of several segments: a single one has nothing
+ * to merge into, and the copy would be a cost for request/response traffic.
+ * A failure (no memory) leaves the packet as it was. Packet pointers are
+ * stale after it.
+ */
+static __always_inline void unclone_bulk(struct __sk_buff *skb)
+{
+	if (skb->gso_segs > 1)
+		bpf_skb_change_head(skb, 0, 0);
+}
+
+/*
  * Hand the packet to a pod of this node: MACs as if the node had routed it
- * out of the pod's host-side veth, TTL decremented, then straight into the
- * ingress of the pod's eth0 (the veth peer of ep->ifindex).
+ * out of the pod's host-side veth, TTL decremented, un-cloned if it is bulk,
+ * then straight into the ingress of the pod's eth0 (the veth peer of
+ * ep->ifindex).
  */
 static __always_inline int to_local_pod(struct hr_ctx *c, struct hr_endpoint *ep, __u32 reason)
 {
@@ -403,6 +423,7 @@ static __always_inline int to_local_pod(struct hr_ctx *c, struct hr_endpoint *ep
 	__builtin_memcpy(c->pkt.eth->h_dest, ep->mac, ETH_ALEN);
 	__builtin_memcpy(c->pkt.eth->h_source, ep->node_mac, ETH_ALEN);
 	ip_decrease_ttl(c->pkt.ip);
+	unclone_bulk(c->skb);
 	/* With flags 0 this always answers TC_ACT_REDIRECT. */
 	return verdict(c, reason, ifindex, (int)bpf_redirect_peer(ifindex, 0));
 }
@@ -818,7 +839,10 @@ static __always_inline int multicast6(struct hr_ctx6 *x)
 	       x->c.skb->pkt_type == PACKET_MULTICAST;
 }
 
-/* to_local_pod() for IPv6: MACs rewritten, hop limit decremented, into the pod's eth0. */
+/*
+ * to_local_pod() for IPv6: MACs rewritten, hop limit decremented, un-cloned if
+ * bulk, into the pod's eth0.
+ */
 static __always_inline int to_local_pod6(struct hr_ctx6 *x, struct hr_endpoint *ep, __u32 reason)
 {
 	__u32 ifindex = ep->ifindex;
@@ -826,6 +850,7 @@ static __always_inline int to_local_pod6(struct hr_ctx6 *x, struct hr_endpoint *
 	__builtin_memcpy(x->pkt.eth->h_dest, ep->mac, ETH_ALEN);
 	__builtin_memcpy(x->pkt.eth->h_source, ep->node_mac, ETH_ALEN);
 	x->pkt.ip6->hop_limit--;
+	unclone_bulk(x->c.skb);
 	return verdict6(x, reason, ifindex, (int)bpf_redirect_peer(ifindex, 0));
 }
 
