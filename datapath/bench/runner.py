@@ -477,8 +477,7 @@ class Bench:
         size = point.size if point.test in netperf.SIZED else None
         stem = perf.file_stem(point.scenario, point.test, size, point.pin, mode)
         path = Path(self.cfg.profile_dir) / f"{stem}.perf.data"
-        entry = {"rules": point.rules, "scenario": point.scenario, "test": point.test,
-                 "size": point.size, "pin": point.pin, "mode": mode}
+        entry = {**asdict(point), "mode": mode}
         try:
             with perf.Recording(path) as recording:
                 sample = self.measure(point, mode, self.cfg.repeat, around=recording.enabled)
@@ -497,9 +496,8 @@ class Bench:
         from datapath import prog_stats
         with prog_stats.enable_stats():
             sample = self.measure(point, "ebpf", self.cfg.repeat, programs=True)
-        return {"rules": point.rules, "scenario": point.scenario, "test": point.test,
-                "size": point.size, "pin": point.pin, "values": sample.values,
-                "seconds": sample.seconds, "bpf_programs": sample.bpf_programs}
+        return {**asdict(point), "values": sample.values, "seconds": sample.seconds,
+                "bpf_programs": sample.bpf_programs}
 
     def measure(self, point: Point, mode: str, rep: int, around=None,
                 programs: bool = False) -> Sample:

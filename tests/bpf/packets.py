@@ -47,11 +47,11 @@ def pod_packet(dst: str, src: str = SRC, ttl: int = 64, payload: bytes = b"x" * 
             / UDP(sport=40000, dport=5201) / payload)
 
 
-def underlay_packet(dst: str, ttl: int = 63, **ipkw):
+def underlay_packet(dst: str, ttl: int = 63, payload: bytes = b"u" * 16, **ipkw):
     """A UDP datagram from REMOTE_DST's node to `dst`, as it arrives on uplink."""
     return (Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01")
             / IP(src=REMOTE_DST, dst=dst, ttl=ttl, **ipkw) / UDP(sport=5201, dport=40000)
-            / (b"u" * 16))
+            / payload)
 
 
 def out_pkt(l4, dst=EXTERNAL_DST, src=SRC, payload=b"hello", **ipkw):

@@ -467,20 +467,22 @@ def test_underlay_to_local_pod_is_redirected_to_peer(dp, route_ns):
                                                         DST_IFINDEX)
 
 
-@pytest.mark.parametrize("hook", ["from_pod", "from_underlay"])
-def test_a_bulk_skb_to_a_local_pod_is_delivered_as_a_single_one_is(dp, route_ns, hook):
-    """A TSO skb (two segments: test_run takes a page at most) into a local pod goes through
-    unclone_bulk() (bpf_skb_change_head with no room: a cloned skb gets a header of its own,
-    so that the receiving socket can coalesce it): same verdict, same bytes out as the skb
-    alone. Whether it was a clone test_run cannot show: the labs' counters do (docs)."""
+BULK_PAYLOAD = b"b" * 2 * 1448     # two segments: test_run takes a page at most
+
+
+@pytest.mark.parametrize("hook, device, pkt", [
+    ("from_pod", "hin", pod_packet(LOCAL_DST, payload=BULK_PAYLOAD)),
+    ("from_underlay", "uplink", underlay_packet(LOCAL_DST, payload=BULK_PAYLOAD)),
+], ids=["from_pod", "from_underlay"])
+def test_a_bulk_skb_to_a_local_pod_is_delivered_as_a_single_one_is(dp, route_ns, hook, device,
+                                                                    pkt):
+    """A GSO skb of two segments into a local pod goes through unclone_bulk()
+    (bpf_skb_change_head with no room: a cloned skb gets a header of its own, so that the
+    receiving socket can coalesce it): same verdict, same bytes out as the skb alone. Whether
+    it was a clone test_run cannot show: the labs' counters do (docs)."""
     add_local_pod(dp)
-    ttl = 64 if hook == "from_pod" else 63
-    pkt = (Ether(src=POD_MAC if hook == "from_pod" else "02:00:00:00:00:02",
-                 dst=HIN_MAC if hook == "from_pod" else "02:00:00:00:00:01")
-           / IP(src=SRC if hook == "from_pod" else REMOTE_DST, dst=LOCAL_DST, ttl=ttl)
-           / TCP(sport=40000, dport=5201, flags="A") / (b"b" * 2 * 1448))
     data = bytes(pkt)
-    ifindex = route_ns.hin if hook == "from_pod" else route_ns.uplink
+    ifindex = getattr(route_ns, device)
     prog = getattr(dp, hook).fd
     single = run_prog(prog, data, route_ns.name, ifindex)
     with in_netns(route_ns.name):
@@ -490,7 +492,7 @@ def test_a_bulk_skb_to_a_local_pod_is_delivered_as_a_single_one_is(dp, route_ns,
     assert single.retval == bulk.retval == TC_ACT_REDIRECT
     assert bulk.data_out == single.data_out
     out = Ether(bulk.data_out)
-    assert (out.dst, out.src, out[IP].ttl) == (DST_MAC, DST_NODE_MAC, ttl - 1)
+    assert (out.dst, out.src, out[IP].ttl) == (DST_MAC, DST_NODE_MAC, pkt[IP].ttl - 1)
     assert bulk.data_out[34:] == data[34:]
 
 
