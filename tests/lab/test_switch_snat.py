@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from datapath.bench.netperf import ephemeral_ports
 from netns_lab import netns
 from netns_lab.topology import TopologyError, load_topology
 from tests.labtools import background, wait_port
@@ -60,18 +61,13 @@ print("ok", 200, flush=True)
 """
 
 
-def _node_ports(ns: str) -> tuple[int, int]:
-    low, high = netns.read_sysctl(ns, "net.ipv4.ip_local_port_range").split()
-    return int(low), int(high)
-
-
 @pytest.mark.slow
 def test_node_ephemeral_ports_are_disjoint_from_the_nat_ports_by_default(ebpf_lab):
     _, topo = ebpf_lab
     assert topo.node_local_port_range == (61000, 65535)
     assert (topo.nat.port_min, topo.nat.port_max) == (1024, 60999)
     for node in topo.nodes:
-        low, high = _node_ports(node.netns)
+        low, high = ephemeral_ports(node.netns)
         assert (low, high) == topo.node_local_port_range, node.name
         assert high < topo.nat.port_min or low > topo.nat.port_max, node.name
 
@@ -108,7 +104,7 @@ def test_a_node_and_a_pod_connection_to_the_same_remote_port_both_work(make_lab,
                          "[nat]\nport_min = 60000\nport_max = 60000\n")
     _, topo = make_lab("ebpf", topology=str(topo_file))
     node, pod, ext = topo.nodes[0], topo.nodes[0].pods[0], topo.external
-    assert _node_ports(node.netns) == (60002, 60003)
+    assert ephemeral_ports(node.netns) == (60002, 60003)
     go = tmp_path / "go"
     with background(ext.netns, [sys.executable, "-c", PEER_ECHO, ext.ip, "9300"], port=9300):
         clients = []
