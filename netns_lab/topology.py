@@ -288,6 +288,10 @@ class _Locator:
             elif m := re.match(r"^([\w-]+)\s*=", line):
                 self.lines[(table, counts.get(table, 0), m.group(1))] = lineno
 
+    def has(self, table: str, index: int, key: str) -> bool:
+        """Whether the file sets this key (a default's has no line)."""
+        return (table, index, key) in self.lines
+
     def where(self, table: str, index: int, key: str | None) -> str:
         label = table if table else "(top level)"
         if table == "nodes":
@@ -416,6 +420,7 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
 
     value, where = lab_value("underlay_cidr", DEFAULT_UNDERLAY)
     underlay = _net(value, where)
+    underlay_at = ("lab" if "underlay_cidr" in labsec else "", 0, "underlay_cidr")
     value, where = lab_value("underlay_mtu", 1500)
     underlay_mtu = _int(value, where, 576, 9000)
     value, where = lab_value("external_mtu", 1500)
@@ -457,12 +462,14 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
     if len(raw_nodes) > MAX_NODES:
         raise TopologyError(f"nodes: {len(raw_nodes)} nodes, at most {MAX_NODES}")
     if len(raw_nodes) > underlay.num_addresses - 3:
-        raise TopologyError(f"{loc.where('', 0, 'underlay_cidr')}: {underlay} has no room "
+        raise TopologyError(f"{loc.where(*underlay_at)}: {underlay} has no room "
                             f"for {len(raw_nodes)} nodes and the router")
 
     names: dict[str, str] = {}
-    cidrs: list[tuple[ipaddress.IPv4Network, str]] = [(underlay, "underlay_cidr"),
-                                                      (ext_net, "external.cidr")]
+    # (range, its name, where it is: the _Locator key) of every range a pod CIDR must avoid
+    cidrs: list[tuple[ipaddress.IPv4Network, str, tuple[str, int, str]]] = [
+        (underlay, "underlay_cidr", underlay_at),
+        (ext_net, "external.cidr", ("external", 0, "cidr"))]
     nodes = []
     for i, raw in enumerate(raw_nodes):
         if not isinstance(raw, dict):
@@ -487,11 +494,16 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
         if len(pod_names) > pod_net.num_addresses - FIRST_POD_HOST - 1:
             raise TopologyError(f"{where}: {len(pod_names)} pods do not fit in {pod_net} "
                                 f"(pods start at host .{FIRST_POD_HOST})")
-        for net, owner in cidrs:
-            if pod_net.overlaps(net):
-                raise TopologyError(f"{loc.where('nodes', i, 'pod_cidr')}: {pod_net} overlaps "
-                                    f"{owner} ({net})")
-        cidrs.append((pod_net, f"nodes[{i}].pod_cidr"))
+        for net, owner, owner_at in cidrs:
+            if not pod_net.overlaps(net):
+                continue
+            if loc.has(*owner_at) and not loc.has("nodes", i, "pod_cidr"):
+                # the nodes are the defaults (no [[nodes]] in the file): name the file's line
+                raise TopologyError(f"{loc.where(*owner_at)}: {net} overlaps nodes[{i}].pod_cidr "
+                                    f"({pod_net}, a default node's)")
+            raise TopologyError(f"{loc.where('nodes', i, 'pod_cidr')}: {pod_net} overlaps "
+                                f"{owner} ({net})")
+        cidrs.append((pod_net, f"nodes[{i}].pod_cidr", ("nodes", i, "pod_cidr")))
         pod_net6 = v6.net(f"nodes[{i}].pod_cidr6", raw.get("pod_cidr6", default_pod_cidr6(i + 1)),
                           loc.where("nodes", i, "pod_cidr6"), "pod_cidr6" in raw)
         _claim(names, node_name, "node", loc.where("nodes", i, "name"))
@@ -559,7 +571,7 @@ class _V6:
 
     def __init__(self, loc: _Locator, enabled: bool):
         self.loc, self.enabled = loc, enabled
-        self.nets: list[tuple[ipaddress.IPv6Network, str]] = []
+        self.nets: list[tuple[ipaddress.IPv6Network, str, str, bool]] = []   # net, name, where, given
 
     def _refuse(self, where: str) -> None:
         raise TopologyError(f'{where}: IPv6 needs [lab] ip_family = "dual" or "ipv6" '
@@ -571,10 +583,14 @@ class _V6:
                 self._refuse(where)
             return None
         net = _net(value, where, 6)
-        for other, name in self.nets:
-            if net.overlaps(other):
-                raise TopologyError(f"{where}: {net} overlaps {name} ({other})")
-        self.nets.append((net, owner))
+        for other, name, other_where, other_given in self.nets:
+            if not net.overlaps(other):
+                continue
+            if other_given and not given:       # this one is a default: name the file's line
+                raise TopologyError(f"{other_where}: {other} overlaps {owner} ({net}, the "
+                                    "default)")
+            raise TopologyError(f"{where}: {net} overlaps {name} ({other})")
+        self.nets.append((net, owner, where, given))
         return net
 
     def host(self, net: ipaddress.IPv6Network | None, value, where: str, given: bool

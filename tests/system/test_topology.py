@@ -61,6 +61,12 @@ pods = ["web", "db"]
      "lab.toml:2: external.ip: '203.0.113.999' is not an IPv4 address"),
     ('[[nodes]]\nname = "a"\npod_cidr = "198.19.0.0/25"\n',
      "lab.toml:3: nodes[0].pod_cidr: 198.19.0.0/25 overlaps underlay_cidr"),
+    # no [[nodes]]: the default nodes' pod CIDRs, so the file's line is the underlay's
+    ('# a comment\nunderlay_cidr = "198.18.1.0/24"\n',
+     "lab.toml:2: (top level).underlay_cidr: 198.18.1.0/24 overlaps nodes[0].pod_cidr "
+     "(198.18.1.0/24, a default node's)"),
+    ('[lab]\nunderlay_cidr = "198.18.0.0/16"\n',
+     "lab.toml:2: lab.underlay_cidr: 198.18.0.0/16 overlaps nodes[0].pod_cidr"),
     ('[[nodes]]\nname = "Bad_Name"\npod_cidr = "198.18.1.0/24"\n', "lab.toml:2: nodes[0].name"),
     ('[[nodes]]\nname = "a"\npod_cidr = "198.18.1.0/24"\ncolour = "red"\n',
      "lab.toml:4: nodes[0].colour: unknown key"),
@@ -245,6 +251,10 @@ DUAL = '[lab]\nip_family = "dual"\n'
      "lab.toml:3: lab.underlay_cidr6: ::/0 overlaps the unspecified range"),
     (DUAL + '[external]\ncidr6 = "2001:db8:1::/64"\n' + NODE,
      "lab.toml:4: external.cidr6: 2001:db8:1::/64 overlaps underlay_cidr6 (2001:db8:1::/64)"),
+    # external.cidr6 is a default: the line named is the file's underlay_cidr6
+    ('ip_family = "dual"\nunderlay_cidr6 = "2001:db8::/32"\n',
+     "lab.toml:2: (top level).underlay_cidr6: 2001:db8::/32 overlaps external.cidr6 "
+     "(2001:db8:2::/64, the default)"),
     (DUAL + '[external]\nip6 = "2001:db8:3::a"\n' + NODE,
      "lab.toml:4: external.ip6: 2001:db8:3::a must be a host address of 2001:db8:2::/64"),
     (DUAL + '[external]\nip6 = "2001:db8:2::1"\n' + NODE,
