@@ -192,6 +192,18 @@ def test_tables_are_not_cut_when_piped():
     report.print_tables(report.with_summary(_result(samples)), console)
     line = next(line for line in out.getvalue().splitlines() if "trans/s" in line)
     assert "1.12x [1.12-1.12]" in line and "0.93x [0.93-0.93]" in line
+    # the widest row there is: the longest scenario and label, seven-digit rates, five ratios
+    wide = [{**_sample(m, rep, 0, test="UDP_STREAM", scenario="pod-to-external"),
+             "pin": "cross-cpu", "values": {"pps": v * (1 + rep / 7), "sent_pps": v}}
+            for rep in range(3) for m, v in (("legacy", 1_234_567), ("ebpf", 1_512_345),
+                                             ("limit", 1_612_345), ("floor", 1_555_555))]
+    out = io.StringIO()
+    console.file = out
+    report.print_tables(report.with_summary(_result(wide)), console)
+    text = out.getvalue()
+    assert "…" not in text, text
+    line = next(line for line in text.splitlines() if "packets/s received cross-cpu" in line)
+    assert line.count("x [") == 5 and "1,728,394" in line, line
 
 
 def test_a_limit_beaten_beyond_its_interval_is_called_out():
