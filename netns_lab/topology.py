@@ -466,6 +466,7 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
                             f"for {len(raw_nodes)} nodes and the router")
 
     names: dict[str, str] = {}
+    nodes_in_file = ("nodes", 0) in loc.tables or loc.has("", 0, "nodes")
     # (range, its name, where it is: the _Locator key) of every range a pod CIDR must avoid
     cidrs: list[tuple[ipaddress.IPv4Network, str, tuple[str, int, str]]] = [
         (underlay, "underlay_cidr", underlay_at),
@@ -497,8 +498,8 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
         for net, owner, owner_at in cidrs:
             if not pod_net.overlaps(net):
                 continue
-            if loc.has(*owner_at) and not loc.has("nodes", i, "pod_cidr"):
-                # the nodes are the defaults (no [[nodes]] in the file): name the file's line
+            if loc.has(*owner_at) and not nodes_in_file:
+                # the nodes are the defaults (no nodes in the file): name the file's line
                 raise TopologyError(f"{loc.where(*owner_at)}: {net} overlaps nodes[{i}].pod_cidr "
                                     f"({pod_net}, a default node's)")
             raise TopologyError(f"{loc.where('nodes', i, 'pod_cidr')}: {pod_net} overlaps "

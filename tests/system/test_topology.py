@@ -67,6 +67,9 @@ pods = ["web", "db"]
      "(198.18.1.0/24, a default node's)"),
     ('[lab]\nunderlay_cidr = "198.18.0.0/16"\n',
      "lab.toml:2: lab.underlay_cidr: 198.18.0.0/16 overlaps nodes[0].pod_cidr"),
+    # nodes written inline are the file's: their own line is named
+    ('underlay_cidr = "198.18.0.0/16"\nnodes = [{name = "a", pod_cidr = "198.18.1.0/24"}]\n',
+     "lab.toml:2: nodes[0].pod_cidr: 198.18.1.0/24 overlaps underlay_cidr (198.18.0.0/16)"),
     ('[[nodes]]\nname = "Bad_Name"\npod_cidr = "198.18.1.0/24"\n', "lab.toml:2: nodes[0].name"),
     ('[[nodes]]\nname = "a"\npod_cidr = "198.18.1.0/24"\ncolour = "red"\n',
      "lab.toml:4: nodes[0].colour: unknown key"),
@@ -82,6 +85,13 @@ def test_bad_topology_names_field_and_line(tmp_path, text, expected):
     with pytest.raises(TopologyError) as err:
         load_topology("lab1", path)
     assert expected in str(err.value)
+
+
+def test_an_underlay_without_room_names_its_line(tmp_path):
+    path = write(tmp_path, '[lab]\nunderlay_cidr = "198.19.0.0/29"\n')
+    with pytest.raises(TopologyError, match=r"lab\.toml:2: lab\.underlay_cidr: 198\.19\.0\.0/29 "
+                       "has no room for 6 nodes and the router"):
+        load_topology("lab1", path, nodes=6)
 
 
 NODE = '[[nodes]]\nname = "a"\npod_cidr = "198.18.1.0/24"\n'
