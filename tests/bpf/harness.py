@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import socket
+import struct
 import subprocess
 import time
 from dataclasses import dataclass
@@ -101,6 +102,19 @@ class Route6Ns:
     hin: int
     uplink: int
     narrow: int
+
+
+BPF_FUNC_SKB_CHANGE_HEAD = 43     # enum bpf_func_id, uapi/linux/bpf.h (a stable ABI number)
+
+
+def helper_calls(module, name: str) -> set[int]:
+    """The helpers (their BPF_FUNC_* ids) function ``name`` of a compiled bcc module calls:
+    its BPF_JMP|BPF_CALL instructions whose source register is 0 (not a call of another BPF
+    function or a kfunc)."""
+    code = module.dump_func(name.encode())
+    return {imm for op, regs, _, imm in (struct.unpack_from("<BBhi", code, i)
+                                          for i in range(0, len(code), 8))
+            if op == 0x85 and regs >> 4 == 0}
 
 
 def loaded_datapath(**kw):

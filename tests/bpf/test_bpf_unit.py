@@ -21,8 +21,9 @@ from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from datapath import bpf_build, features, libbpf, shared_types as st, tc_attach
 from datapath.host_routing import DatapathMaps
-from tests.bpf.harness import (add_local_pod, from_pod, from_underlay, in_netns, ip_batch,
-                               nonzero_counters, private_netns, run_prog, send_raw, wait_for)
+from tests.bpf.harness import (BPF_FUNC_SKB_CHANGE_HEAD, add_local_pod, from_pod, from_underlay,
+                               helper_calls, in_netns, ip_batch, nonzero_counters,
+                               private_netns, run_prog, send_raw, wait_for)
 from tests.bpf.packets import (CLUSTER_CIDRS, DST_IFINDEX, DST_MAC, DST_NODE_MAC, EXTERNAL_DST,
                                HIN_MAC, LOCAL_DST, NARROW_MTU, POD_MAC, REMOTE_DST, ROUTER_IP, SRC,
                                TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, assert_ip_checksum_ok,
@@ -479,7 +480,9 @@ def test_a_bulk_skb_to_a_local_pod_is_delivered_as_a_single_one_is(dp, route_ns,
     """A GSO skb of two segments into a local pod goes through unclone_bulk()
     (bpf_skb_change_head with no room: a cloned skb gets a header of its own, so that the
     receiving socket can coalesce it): same verdict, same bytes out as the skb alone. Whether
-    it was a clone test_run cannot show: the labs' counters do (docs)."""
+    it was a clone test_run cannot show: the labs' counters do (docs); that the program makes
+    the call, its instructions do."""
+    assert BPF_FUNC_SKB_CHANGE_HEAD in helper_calls(dp.bpf, hook)
     add_local_pod(dp)
     data = bytes(pkt)
     ifindex = getattr(route_ns, device)
