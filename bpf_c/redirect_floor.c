@@ -9,11 +9,10 @@
  * redirect itself.
  *
  * Part of that mechanism, as host_routing.c does it, is the un-cloning of a
- * skb of several segments before the peer redirect into a pod: the sender's
- * TCP hands over clones, a receiving socket cannot merge a clone into the skb
- * before it, and without the un-clone a bulk flow runs a quarter slower on two
- * CPUs (docs/benchmarks.md). The floor does the same, or it would be no bound
- * for bulk flows: with it, the floor is eBPF's own path without its logic.
+ * skb of several segments before the peer redirect into a pod (unclone.h says
+ * why): without it, a receiving socket cannot coalesce a bulk flow, and eBPF
+ * ran 1.20x the floor at TCP_STREAM 64 KiB on two CPUs (docs/benchmarks.md).
+ * With it, the floor is eBPF's own path without its logic.
  *
  *   floor_peer   bpf_redirect_peer(): straight into the peer of FLOOR_IFINDEX
  *                (a pod's eth0), as from_pod/from_underlay hand packets to pods
@@ -36,6 +35,8 @@
 #include <uapi/linux/in.h>
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
+
+#include "unclone.h"
 
 #ifndef FLOOR_IFINDEX
 #error "FLOOR_IFINDEX: the target device's ifindex, given at load time (-DFLOOR_IFINDEX=n)"
@@ -75,8 +76,7 @@ int floor_peer(struct __sk_buff *skb)
 {
 	if (!floor_takes(skb))
 		return TC_ACT_OK;
-	if (skb->gso_segs > 1)
-		bpf_skb_change_head(skb, 0, 0);
+	unclone_bulk(skb);
 	return bpf_redirect_peer(FLOOR_IFINDEX, 0);
 }
 
