@@ -467,10 +467,10 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
 
     names: dict[str, str] = {}
     nodes_in_file = ("nodes", 0) in loc.tables or loc.has("", 0, "nodes")
-    # (range, its name, where it is: the _Locator key) of every range a pod CIDR must avoid
-    cidrs: list[tuple[ipaddress.IPv4Network, str, tuple[str, int, str]]] = [
-        (underlay, "underlay_cidr", underlay_at),
-        (ext_net, "external.cidr", ("external", 0, "cidr"))]
+    # every range a pod CIDR must avoid (_claim_range)
+    cidrs = [(underlay, "underlay_cidr", loc.where(*underlay_at), loc.has(*underlay_at)),
+             (ext_net, "external.cidr", loc.where("external", 0, "cidr"),
+              loc.has("external", 0, "cidr"))]
     nodes = []
     for i, raw in enumerate(raw_nodes):
         if not isinstance(raw, dict):
@@ -495,16 +495,8 @@ def build_topology(lab: str, data: dict, loc: _Locator) -> Topology:
         if len(pod_names) > pod_net.num_addresses - FIRST_POD_HOST - 1:
             raise TopologyError(f"{where}: {len(pod_names)} pods do not fit in {pod_net} "
                                 f"(pods start at host .{FIRST_POD_HOST})")
-        for net, owner, owner_at in cidrs:
-            if not pod_net.overlaps(net):
-                continue
-            if loc.has(*owner_at) and not nodes_in_file:
-                # the nodes are the defaults (no nodes in the file): name the file's line
-                raise TopologyError(f"{loc.where(*owner_at)}: {net} overlaps nodes[{i}].pod_cidr "
-                                    f"({pod_net}, a default node's)")
-            raise TopologyError(f"{loc.where('nodes', i, 'pod_cidr')}: {pod_net} overlaps "
-                                f"{owner} ({net})")
-        cidrs.append((pod_net, f"nodes[{i}].pod_cidr", ("nodes", i, "pod_cidr")))
+        _claim_range(cidrs, pod_net, f"nodes[{i}].pod_cidr", loc.where("nodes", i, "pod_cidr"),
+                     nodes_in_file)
         pod_net6 = v6.net(f"nodes[{i}].pod_cidr6", raw.get("pod_cidr6", default_pod_cidr6(i + 1)),
                           loc.where("nodes", i, "pod_cidr6"), "pod_cidr6" in raw)
         _claim(names, node_name, "node", loc.where("nodes", i, "name"))
@@ -566,13 +558,26 @@ def _host(net: ipaddress.IPv6Network | None, host: int) -> str | None:
     return None if net is None else str(net.network_address + host)
 
 
+def _claim_range(claimed: list, net, name: str, where: str, given: bool) -> None:
+    """Refuse ``net`` if it overlaps a range claimed before, else claim it. ``claimed`` holds
+    (range, name, where, given); ``given``: the file sets the value (else a default). The error
+    names the file's line: the new range's, or the other's when only the other is the file's."""
+    for other, other_name, other_where, other_given in claimed:
+        if not net.overlaps(other):
+            continue
+        if other_given and not given:
+            raise TopologyError(f"{other_where}: {other} overlaps {name} ({net}, the default)")
+        raise TopologyError(f"{where}: {net} overlaps {other_name} ({other})")
+    claimed.append((net, name, where, given))
+
+
 class _V6:
     """The IPv6 values of a topology: validated in a dual or ipv6 lab (None in an IPv4 one,
     where a file may not set them), and their networks checked against each other."""
 
     def __init__(self, loc: _Locator, enabled: bool):
         self.loc, self.enabled = loc, enabled
-        self.nets: list[tuple[ipaddress.IPv6Network, str, str, bool]] = []   # net, name, where, given
+        self.nets: list = []        # _claim_range's
 
     def _refuse(self, where: str) -> None:
         raise TopologyError(f'{where}: IPv6 needs [lab] ip_family = "dual" or "ipv6" '
@@ -584,14 +589,7 @@ class _V6:
                 self._refuse(where)
             return None
         net = _net(value, where, 6)
-        for other, name, other_where, other_given in self.nets:
-            if not net.overlaps(other):
-                continue
-            if other_given and not given:       # this one is a default: name the file's line
-                raise TopologyError(f"{other_where}: {other} overlaps {owner} ({net}, the "
-                                    "default)")
-            raise TopologyError(f"{where}: {net} overlaps {name} ({other})")
-        self.nets.append((net, owner, where, given))
+        _claim_range(self.nets, net, owner, where, given)
         return net
 
     def host(self, net: ipaddress.IPv6Network | None, value, where: str, given: bool

@@ -64,7 +64,7 @@ pods = ["web", "db"]
     # no [[nodes]]: the default nodes' pod CIDRs, so the file's line is the underlay's
     ('# a comment\nunderlay_cidr = "198.18.1.0/24"\n',
      "lab.toml:2: (top level).underlay_cidr: 198.18.1.0/24 overlaps nodes[0].pod_cidr "
-     "(198.18.1.0/24, a default node's)"),
+     "(198.18.1.0/24, the default)"),
     ('[lab]\nunderlay_cidr = "198.18.0.0/16"\n',
      "lab.toml:2: lab.underlay_cidr: 198.18.0.0/16 overlaps nodes[0].pod_cidr"),
     # nodes written inline are the file's: their own line is named
