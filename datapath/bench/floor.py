@@ -18,10 +18,11 @@ attaches a scenario's programs (``use``) before its floor samples, never
 during one. Nothing is NATed: the floor lab's fabric routes node1's pod CIDR
 back to node1, so the external host's replies find the pod (SNAT is the
 program's logic, not the mechanism). A peer redirect un-clones a skb of several
-segments first, as eBPF host routing's does (redirect_floor.c says why): with
-it the floor is eBPF's path without its logic, a bound for every workload. With family 6 (bench --ip-family 6, a dual
-stack lab) the programs redirect IPv6 instead of IPv4 (-DFLOOR_IPV6), and the
-fabric routes node1's IPv6 pod CIDR back too.
+segments first, as eBPF host routing's does (bpf_c/include/unclone.h): with it
+the floor is eBPF's path without its logic, a bound for every workload. With
+family 6 (bench --ip-family 6, a dual stack lab) the programs redirect IPv6
+instead of IPv4 (-DFLOOR_IPV6), and the fabric routes node1's IPv6 pod CIDR
+back too.
 """
 
 from __future__ import annotations

@@ -245,9 +245,8 @@ def limits_beaten(rows: list[dict]) -> list[tuple[dict, str]]:
 def limits_outrun(rows: list[dict]) -> list[dict]:
     """Rates where eBPF or the floor is above the limit with the whole interval but eBPF is
     not above its bound: there the plain path is no bound and the floor is."""
-    beaten = {id(r) for r, _ in limits_beaten(rows)}
     return [r for r in sorted(rows, key=_row_order) if r["metric"] in HEADLINE
-            and "ebpf/bound" in r["ratios"] and id(r) not in beaten
+            and "ebpf/bound" in r["ratios"] and not _above(r, "ebpf/bound")
             and (_above(r, "ebpf/limit") or _above(r, "floor/limit"))]
 
 
