@@ -178,10 +178,11 @@ def reset_datapath6(dp, ns: Route6Ns):
     return dp
 
 
-def run_prog(prog_fd: int, data: bytes, netns: str, ifindex: int):
-    """BPF_PROG_TEST_RUN from inside `netns`, skb arriving on `ifindex`."""
+def run_prog(prog_fd: int, data: bytes, netns: str, ifindex: int, **skb):
+    """BPF_PROG_TEST_RUN from inside `netns`, skb arriving on `ifindex` (and the other
+    __sk_buff fields `skb` gives, libbpf.skb_ctx's: a GSO skb's gso_size and gso_segs)."""
     with in_netns(netns):
-        return libbpf.prog_test_run(prog_fd, data, ctx=libbpf.skb_ctx(ifindex=ifindex))
+        return libbpf.prog_test_run(prog_fd, data, ctx=libbpf.skb_ctx(ifindex=ifindex, **skb))
 
 
 def run_example(prog_fd: int, data: bytes, netns: str, ifindex: int):

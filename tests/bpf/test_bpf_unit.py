@@ -22,7 +22,7 @@ from scapy.layers.l2 import ARP, Dot1Q, Ether
 from datapath import bpf_build, features, libbpf, shared_types as st, tc_attach
 from datapath.host_routing import DatapathMaps
 from tests.bpf.harness import (BPF_FUNC_SKB_CHANGE_HEAD, add_local_pod, from_pod, from_underlay,
-                               helper_calls, in_netns, ip_batch, nonzero_counters,
+                               helper_calls, ip_batch, nonzero_counters,
                                private_netns, run_prog, send_raw, wait_for)
 from tests.bpf.packets import (CLUSTER_CIDRS, DST_IFINDEX, DST_MAC, DST_NODE_MAC, EXTERNAL_DST,
                                HIN_MAC, LOCAL_DST, NARROW_MTU, POD_MAC, REMOTE_DST, ROUTER_IP, SRC,
@@ -488,10 +488,7 @@ def test_a_bulk_skb_to_a_local_pod_is_delivered_as_a_single_one_is(dp, route_ns,
     ifindex = getattr(route_ns, device)
     prog = getattr(dp, hook).fd
     single = run_prog(prog, data, route_ns.name, ifindex)
-    with in_netns(route_ns.name):
-        bulk = libbpf.prog_test_run(prog, data, ctx=libbpf.skb_ctx(ifindex=ifindex,
-                                                                     gso_size=1448,
-                                                                     gso_segs=2))
+    bulk = run_prog(prog, data, route_ns.name, ifindex, gso_size=1448, gso_segs=2)
     assert single.retval == bulk.retval == TC_ACT_REDIRECT
     assert bulk.data_out == single.data_out
     out = Ether(bulk.data_out)

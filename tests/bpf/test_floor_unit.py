@@ -12,9 +12,9 @@ import pytest
 from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6ND_NS, IPv6
 from scapy.layers.l2 import ARP, Ether
 
-from datapath import bpf_build, libbpf
+from datapath import bpf_build
 from datapath.bench.floor import SOURCE
-from tests.bpf.harness import BPF_FUNC_SKB_CHANGE_HEAD, helper_calls, in_netns, run_prog
+from tests.bpf.harness import BPF_FUNC_SKB_CHANGE_HEAD, helper_calls, run_prog
 from tests.bpf.packets import LOCAL_DST, TC_ACT_OK, TC_ACT_REDIRECT, pod_packet
 from tests.bpf.packets6 import LOCAL_DST6, pod6_packet
 
@@ -47,12 +47,10 @@ def test_the_floor_redirects_its_family_and_leaves_the_rest_to_the_node(floor, r
     taken, left = ([v4], [v6, echo6]) if family == 4 else ([v6, echo6], [v4])
     left += [Ether(dst="ff:ff:ff:ff:ff:ff") / ARP(pdst=LOCAL_DST),
              Ether() / IPv6(dst="ff02::1:ff00:2") / ICMPv6ND_NS(tgt=LOCAL_DST6)]
-    for pkt in taken:
-        for name, res in _verdicts(progs, pkt, route_ns).items():
-            assert (res.retval, res.data_out) == (TC_ACT_REDIRECT, bytes(pkt)), (name, pkt.summary())
-    for pkt in left:
-        for name, res in _verdicts(progs, pkt, route_ns).items():
-            assert (res.retval, res.data_out) == (TC_ACT_OK, bytes(pkt)), (name, pkt.summary())
+    for verdict, pkts in ((TC_ACT_REDIRECT, taken), (TC_ACT_OK, left)):
+        for pkt in pkts:
+            for name, res in _verdicts(progs, pkt, route_ns).items():
+                assert (res.retval, res.data_out) == (verdict, bytes(pkt)), (name, pkt.summary())
 
 
 def test_a_bulk_skb_leaves_the_floor_as_a_single_one_does(floor, route_ns):
@@ -68,8 +66,6 @@ def test_a_bulk_skb_leaves_the_floor_as_a_single_one_does(floor, route_ns):
     data = bytes(pkt)
     for name, fd in progs.items():
         single = run_prog(fd, data, route_ns.name, route_ns.hin)
-        with in_netns(route_ns.name):
-            bulk = libbpf.prog_test_run(fd, data, ctx=libbpf.skb_ctx(ifindex=route_ns.hin,
-                                                                     gso_size=1448, gso_segs=2))
+        bulk = run_prog(fd, data, route_ns.name, route_ns.hin, gso_size=1448, gso_segs=2)
         assert (bulk.retval, bulk.data_out) == (single.retval, single.data_out), name
         assert bulk.retval == TC_ACT_REDIRECT and bulk.data_out == data, name
