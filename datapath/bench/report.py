@@ -22,6 +22,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from . import tcp_counters
+
 # Azure CNI powered by Cilium (ACNS) eBPF host routing vs legacy, as published.
 PUBLISHED = {
     ("same-node", "TCP_STREAM", "mbps"): 1.30,
@@ -30,20 +32,23 @@ PUBLISHED = {
     ("cross-node", "TCP_RR", "tps"): 20396.9 / 16003.7,
 }
 LOWER_IS_BETTER = ("p50_us", "p90_us", "p99_us", "mean_us", "max_us", "cpu_us_per_trans",
-                   "cpu_s_per_gb")
+                   "cpu_s_per_gb", "retrans_pct", "ofo_per_mseg")
+# a stream's rate, its CPU cost, and what TCP saw of the path (tcp_counters)
+STREAM = ("mbps", "cpu_s_per_gb", "retrans_pct", "ofo_per_mseg")
 METRICS = {
-    "TCP_STREAM": ("mbps", "cpu_s_per_gb"),
+    "TCP_STREAM": STREAM,
     "TCP_RR": ("tps", "p50_us", "p90_us", "p99_us", "cpu_us_per_trans"),
     "TCP_CRR": ("cps", "p50_us", "p99_us", "cpu_us_per_trans"),
     "UDP_RR": ("tps", "p50_us", "p90_us", "p99_us", "cpu_us_per_trans"),
     "UDP_STREAM": ("pps", "sent_pps", "cpu_s_per_gb"),
-    "TCP_STREAMx4": ("mbps", "cpu_s_per_gb"),
-    "TCP_STREAMx16": ("mbps", "cpu_s_per_gb"),
+    "TCP_STREAMx4": STREAM,
+    "TCP_STREAMx16": STREAM,
 }
 UNITS = {"mbps": "Mbit/s", "tps": "trans/s", "cps": "conn/s", "p50_us": "p50 µs",
          "p90_us": "p90 µs", "p99_us": "p99 µs", "cpu_us_per_trans": "CPU µs/trans",
          "cpu_s_per_gb": "CPU s/GB", "mean_us": "mean µs", "max_us": "max µs",
-         "pps": "packets/s received", "sent_pps": "packets/s sent"}
+         "pps": "packets/s received", "sent_pps": "packets/s sent",
+         "retrans_pct": "retransmitted %", "ofo_per_mseg": "out of order /M segs"}
 TITLES = {"TCP_STREAM": "Throughput by message size (TCP_STREAM, no Nagle)",
           "TCP_RR": "Request/response latency and transactions (TCP_RR)",
           "TCP_CRR": "New connections (TCP_CRR)",
@@ -83,7 +88,8 @@ def bootstrap_ci(values: list[float], level: float = 0.95,
 
 
 def derived(sample: dict, duration: float) -> dict[str, float]:
-    """The sample's values plus its CPU cost per transaction or per gigabyte.
+    """The sample's values plus its CPU cost per transaction or per gigabyte and, for TCP,
+    its retransmissions and out-of-order arrivals (``tcp_counters.figures``).
 
     CPU time and what was transferred are taken over the same interval (the
     sample's ``cpu_window_s``; results from before it existed: the nominal
@@ -96,6 +102,7 @@ def derived(sample: dict, duration: float) -> dict[str, float]:
     if values.get("mbps"):
         gigabytes = values["mbps"] * 1e6 / 8 * seconds / 1e9
         values["cpu_s_per_gb"] = sample["cpu_s"] / gigabytes
+    values.update(tcp_counters.figures(sample.get("tcp")))
     return values
 
 
@@ -175,6 +182,8 @@ def _fmt(v: float | None, metric: str = "") -> str:
         return "-"
     if metric.startswith("cpu"):
         return f"{v:.3g}"
+    if metric == "retrans_pct":
+        return f"{v:.2f}"
     return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
 
 

@@ -55,7 +55,7 @@ from netns_lab import builder, netns
 from netns_lab.state import load_state
 from netns_lab.topology import load_topology
 
-from . import netperf, node_profiles
+from . import netperf, node_profiles, tcp_counters
 
 SCENARIOS = ("same-node", "cross-node", "pod-to-external")
 MODES = ("legacy", "ebpf", "limit", "floor")
@@ -176,6 +176,9 @@ class Sample:
     # prog_stats.figures()} over the netperf run (ns_per_run per packet)
     bpf_programs: dict = field(default_factory=dict)
     transactions: int | None = None     # a counted test's (netperf.COUNTED) count
+    # TCP tests: the change of the client's sent and retransmitted segments and of the
+    # server's out-of-order queued skbs over the run (tcp_counters)
+    tcp: dict = field(default_factory=dict)
 
 
 # -- the machine -----------------------------------------------------------------------------
@@ -533,14 +536,20 @@ class Bench:
         self.empty_connection_tables(mode)
         progs = self.ebpf_program_ids() if programs and mode == "ebpf" else {}
         runs_before = prog_stats.read_programs(progs)
+        tcp = (tcp_counters.Around(ns, self.server_netns(point.scenario, mode))
+               if point.test.startswith("TCP") else None)
         for lab in guard_labs:
             rule_guard.pause(lab, duration + GUARD_PAUSE_MARGIN_S)
+        if tcp:
+            tcp.before()
         started_at = time.time()
         with around() if around else contextlib.nullcontext(), CpuReader() as cpu:
             started = time.monotonic()
             result = netperf.run_test(ns, host, point.test, duration, point.size,
                                       cpus=PINS.get(point.pin), transactions=count,
                                       family=self.cfg.ip_family)
+        if tcp:
+            tcp.after()
         # netperf measures for `duration` (a counted run: its elapsed time) once its control
         # connection is up, a few ms after it starts; its report can come later, so the
         # window is counted from the start, its edges left out
@@ -551,7 +560,7 @@ class Bench:
                       result.values, result.seconds, sum(by_cpu), window, by_cpu, steal,
                       point.pin, started_at,
                       prog_stats.figures(progs, prog_stats.read_programs(progs), runs_before),
-                      count)
+                      count, tcp.delta if tcp else {})
 
 
 def run_bench(cfg: BenchConfig, on_sample=None, progress=None) -> dict:

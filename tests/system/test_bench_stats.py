@@ -293,7 +293,7 @@ def test_guard_legacy_poll_waits_while_paused(monkeypatch, tmp_path):
     assert len(reads) > baseline_reads         # polling again once resumed
 
 
-def test_bpf_stats_are_on_for_the_program_cost_run_only(monkeypatch):
+def test_bpf_stats_are_on_for_the_program_cost_run_only(monkeypatch, no_tcp_counters):
     """The stats' clock reads are a cost on the eBPF and floor paths only: no sample may pay
     them. One more eBPF run per point holds them on, and it alone reads the programs."""
     from datapath import prog_stats
@@ -379,3 +379,88 @@ def test_the_report_gives_each_programs_ns_per_run_per_point():
     out = io.StringIO()
     report.print_program_costs(result, Console(file=out, width=120))
     assert "same-node TCP_RR cross-cpu" in out.getvalue() and " 110 " in out.getvalue()
+
+
+SNMP_TEXT = """Ip: Forwarding DefaultTTL
+Ip: 1 64
+Tcp: RtoAlgorithm OutSegs RetransSegs
+Tcp: 1 200000 500
+TcpExt: SyncookiesSent TCPOFOQueue
+TcpExt: 0 40
+"""
+
+
+def test_tcp_counters_are_read_by_section_and_name():
+    from datapath.bench import tcp_counters
+    counters = tcp_counters.parse(SNMP_TEXT)
+    assert counters[("Tcp", "OutSegs")] == 200000 and counters[("TcpExt", "TCPOFOQueue")] == 40
+    assert counters[("Ip", "DefaultTTL")] == 64
+    with pytest.raises(ValueError, match="'Tcp' header followed by 'Udp' values"):
+        tcp_counters.parse("Tcp: OutSegs\nUdp: 3\n")
+    assert tcp_counters.figures({"sent_segs": 200000, "retrans_segs": 500,
+                                 "ofo_queued": 40}) == {"retrans_pct": 0.25, "ofo_per_mseg": 200}
+    assert tcp_counters.figures({"sent_segs": 0, "retrans_segs": 0, "ofo_queued": 0}) == {}
+    assert tcp_counters.figures({}) == {}       # a result from before the counters
+
+
+def test_a_tcp_sample_records_what_its_run_changed(monkeypatch):
+    """The client's sent and retransmitted segments, the server's out-of-order skbs, read
+    in their own namespaces before and after netperf; a UDP test reads nothing."""
+    from datapath.bench import netperf, tcp_counters
+    reads = []
+    counters = {"client-ns": {"sent_segs": 1000, "retrans_segs": 3},
+                "server-ns": {"ofo_queued": 10}}
+
+    def read(ns, which):
+        reads.append(ns)
+        now = dict(counters[ns])
+        for k in counters[ns]:          # each read a run later
+            counters[ns][k] += {"sent_segs": 5000, "retrans_segs": 7, "ofo_queued": 2}[k]
+        assert set(now) == set(which.values())
+        return now
+    monkeypatch.setattr(tcp_counters, "read", read)
+    monkeypatch.setattr(runner.Bench, "server_netns", lambda self, scenario, mode: "server-ns")
+    monkeypatch.setattr(runner.Bench, "empty_connection_tables", lambda self, mode: None)
+    monkeypatch.setattr(netperf, "run_test", lambda *a, **k: netperf.Result(
+        {"mbps": 900.0, "bytes": 5e8}, 1.0, 1.0))
+    bench = runner.Bench(runner.BenchConfig(duration=1.0))
+    sample = bench._measure_once(runner.Point(0, "same-node", "TCP_STREAM", 65536), "legacy",
+                                 0, "client-ns", "h", [])
+    assert sample.tcp == {"sent_segs": 5000, "retrans_segs": 7, "ofo_queued": 2}
+    assert reads == ["client-ns", "server-ns"] * 2
+    reads.clear()
+    monkeypatch.setattr(netperf, "run_test", lambda *a, **k: netperf.Result(
+        {"tps": 900.0}, 1.0, 1.0))
+    sample = bench._measure_once(runner.Point(0, "same-node", "UDP_RR"), "legacy", 0,
+                                 "client-ns", "h", [])
+    assert sample.tcp == {} and reads == []
+
+
+def test_a_stream_point_shows_each_modes_retransmits_and_reordering():
+    def stream(mode, rep, mbps, retrans, ofo):
+        return {**_sample(mode, rep, 0, test="TCP_STREAM", size=65536), "pin": "cross-cpu",
+                "values": {"mbps": mbps},
+                "tcp": {"sent_segs": 1_000_000, "retrans_segs": retrans, "ofo_queued": ofo}}
+    samples = [stream(m, rep, *v) for rep in range(3)
+               for m, v in (("legacy", (33000, 2500, 200)), ("ebpf", (24000, 5800, 400 + rep)),
+                            ("limit", (21000, 3000, 300)), ("floor", (24500, 6000, 420)))]
+    samples.append({**_sample("legacy", 3, 0, test="TCP_STREAM", size=65536),
+                    "values": {"mbps": 1.0}})        # a sample from before the counters
+    rows = {r["metric"]: r for r in report.summarise(_result(samples))
+            if r["test"] == "TCP_STREAM"}
+    assert rows["retrans_pct"]["legacy"]["median"] == pytest.approx(0.25)
+    assert rows["retrans_pct"]["ratios"]["ebpf/legacy"]["median"] == pytest.approx(2.32)
+    assert rows["ofo_per_mseg"]["ebpf"]["median"] == pytest.approx(401)
+    # lower is better: the bound of reordering is the lower of limit and floor
+    assert rows["ofo_per_mseg"]["ratios"]["ebpf/bound"]["each"] == pytest.approx(
+        [400 / 300, 401 / 300, 402 / 300])
+    from rich.console import Console
+    out = io.StringIO()
+    report.print_tables(report.with_summary(_result(samples)), Console(file=out, width=240))
+    lines = out.getvalue().splitlines()
+    line = next(line for line in lines if "retransmitted % cross-cpu" in line)
+    assert "0.25" in line and "0.58" in line and "2.32x" in line, line
+    assert any("out of order /M segs" in line and "401" in line for line in lines)
+    # the limit is judged by rates only: here the floor outruns it, and that is all
+    assert [line.split(":")[1] for line in lines if line.startswith("limit ")] == [
+        " same-node TCP_STREAM 65536 B Mbit/s cross-cpu"]

@@ -1,0 +1,86 @@
+"""TCP's own counters around a sample: what a stream's rate alone does not say.
+
+A bulk TCP flow on two CPUs can lose a third of its rate to reordering: the
+sender transmits from netperf's CPU and, from the ACKs it handles in softirq,
+from the other one, and a veth hands each packet on through the backlog of the
+CPU that sent it, so one flow crosses two queues and segments overtake each
+other. The receiver queues them out of order, the sender reads that as loss,
+retransmits and shrinks its window (docs/benchmarks.md: same-node 64 KiB). So
+the bench reads, before and after each TCP sample, the namespace counters that
+show it: in the client's namespace the segments sent (``Tcp: OutSegs``) and
+retransmitted (``Tcp: RetransSegs``), in the server's the segments queued out of
+order (``TcpExt: TCPOFOQueue``, skbs, each possibly several segments). The TCP
+MIB holds IPv4's and IPv6's together. Read through /proc/thread-self by a thread
+that entered the namespace (``netns.call_in``): no process is started.
+"""
+
+from __future__ import annotations
+
+from netns_lab import netns
+
+SNMP_FILES = ("/proc/thread-self/net/snmp", "/proc/thread-self/net/netstat")
+CLIENT = {("Tcp", "OutSegs"): "sent_segs", ("Tcp", "RetransSegs"): "retrans_segs"}
+SERVER = {("TcpExt", "TCPOFOQueue"): "ofo_queued"}
+
+
+def parse(text: str) -> dict[tuple[str, str], int]:
+    """The counters of /proc/net/snmp or /proc/net/netstat text: a header line of names
+    and a line of values per section ("Tcp: ...")."""
+    lines = text.splitlines()
+    out = {}
+    for names, values in zip(lines[::2], lines[1::2]):
+        section, _, names = names.partition(":")
+        vsection, _, values = values.partition(":")
+        if section != vsection:
+            raise ValueError(f"snmp text: a {section!r} header followed by {vsection!r} values")
+        for name, value in zip(names.split(), values.split()):
+            out[(section, name)] = int(value)
+    return out
+
+
+def _read_here() -> dict[tuple[str, str], int]:
+    counters = {}
+    for path in SNMP_FILES:
+        with open(path) as f:
+            counters.update(parse(f.read()))
+    return counters
+
+
+def read(ns: str, which: dict[tuple[str, str], str]) -> dict[str, int]:
+    """``which`` (CLIENT or SERVER) of namespace ``ns``, by their short names."""
+    counters = netns.call_in(ns, _read_here)
+    missing = [f"{s}: {n}" for s, n in which if (s, n) not in counters]
+    if missing:
+        raise netns.NetnsError(f"{ns}: no {', '.join(missing)} in /proc/net/snmp or netstat")
+    return {short: counters[key] for key, short in which.items()}
+
+
+class Around:
+    """The counters' change over a sample: ``before()``, netperf, ``after()``; ``delta``
+    holds sent_segs, retrans_segs (client) and ofo_queued (server)."""
+
+    def __init__(self, client_ns: str, server_ns: str):
+        self.client_ns, self.server_ns = client_ns, server_ns
+        self.delta: dict[str, int] = {}
+
+    def _both(self) -> dict[str, int]:
+        return {**read(self.client_ns, CLIENT), **read(self.server_ns, SERVER)}
+
+    def before(self) -> None:
+        self._start = self._both()
+
+    def after(self) -> dict[str, int]:
+        end = self._both()
+        self.delta = {k: end[k] - self._start[k] for k in end}
+        return self.delta
+
+
+def figures(delta: dict[str, int]) -> dict[str, float]:
+    """Retransmitted segments in % of those sent, and skbs queued out of order by the
+    receiver per million segments sent; nothing when none was sent (or in a result from
+    before these counters)."""
+    sent = (delta or {}).get("sent_segs", 0)
+    if sent <= 0:
+        return {}
+    return {"retrans_pct": 100.0 * delta["retrans_segs"] / sent,
+            "ofo_per_mseg": 1e6 * delta["ofo_queued"] / sent}
