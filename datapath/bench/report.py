@@ -64,7 +64,7 @@ MODE_NAMES = {"legacy": "legacy", "ebpf": "eBPF", "limit": "limit", "floor": "fl
 HEADLINE = ("tps", "cps", "mbps", "pps")   # the rate of each workload, what --aa judges by
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 14     # a fixed seed: the same samples always give the same interval
-WIDE_CONSOLE = 240      # columns when stdout is not a terminal (the widest real row: 198)
+WIDE_CONSOLE = 240      # columns when stdout is not a terminal (the widest row: about 210)
 
 
 def bootstrap_ci(values: list[float], level: float = 0.95,
