@@ -176,8 +176,8 @@ class Sample:
     # prog_stats.figures()} over the netperf run (ns_per_run per packet)
     bpf_programs: dict = field(default_factory=dict)
     transactions: int | None = None     # a counted test's (netperf.COUNTED) count
-    # TCP tests: the change of the client's sent and retransmitted segments and of the
-    # server's out-of-order queued skbs over the run (tcp_counters)
+    # TCP_STREAM (xN): the change of the client's sent and retransmitted segments and of
+    # the server's out-of-order queued skbs over the run (tcp_counters)
     tcp: dict = field(default_factory=dict)
 
 
@@ -537,7 +537,7 @@ class Bench:
         progs = self.ebpf_program_ids() if programs and mode == "ebpf" else {}
         runs_before = prog_stats.read_programs(progs)
         tcp = (tcp_counters.Around(ns, self.server_netns(point.scenario, mode))
-               if point.test.startswith("TCP") else None)
+               if point.test.startswith("TCP_STREAM") else None)
         for lab in guard_labs:
             rule_guard.pause(lab, duration + GUARD_PAUSE_MARGIN_S)
         if tcp:

@@ -6,11 +6,12 @@ from the other one, and a veth hands each packet on through the backlog of the
 CPU that sent it, so one flow crosses two queues and segments overtake each
 other. The receiver queues them out of order, the sender reads that as loss,
 retransmits and shrinks its window (docs/benchmarks.md: same-node 64 KiB). So
-the bench reads, before and after each TCP sample, the namespace counters that
-show it: in the client's namespace the segments sent (``Tcp: OutSegs``) and
-retransmitted (``Tcp: RetransSegs``), in the server's the segments queued out of
-order (``TcpExt: TCPOFOQueue``, skbs, each possibly several segments). The TCP
-MIB holds IPv4's and IPv6's together. Read through /proc/thread-self by a thread
+the bench reads, before and after each TCP_STREAM sample, the namespace counters
+that show it: in the client's namespace the segments sent (``Tcp: OutSegs``: new
+data, ACKs and netperf's control connection, never a retransmission) and
+retransmitted (``Tcp: RetransSegs``), in the server's the skbs queued out of order
+(``TcpExt: TCPOFOQueue``, each possibly several segments). The TCP MIB holds
+IPv4's and IPv6's together. Read through /proc/thread-self by a thread
 that entered the namespace (``netns.call_in``): no process is started.
 """
 
@@ -76,9 +77,9 @@ class Around:
 
 
 def figures(delta: dict[str, int]) -> dict[str, float]:
-    """Retransmitted segments in % of those sent, and skbs queued out of order by the
-    receiver per million segments sent; nothing when none was sent (or in a result from
-    before these counters)."""
+    """Retransmissions per 100 segments sent (OutSegs, which counts none of them), and skbs
+    queued out of order by the receiver per million segments sent; nothing when none was
+    sent (or in a result from before these counters)."""
     sent = (delta or {}).get("sent_segs", 0)
     if sent <= 0:
         return {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from datapath.bench import netperf, tcp_counters
-from netns_lab import netns
+from netns_lab import legacy, netns
 
 pytestmark = pytest.mark.slow     # builds a lab
 
@@ -18,7 +18,7 @@ def test_a_lossy_path_shows_in_the_counters_of_each_end(legacy_lab):
     client, server = topo.nodes[0].pods[:2]
     # the node that forwards between the two pods drops 1 in 50 of the client's packets
     netns.run(topo.nodes[0].netns, [
-        "iptables", "-I", "FORWARD", "-s", client.ip, "-d", server.ip, "-p", "tcp",
+        legacy.iptables_binary(), "-I", "FORWARD", "-s", client.ip, "-d", server.ip, "-p", "tcp",
         "-m", "statistic", "--mode", "random", "--probability", "0.02", "-j", "DROP"])
     netserver = netperf.Netserver(server.netns)
     try:
@@ -28,10 +28,11 @@ def test_a_lossy_path_shows_in_the_counters_of_each_end(legacy_lab):
         delta = around.after()
     finally:
         netserver.close()
-    # the sender's segments (the server sends ACKs only, far fewer than this)
+    # the sender's segments: read in the server's namespace, these would be its ACKs, far
+    # fewer
     assert delta["sent_segs"] >= result.values["bytes"] / TCP_PAYLOAD, delta
-    # what was dropped is sent again (the server retransmits nothing), and what came after
-    # a hole waits in the server's out-of-order queue (the client queues none)
+    # what was dropped is sent again, and what came after a hole waits in the server's
+    # out-of-order queue
     assert delta["retrans_segs"] > 0 and delta["ofo_queued"] > 0, delta
     figures = tcp_counters.figures(delta)
     assert 0 < figures["retrans_pct"] < 100 and figures["ofo_per_mseg"] > 0

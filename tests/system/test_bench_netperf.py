@@ -136,7 +136,8 @@ def test_the_bench_sizes_a_counted_test_once_per_point_and_mode(monkeypatch):
     assert len(runs) == 2                                           # timed tests need none
 
 
-def test_the_cpu_time_of_n_flows_is_read_over_the_window_all_of_them_ran(monkeypatch, no_tcp_counters):
+def test_the_cpu_time_of_n_flows_is_read_over_the_window_all_of_them_ran(monkeypatch,
+                                                                         no_tcp_counters):
     from datapath.bench import runner
     windows = []
 
