@@ -180,7 +180,72 @@ def summarise(result: dict) -> list[dict]:
 
 def with_summary(result: dict) -> dict:
     result["summary"] = summarise(result)
+    result["reordering"] = reordering_fits(result)
     return result
+
+
+MIN_FIT_SAMPLES = 8     # a line through fewer samples says little
+
+
+def reordering_fits(result: dict) -> list[dict]:
+    """Per stream point whose samples carry TCP's counters: the rate (Mbit/s) against the
+    out-of-order skbs per million segments, one slope for every mode and a level per mode
+    (least squares over all samples), and from it each mode's rate at equal reordering (at
+    the median reordering of all the point's samples). ``r2``: the share of the rate's
+    variation within the modes that the reordering explains.
+
+    On two CPUs a bulk flow's rate falls with its reordering (tcp_counters); where it
+    explains most of the rate within the modes, the modes' rates at equal reordering say
+    how they compare once that is taken out (docs/benchmarks.md: rate against reordering)."""
+    points: dict = defaultdict(list)
+    for s in result["samples"]:
+        figures = tcp_counters.figures(s.get("tcp"))
+        if "ofo_per_mseg" in figures and s["values"].get("mbps"):
+            points[_key(s)].append((figures["ofo_per_mseg"], s["values"]["mbps"], s["mode"]))
+    fits = []
+    for key, pts in sorted(points.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        names = sorted({p[2] for p in pts})
+        x, y = (np.array([p[i] for p in pts], dtype=float) for i in (0, 1))
+        mode = np.array([names.index(p[2]) for p in pts])
+        # what is left of x and y within the modes, once each mode's mean is taken off
+        x_in, y_in = (v - np.array([v[mode == i].mean() for i in range(len(names))])[mode]
+                      for v in (x, y))
+        if len(pts) < MIN_FIT_SAMPLES or len(names) < 2 or not np.any(x_in):
+            continue
+        slope = float(np.dot(x_in, y_in) / np.dot(x_in, x_in))
+        residual = y_in - slope * x_in
+        within = float(np.dot(y_in, y_in))
+        at = float(np.median(x))
+        fits.append({"key": list(key), "n": len(pts), "slope": slope, "ofo_per_mseg": at,
+                     "r2": 1 - float(np.dot(residual, residual)) / within if within else 0.0,
+                     "rate_at": {m: float(y[mode == i].mean() + slope * (at - x[mode == i].mean()))
+                                 for i, m in enumerate(names)}})
+    return fits
+
+
+def print_reordering(result: dict, console) -> None:
+    from rich.table import Table
+    fits = result.get("reordering")
+    if fits is None:
+        fits = reordering_fits(result)
+    if not fits:
+        return
+    modes = [m for m in MODE_NAMES if any(m in f["rate_at"] for f in fits)]
+    table = Table(title="Rate against reordering (TCP_STREAM): one slope for every mode, R² of "
+                  "the variation within the modes; each mode's Mbit/s at equal reordering")
+    for col in ("point", "Mbit/s per out of order /M segs", "R²", "at out of order /M",
+                *(MODE_NAMES[m] for m in modes),
+                *(("eBPF/legacy",) if {"ebpf", "legacy"} <= set(modes) else ())):
+        table.add_column(col, justify="left" if col == "point" else "right")
+    for f in fits:
+        rules, scenario, test, size, pin = f["key"]
+        point = " ".join(str(x) for x in (scenario, test, size and f"{size} B", pin) if x)
+        at = f["rate_at"]
+        table.add_row(point, f"{f['slope']:+.1f}", f"{f['r2']:.2f}", f"{f['ofo_per_mseg']:,.0f}",
+                      *(_fmt(at.get(m)) for m in modes),
+                      *((_plain_ratio(at["ebpf"] / at["legacy"]) if {"ebpf", "legacy"} <= set(at)
+                         else "-",) if {"ebpf", "legacy"} <= set(modes) else ()))
+    console.print(table)
 
 
 def _fmt(v: float | None, metric: str = "") -> str:
@@ -346,6 +411,7 @@ def print_tables(result: dict, console=None) -> None:
             table.add_row(r["scenario"], str(r["rules"]), _fmt(r["legacy"]["median"]),
                           _fmt(r["ebpf"]["median"]), format_ratio(r["ratios"].get("ebpf/legacy")))
         console.print(table)
+    print_reordering(result, console)
     print_program_costs(result, console)
     if env.get("bpf_stats_sysctl"):
         console.print("[yellow]kernel.bpf_stats_enabled was 1[/]: every sample's BPF programs "

@@ -4,8 +4,8 @@ A bulk TCP flow on two CPUs can lose a third of its rate to reordering: the
 sender transmits from netperf's CPU and, from the ACKs it handles in softirq,
 from the other one, and a veth hands each packet on through the backlog of the
 CPU that sent it, so one flow crosses two queues and segments overtake each
-other. The receiver queues them out of order, the sender reads that as loss,
-retransmits and shrinks its window (docs/benchmarks.md: same-node 64 KiB). So
+other. The receiver queues them out of order, the sender can take that for loss,
+retransmits and shrinks its window (docs/benchmarks.md: rate against reordering). So
 the bench reads, before and after each TCP_STREAM sample, the namespace counters
 that show it: in the client's namespace the segments sent (``Tcp: OutSegs``: new
 data, ACKs and netperf's control connection, never a retransmission) and

@@ -467,3 +467,33 @@ def test_a_stream_point_shows_each_modes_retransmits_and_reordering():
     # the limit is judged by rates only: here the floor outruns it, and that is all
     assert [line.split(":")[1] for line in lines if line.startswith("limit ")] == [
         " same-node TCP_STREAM 65536 B Mbit/s cross-cpu"]
+
+
+def test_the_rate_at_equal_reordering_takes_one_slope_within_the_modes():
+    """Rate against reordering: the slope within the modes (a mode that reorders more and runs
+    faster at equal reordering does not tilt it), each mode's rate at the point's median
+    reordering. Points without the counters, with one mode or too few samples get none."""
+    def stream(mode, rep, ofo, offset, size=65536):
+        return {**_sample(mode, rep, 0, test="TCP_STREAM", size=size), "pin": "cross-cpu",
+                "values": {"mbps": 37000 - 22 * ofo + offset + (5 if rep % 2 else -5)},
+                "tcp": {"sent_segs": 1_000_000, "retrans_segs": 10, "ofo_queued": ofo}}
+    samples = [stream(m, rep, ofo + 10 * rep, off) for rep in range(5)
+               for m, ofo, off in (("legacy", 350, -100), ("ebpf", 520, 300))]
+    samples += [stream("legacy", rep, 300 + rep, 0, size=1024) for rep in range(9)]  # one mode
+    samples += [{**_sample("ebpf", 5, 0, test="TCP_STREAM", size=65536), "pin": "cross-cpu",
+                 "values": {"mbps": 9.0}}]          # from before the counters: not in the fit
+    result = report.with_summary(_result(samples))
+    (fit,) = result["reordering"]
+    assert fit["key"] == [0, "same-node", "TCP_STREAM", 65536, "cross-cpu"] and fit["n"] == 10
+    assert fit["slope"] == pytest.approx(-22, abs=0.2) and fit["r2"] > 0.99
+    at = fit["rate_at"]
+    assert fit["ofo_per_mseg"] == pytest.approx(455)            # the median of all ten
+    assert at["ebpf"] - at["legacy"] == pytest.approx(400, abs=5)
+    assert at["legacy"] == pytest.approx(37000 - 22 * 455 - 100, abs=5)
+    from rich.console import Console
+    out = io.StringIO()
+    report.print_tables(result, Console(file=out, width=240))
+    line = next(line for line in out.getvalue().splitlines()
+                if line.startswith("│ same-node TCP_STREAM 65536 B"))
+    assert "-22.0" in line and "1.00" in line and "26,889" in line and "27,289" in line and "1.01x" in line, line
+    assert report.reordering_fits(_result(samples[:6])) == []     # too few samples
