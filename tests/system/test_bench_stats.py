@@ -497,3 +497,10 @@ def test_the_rate_at_equal_reordering_takes_one_slope_within_the_modes():
                 if line.startswith("│ same-node TCP_STREAM 65536 B"))
     assert "-22.0" in line and "1.00" in line and "26,889" in line and "27,289" in line and "1.01x" in line, line
     assert report.reordering_fits(_result(samples[:6])) == []     # too few samples
+    # where reordering explains little of the rate, the JSON has the fit, the table not
+    noise = [{**s, "values": {"mbps": 30000 + (997 * i) % 1000}} for i, s in enumerate(samples)]
+    result = report.with_summary(_result(noise))
+    assert result["reordering"] and result["reordering"][0]["r2"] < report.MIN_FIT_R2
+    out = io.StringIO()
+    report.print_tables(result, Console(file=out, width=240))
+    assert "Rate against reordering" not in out.getvalue()
