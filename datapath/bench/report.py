@@ -236,22 +236,26 @@ def print_reordering(result: dict, console) -> None:
     if not fits:
         return
     modes = [m for m in MODE_NAMES if any(m in f["rate_at"] for f in fits)]
+    both = {"ebpf", "legacy"} <= set(modes)
     table = Table(title="Rate against reordering (TCP_STREAM, where it explains the rate: R² "
                   f"within the modes >= {MIN_FIT_R2}): one slope for every mode; each mode's "
                   "Mbit/s at equal reordering")
     for col in ("point", "Mbit/s per out of order /M segs", "R²", "at out of order /M",
-                *(MODE_NAMES[m] for m in modes),
-                *(("eBPF/legacy",) if {"ebpf", "legacy"} <= set(modes) else ())):
+                *(MODE_NAMES[m] for m in modes), *(("eBPF/legacy",) if both else ())):
         table.add_column(col, justify="left" if col == "point" else "right")
     for f in fits:
-        rules, scenario, test, size, pin = f["key"]
-        point = " ".join(str(x) for x in (scenario, test, size and f"{size} B", pin) if x)
         at = f["rate_at"]
-        table.add_row(point, f"{f['slope']:+.1f}", f"{f['r2']:.2f}", f"{f['ofo_per_mseg']:,.0f}",
-                      *(_fmt(at.get(m)) for m in modes),
-                      *((_plain_ratio(at["ebpf"] / at["legacy"]) if {"ebpf", "legacy"} <= set(at)
-                         else "-",) if {"ebpf", "legacy"} <= set(modes) else ()))
+        ratio = at["ebpf"] / at["legacy"] if {"ebpf", "legacy"} <= set(at) else None
+        table.add_row(_point_label(f["key"]), f"{f['slope']:+.1f}", f"{f['r2']:.2f}",
+                      f"{f['ofo_per_mseg']:,.0f}", *(_fmt(at.get(m)) for m in modes),
+                      *((_plain_ratio(ratio),) if both else ()))
     console.print(table)
+
+
+def _point_label(key) -> str:
+    """A point's (rules, scenario, test, size, pin) as a table's first cell."""
+    rules, scenario, test, size, pin = key
+    return " ".join(str(x) for x in (scenario, test, size and f"{size} B", pin) if x)
 
 
 def _fmt(v: float | None, metric: str = "") -> str:
@@ -467,10 +471,8 @@ def print_program_costs(result: dict, console) -> None:
     for col in cols:
         table.add_column(col, justify="left" if col in ("point", "program") else "right")
     for r in rows:
-        rules, scenario, test, size, pin = r["key"]
-        point = " ".join(str(x) for x in (scenario, test, size and f"{size} B", pin) if x)
-        table.add_row(point, r["program"], f"{r['ns_per_run']:.0f}", _fmt(r["runs_per_s"]),
-                      *(() if own_run else (str(r["samples"]),)))
+        table.add_row(_point_label(r["key"]), r["program"], f"{r['ns_per_run']:.0f}",
+                      _fmt(r["runs_per_s"]), *(() if own_run else (str(r["samples"]),)))
     console.print(table)
 
 
@@ -505,9 +507,7 @@ def print_profiles(profiles: list[dict], console=None) -> None:
             console.print(f"[yellow]no profile[/] of {p['scenario']} {p['test']} {p['mode']}: "
                           f"{escape(p['error'])}")
     for point in side_by_side(profiles, left, right, TOP):
-        rules, scenario, test, size, pin = point["key"]
-        label = " ".join(str(x) for x in (scenario, test, size and f"{size} B", pin) if x)
-        table = Table(title=f"Where the time goes, {label}: top kernel symbols by self % of the "
+        table = Table(title=f"Where the time goes, {_point_label(point['key'])}: top kernel symbols by self % of the "
                       f"path's samples ({PATH_NAMES}; perf record, an extra repetition)")
         for col in ("#", MODE_NAMES[left], "%", MODE_NAMES[right], "%"):
             table.add_column(col, justify="left" if col not in ("#", "%") else "right",
