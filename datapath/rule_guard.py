@@ -78,6 +78,9 @@ MODULE = GUARD_MODULE
 LSM_LIST = Path("/sys/kernel/security/lsm")
 LEGACY_TOOLS = ("iptables-legacy", "ip6tables-legacy")
 NFT_BACKENDS = ("iptables-nft", "ip6tables-nft", "nftables")
+SUBSCRIBE_WAIT_S = 5.0
+_NETLINK_NETFILTER = 12     # linux/netlink.h
+_NFNLGRP_NFTABLES = 7       # linux/netfilter/nfnetlink.h
 _GENERATION = re.compile(r"^# new generation \d+ by process (\d+) \((.*)\)$")
 
 
@@ -276,6 +279,11 @@ class Guard:
             threading.Thread(target=self.watch_monitor_errors,
                              args=(node, ns, proc, lambda: baseline, lock, ours),
                              daemon=True).start()
+            # Popen returns before nft has subscribed: a change made in between would be
+            # missed by the snapshot or resync below and by the monitor alike
+            if not monitor_subscribed(proc):
+                print(f"nft monitor in {ns} not subscribed after {SUBSCRIBE_WAIT_S:g} s: "
+                      "going on", file=sys.stderr, flush=True)
             if baseline is None:
                 # taken after subscribing, so no change falls between the two
                 try:
@@ -567,6 +575,32 @@ class Guard:
 
 
 _FAMILY = {4: "ipv4", 6: "ipv6"}       # DatapathMaps.nat_families() -> the counters' names
+
+
+def monitor_subscribed(proc: subprocess.Popen, timeout: float | None = None) -> bool:
+    """Wait until the process holds a NETLINK_NETFILTER socket in the nf_tables group, as
+    its namespace's /proc/<pid>/net/netlink shows it; False when it ends or time runs out."""
+    deadline = time.monotonic() + (SUBSCRIBE_WAIT_S if timeout is None else timeout)
+    while proc.poll() is None:
+        if _in_netlink_group(proc.pid, _NETLINK_NETFILTER, _NFNLGRP_NFTABLES):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return False
+
+
+def _in_netlink_group(pid: int, protocol: int, group: int) -> bool:
+    try:
+        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")
+                  for fd in os.listdir(f"/proc/{pid}/fd")}
+        with open(f"/proc/{pid}/net/netlink") as f:
+            rows = [line.split() for line in f][1:]
+    except OSError:      # ended, or between fork and exec
+        return False
+    # sk Eth Pid Groups(hex, the first 32) Rmem Wmem Dump Locks Drops Inode
+    return any(int(r[1]) == protocol and int(r[3], 16) & (1 << (group - 1))
+               and f"socket:[{r[9]}]" in inodes for r in rows if len(r) >= 10)
 
 
 def _packets_of_new_flows(rises: dict[str, int]) -> str:

@@ -422,8 +422,52 @@ def test_a_killed_monitor_is_restarted_and_what_changed_meanwhile_reverted(ebpf_
     netns.run(ns, ["iptables-nft", "-A", "FORWARD", "-s", "198.18.9.12", "-j", "DROP"])
     assert _back_to(ns, before) == before        # the restarted monitor's first change
     assert os.path.exists(f"/proc/{guard}")
-    messages = " ".join(e["message"] for e in _blocked_events(topo.lab, since))
-    assert "198.18.9.12" in messages
+    deadline = time.monotonic() + REMOVED_WITHIN_S     # the event comes after the revert
+    while "198.18.9.12" not in _blocked_messages(topo.lab, since) and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    messages = _blocked_messages(topo.lab, since)
+    assert "changed meanwhile" in messages and "198.18.9.12" in messages, messages
+
+
+def _blocked_messages(lab: str, since: int) -> str:
+    return " ".join(e["message"] for e in _blocked_events(lab, since))
+
+
+def test_the_monitor_is_waited_for_until_it_listens(legacy_lab):
+    """Popen returns before `nft monitor` has subscribed; the guard takes its baseline (and,
+    after a restart, compares the ruleset) only once it has, or a change made in between
+    would be seen by neither. A change made the moment the wait returns must be printed."""
+    _, topo = legacy_lab
+    ns = topo.nodes[1].netns
+    # a writer already running writes the moment it is told (a new nft process would take
+    # as long to start as the monitor takes to subscribe)
+    writer = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "-i"], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for attempt in range(5):
+            monitor = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "-a", "monitor"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                       text=True)
+            try:
+                assert rule_guard.monitor_subscribed(monitor)
+                writer.stdin.write(f"add table ip hrprobe{attempt}\n"
+                                   f"delete table ip hrprobe{attempt}\n")
+                writer.stdin.flush()
+            finally:
+                time.sleep(0.3)
+                monitor.terminate()
+            assert f"hrprobe{attempt}" in monitor.communicate(timeout=5)[0], attempt
+    finally:
+        writer.stdin.close()
+        writer.wait(timeout=5)
+    sleeper = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "5"])
+    try:    # no netfilter socket: not subscribed
+        assert not rule_guard.monitor_subscribed(sleeper, timeout=0.3)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not rule_guard.monitor_subscribed(sleeper)          # ended: answered at once
 
 
 def _monitor_of(guard: int, ns: str) -> int:
