@@ -110,9 +110,10 @@ def test_enable_refuses_over_a_user_rule_then_blocks_new_ones(legacy_lab, make_l
     assert gone_within(node2, "198.18.9.6", REMOVED_WITHIN_S)
     assert "198.18.9.5" in rules_text(other.nodes[0].netns)
 
-    blocked = [e for e in events.read(topo.lab) if e["reason"] == "BlockedRule"]
-    assert {e["details"]["backend"] for e in blocked} == {"iptables-nft", "iptables-legacy",
-                                                          "nftables"}
+    backends = {"iptables-nft", "iptables-legacy", "nftables"}
+    blocked = _blocked_once(topo.lab, 0, lambda found: {
+        e["details"]["backend"] for e in found} >= backends)
+    assert {e["details"]["backend"] for e in blocked} == backends
     assert any("198.18.9.8" in e["message"] for e in blocked)
     proc = cli("events", "--lab", topo.lab, "--json")
     assert proc.returncode == 0
@@ -219,6 +220,15 @@ def _blocked_events(lab: str, since: int) -> list[dict]:
     return [e for e in events.read(lab)[since:] if e["reason"] == "BlockedRule"]
 
 
+def _blocked_once(lab: str, since: int, done, seconds: float = REMOVED_WITHIN_S) -> list[dict]:
+    """The BlockedRule events since `since`, once done(them) holds or time is up: the guard
+    records each after its revert (or, for a refusal, after reading the kernel's report)."""
+    deadline = time.monotonic() + seconds
+    while not done(found := _blocked_events(lab, since)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
 def _back_to(ns: str, nft_before: str, seconds: float = REMOVED_WITHIN_S) -> str:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -275,11 +285,9 @@ def test_every_nf_tables_change_is_reverted_with_an_event(frozen_lab, what, comm
     for argv in commands:
         netns.run(ns, argv)
     assert _back_to(ns, nft_before) == nft_before, f"{what}: not reverted"
-    deadline = time.monotonic() + REMOVED_WITHIN_S
-    while not _blocked_events(topo.lab, since) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    blocked = _blocked_events(topo.lab, since)
-    assert len(blocked) == len(commands), blocked
+    blocked = _blocked_once(topo.lab, since, lambda found: len(found) >= len(commands))
+    time.sleep(0.2)     # and no more than one each
+    assert len(_blocked_events(topo.lab, since)) == len(commands), blocked
     assert needle in blocked[0]["message"] and blocked[0]["details"]["blocked"] is True
     assert blocked[0]["message"].startswith("reverted ") and "[" in blocked[0]["details"]["writer"]
     assert _legacy_text(ns) == legacy_before
@@ -303,10 +311,7 @@ def test_every_x_tables_write_is_refused_by_the_kernel(frozen_lab, argv):
     proc = netns.run(ns, argv, check=False)
     assert proc.returncode != 0 and "Operation not permitted" in proc.stderr, proc
     assert _legacy_text(ns) == legacy_before
-    deadline = time.monotonic() + REMOVED_WITHIN_S
-    while not _blocked_events(topo.lab, since) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    (blocked,) = _blocked_events(topo.lab, since)
+    (blocked,) = _blocked_once(topo.lab, since, bool)
     table = argv[argv.index("-t") + 1] if "-t" in argv else "filter"
     assert blocked["message"].startswith(f"refused {argv[0]} change by ")
     assert f"load of table {table}" in blocked["message"]
@@ -386,8 +391,11 @@ def test_polled_x_tables_are_restored_where_the_kernel_cannot_refuse(legacy_lab)
         while _legacy_text(ns) != before and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _legacy_text(ns) == before
-        blocked = " ".join(e["message"] for e in _blocked_events(topo.lab, since))
-        assert "198.18.9.6" in blocked and "FORWARD" in blocked and "USERCHAIN" in blocked
+        named = ("198.18.9.6", "FORWARD", "USERCHAIN")
+        blocked = " ".join(e["message"] for e in _blocked_once(
+            topo.lab, since, lambda found: all(n in " ".join(e["message"] for e in found)
+                                               for n in named)))
+        assert all(n in blocked for n in named), blocked
     finally:
         rule_guard.stop(pid)
 
@@ -422,16 +430,9 @@ def test_a_killed_monitor_is_restarted_and_what_changed_meanwhile_reverted(ebpf_
     netns.run(ns, ["iptables-nft", "-A", "FORWARD", "-s", "198.18.9.12", "-j", "DROP"])
     assert _back_to(ns, before) == before        # the restarted monitor's first change
     assert os.path.exists(f"/proc/{guard}")
-    deadline = time.monotonic() + REMOVED_WITHIN_S     # the event comes after the revert
-    while "198.18.9.12" not in _blocked_messages(topo.lab, since) and \
-            time.monotonic() < deadline:
-        time.sleep(0.05)
-    messages = _blocked_messages(topo.lab, since)
+    messages = " ".join(e["message"] for e in _blocked_once(
+        topo.lab, since, lambda found: any("198.18.9.12" in e["message"] for e in found)))
     assert "changed meanwhile" in messages and "198.18.9.12" in messages, messages
-
-
-def _blocked_messages(lab: str, since: int) -> str:
-    return " ".join(e["message"] for e in _blocked_events(lab, since))
 
 
 def test_the_monitor_is_waited_for_until_it_listens(legacy_lab):
@@ -500,12 +501,8 @@ def test_a_table_owned_by_a_process_holds_back_only_itself(ebpf_lab):
         while "198.18.9.13" in _nft_text(ns) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert "198.18.9.13" not in _nft_text(ns)
-        deadline = time.monotonic() + REMOVED_WITHIN_S   # the events come after the reverts
-        while time.monotonic() < deadline:
-            blocked = _blocked_events(topo.lab, since)
-            if any("198.18.9.13" in e["message"] for e in blocked):
-                break
-            time.sleep(0.05)
+        blocked = _blocked_once(topo.lab, since, lambda found: any(
+            "198.18.9.13" in e["message"] for e in found))
         own = [e for e in blocked if "add table ip own" in e["message"]]
         assert own and own[0]["details"]["blocked"] is False
         assert "Operation not permitted" in own[0]["message"]
