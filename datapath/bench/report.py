@@ -196,7 +196,10 @@ def reordering_fits(result: dict) -> list[dict]:
     out-of-order skbs per million segments, one slope for every mode and a level per mode
     (least squares over all samples), and from it each mode's rate at equal reordering (at
     the median reordering of all the point's samples). ``r2``: the share of the rate's
-    variation within the modes that the reordering explains.
+    variation within the modes that the reordering explains. ``ebpf/legacy``: the two modes'
+    rates at equal reordering as a ratio, with a 95% bootstrap interval from refitting over
+    repetitions drawn with replacement (a repetition, all its modes back to back, is the
+    pair the bench's other ratios are built on).
 
     On two CPUs a bulk flow's rate falls with its reordering (tcp_counters); where it
     explains most of the rate within the modes, the modes' rates at equal reordering say
@@ -205,32 +208,73 @@ def reordering_fits(result: dict) -> list[dict]:
     for s in result["samples"]:
         figures = tcp_counters.figures(s.get("tcp"))
         if "ofo_per_mseg" in figures and s["values"].get("mbps"):
-            points[_key(s)].append((figures["ofo_per_mseg"], s["values"]["mbps"], s["mode"]))
+            points[_key(s)].append((figures["ofo_per_mseg"], s["values"]["mbps"], s["mode"],
+                                    s["repeat"]))
     fits = []
     for key, pts in sorted(points.items(), key=lambda kv: tuple(map(str, kv[0]))):
         names = sorted({p[2] for p in pts})
         x, y = (np.array([p[i] for p in pts], dtype=float) for i in (0, 1))
         mode = np.array([names.index(p[2]) for p in pts])
-        # what is left of x and y within the modes, once each mode's mean is taken off
-        x_in, y_in = (v - np.array([v[mode == i].mean() for i in range(len(names))])[mode]
-                      for v in (x, y))
-        if len(pts) < MIN_FIT_SAMPLES or len(names) < 2 or not np.any(x_in):
-            continue
-        slope = float(np.dot(x_in, y_in) / np.dot(x_in, x_in))
-        residual = y_in - slope * x_in
-        within = float(np.dot(y_in, y_in))
         at = float(np.median(x))
-        fits.append({"key": list(key), "n": len(pts), "slope": slope, "ofo_per_mseg": at,
-                     "r2": 1 - float(np.dot(residual, residual)) / within if within else 0.0,
-                     "rate_at": {m: float(y[mode == i].mean() + slope * (at - x[mode == i].mean()))
-                                 for i, m in enumerate(names)}})
+        fit = _within_modes_fit(x, y, mode, len(names), at)
+        if len(pts) < MIN_FIT_SAMPLES or len(names) < 2 or fit is None:
+            continue
+        slope, r2, rate_at = fit
+        entry = {"key": list(key), "n": len(pts), "slope": slope, "ofo_per_mseg": at,
+                 "r2": r2, "rate_at": dict(zip(names, rate_at))}
+        if {"ebpf", "legacy"} <= set(names):
+            reps = np.array([p[3] for p in pts])
+            low, high = _refit_interval(x, y, mode, reps, len(names), at,
+                                        names.index("ebpf"), names.index("legacy"))
+            entry["ratios"] = {ratio_name("ebpf", "legacy"): {
+                "value": rate_at[names.index("ebpf")] / rate_at[names.index("legacy")],
+                "ci": [low, high], "n": len(set(reps.tolist()))}}
+        fits.append(entry)
     return fits
+
+
+def _within_modes_fit(x, y, mode, n_modes: int, at: float):
+    """(slope, r2, each mode's rate at `at`) of y against x with one slope and a level per
+    mode; None where x does not vary within any mode (or a mode has no sample)."""
+    if any(not np.any(mode == i) for i in range(n_modes)):
+        return None
+    mx, my = (np.array([v[mode == i].mean() for i in range(n_modes)]) for v in (x, y))
+    # what is left of x and y within the modes, once each mode's mean is taken off
+    x_in, y_in = x - mx[mode], y - my[mode]
+    if not np.any(x_in):
+        return None
+    slope = float(np.dot(x_in, y_in) / np.dot(x_in, x_in))
+    residual = y_in - slope * x_in
+    within = float(np.dot(y_in, y_in))
+    r2 = 1 - float(np.dot(residual, residual)) / within if within else 0.0
+    return slope, r2, [float(v) for v in my + slope * (at - mx)]
+
+
+def _refit_interval(x, y, mode, reps, n_modes: int, at: float, num: int, den: int,
+                    level: float = 0.95) -> tuple[float, float]:
+    """The percentile bootstrap interval of rate_at[num] / rate_at[den], refitting over
+    repetitions drawn with replacement (draws where the fit is undefined are left out)."""
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    labels = sorted(set(reps.tolist()))
+    members = [np.flatnonzero(reps == r) for r in labels]
+    ratios = []
+    for draw in rng.integers(0, len(labels), size=(BOOTSTRAP_RESAMPLES, len(labels))):
+        idx = np.concatenate([members[i] for i in draw])
+        fit = _within_modes_fit(x[idx], y[idx], mode[idx], n_modes, at)
+        if fit is not None and fit[2][den] > 0:
+            ratios.append(fit[2][num] / fit[2][den])
+    if not ratios:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(ratios, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def print_reordering(result: dict, console) -> None:
     from rich.table import Table
     fits = result.get("reordering")
-    if fits is None:
+    if fits is None or any("ratios" not in f for f in fits if {"ebpf", "legacy"} <= set(
+            f["rate_at"])):     # saved before the fits had their interval
         fits = reordering_fits(result)
     fits = [f for f in fits if f["r2"] >= MIN_FIT_R2]
     if not fits:
@@ -245,10 +289,10 @@ def print_reordering(result: dict, console) -> None:
         table.add_column(col, justify="left" if col == "point" else "right")
     for f in fits:
         at = f["rate_at"]
-        ratio = at["ebpf"] / at["legacy"] if {"ebpf", "legacy"} <= set(at) else None
+        ratio = f.get("ratios", {}).get(ratio_name("ebpf", "legacy"))
         table.add_row(_point_label(f["key"]), f"{f['slope']:+.1f}", f"{f['r2']:.2f}",
                       f"{f['ofo_per_mseg']:,.0f}", *(_fmt(at.get(m)) for m in modes),
-                      *((_plain_ratio(ratio),) if both else ()))
+                      *((_fit_ratio(ratio),) if both else ()))
     console.print(table)
 
 
@@ -278,6 +322,17 @@ def format_ratio(r: dict | None) -> str:
 
 def _plain_ratio(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
+
+
+def _fit_ratio(r: dict | None) -> str:
+    """A fitted ratio and its interval, as format_ratio() prints a median's: ``0.97x
+    [0.90-1.04]``; the ratio alone where no draw could be refitted."""
+    if not r:
+        return "-"
+    if any(v != v for v in r["ci"]):     # NaN
+        return _plain_ratio(r["value"])
+    low, high = r["ci"]
+    return f"{r['value']:.2f}x [{low:.2f}-{high:.2f}]"
 
 
 def console_for_output(console=None):
