@@ -32,10 +32,10 @@ PUBLISHED = {
     ("cross-node", "TCP_RR", "tps"): 20396.9 / 16003.7,
 }
 LOWER_IS_BETTER = ("p50_us", "p90_us", "p99_us", "mean_us", "max_us", "cpu_us_per_trans",
-                   "cpu_s_per_gb", "retrans_pct", "ofo_per_mseg")
+                   "cpu_s_per_gb", "retrans_pct", "spurious_pct", "ofo_per_mseg")
 # what TCP saw of the path (tcp_counters): counts near zero where all goes well, so only
 # eBPF/legacy is given (no bound: the least reordered path is no limit of anything)
-TCP_COUNTS = ("retrans_pct", "ofo_per_mseg")
+TCP_COUNTS = ("retrans_pct", "spurious_pct", "ofo_per_mseg")
 # a stream's rate, its CPU cost, and TCP's counts
 STREAM = ("mbps", "cpu_s_per_gb", *TCP_COUNTS)
 METRICS = {
@@ -51,7 +51,8 @@ UNITS = {"mbps": "Mbit/s", "tps": "trans/s", "cps": "conn/s", "p50_us": "p50 µs
          "p90_us": "p90 µs", "p99_us": "p99 µs", "cpu_us_per_trans": "CPU µs/trans",
          "cpu_s_per_gb": "CPU s/GB", "mean_us": "mean µs", "max_us": "max µs",
          "pps": "packets/s received", "sent_pps": "packets/s sent",
-         "retrans_pct": "retransmitted %", "ofo_per_mseg": "out of order /M segs"}
+         "retrans_pct": "retransmitted %", "spurious_pct": "spurious retransmitted %",
+         "ofo_per_mseg": "out of order /M segs"}
 TITLES = {"TCP_STREAM": "Throughput by message size (TCP_STREAM, no Nagle)",
           "TCP_RR": "Request/response latency and transactions (TCP_RR)",
           "TCP_CRR": "New connections (TCP_CRR)",
@@ -307,7 +308,7 @@ def _fmt(v: float | None, metric: str = "") -> str:
         return "-"
     if metric.startswith("cpu"):
         return f"{v:.3g}"
-    if metric == "retrans_pct":
+    if metric in ("retrans_pct", "spurious_pct"):
         return f"{v:.2f}"
     return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
 

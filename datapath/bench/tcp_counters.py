@@ -9,7 +9,10 @@ retransmits and shrinks its window (docs/benchmarks.md: rate against reordering)
 the bench reads, before and after each TCP_STREAM sample, the namespace counters
 that show it: in the client's namespace the segments sent (``Tcp: OutSegs``: new
 data, ACKs and netperf's control connection, never a retransmission) and
-retransmitted (``Tcp: RetransSegs``), in the server's the skbs queued out of order
+retransmitted (``Tcp: RetransSegs``) and, of those, the ones the receiver reported as
+duplicates of what it already had (``TcpExt: TCPDSACKRecvSegs``, segments in D-SACK blocks:
+retransmissions that were spurious, where reordering passed for loss; left out where the
+kernel does not count it), in the server's the skbs queued out of order
 (``TcpExt: TCPOFOQueue``, each possibly several segments). The TCP MIB holds
 IPv4's and IPv6's together. Read through /proc/thread-self by a thread
 that entered the namespace (``netns.call_in``): no process is started.
@@ -20,7 +23,9 @@ from __future__ import annotations
 from netns_lab import netns
 
 SNMP_FILES = ("/proc/thread-self/net/snmp", "/proc/thread-self/net/netstat")
-CLIENT = {("Tcp", "OutSegs"): "sent_segs", ("Tcp", "RetransSegs"): "retrans_segs"}
+CLIENT = {("Tcp", "OutSegs"): "sent_segs", ("Tcp", "RetransSegs"): "retrans_segs",
+          ("TcpExt", "TCPDSACKRecvSegs"): "dsack_segs"}
+OPTIONAL = {("TcpExt", "TCPDSACKRecvSegs")}     # older kernels do not count it
 SERVER = {("TcpExt", "TCPOFOQueue"): "ofo_queued"}
 
 
@@ -48,17 +53,18 @@ def _read_here() -> dict[tuple[str, str], int]:
 
 
 def read(ns: str, which: dict[tuple[str, str], str]) -> dict[str, int]:
-    """``which`` (CLIENT or SERVER) of namespace ``ns``, by their short names."""
+    """``which`` (CLIENT or SERVER) of namespace ``ns``, by their short names; an OPTIONAL
+    counter this kernel does not have is left out."""
     counters = netns.call_in(ns, _read_here)
-    missing = [f"{s}: {n}" for s, n in which if (s, n) not in counters]
+    missing = [f"{s}: {n}" for s, n in which if (s, n) not in counters and (s, n) not in OPTIONAL]
     if missing:
         raise netns.NetnsError(f"{ns}: no {', '.join(missing)} in /proc/net/snmp or netstat")
-    return {short: counters[key] for key, short in which.items()}
+    return {short: counters[key] for key, short in which.items() if key in counters}
 
 
 class Around:
     """The counters' change over a sample: ``before()``, netperf, ``after()``; ``delta``
-    holds sent_segs, retrans_segs (client) and ofo_queued (server)."""
+    holds sent_segs, retrans_segs, dsack_segs (client) and ofo_queued (server)."""
 
     def __init__(self, client_ns: str, server_ns: str):
         self.client_ns, self.server_ns = client_ns, server_ns
@@ -72,16 +78,20 @@ class Around:
 
     def after(self) -> dict[str, int]:
         end = self._both()
-        self.delta = {k: end[k] - self._start[k] for k in end}
+        self.delta = {k: end[k] - self._start[k] for k in end if k in self._start}
         return self.delta
 
 
 def figures(delta: dict[str, int]) -> dict[str, float]:
-    """Retransmissions per 100 segments sent (OutSegs, which counts none of them), and skbs
-    queued out of order by the receiver per million segments sent; nothing when none was
-    sent (or in a result from before these counters)."""
+    """Retransmissions per 100 segments sent (OutSegs, which counts none of them), the
+    spurious ones among them per 100 sent (where D-SACK was counted), and skbs queued out of
+    order by the receiver per million segments sent; nothing when none was sent (or in a
+    result from before these counters)."""
     sent = (delta or {}).get("sent_segs", 0)
     if sent <= 0:
         return {}
-    return {"retrans_pct": 100.0 * delta["retrans_segs"] / sent,
-            "ofo_per_mseg": 1e6 * delta["ofo_queued"] / sent}
+    out = {"retrans_pct": 100.0 * delta["retrans_segs"] / sent,
+           "ofo_per_mseg": 1e6 * delta["ofo_queued"] / sent}
+    if "dsack_segs" in delta:
+        out["spurious_pct"] = 100.0 * delta["dsack_segs"] / sent
+    return out

@@ -400,6 +400,8 @@ def test_tcp_counters_are_read_by_section_and_name():
         tcp_counters.parse("Tcp: OutSegs\nUdp: 3\n")
     assert tcp_counters.figures({"sent_segs": 200000, "retrans_segs": 500,
                                  "ofo_queued": 40}) == {"retrans_pct": 0.25, "ofo_per_mseg": 200}
+    assert tcp_counters.figures({"sent_segs": 200000, "retrans_segs": 500, "dsack_segs": 450,
+                                 "ofo_queued": 40})["spurious_pct"] == 0.225
     assert tcp_counters.figures({"sent_segs": 0, "retrans_segs": 0, "ofo_queued": 0}) == {}
     assert tcp_counters.figures({}) == {}       # a result from before the counters
 
@@ -409,14 +411,15 @@ def test_a_tcp_sample_records_what_its_run_changed(monkeypatch):
     in their own namespaces before and after netperf; other tests read nothing."""
     from datapath.bench import netperf, tcp_counters
     reads = []
-    counters = {"client-ns": {"sent_segs": 1000, "retrans_segs": 3},
+    counters = {"client-ns": {"sent_segs": 1000, "retrans_segs": 3, "dsack_segs": 1},
                 "server-ns": {"ofo_queued": 10}}
 
     def read(ns, which):
         reads.append(ns)
         now = dict(counters[ns])
         for k in counters[ns]:          # each read a run later
-            counters[ns][k] += {"sent_segs": 5000, "retrans_segs": 7, "ofo_queued": 2}[k]
+            counters[ns][k] += {"sent_segs": 5000, "retrans_segs": 7, "dsack_segs": 5,
+                                "ofo_queued": 2}[k]
         assert set(now) == set(which.values())
         return now
     monkeypatch.setattr(tcp_counters, "read", read)
@@ -427,7 +430,7 @@ def test_a_tcp_sample_records_what_its_run_changed(monkeypatch):
     bench = runner.Bench(runner.BenchConfig(duration=1.0))
     sample = bench._measure_once(runner.Point(0, "same-node", "TCP_STREAM", 65536), "legacy",
                                  0, "client-ns", "h", [])
-    assert sample.tcp == {"sent_segs": 5000, "retrans_segs": 7, "ofo_queued": 2}
+    assert sample.tcp == {"sent_segs": 5000, "retrans_segs": 7, "dsack_segs": 5, "ofo_queued": 2}
     assert reads == ["client-ns", "server-ns"] * 2
     reads.clear()
     monkeypatch.setattr(netperf, "run_test", lambda *a, **k: netperf.Result(
@@ -442,7 +445,8 @@ def test_a_stream_point_shows_each_modes_retransmits_and_reordering():
     def stream(mode, rep, mbps, retrans, ofo):
         return {**_sample(mode, rep, 0, test="TCP_STREAM", size=65536), "pin": "cross-cpu",
                 "values": {"mbps": mbps},
-                "tcp": {"sent_segs": 1_000_000, "retrans_segs": retrans, "ofo_queued": ofo}}
+                "tcp": {"sent_segs": 1_000_000, "retrans_segs": retrans,
+                        "dsack_segs": retrans - 400, "ofo_queued": ofo}}
     samples = [stream(m, rep, *v) for rep in range(3)
                for m, v in (("legacy", (33000, 2500, 200)), ("ebpf", (24000, 5800, 400 + rep)),
                             ("limit", (21000, 3000, 300)), ("floor", (24500, 6000, 420)))]
@@ -453,6 +457,7 @@ def test_a_stream_point_shows_each_modes_retransmits_and_reordering():
     assert rows["mbps"]["legacy"]["n"] == 4 and rows["retrans_pct"]["legacy"]["n"] == 3
     assert rows["retrans_pct"]["legacy"]["median"] == pytest.approx(0.25)
     assert rows["retrans_pct"]["ratios"]["ebpf/legacy"]["median"] == pytest.approx(2.32)
+    assert rows["spurious_pct"]["legacy"]["median"] == pytest.approx(0.21)
     assert rows["ofo_per_mseg"]["ebpf"]["median"] == pytest.approx(401)
     # counts: eBPF against legacy only, no bound (the least reordered path limits nothing)
     assert all(set(rows[m]["ratios"]) == {"ebpf/legacy"} for m in report.TCP_COUNTS)
@@ -464,6 +469,8 @@ def test_a_stream_point_shows_each_modes_retransmits_and_reordering():
     line = next(line for line in lines if "retransmitted % cross-cpu" in line)
     assert "0.25" in line and "0.58" in line and "2.32x" in line, line
     assert line.count("x [") == 1, line
+    line = next(line for line in lines if "spurious retransmitted % cross-cpu" in line)
+    assert "0.21" in line and "0.54" in line and "2.57x" in line, line
     assert any("out of order /M segs" in line and "401" in line for line in lines)
     # the limit is judged by rates only: here the floor outruns it, and that is all
     assert [line.split(":")[1] for line in lines if line.startswith("limit ")] == [
@@ -541,3 +548,19 @@ def test_the_ratio_at_equal_reordering_has_an_interval_from_refitted_repetitions
     out = io.StringIO()
     report.print_reordering(old, Console(file=out, width=240))
     assert re.search(r"\d\.\d\dx \[\d\.\d\d-\d\.\d\d\]", out.getvalue()), out.getvalue()
+
+
+def test_a_kernel_without_the_dsack_counter_gives_the_rest(monkeypatch):
+    """TCPDSACKRecvSegs is optional (older kernels lack it): read without it, a sample has
+    no spurious figure and still its others; any other counter missing is an error."""
+    from datapath.bench import tcp_counters
+    from netns_lab import netns
+    counters = tcp_counters.parse(SNMP_TEXT)
+    monkeypatch.setattr(netns, "call_in", lambda ns, fn: counters)
+    assert tcp_counters.read("c", tcp_counters.CLIENT) == {"sent_segs": 200000,
+                                                            "retrans_segs": 500}
+    counters[("TcpExt", "TCPDSACKRecvSegs")] = 7
+    assert tcp_counters.read("c", tcp_counters.CLIENT)["dsack_segs"] == 7
+    del counters[("Tcp", "RetransSegs")]
+    with pytest.raises(netns.NetnsError, match="no Tcp: RetransSegs"):
+        tcp_counters.read("c", tcp_counters.CLIENT)
