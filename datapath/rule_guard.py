@@ -282,8 +282,9 @@ class Guard:
             # Popen returns before nft has subscribed: a change made in between would be
             # missed by the snapshot or resync below and by the monitor alike
             if not monitor_subscribed(proc):
-                print(f"nft monitor in {ns} not subscribed after {SUBSCRIBE_WAIT_S:g} s: "
-                      "going on", file=sys.stderr, flush=True)
+                _note(f"nft monitor in {ns} " + ("ended before it subscribed"
+                      if proc.poll() is not None else
+                      f"not subscribed after {SUBSCRIBE_WAIT_S:g} s") + ": going on")
             if baseline is None:
                 # taken after subscribing, so no change falls between the two
                 try:
@@ -575,6 +576,15 @@ class Guard:
 
 
 _FAMILY = {4: "ipv4", 6: "ipv6"}       # DatapathMaps.nat_families() -> the counters' names
+
+
+def _note(text: str) -> None:
+    """A line on stderr, which start() reads until the guard is ready and then closes: a
+    note written after that must not end the thread that writes it."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def monitor_subscribed(proc: subprocess.Popen, timeout: float | None = None) -> bool:

@@ -186,6 +186,8 @@ def with_summary(result: dict) -> dict:
 
 
 MIN_FIT_SAMPLES = 8     # a line through fewer samples says little
+MIN_FIT_REPS = 5        # below, the refits' interval is mostly a few repetitions repeated
+MAX_UNFIT_DRAWS = 0.02  # draws whose fit is undefined (every mode's reordering alike)
 # the report's table shows a point only where reordering explains this much of the rate's
 # variation within the modes (the JSON keeps every fit): elsewhere, as at 16 KiB, a "rate at
 # equal reordering" is the modes' means under another name
@@ -225,11 +227,13 @@ def reordering_fits(result: dict) -> list[dict]:
                  "r2": r2, "rate_at": dict(zip(names, rate_at))}
         if {"ebpf", "legacy"} <= set(names):
             reps = np.array([p[3] for p in pts])
-            low, high = _refit_interval(x, y, mode, reps, len(names), at,
-                                        names.index("ebpf"), names.index("legacy"))
+            both = {r for r in reps.tolist() if {"ebpf", "legacy"} <= {
+                p[2] for p in pts if p[3] == r}}
             entry["ratios"] = {ratio_name("ebpf", "legacy"): {
                 "value": rate_at[names.index("ebpf")] / rate_at[names.index("legacy")],
-                "ci": [low, high], "n": len(set(reps.tolist()))}}
+                "ci": _refit_interval(x, y, mode, reps, len(names), at,
+                                      names.index("ebpf"), names.index("legacy")),
+                "n": len(both)}}
         fits.append(entry)
     return fits
 
@@ -242,7 +246,7 @@ def _within_modes_fit(x, y, mode, n_modes: int, at: float):
     mx, my = (np.array([v[mode == i].mean() for i in range(n_modes)]) for v in (x, y))
     # what is left of x and y within the modes, once each mode's mean is taken off
     x_in, y_in = x - mx[mode], y - my[mode]
-    if not np.any(x_in):
+    if np.dot(x_in, x_in) <= 1e-12 * max(float(np.dot(x, x)), 1e-300):  # rounding only
         return None
     slope = float(np.dot(x_in, y_in) / np.dot(x_in, x_in))
     residual = y_in - slope * x_in
@@ -252,11 +256,16 @@ def _within_modes_fit(x, y, mode, n_modes: int, at: float):
 
 
 def _refit_interval(x, y, mode, reps, n_modes: int, at: float, num: int, den: int,
-                    level: float = 0.95) -> tuple[float, float]:
-    """The percentile bootstrap interval of rate_at[num] / rate_at[den], refitting over
-    repetitions drawn with replacement (draws where the fit is undefined are left out)."""
+                    level: float = 0.95) -> list[float] | None:
+    """The percentile bootstrap interval [low, high] of rate_at[num] / rate_at[den],
+    refitting over repetitions drawn with replacement. None (no interval) with fewer than
+    MIN_FIT_REPS repetitions, where most draws repeat a few of them, or where more than
+    MAX_UNFIT_DRAWS of the draws leave the fit undefined (leaving them out would no longer
+    be resampling)."""
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     labels = sorted(set(reps.tolist()))
+    if len(labels) < MIN_FIT_REPS:
+        return None
     members = [np.flatnonzero(reps == r) for r in labels]
     ratios = []
     for draw in rng.integers(0, len(labels), size=(BOOTSTRAP_RESAMPLES, len(labels))):
@@ -264,11 +273,11 @@ def _refit_interval(x, y, mode, reps, n_modes: int, at: float, num: int, den: in
         fit = _within_modes_fit(x[idx], y[idx], mode[idx], n_modes, at)
         if fit is not None and fit[2][den] > 0:
             ratios.append(fit[2][num] / fit[2][den])
-    if not ratios:
-        return float("nan"), float("nan")
+    if len(ratios) < (1 - MAX_UNFIT_DRAWS) * BOOTSTRAP_RESAMPLES:
+        return None
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(ratios, [tail, 100 - tail])
-    return float(low), float(high)
+    return [float(low), float(high)]
 
 
 def print_reordering(result: dict, console) -> None:
@@ -327,10 +336,10 @@ def _plain_ratio(v: float | None) -> str:
 
 def _fit_ratio(r: dict | None) -> str:
     """A fitted ratio and its interval, as format_ratio() prints a median's: ``0.97x
-    [0.90-1.04]``; the ratio alone where no draw could be refitted."""
+    [0.90-1.04]``; the ratio alone where there is no interval (too few repetitions)."""
     if not r:
         return "-"
-    if any(v != v for v in r["ci"]):     # NaN
+    if not r["ci"]:
         return _plain_ratio(r["value"])
     low, high = r["ci"]
     return f"{r['value']:.2f}x [{low:.2f}-{high:.2f}]"

@@ -38,4 +38,6 @@ def test_a_lossy_path_shows_in_the_counters_of_each_end(legacy_lab):
     figures = tcp_counters.figures(delta)
     assert 0 < figures["retrans_pct"] < 100 and figures["ofo_per_mseg"] > 0
     # lost, not reordered: the receiver rarely had a retransmitted segment already
+    if "dsack_segs" not in delta:
+        pytest.skip("this kernel does not count TcpExt TCPDSACKRecvSegs (D-SACK segments)")
     assert 0 <= delta["dsack_segs"] < delta["retrans_segs"] / 4, delta

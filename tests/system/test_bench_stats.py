@@ -541,6 +541,12 @@ def test_the_ratio_at_equal_reordering_has_an_interval_from_refitted_repetitions
     assert w["ci"][0] < 1.02 < w["ci"][1] and n["ci"][0] < 1.02 < n["ci"][1]
     assert w["ci"][1] - w["ci"][0] > 0.02            # the noise shows
     assert 5 < (w["ci"][1] - w["ci"][0]) / (n["ci"][1] - n["ci"][0]) < 20
+    # four repetitions: the fit, but no interval (most draws repeat one or two of them)
+    few = [smp for smp in samples(150) if smp["repeat"] < 4]
+    (fit,) = report.reordering_fits(_result(few))
+    assert fit["ratios"]["ebpf/legacy"]["ci"] is None and fit["ratios"]["ebpf/legacy"]["n"] == 4
+    assert report._fit_ratio(fit["ratios"]["ebpf/legacy"]) == \
+        f"{fit['ratios']['ebpf/legacy']['value']:.2f}x"
     old = report.with_summary(_result(samples(150)))
     for fit in old["reordering"]:
         del fit["ratios"]
