@@ -223,8 +223,9 @@ def reordering_fits(result: dict) -> list[dict]:
         if len(pts) < MIN_FIT_SAMPLES or len(names) < 2 or fit is None:
             continue
         slope, r2, rate_at = fit
-        entry = {"key": list(key), "n": len(pts), "slope": slope, "ofo_per_mseg": at,
-                 "r2": r2, "rate_at": dict(zip(names, rate_at))}
+        entry = {"key": list(key), "n": len(pts), "reps": len({p[3] for p in pts}),
+                 "slope": slope, "ofo_per_mseg": at, "r2": r2,
+                 "rate_at": dict(zip(names, rate_at))}
         if {"ebpf", "legacy"} <= set(names):
             reps = np.array([p[3] for p in pts])
             both = {r for r in reps.tolist() if {"ebpf", "legacy"} <= {
@@ -286,14 +287,17 @@ def print_reordering(result: dict, console) -> None:
     if fits is None or any("ratios" not in f for f in fits if {"ebpf", "legacy"} <= set(
             f["rate_at"])):     # saved before the fits had their interval
         fits = reordering_fits(result)
-    fits = [f for f in fits if f["r2"] >= MIN_FIT_R2]
+    # a fit through a few repetitions (--quick) has no interval and its slope can come out
+    # of noise with either sign: the JSON has it, the table not
+    fits = [f for f in fits
+            if f["r2"] >= MIN_FIT_R2 and f.get("reps", MIN_FIT_REPS) >= MIN_FIT_REPS]
     if not fits:
         return
     modes = [m for m in MODE_NAMES if any(m in f["rate_at"] for f in fits)]
     both = {"ebpf", "legacy"} <= set(modes)
     table = Table(title="Rate against reordering (TCP_STREAM, where it explains the rate: R² "
-                  f"within the modes >= {MIN_FIT_R2}): one slope for every mode; each mode's "
-                  "Mbit/s at equal reordering")
+                  f"within the modes >= {MIN_FIT_R2}, {MIN_FIT_REPS} repetitions or more): one "
+                  "slope for every mode; each mode's Mbit/s at equal reordering")
     for col in ("point", "Mbit/s per out of order /M segs", "R²", "at out of order /M",
                 *(MODE_NAMES[m] for m in modes), *(("eBPF/legacy",) if both else ())):
         table.add_column(col, justify="left" if col == "point" else "right")
