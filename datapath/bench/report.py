@@ -216,25 +216,28 @@ def reordering_fits(result: dict) -> list[dict]:
     fits = []
     for key, pts in sorted(points.items(), key=lambda kv: tuple(map(str, kv[0]))):
         names = sorted({p[2] for p in pts})
+        if len(pts) < MIN_FIT_SAMPLES or len(names) < 2:
+            continue
         x, y = (np.array([p[i] for p in pts], dtype=float) for i in (0, 1))
         mode = np.array([names.index(p[2]) for p in pts])
         at = float(np.median(x))
         fit = _within_modes_fit(x, y, mode, len(names), at)
-        if len(pts) < MIN_FIT_SAMPLES or len(names) < 2 or fit is None:
+        if fit is None:
             continue
         slope, r2, rate_at = fit
-        entry = {"key": list(key), "n": len(pts), "reps": len({p[3] for p in pts}),
+        modes_of = defaultdict(set)     # repetition -> the modes it measured
+        for p in pts:
+            modes_of[p[3]].add(p[2])
+        entry = {"key": list(key), "n": len(pts), "reps": len(modes_of),
                  "slope": slope, "ofo_per_mseg": at, "r2": r2,
                  "rate_at": dict(zip(names, rate_at))}
         if {"ebpf", "legacy"} <= set(names):
-            reps = np.array([p[3] for p in pts])
-            both = {r for r in reps.tolist() if {"ebpf", "legacy"} <= {
-                p[2] for p in pts if p[3] == r}}
+            num, den = names.index("ebpf"), names.index("legacy")
             entry["ratios"] = {ratio_name("ebpf", "legacy"): {
-                "value": rate_at[names.index("ebpf")] / rate_at[names.index("legacy")],
-                "ci": _refit_interval(x, y, mode, reps, len(names), at,
-                                      names.index("ebpf"), names.index("legacy")),
-                "n": len(both)}}
+                "value": rate_at[num] / rate_at[den],
+                "ci": _refit_interval(x, y, mode, np.array([p[3] for p in pts]), len(names),
+                                      at, num, den),
+                "n": sum({"ebpf", "legacy"} <= m for m in modes_of.values())}}
         fits.append(entry)
     return fits
 
@@ -328,10 +331,12 @@ def _fmt(v: float | None, metric: str = "") -> str:
 
 def format_ratio(r: dict | None) -> str:
     """``1.12x [1.08-1.15]``; ``-`` when not measured."""
-    if not r:
-        return "-"
-    low, high = r["ci"]
-    return f"{r['median']:.2f}x [{low:.2f}-{high:.2f}]"
+    return _ratio_with_ci(r["median"], r["ci"]) if r else "-"
+
+
+def _ratio_with_ci(value: float, ci) -> str:
+    low, high = ci
+    return f"{value:.2f}x [{low:.2f}-{high:.2f}]"
 
 
 def _plain_ratio(v: float | None) -> str:
@@ -343,10 +348,7 @@ def _fit_ratio(r: dict | None) -> str:
     [0.90-1.04]``; the ratio alone where there is no interval (too few repetitions)."""
     if not r:
         return "-"
-    if not r["ci"]:
-        return _plain_ratio(r["value"])
-    low, high = r["ci"]
-    return f"{r['value']:.2f}x [{low:.2f}-{high:.2f}]"
+    return _ratio_with_ci(r["value"], r["ci"]) if r["ci"] else _plain_ratio(r["value"])
 
 
 def console_for_output(console=None):
@@ -576,8 +578,9 @@ def print_profiles(profiles: list[dict], console=None) -> None:
             console.print(f"[yellow]no profile[/] of {p['scenario']} {p['test']} {p['mode']}: "
                           f"{escape(p['error'])}")
     for point in side_by_side(profiles, left, right, TOP):
-        table = Table(title=f"Where the time goes, {_point_label(point['key'])}: top kernel symbols by self % of the "
-                      f"path's samples ({PATH_NAMES}; perf record, an extra repetition)")
+        table = Table(title=f"Where the time goes, {_point_label(point['key'])}: top kernel "
+                      f"symbols by self % of the path's samples ({PATH_NAMES}; perf record, an "
+                      "extra repetition)")
         for col in ("#", MODE_NAMES[left], "%", MODE_NAMES[right], "%"):
             table.add_column(col, justify="left" if col not in ("#", "%") else "right",
                              no_wrap=True)

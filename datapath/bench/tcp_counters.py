@@ -56,7 +56,8 @@ def read(ns: str, which: dict[tuple[str, str], str]) -> dict[str, int]:
     """``which`` (CLIENT or SERVER) of namespace ``ns``, by their short names; an OPTIONAL
     counter this kernel does not have is left out."""
     counters = netns.call_in(ns, _read_here)
-    missing = [f"{s}: {n}" for s, n in which if (s, n) not in counters and (s, n) not in OPTIONAL]
+    missing = [f"{s}: {n}" for s, n in which
+               if (s, n) not in counters and (s, n) not in OPTIONAL]
     if missing:
         raise netns.NetnsError(f"{ns}: no {', '.join(missing)} in /proc/net/snmp or netstat")
     return {short: counters[key] for key, short in which.items() if key in counters}

@@ -285,7 +285,7 @@ def test_every_nf_tables_change_is_reverted_with_an_event(frozen_lab, what, comm
     for argv in commands:
         netns.run(ns, argv)
     assert _back_to(ns, nft_before) == nft_before, f"{what}: not reverted"
-    blocked = _blocked_once(topo.lab, since, lambda found: len(found) >= len(commands))
+    _blocked_once(topo.lab, since, lambda found: len(found) >= len(commands))
     time.sleep(0.2)     # and no more than one each
     blocked = _blocked_events(topo.lab, since)
     assert len(blocked) == len(commands), blocked
