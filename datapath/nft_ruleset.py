@@ -99,6 +99,21 @@ class Snapshot:
         return {k: [text for _, text in v] for k, v in self.rules.items()
                 if v and k[:2] == table}
 
+    def to_json(self) -> dict:
+        """A form json.dumps can write (its keys are tuples); from_json reads it back."""
+        return {"objects": [[list(k), v] for k, v in self.objects.items()],
+                "rules": [[list(k), [list(r) for r in v]] for k, v in self.rules.items()],
+                "texts": [[list(k), v] for k, v in self.texts.items()],
+                "xt_saves": [[list(k), v] for k, v in self.xt_saves.items()]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Snapshot":
+        return cls(objects={tuple(k): v for k, v in data["objects"]},
+                   rules={tuple(k): [(int(h), text) for h, text in v]
+                          for k, v in data["rules"]},
+                   texts={tuple(k): v for k, v in data["texts"]},
+                   xt_saves={tuple(k): v for k, v in data["xt_saves"]})
+
 
 def parse(items: list[dict], unreadable: list[TableKey] = ()) -> Snapshot:
     """A Snapshot of ``nft -j list ruleset`` items; the unreadable tables are UNREADABLE."""
@@ -227,6 +242,47 @@ def revert_plan(cur: Snapshot, base: Snapshot) -> dict[TableKey, Step]:
 _CHANGE = re.compile(r"^(?:add|insert|replace|create|delete|destroy|flush|reset) "
                      r"(?:table|chain|rule|set|map|element|flowtable|counter|quota|limit|"
                      r"secmark|synproxy|ct helper|ct timeout|ct expectation) (\S+) (\S+)")
+
+
+def describe_changes(ns: str, base: Snapshot, most: int = 20) -> str:
+    """What differs from the baseline now, for an event: per table that a revert would touch,
+    the lines of ``nft list table`` added (+) and gone (-), each with its chain; "" when
+    nothing differs or the ruleset cannot be read."""
+    try:
+        cur = snapshot(ns)
+    except NftError:
+        return ""
+    out = []
+    for fam, table in sorted(revert_plan(cur, base)):
+        now = _listed_lines(netns.run(ns, ["nft", "list", "table", fam, table], check=False,
+                                      changes=False).stdout) if (fam, table) in cur.tables \
+            else []
+        was = _listed_lines(base.texts.get((fam, table), ""))
+        kept, present = set(was), set(now)
+        diff = [f"+{line}" for line in now if line not in kept] + \
+            [f"-{line}" for line in was if line not in present]
+        if (fam, table) not in cur.tables:
+            diff = ["deleted"]
+        elif not was:
+            diff = ["new"] + diff
+        out.append(f"table {fam} {table}: " + "; ".join(diff[:most] + (
+            [f"... {len(diff) - most} more"] if len(diff) > most else [])))
+    return "; ".join(out)
+
+
+def _listed_lines(text: str) -> list[str]:
+    """``nft list table`` text as "chain NAME: line" items, counters' values left out."""
+    lines, chain = [], ""
+    for raw in text.splitlines():
+        line = re.sub(r"counter packets \d+ bytes \d+", "counter", raw.strip())
+        if not line or line == "}" or line.startswith("table "):
+            continue
+        m = re.match(r"(chain|set|map) (\S+) \{$", line)
+        if m:
+            chain = f"{m.group(1)} {m.group(2)}"
+            continue
+        lines.append(f"{chain}: {line}" if chain else line)
+    return lines
 
 
 def tables_of(lines: list[str]) -> set[TableKey] | None:

@@ -25,11 +25,20 @@ What was there when the guard started stays: nothing (``enable`` refuses
 otherwise), or the rules an operator accepted with ``enable --force``. Every
 blocked change is one ``BlockedRule`` Warning event naming it and its writer.
 The guard runs as a daemon inside the first node's namespace, so removing the
-lab ends it with everything else; ``disable`` stops it.
+lab ends it with everything else; ``disable`` stops it. It is two processes: a
+keeper, the one the pidfile names, and its worker, which does all of the above.
+A worker that ends while the lab lives (a thread that died, a kill, the OOM
+killer) is started again by the keeper within a second; the new one takes the
+first one's baseline (``<lab>.guard-baseline``, written when the guard first
+blocked) and reverts whatever changed while none ran, naming it in
+``BlockedRule`` events after a ``GuardRestarted`` one. A worker whose keeper
+ends ends too, with a ``GuardFailed`` event: the lab is then unguarded until
+``hostrouting enable`` starts another guard, as it is when both are killed.
 
 The guard is known by its pidfile (``<lab>.guard`` in the state directory),
-which it writes itself once it blocks: its pid and start time (checked
-against /proc before it is trusted or signalled: pids are reused), the
+which its worker writes once it blocks: the keeper's pid and start time
+(checked against /proc before it is trusted or signalled: pids are reused),
+the worker's pid, the
 mechanisms in force, the nodes and programs it serves, when its NAT sweep
 last ran. Every ``HEARTBEAT_S`` it writes the file again (its mtime is the
 heartbeat), as long as every one of its threads runs and each periodic one
@@ -52,9 +61,11 @@ table is nearly full or refused new flows (``NatTableFull``).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -81,6 +92,11 @@ NFT_BACKENDS = ("iptables-nft", "ip6tables-nft", "nftables")
 SUBSCRIBE_WAIT_S = 5.0
 _NETLINK_NETFILTER = 12     # linux/netlink.h
 _NFNLGRP_NFTABLES = 7       # linux/netfilter/nfnetlink.h
+RESTARTS_MAX = 5               # worker restarts within RESTART_WINDOW_S before the keeper gives up
+RESTART_WINDOW_S = 60.0
+READY_WAIT_S = 60.0
+RESTARTED = "the rule guard's worker was restarted"
+_PR_SET_CHILD_SUBREAPER = 36   # linux/prctl.h
 _GENERATION = re.compile(r"^# new generation \d+ by process (\d+) \((.*)\)$")
 
 
@@ -113,7 +129,8 @@ class Found:
             return "not running"
         if not self.live:
             return f"stuck (pid {self.guard.pid}, no heartbeat for {self.heartbeat_age:.0f}s)"
-        return f"running (pid {self.guard.pid})"
+        worker = self.details.get("worker")
+        return f"running (pid {self.guard.pid}" + (f", worker {worker})" if worker else ")")
 
 
 def find(lab: str) -> Found:
@@ -129,7 +146,9 @@ def find(lab: str) -> Found:
     guard, details, age = None, {}, None
     if recorded and recorded[0].alive() and is_guard(procs.cmdline(recorded[0].pid)):
         guard, details, age = recorded
-    orphans = [p for p in procs.find(where=is_guard) if p != guard]
+    # the guard's own worker (its child) is part of it, not an orphan
+    orphans = [p for p in procs.find(where=is_guard) if p != guard and
+               not (guard is not None and procs.parent_pid(p.pid) == guard.pid)]
     return Found(guard, details, age, orphans)
 
 
@@ -141,6 +160,7 @@ def mechanisms(found: Found) -> dict:
     return {
         "active": " + ".join(kinds) if kinds else "none",
         "guard_pid": found.guard.pid if found.live else None,
+        "guard_worker_pid": found.details.get("worker") if found.live else None,
         "guard": found.describe(),
         "orphans": [p.pid for p in found.orphans],
         "nat_sweep_age_s": round(time.time() - found.details["nat_swept_at"], 1)
@@ -209,7 +229,13 @@ def stop_all(lab: str) -> int:
     stopped = sum(p.stop(MODULE, str(guard_pidfile(lab)))
                   for p in ([found.guard] if found.guard else []) + found.orphans)
     guard_pidfile(lab).unlink(missing_ok=True)
+    baseline_path(guard_pidfile(lab)).unlink(missing_ok=True)
     return stopped
+
+
+def baseline_path(pidfile: Path) -> Path:
+    """Where a guard's first worker leaves what stays, for the workers after it."""
+    return pidfile.with_name(pidfile.name + "-baseline")
 
 
 def pause_file(lab: str) -> Path:
@@ -240,9 +266,17 @@ def paused(lab: str) -> bool:
 
 
 class Guard:
+    """The worker: what blocks, as one process. ``keeper``: the pid the pidfile names (the
+    keeper that runs this worker; this process's own when it runs alone)."""
+
     def __init__(self, lab: str, nodes: dict[str, str], nat_progs: dict[str, int] | None = None,
-                 pidfile: Path | None = None):
+                 pidfile: Path | None = None, keeper: int | None = None):
         self.lab, self.nodes, self.pidfile = lab, nodes, pidfile
+        self.keeper = os.getpid() if keeper is None else keeper
+        # what stays: per node its nf_tables ruleset, per (netns, tool) its x_tables tables;
+        # taken by the keeper's first worker, read back by the ones it restarts
+        self.nft_baselines: dict[str, nft_ruleset.Snapshot] = {}
+        self.legacy_baseline: dict[tuple[str, str], dict] | None = None
         self.workers: list[threading.Thread] = []
         self.periods: dict[str, float] = {}     # periodic worker thread name -> its period
         self.passes: dict[str, float] = {}      # its last pass (time.monotonic())
@@ -270,7 +304,8 @@ class Guard:
         """Subscribe to the node's nf_tables transactions (again, if the monitor ends while
         the namespace lives) and revert every one that is not ours."""
         lock, ours = threading.Lock(), set()
-        baseline = None
+        baseline = self.nft_baselines.get(node)     # a resumed worker's: its keeper's first
+        resumed = baseline is not None
         while not self.stopping.is_set() and netns.exists(ns):
             proc = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "-a", "monitor"],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -293,10 +328,14 @@ class Guard:
                     print(f"cannot read the nf_tables ruleset of {ns}: {e}", file=sys.stderr,
                           flush=True)
                     os._exit(1)
+                self.nft_baselines[node] = baseline
                 self.watching.release()
             else:   # what changed while nobody listened
-                self.resync(node, ns, baseline, lock, ours, "the nf_tables monitor ended: "
-                            "restarted it")
+                self.resync(node, ns, baseline, lock, ours, RESTARTED if resumed else
+                            "the nf_tables monitor ended: restarted it")
+                if resumed:
+                    resumed = False
+                    self.watching.release()
             self.read_monitor(node, ns, proc, baseline, lock, ours)
             proc.wait()
             self.stopping.wait(0.2)     # a monitor that cannot run is not restarted in a spin
@@ -339,10 +378,15 @@ class Guard:
 
     def resync(self, node: str, ns: str, baseline: nft_ruleset.Snapshot, lock: threading.Lock,
                ours: set[int], why: str) -> None:
+        try:
+            what = nft_ruleset.describe_changes(ns, baseline)
+        except Exception:   # naming the change is worth less than reverting it
+            what = ""
         changed, failed = self.revert_nftables(ns, baseline, lock, ours)
         if changed:
-            self.blocked(node, "nftables", f"whatever changed meanwhile ({why})", not failed,
-                         "reverted", detail=_failures(failed))
+            self.blocked(node, "nftables", f"whatever changed meanwhile ({why})"
+                         + (f": {what}" if what else ""), not failed, "reverted",
+                         detail=_failures(failed))
 
     def revert_nftables(self, ns: str, baseline: nft_ruleset.Snapshot, lock: threading.Lock,
                         ours: set[int]) -> tuple[bool, dict]:
@@ -382,14 +426,15 @@ class Guard:
 
     # -- x_tables: refused in the kernel, or polled -----------------------------------------
 
-    def start_refusal(self, cgroup_fd: int) -> str:
-        """Refuse x_tables writes with the cgroup/setsockopt program; '' or why not."""
+    def start_refusal(self, cgroup_fd: int, before_attach=None) -> str:
+        """Refuse x_tables writes with the cgroup/setsockopt program; '' or why not.
+        ``before_attach()`` runs once the program is loaded, right before it refuses."""
         try:
             self.node_by_cookie = {
                 xtables_refusal.netns_cookie(os.path.join(netns.NETNS_DIR, ns)): node
                 for node, ns in self.nodes.items()}
-            self.refusal = xtables_refusal.XtablesRefusal.start(cgroup_fd,
-                                                                list(self.node_by_cookie))
+            self.refusal = xtables_refusal.XtablesRefusal.start(
+                cgroup_fd, list(self.node_by_cookie), before_attach)
         except (OSError, xtables_refusal.RefusalUnavailable) as e:
             return str(e)
         self.refusal.on_refusal(self.refused)
@@ -409,34 +454,47 @@ class Guard:
 
     def poll_legacy(self) -> None:
         """Restore iptables-legacy tables to what they were when the guard started."""
-        baseline = {(ns, tool): _legacy_tables(ns, tool)
-                    for ns in self.nodes.values() for tool in LEGACY_TOOLS}
         while not self.stopping.wait(LEGACY_POLL_S):
             self.stamp()
-            if paused(self.lab):
-                continue
-            for node, ns in self.nodes.items():
-                for tool in LEGACY_TOOLS:
-                    current = _legacy_tables(ns, tool)
-                    changed = {t for t in current.keys() | baseline[(ns, tool)].keys()
-                               if current.get(t) != baseline[(ns, tool)].get(t)}
-                    if changed:
-                        self.restore_legacy(node, ns, tool, baseline[(ns, tool)], current,
-                                            changed)
+            if not paused(self.lab):
+                self.restore_legacy_changes()
+
+    def legacy_changes(self):
+        """(node, netns, tool, its baseline tables, its tables now, the names of those that
+        differ) for each x_tables tool of each node whose tables are not the baseline's."""
+        for node, ns in self.nodes.items():
+            for tool in LEGACY_TOOLS:
+                baseline = self.legacy_baseline[(ns, tool)]
+                current = _legacy_tables(ns, tool)
+                changed = {t for t in current.keys() | baseline.keys()
+                           if current.get(t) != baseline.get(t)}
+                if changed:
+                    yield node, ns, tool, baseline, current, changed
+
+    def restore_legacy_changes(self, why: str = "") -> None:
+        """Every iptables-legacy table that differs from the baseline, restored."""
+        for change in self.legacy_changes():
+            self.restore_legacy(*change, why)
+
+    def report_legacy_changes(self, why: str) -> None:
+        """Every iptables-legacy table that differs from the baseline, named, not restored."""
+        for node, _, tool, baseline, current, changed in self.legacy_changes():
+            for table in sorted(changed):
+                self.blocked(node, tool, f"table {table}: " + _table_diff(
+                    baseline.get(table) or _emptied(current.get(table, [])),
+                    current.get(table, [])), False, "reverted", detail=why)
 
     def restore_legacy(self, node: str, ns: str, tool: str, baseline: dict, current: dict,
-                       changed: set[str]) -> None:
+                       changed: set[str], why: str = "") -> None:
         script = "".join(_legacy_table_text(t, baseline.get(t) or _emptied(current[t]))
                          for t in sorted(changed))
         rm = netns.run(ns, [tool.replace("-legacy", "-legacy-restore")], check=False,
                        input=script)
         for table in sorted(changed):
-            was, now = baseline.get(table, []), current.get(table, [])
-            kept, present = set(was), set(now)
-            diff = [f"+{line}" for line in now if line not in kept] + \
-                [f"-{line}" for line in was if line not in present]
-            self.blocked(node, tool, f"table {table}: " + "; ".join(diff), rm.returncode == 0,
-                         "reverted", detail=rm.stderr.strip())
+            diff = _table_diff(baseline.get(table) or _emptied(current.get(table, [])),
+                               current.get(table, []))
+            self.blocked(node, tool, f"table {table}: " + diff, rm.returncode == 0,
+                         "reverted", detail="; ".join(filter(None, (why, rm.stderr.strip()))))
 
     def sweep_nat(self) -> None:
         from . import nat_table
@@ -523,32 +581,73 @@ class Guard:
             now - self.passes[t.name] > self.periods[t.name] + WORKER_STALL_S)]
 
     def run(self, cgroup_fd: int, no_cgroup: str) -> int:
+        resumed = self.legacy_baseline is not None
         for node, ns in self.nodes.items():
             self.worker(self.watch_nftables, node, ns)
-        for _ in self.nodes:            # every baseline taken, every monitor subscribed
+        for _ in self.nodes:    # every monitor subscribed, every baseline taken (or compared)
             self.watching.acquire()
+        if not resumed:
+            self.legacy_baseline = {(ns, tool): _legacy_tables(ns, tool)
+                                    for ns in self.nodes.values() for tool in LEGACY_TOOLS}
+            self.save_baseline()
         watcher = "nf_tables watcher (reverts each change)"
         self.backends = {b: watcher for b in NFT_BACKENDS}
-        why_not = self.start_refusal(cgroup_fd) if cgroup_fd >= 0 else no_cgroup
+        # a resumed worker restores what changed in x_tables meanwhile right before the
+        # kernel refuses writes again (it would refuse this process's restores too)
+        restore = (lambda: self.restore_legacy_changes(RESTARTED)) if resumed else None
+        why_not = self.start_refusal(cgroup_fd, restore) if cgroup_fd >= 0 else no_cgroup
         if self.refusal is not None:
             legacy = f"kernel refusal (cgroup/setsockopt program id {self.refusal.prog_id})"
+            if resumed:     # what landed between the restore and the refusal: said, not hidden
+                self.report_legacy_changes(RESTARTED + ", after its restore and before the "
+                                           "kernel refused writes again; remove it by hand")
         else:
             legacy = f"poll every {LEGACY_POLL_S:g}s (no kernel refusal: {why_not})"
+            if resumed:
+                self.restore_legacy_changes(RESTARTED)
             self.worker(self.poll_legacy, every=LEGACY_POLL_S)
         self.backends.update({tool: legacy for tool in LEGACY_TOOLS})
         if self.nat_progs:
             self.worker(self.sweep_nat, every=NAT_SWEEP_S)
         time.sleep(0.2)  # let every monitor subscribe before saying so
-        self.record()
+        if not resumed or self.names_keeper():  # (a guard replaced meanwhile keeps the file)
+            self.record()
         print("ready " + json.dumps(self.backends), flush=True)
         return self.keep_running()
 
     def record(self) -> None:
-        """The pidfile: who this guard is, what it does, when the NAT sweep last ran."""
+        """The pidfile: who this guard is (its keeper, and this worker), what it does, when
+        the NAT sweep last ran."""
         if self.pidfile:
-            procs.write_pidfile(self.pidfile, lab=self.lab, backends=self.backends,
-                                nodes=self.nodes, nat=self.nat_progs,
+            procs.write_pidfile(self.pidfile, pid=self.keeper, worker=os.getpid(), lab=self.lab,
+                                backends=self.backends, nodes=self.nodes, nat=self.nat_progs,
                                 nat_swept_at=self.nat_swept_at)
+
+    def names_keeper(self) -> bool:
+        recorded = procs.read_pidfile(self.pidfile) if self.pidfile else None
+        return recorded is not None and recorded[0].pid == self.keeper
+
+    def save_baseline(self) -> None:
+        """What stays, for the workers the keeper may start after this one."""
+        if self.pidfile is None:
+            return
+        path = baseline_path(self.pidfile)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({
+            "nodes": self.nodes,
+            "nft": {node: snap.to_json() for node, snap in self.nft_baselines.items()},
+            "legacy": [[ns, tool, tables] for (ns, tool), tables
+                       in self.legacy_baseline.items()]}))
+        os.replace(tmp, path)
+
+    def load_baseline(self) -> None:
+        """The first worker's baseline (ValueError when it is not this guard's)."""
+        data = json.loads(baseline_path(self.pidfile).read_text())
+        if data["nodes"] != self.nodes:
+            raise ValueError(f"the baseline is of nodes {data['nodes']}, not {self.nodes}")
+        self.nft_baselines = {node: nft_ruleset.Snapshot.from_json(snap)
+                              for node, snap in data["nft"].items()}
+        self.legacy_baseline = {(ns, tool): tables for ns, tool, tables in data["legacy"]}
 
     def keep_running(self) -> int:
         """Until the lab goes (its namespaces are deleted) or SIGTERM; a monitor that ends
@@ -561,14 +660,21 @@ class Guard:
             if dead and all(netns.exists(ns) for ns in self.nodes.values()):
                 self.stopping.set()
                 events.record(self.lab, events.WARNING, "GuardFailed", f"lab/{self.lab}",
-                              f"rule guard pid {os.getpid()}: a thread ended or hangs "
-                              f"({', '.join(dead)}); the guard exits (hostrouting enable "
-                              "starts another)")
+                              f"rule guard pid {self.keeper}: a thread of worker pid "
+                              f"{os.getpid()} ended or hangs ({', '.join(dead)}); the worker "
+                              "exits (its keeper starts another)")
+                return 1
+            if self.keeper != os.getpid() and os.getppid() != self.keeper:
+                self.stopping.set()
+                if all(netns.exists(ns) for ns in self.nodes.values()):
+                    events.record(self.lab, events.WARNING, "GuardFailed", f"lab/{self.lab}",
+                                  f"rule guard pid {self.keeper} ended, and with it its worker "
+                                  f"pid {os.getpid()}: nothing blocks rule changes "
+                                  f"(hostrouting enable --lab {self.lab} starts another guard)")
                 return 1
             if self.pidfile and time.monotonic() - beat >= HEARTBEAT_S:
                 beat = time.monotonic()
-                recorded = procs.read_pidfile(self.pidfile)
-                if recorded and recorded[0].pid == os.getpid():
+                if self.names_keeper():
                     self.record()       # the new mtime is the heartbeat
             time.sleep(0.2)
         self.stopping.set()
@@ -646,6 +752,12 @@ def _legacy_tables(ns: str, tool: str) -> dict[str, list[str]]:
     return {name: lines for name, lines in tables.items() if lines != _emptied(lines)}
 
 
+def _table_diff(was: list[str], now: list[str]) -> str:
+    kept, present = set(was), set(now)
+    return "; ".join([f"+{line}" for line in now if line not in kept] +
+                     [f"-{line}" for line in was if line not in present])
+
+
 def _emptied(lines: list[str]) -> list[str]:
     """A table as it is with nothing added: its built-in chains, ACCEPT."""
     return [f"{line.split()[0]} ACCEPT" for line in lines
@@ -654,6 +766,120 @@ def _emptied(lines: list[str]) -> list[str]:
 
 def _legacy_table_text(table: str, lines: list[str]) -> str:
     return f"*{table}\n" + "".join(f"{line}\n" for line in lines) + "COMMIT\n"
+
+
+def keep(argv: list[str], lab: str, nodes: dict[str, str], cgroup_fd: int,
+         resumable: bool = True) -> int:
+    """The guard's own process, its keeper: runs the worker that blocks (this module with
+    ``--worker``) and, whenever that ends while the lab lives and nobody stopped the guard,
+    starts another with ``--resume``, which takes the first one's baseline: what changed
+    while no worker ran is reverted, not frozen in. Stops after RESTARTS_MAX restarts within
+    RESTART_WINDOW_S (a worker that cannot run). Without a pidfile there is no baseline to
+    share (``resumable`` False): a restarted worker takes its own. The first worker's "ready"
+    line is this process's (start() waits for it); each restart is a GuardRestarted event,
+    recorded once the new worker blocks. As a child
+    subreaper it inherits what a killed worker leaves running (its nft monitors) and ends
+    it. A worker whose keeper ends ends too (Guard.keep_running)."""
+    stopping, current = [], []
+
+    def terminate(signum, frame):
+        stopping.append(signum)
+        if current and current[-1].poll() is None:
+            current[-1].terminate()
+
+    signal.signal(signal.SIGTERM, terminate)
+    _set_child_subreaper()
+    restarts: list[float] = []
+    ended = ""      # how the last worker ended; "" before the first
+    while not stopping:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", MODULE, *argv, "--worker"]
+            + (["--resume"] if ended and resumable else []),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE if ended else None,  # the first one's: start() reads it
+            text=True, pass_fds=(cgroup_fd,) if cgroup_fd >= 0 else ())
+        current.append(worker)
+        if stopping:
+            worker.terminate()
+        line = _ready_line(worker)
+        if not ended:
+            if line is None:
+                _end_worker(worker)
+                return 1
+            print(line, end="", flush=True)
+        elif line is not None:
+            events.record(lab, events.WARNING, "GuardRestarted", f"lab/{lab}",
+                          f"rule guard pid {os.getpid()}: its worker {ended}; worker pid "
+                          f"{worker.pid} reverted what changed meanwhile and blocks again",
+                          worker=worker.pid, restarts=len(restarts))
+        why = _end_worker(worker) if line is None else ""
+        for stream in (worker.stdout, worker.stderr):
+            if stream is not None:
+                stream.close()     # from here on a worker's prints must not block it
+        code = worker.wait()
+        _end_children()
+        if stopping or not all(netns.exists(ns) for ns in nodes.values()):
+            return 0
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
+        ended = f"pid {worker.pid} " + (f"was killed by {_signal_name(-code)}"
+                                        if code < 0 else f"ended with exit status {code}")
+        if line is None:
+            ended += " before it blocked" + (f" ({why})" if why else "")
+        if len(restarts) > RESTARTS_MAX:
+            events.record(lab, events.WARNING, "GuardFailed", f"lab/{lab}",
+                          f"rule guard pid {os.getpid()}: its worker {ended}, the "
+                          f"{len(restarts)}th end within {RESTART_WINDOW_S:g} s: not started "
+                          f"again; nothing blocks rule changes (hostrouting enable --lab {lab} "
+                          "starts another guard)")
+            return 1
+    return 0
+
+
+def _ready_line(worker: subprocess.Popen) -> str | None:
+    """The worker's "ready ..." line, or None if it ends or says nothing in READY_WAIT_S."""
+    ready, _, _ = select.select([worker.stdout], [], [], READY_WAIT_S)
+    line = worker.stdout.readline() if ready else ""
+    return line if line.startswith("ready ") else None
+
+
+def _end_worker(worker: subprocess.Popen) -> str:
+    """End a worker that did not get ready; the last line it wrote on a stderr we read."""
+    worker.terminate()
+    try:
+        _, err = worker.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        return "did not end on SIGTERM"
+    lines = (err or "").strip().splitlines()
+    return lines[-1][-300:] if lines else ""
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _set_child_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        _note(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}: what a "
+              "killed worker leaves running is left to init")
+
+
+def _end_children() -> None:
+    """End and reap every child of this process: once its worker has ended, only what that
+    worker left running (its monitors, a revert under way), handed to this subreaper."""
+    me = os.getpid()
+    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+        if procs.parent_pid(pid) == me:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -665,11 +891,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cgroup-fd", type=int, default=-1,
                         help="an open fd of the cgroup v2 root (for the x_tables refusal)")
     parser.add_argument("--no-cgroup", default="", help="why there is no cgroup fd")
+    parser.add_argument("--worker", action="store_true",
+                        help="be the worker that blocks (its keeper, without, runs one)")
+    parser.add_argument("--resume", action="store_true",
+                        help="a worker taking the baseline its keeper's first worker left")
     args = parser.parse_args(argv)
     nodes = dict(item.split("=", 1) for item in args.nodes.split(","))
     nat_progs = {name: int(pid) for name, pid in
                  (item.split("=", 1) for item in args.nat.split(",") if item)}
-    guard = Guard(args.lab, nodes, nat_progs, Path(args.pidfile) if args.pidfile else None)
+    if not args.worker:
+        return keep(sys.argv[1:] if argv is None else argv, args.lab, nodes, args.cgroup_fd,
+                    resumable=bool(args.pidfile))
+    guard = Guard(args.lab, nodes, nat_progs, Path(args.pidfile) if args.pidfile else None,
+                  keeper=os.getppid())
+    if args.resume:
+        try:
+            guard.load_baseline()
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            _note(f"cannot read the baseline of the guard's first worker: {e}")
+            return 1
 
     def terminate(signum, frame):
         guard.stopping.set()
@@ -678,7 +918,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, terminate)
-    return guard.run(args.cgroup_fd, args.no_cgroup)
+    try:
+        return guard.run(args.cgroup_fd, args.no_cgroup)
+    finally:    # a worker that ends leaves no monitor behind
+        for p in list(guard.monitors.values()):
+            if p.poll() is None:
+                p.terminate()
 
 
 if __name__ == "__main__":

@@ -78,7 +78,10 @@ class XtablesRefusal:
         self.bpf, self.link, self.prog_id = bpf, link, prog_id
 
     @classmethod
-    def start(cls, cgroup_fd: int, cookies: list[int]) -> "XtablesRefusal":
+    def start(cls, cgroup_fd: int, cookies: list[int],
+              before_attach=None) -> "XtablesRefusal":
+        """Compile, load and attach; ``before_attach()``, when given, runs between the load
+        (which takes a compile's time) and the attach."""
         try:
             bpf = compile_bpf(SOURCE)
             prog_fd = load_program(bpf, PROGRAM, BPF_PROG_TYPE_CGROUP_SOCKOPT,
@@ -89,9 +92,13 @@ class XtablesRefusal:
         for cookie in cookies:
             table[table.Key(cookie)] = table.Leaf(1)
         try:
+            if before_attach is not None:
+                before_attach()
             link = libbpf.link_create(prog_fd, cgroup_fd, libbpf.BPF_CGROUP_SETSOCKOPT)
-        except OSError as e:
+        except BaseException as e:
             bpf.cleanup()
+            if not isinstance(e, OSError):
+                raise
             raise RefusalUnavailable(f"cannot attach {PROGRAM} to the cgroup v2 root: "
                                      f"{e.strerror}") from e
         return cls(bpf, link, libbpf.prog_info(prog_fd).id)

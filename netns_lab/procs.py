@@ -33,6 +33,11 @@ def start_time(pid: int) -> int | None:
     return int(fields[19]) if fields else None      # field 22: state is field 3, index 0
 
 
+def parent_pid(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields else None       # field 4
+
+
 def cmdline(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
@@ -61,9 +66,9 @@ class Process:
         return self.alive() and all(w in argv for w in words)
 
     def stop(self, *words: str, timeout: float = 5) -> bool:
-        """SIGTERM its process group (it leads one: started in a session of its own), then
-        SIGKILL; every signal only while it is still this process running these words.
-        Returns whether it was running."""
+        """SIGTERM its process group (where it leads one: started in a session of its own;
+        else itself), then SIGKILL; every signal only while it is still this process running
+        these words. Returns whether it was running."""
         if not self.runs(*words):
             return False
         faults.point(f"stop pid {self.pid}")
@@ -71,7 +76,10 @@ class Process:
             if not self.runs(*words):
                 break
             try:
-                os.killpg(self.pid, sig)
+                if os.getpgid(self.pid) == self.pid:
+                    os.killpg(self.pid, sig)
+                else:
+                    os.kill(self.pid, sig)
             except ProcessLookupError:
                 break
             deadline = time.monotonic() + timeout
@@ -100,9 +108,12 @@ def find(*words: str, where=None) -> list[Process]:
     return found
 
 
-def write_pidfile(path: Path, **details) -> None:
-    """This process's identity and details, replaced atomically (readers never see half)."""
-    me = Process.of(os.getpid())
+def write_pidfile(path: Path, pid: int | None = None, **details) -> None:
+    """This process's identity (or that of ``pid``, the process it works for) and details,
+    replaced atomically (readers never see half)."""
+    me = Process.of(os.getpid() if pid is None else pid)
+    if me is None:
+        raise ProcessLookupError(f"no process {pid}")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"pid": me.pid, "start_time": me.start_time, **details}))
     os.replace(tmp, path)

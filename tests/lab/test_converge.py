@@ -257,7 +257,7 @@ def test_a_guard_to_replace_is_kept_when_user_rules_refuse_a_new_one(drift_lab, 
     state, topo = load_state(lab), topology(lab)
     node = topo.nodes[0]
     guard = rule_guard.find(lab).guard
-    os.kill(guard.pid, signal.SIGSTOP)
+    os.killpg(guard.pid, signal.SIGSTOP)      # keeper, worker and monitors
     try:
         for argv in (["add", "table", "inet", "zqt"],
                      ["add", "chain", "inet", "zqt", "c", "{ type filter hook forward "
@@ -268,7 +268,7 @@ def test_a_guard_to_replace_is_kept_when_user_rules_refuse_a_new_one(drift_lab, 
             converge.ensure_guard(state, topo, list(topo.nodes))
         assert rule_guard.find(lab).guard == guard and guard.alive()
     finally:
-        os.kill(guard.pid, signal.SIGCONT)
+        os.killpg(guard.pid, signal.SIGCONT)
     monkeypatch.undo()
     deadline = time.monotonic() + 30
     while iptables_rules.user_rules(node.netns):

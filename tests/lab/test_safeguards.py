@@ -14,9 +14,9 @@ import time
 import pytest
 
 from datapath import events, libbpf, rule_guard, switch
-from netns_lab import netns
+from netns_lab import netns, procs
 from netns_lab.builder import lab_down, lab_up
-from netns_lab.state import lab_names, load_state
+from netns_lab.state import guard_pidfile, lab_names, load_state
 from netns_lab.topology import load_topology
 from tests.labtools import fresh_lab_name
 
@@ -559,3 +559,123 @@ def test_a_forced_rule_nft_cannot_print_back_is_restored_with_iptables_nft(legac
         time.sleep(0.05)
     saved = netns.run(ns, ["iptables-nft-save"]).stdout
     assert ":FORWARD ACCEPT" in saved and "-m recent --set --name hr" in saved
+
+
+def _worker_gone(pid: int, seconds: float = 5) -> bool:
+    proc = procs.Process.of(pid)
+    deadline = time.monotonic() + seconds
+    while proc is not None and proc.alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return proc is None or not proc.alive()
+
+
+def _events_once(lab: str, since: int, reason: str, seconds: float = 10) -> list[dict]:
+    deadline = time.monotonic() + seconds
+    while not (found := [e for e in events.read(lab)[since:] if e["reason"] == reason]) and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
+def test_a_killed_worker_is_restarted_and_what_changed_meanwhile_reverted(ebpf_lab):
+    """The guard's worker killed while its keeper is held (SIGSTOP), so that the gap stays
+    open: an iptables-nft rule and an iptables-legacy rule (no kernel refusal without the
+    worker) land. Once the keeper runs, a new worker with the first one's baseline reverts
+    both, names them, and blocks again; the old worker's monitors are gone."""
+    _, topo = ebpf_lab
+    ns = topo.nodes[1].netns
+    found = rule_guard.find(topo.lab)
+    keeper, worker = found.guard, found.details["worker"]
+    nft_before, legacy_before = _nft_text(ns), _legacy_text(ns)
+    refusal = _refusal_prog_id(switch.status(load_state(topo.lab), topo)["rule_blocking"])
+    since = len(events.read(topo.lab))
+    os.kill(keeper.pid, signal.SIGSTOP)
+    try:
+        os.kill(worker, signal.SIGKILL)
+        assert _worker_gone(worker)
+        deadline = time.monotonic() + 5     # the link goes with the worker's last fd, soon
+        while refusal in libbpf.prog_ids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        netns.run(ns, ["iptables-nft", "-I", "FORWARD", "-s", "198.18.9.14", "-j", "DROP"])
+        assert netns.run(ns, ["iptables-legacy", "-I", "INPUT", "-s", "198.18.9.15", "-j",
+                              "DROP"], check=False).returncode == 0     # the gap is real
+    finally:
+        os.kill(keeper.pid, signal.SIGCONT)
+    restarted = _events_once(topo.lab, since, "GuardRestarted")
+    assert restarted and f"pid {worker} was killed by SIGKILL" in restarted[0]["message"], \
+        restarted
+    assert _back_to(ns, nft_before) == nft_before
+    deadline = time.monotonic() + REMOVED_WITHIN_S
+    while _legacy_text(ns) != legacy_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _legacy_text(ns) == legacy_before
+    blocked = _blocked_once(topo.lab, since, lambda found: len(found) >= 2)
+    named = " ".join(e["message"] for e in blocked)
+    assert "changed meanwhile (the rule guard's worker was restarted): table ip filter: " \
+        in named and "+chain FORWARD: ip saddr 198.18.9.14 counter drop" in named, named
+    assert "table filter: +-A INPUT -s 198.18.9.15/32 -j DROP (the rule guard's worker was " \
+        "restarted)" in named, named
+    assert "198.18.9.15" in named and "worker was restarted" in named, named
+    assert all(e["details"]["blocked"] for e in blocked), blocked
+
+    now = rule_guard.find(topo.lab)
+    assert now.live and now.guard == keeper and now.orphans == []
+    assert now.details["worker"] == restarted[0]["details"]["worker"] != worker
+    monitors = [cmd for cmd in _guard_children(keeper.pid).values()
+                if cmd.startswith("nft -a monitor")]
+    assert len(monitors) == len(topo.nodes), _guard_children(keeper.pid)
+    assert netns.run(ns, ["iptables-legacy", "-A", "INPUT", "-j", "ACCEPT"],
+                     check=False).returncode != 0     # refused in the kernel again
+    netns.run(ns, ["iptables-nft", "-A", "FORWARD", "-s", "198.18.9.16", "-j", "DROP"])
+    assert _back_to(ns, nft_before) == nft_before
+
+
+def test_a_worker_whose_keeper_is_killed_ends_and_says_so(ebpf_lab):
+    _, topo = ebpf_lab
+    found = rule_guard.find(topo.lab)
+    keeper, worker = found.guard, found.details["worker"]
+    since = len(events.read(topo.lab))
+    os.kill(keeper.pid, signal.SIGKILL)
+    assert _worker_gone(worker)
+    failed = _events_once(topo.lab, since, "GuardFailed")
+    assert failed and f"worker pid {worker}" in failed[0]["message"] and \
+        "nothing blocks rule changes" in failed[0]["message"], failed
+    def running():      # (a zombie's command line is empty: the keeper, unreaped)
+        return {pid: cmd for pid, cmd in _guard_children(keeper.pid).items() if cmd}
+    deadline = time.monotonic() + 5
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running() == {}          # its monitors went with it
+    now = rule_guard.find(topo.lab)
+    assert now.guard is None and now.orphans == []
+    assert switch.status(load_state(topo.lab), topo)["rule_blocking"]["active"] == "none"
+
+
+def test_a_worker_that_cannot_run_is_given_up_on(ebpf_lab):
+    """Without the first worker's baseline no worker can start (it would freeze in what is
+    there): the keeper tries RESTARTS_MAX times, then says so and ends."""
+    _, topo = ebpf_lab
+    found = rule_guard.find(topo.lab)
+    keeper, worker = found.guard, found.details["worker"]
+    since = len(events.read(topo.lab))
+    rule_guard.baseline_path(guard_pidfile(topo.lab)).unlink()
+    os.kill(worker, signal.SIGKILL)
+    failed = _events_once(topo.lab, since, "GuardFailed", seconds=60)
+    assert failed and "not started again" in failed[0]["message"] and \
+        "before it blocked" in failed[0]["message"], failed
+    assert _worker_gone(keeper.pid)
+    assert not [e for e in events.read(topo.lab)[since:] if e["reason"] == "GuardRestarted"]
+
+
+def test_a_baseline_reads_back_as_it_was_taken(legacy_lab):
+    """The keeper's workers share the first one's nf_tables baseline through JSON."""
+    from datapath import nft_ruleset
+    _, topo = legacy_lab
+    ns = topo.nodes[0].netns
+    netns.run(ns, ["iptables-nft", "-A", "FORWARD", "-s", "198.18.9.17", "-m", "comment",
+                   "--comment", "kept", "-j", "DROP"])
+    snap = nft_ruleset.snapshot(ns, with_texts=True)
+    assert snap.rules and snap.texts
+    again = nft_ruleset.Snapshot.from_json(json.loads(json.dumps(snap.to_json())))
+    assert again == snap
+    assert nft_ruleset.revert_plan(nft_ruleset.snapshot(ns), again) == {}

@@ -279,12 +279,13 @@ def test_guard_legacy_poll_waits_while_paused(monkeypatch, tmp_path):
     monkeypatch.setattr(rule_guard, "LEGACY_POLL_S", 0.001)
     monkeypatch.setattr(rule_guard, "paused", counting_paused)
     monkeypatch.setattr(rule_guard, "_legacy_tables", lambda ns, tool: reads.append(tool) or {})
+    guard.legacy_baseline = {("no-such-netns", tool): {} for tool in rule_guard.LEGACY_TOOLS}
     rule_guard.pause(lab, 60)
     thread = threading.Thread(target=guard.poll_legacy, daemon=True)
     thread.start()
     assert checked.wait(10)
-    baseline_reads = len(rule_guard.LEGACY_TOOLS)
-    assert len(reads) == baseline_reads        # only the baseline, no poll while paused
+    baseline_reads = 0                          # (the baseline is run()'s)
+    assert len(reads) == baseline_reads        # no poll while paused
     rule_guard.resume(lab)
     checks.clear()
     checked.clear()
