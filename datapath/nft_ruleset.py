@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 from netns_lab import netns
@@ -258,9 +259,7 @@ def describe_changes(ns: str, base: Snapshot, most: int = 20) -> str:
                                       changes=False).stdout) if (fam, table) in cur.tables \
             else []
         was = _listed_lines(base.texts.get((fam, table), ""))
-        kept, present = set(was), set(now)
-        diff = [f"+{line}" for line in now if line not in kept] + \
-            [f"-{line}" for line in was if line not in present]
+        diff = line_diff(was, now) or ["the same lines in another order"]
         if (fam, table) not in cur.tables:
             diff = ["deleted"]
         elif not was:
@@ -268,6 +267,25 @@ def describe_changes(ns: str, base: Snapshot, most: int = 20) -> str:
         out.append(f"table {fam} {table}: " + "; ".join(diff[:most] + (
             [f"... {len(diff) - most} more"] if len(diff) > most else [])))
     return "; ".join(out)
+
+
+def line_diff(was: list[str], now: list[str]) -> list[str]:
+    """The lines added ("+line") and gone ("-line"), each as often as it was added or went
+    (a duplicated line is one added); [] when both hold the same lines."""
+    gone = Counter(was)
+    gone.subtract(now)
+    added = Counter(now)
+    added.subtract(was)
+    out = []
+    for line in now:
+        if added[line] > 0:
+            added[line] -= 1
+            out.append(f"+{line}")
+    for line in was:
+        if gone[line] > 0:
+            gone[line] -= 1
+            out.append(f"-{line}")
+    return out
 
 
 def _listed_lines(text: str) -> list[str]:

@@ -28,10 +28,12 @@ The guard runs as a daemon inside the first node's namespace, so removing the
 lab ends it with everything else; ``disable`` stops it. It is two processes: a
 keeper, the one the pidfile names, and its worker, which does all of the above.
 A worker that ends while the lab lives (a thread that died, a kill, the OOM
-killer) is started again by the keeper within a second; the new one takes the
+killer) is started again by the keeper within a second (a next one after 1,
+2, 4, 8 s; a sixth end within a minute and the keeper gives up with
+``GuardFailed``); the new one takes the
 first one's baseline (``<lab>.guard-baseline``, written when the guard first
 blocked) and reverts whatever changed while none ran, naming it in
-``BlockedRule`` events after a ``GuardRestarted`` one. A worker whose keeper
+``BlockedRule`` events, then a ``GuardRestarted`` event says so. A worker whose keeper
 ends ends too, with a ``GuardFailed`` event: the lab is then unguarded until
 ``hostrouting enable`` starts another guard, as it is when both are killed.
 
@@ -94,6 +96,7 @@ _NETLINK_NETFILTER = 12     # linux/netlink.h
 _NFNLGRP_NFTABLES = 7       # linux/netfilter/nfnetlink.h
 RESTARTS_MAX = 5               # worker restarts within RESTART_WINDOW_S before the keeper gives up
 RESTART_WINDOW_S = 60.0
+RESTART_WAITS_S = (0.0, 1.0, 2.0, 4.0, 8.0)     # before the 1st, 2nd, ... restart
 READY_WAIT_S = 60.0
 RESTARTED = "the rule guard's worker was restarted"
 _PR_SET_CHILD_SUBREAPER = 36   # linux/prctl.h
@@ -146,9 +149,10 @@ def find(lab: str) -> Found:
     guard, details, age = None, {}, None
     if recorded and recorded[0].alive() and is_guard(procs.cmdline(recorded[0].pid)):
         guard, details, age = recorded
-    # the guard's own worker (its child) is part of it, not an orphan
-    orphans = [p for p in procs.find(where=is_guard) if p != guard and
-               not (guard is not None and procs.parent_pid(p.pid) == guard.pid)]
+    # a keeper's worker (its child) is part of that guard, not an orphan of its own
+    every = procs.find(where=is_guard)
+    keepers = {p.pid for p in every}
+    orphans = [p for p in every if p != guard and procs.parent_pid(p.pid) not in keepers]
     return Found(guard, details, age, orphans)
 
 
@@ -277,6 +281,7 @@ class Guard:
         # taken by the keeper's first worker, read back by the ones it restarts
         self.nft_baselines: dict[str, nft_ruleset.Snapshot] = {}
         self.legacy_baseline: dict[tuple[str, str], dict] | None = None
+        self.unrestored: set[tuple[str, str, str]] = set()     # (netns, tool, table) said so
         self.workers: list[threading.Thread] = []
         self.periods: dict[str, float] = {}     # periodic worker thread name -> its period
         self.passes: dict[str, float] = {}      # its last pass (time.monotonic())
@@ -478,8 +483,8 @@ class Guard:
 
     def report_legacy_changes(self, why: str) -> None:
         """Every iptables-legacy table that differs from the baseline, named, not restored."""
-        for node, _, tool, baseline, current, changed in self.legacy_changes():
-            for table in sorted(changed):
+        for node, ns, tool, baseline, current, changed in self.legacy_changes():
+            for table in sorted(t for t in changed if (ns, tool, t) not in self.unrestored):
                 self.blocked(node, tool, f"table {table}: " + _table_diff(
                     baseline.get(table) or _emptied(current.get(table, [])),
                     current.get(table, [])), False, "reverted", detail=why)
@@ -490,6 +495,8 @@ class Guard:
                          for t in sorted(changed))
         rm = netns.run(ns, [tool.replace("-legacy", "-legacy-restore")], check=False,
                        input=script)
+        if rm.returncode != 0:      # (each BlockedRule below says so already)
+            self.unrestored |= {(ns, tool, t) for t in changed}
         for table in sorted(changed):
             diff = _table_diff(baseline.get(table) or _emptied(current.get(table, [])),
                                current.get(table, []))
@@ -610,10 +617,29 @@ class Guard:
         if self.nat_progs:
             self.worker(self.sweep_nat, every=NAT_SWEEP_S)
         time.sleep(0.2)  # let every monitor subscribe before saying so
+        if self.keeper_gone():
+            return 1
         if not resumed or self.names_keeper():  # (a guard replaced meanwhile keeps the file)
             self.record()
-        print("ready " + json.dumps(self.backends), flush=True)
+        try:
+            print("ready " + json.dumps(self.backends), flush=True)
+        except (BrokenPipeError, ValueError):   # nobody reads: the keeper is gone
+            self.keeper_gone()
+            return 1
         return self.keep_running()
+
+    def keeper_gone(self) -> bool:
+        """Whether the keeper this worker runs for has ended (then GuardFailed says so, while
+        the lab lives, and the worker must end: nobody would restart it)."""
+        if self.keeper == os.getpid() or os.getppid() == self.keeper:
+            return False
+        self.stopping.set()
+        if all(netns.exists(ns) for ns in self.nodes.values()):
+            events.record(self.lab, events.WARNING, "GuardFailed", f"lab/{self.lab}",
+                          f"rule guard pid {self.keeper} ended, and with it its worker "
+                          f"pid {os.getpid()}: nothing blocks rule changes "
+                          f"(hostrouting enable --lab {self.lab} starts another guard)")
+        return True
 
     def record(self) -> None:
         """The pidfile: who this guard is (its keeper, and this worker), what it does, when
@@ -664,13 +690,7 @@ class Guard:
                               f"{os.getpid()} ended or hangs ({', '.join(dead)}); the worker "
                               "exits (its keeper starts another)")
                 return 1
-            if self.keeper != os.getpid() and os.getppid() != self.keeper:
-                self.stopping.set()
-                if all(netns.exists(ns) for ns in self.nodes.values()):
-                    events.record(self.lab, events.WARNING, "GuardFailed", f"lab/{self.lab}",
-                                  f"rule guard pid {self.keeper} ended, and with it its worker "
-                                  f"pid {os.getpid()}: nothing blocks rule changes "
-                                  f"(hostrouting enable --lab {self.lab} starts another guard)")
+            if self.keeper_gone():
                 return 1
             if self.pidfile and time.monotonic() - beat >= HEARTBEAT_S:
                 beat = time.monotonic()
@@ -753,9 +773,7 @@ def _legacy_tables(ns: str, tool: str) -> dict[str, list[str]]:
 
 
 def _table_diff(was: list[str], now: list[str]) -> str:
-    kept, present = set(was), set(now)
-    return "; ".join([f"+{line}" for line in now if line not in kept] +
-                     [f"-{line}" for line in was if line not in present])
+    return "; ".join(nft_ruleset.line_diff(was, now) or ["the same lines in another order"])
 
 
 def _emptied(lines: list[str]) -> list[str]:
@@ -773,13 +791,15 @@ def keep(argv: list[str], lab: str, nodes: dict[str, str], cgroup_fd: int,
     """The guard's own process, its keeper: runs the worker that blocks (this module with
     ``--worker``) and, whenever that ends while the lab lives and nobody stopped the guard,
     starts another with ``--resume``, which takes the first one's baseline: what changed
-    while no worker ran is reverted, not frozen in. Stops after RESTARTS_MAX restarts within
-    RESTART_WINDOW_S (a worker that cannot run). Without a pidfile there is no baseline to
-    share (``resumable`` False): a restarted worker takes its own. The first worker's "ready"
-    line is this process's (start() waits for it); each restart is a GuardRestarted event,
-    recorded once the new worker blocks. As a child
-    subreaper it inherits what a killed worker leaves running (its nft monitors) and ends
-    it. A worker whose keeper ends ends too (Guard.keep_running)."""
+    while no worker ran is reverted, not frozen in. The first restart comes at once, each
+    next one after twice the wait of the one before (RESTART_WAITS_S); after RESTARTS_MAX
+    restarts within RESTART_WINDOW_S (a worker that cannot run) the keeper gives up with
+    GuardFailed, as it does on an error of its own. Without a pidfile there is no baseline
+    to share (``resumable`` False): a restarted worker takes its own. The first worker's
+    "ready" line is this process's (start() waits for it); each restart is a GuardRestarted
+    event once the new worker blocks, after the BlockedRule events of its reverts. As a
+    child subreaper it inherits what a killed worker leaves running (its nft monitors) and
+    ends it. A worker whose keeper ends ends too (Guard.keeper_gone)."""
     stopping, current = [], []
 
     def terminate(signum, frame):
@@ -791,49 +811,75 @@ def keep(argv: list[str], lab: str, nodes: dict[str, str], cgroup_fd: int,
     _set_child_subreaper()
     restarts: list[float] = []
     ended = ""      # how the last worker ended; "" before the first
-    while not stopping:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", MODULE, *argv, "--worker"]
-            + (["--resume"] if ended and resumable else []),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE if ended else None,  # the first one's: start() reads it
-            text=True, pass_fds=(cgroup_fd,) if cgroup_fd >= 0 else ())
-        current.append(worker)
-        if stopping:
-            worker.terminate()
-        line = _ready_line(worker)
-        if not ended:
-            if line is None:
-                _end_worker(worker)
+    blocked = False     # the first worker got ready: from here on, failures are events
+    try:
+        while not stopping:
+            try:
+                worker = subprocess.Popen(
+                    [sys.executable, "-m", MODULE, *argv, "--worker", "--keeper",
+                     str(os.getpid())] + (["--resume"] if ended and resumable else []),
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE if ended else None,  # the first's: start() reads it
+                    text=True, pass_fds=(cgroup_fd,) if cgroup_fd >= 0 else ())
+            except OSError as e:    # (no memory, no pids: what may have ended the last one)
+                if not ended:
+                    raise
+                ended = f"could not be started again ({e})"
+            else:
+                current.append(worker)
+                if stopping:
+                    worker.terminate()
+                line = _ready_line(worker)
+                if not ended:
+                    if line is None:
+                        _end_worker(worker)
+                        return 1
+                    print(line, end="", flush=True)
+                    blocked = True
+                elif line is not None:
+                    events.record(lab, events.WARNING, "GuardRestarted", f"lab/{lab}",
+                                  f"rule guard pid {os.getpid()}: its worker {ended}; worker "
+                                  f"pid {worker.pid} took the first one's baseline and blocks "
+                                  "again (what changed meanwhile: the BlockedRule events "
+                                  "before this one)", worker=worker.pid, restarts=len(restarts))
+                why = _end_worker(worker) if line is None else ""
+                for stream in (worker.stdout, worker.stderr):
+                    if stream is not None:
+                        stream.close()     # from here on a worker's prints must not block it
+                code = worker.wait()
+                _end_children()
+                ended = f"pid {worker.pid} " + (f"was killed by {_signal_name(-code)}"
+                                                if code < 0 else f"ended with exit status {code}")
+                if line is None:
+                    ended += " before it blocked" + (f" ({why})" if why else "")
+            if stopping or not all(netns.exists(ns) for ns in nodes.values()):
+                return 0
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
+            if len(restarts) > RESTARTS_MAX:
+                _keeper_failed(lab, f"its worker {ended}, the {len(restarts)}th end within "
+                                    f"{RESTART_WINDOW_S:g} s: not started again")
                 return 1
-            print(line, end="", flush=True)
-        elif line is not None:
-            events.record(lab, events.WARNING, "GuardRestarted", f"lab/{lab}",
-                          f"rule guard pid {os.getpid()}: its worker {ended}; worker pid "
-                          f"{worker.pid} reverted what changed meanwhile and blocks again",
-                          worker=worker.pid, restarts=len(restarts))
-        why = _end_worker(worker) if line is None else ""
-        for stream in (worker.stdout, worker.stderr):
-            if stream is not None:
-                stream.close()     # from here on a worker's prints must not block it
-        code = worker.wait()
-        _end_children()
-        if stopping or not all(netns.exists(ns) for ns in nodes.values()):
-            return 0
-        now = time.monotonic()
-        restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
-        ended = f"pid {worker.pid} " + (f"was killed by {_signal_name(-code)}"
-                                        if code < 0 else f"ended with exit status {code}")
-        if line is None:
-            ended += " before it blocked" + (f" ({why})" if why else "")
-        if len(restarts) > RESTARTS_MAX:
-            events.record(lab, events.WARNING, "GuardFailed", f"lab/{lab}",
-                          f"rule guard pid {os.getpid()}: its worker {ended}, the "
-                          f"{len(restarts)}th end within {RESTART_WINDOW_S:g} s: not started "
-                          f"again; nothing blocks rule changes (hostrouting enable --lab {lab} "
-                          "starts another guard)")
-            return 1
+            deadline = time.monotonic() + RESTART_WAITS_S[len(restarts) - 1]
+            while not stopping and time.monotonic() < deadline:
+                time.sleep(0.05)
+    except Exception as e:      # a keeper that cannot go on must say so: nobody else will
+        if blocked:
+            _keeper_failed(lab, f"error: {type(e).__name__}: {e}")
+        raise
+    finally:
+        if current and current[-1].poll() is None:
+            current[-1].terminate()
     return 0
+
+
+def _keeper_failed(lab: str, why: str) -> None:
+    try:
+        events.record(lab, events.WARNING, "GuardFailed", f"lab/{lab}",
+                      f"rule guard pid {os.getpid()}: {why}; nothing blocks rule changes "
+                      f"(hostrouting enable --lab {lab} starts another guard)")
+    except OSError as e:
+        _note(f"GuardFailed not recorded ({e}): {why}")
 
 
 def _ready_line(worker: subprocess.Popen) -> str | None:
@@ -893,6 +939,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cgroup", default="", help="why there is no cgroup fd")
     parser.add_argument("--worker", action="store_true",
                         help="be the worker that blocks (its keeper, without, runs one)")
+    parser.add_argument("--keeper", type=int, default=0,
+                        help="the keeper's pid (a worker's parent, unless the keeper ended)")
     parser.add_argument("--resume", action="store_true",
                         help="a worker taking the baseline its keeper's first worker left")
     args = parser.parse_args(argv)
@@ -903,7 +951,7 @@ def main(argv: list[str] | None = None) -> int:
         return keep(sys.argv[1:] if argv is None else argv, args.lab, nodes, args.cgroup_fd,
                     resumable=bool(args.pidfile))
     guard = Guard(args.lab, nodes, nat_progs, Path(args.pidfile) if args.pidfile else None,
-                  keeper=os.getppid())
+                  keeper=args.keeper or os.getppid())
     if args.resume:
         try:
             guard.load_baseline()

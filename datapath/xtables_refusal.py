@@ -94,11 +94,13 @@ class XtablesRefusal:
         try:
             if before_attach is not None:
                 before_attach()
-            link = libbpf.link_create(prog_fd, cgroup_fd, libbpf.BPF_CGROUP_SETSOCKOPT)
-        except BaseException as e:
+        except BaseException:
             bpf.cleanup()
-            if not isinstance(e, OSError):
-                raise
+            raise
+        try:
+            link = libbpf.link_create(prog_fd, cgroup_fd, libbpf.BPF_CGROUP_SETSOCKOPT)
+        except OSError as e:
+            bpf.cleanup()
             raise RefusalUnavailable(f"cannot attach {PROGRAM} to the cgroup v2 root: "
                                      f"{e.strerror}") from e
         return cls(bpf, link, libbpf.prog_info(prog_fd).id)

@@ -259,7 +259,10 @@ def lab_daemons(name: str) -> list[tuple[procs.Process, str]]:
         arg = guard_pidfile_arg(procs.cmdline(proc.pid), name)
         if ours(arg):
             found[proc] = arg
-    return sorted(found.items(), key=lambda item: item[0].pid)
+    # a guard's worker goes with its keeper (stopped alone, it would be started again)
+    keepers = {p.pid for p in found}
+    return sorted(((p, arg) for p, arg in found.items() if procs.parent_pid(p.pid) not in keepers),
+                  key=lambda item: item[0].pid)
 
 
 def _remove(name: str, namespaces: list[str]) -> list[str]:

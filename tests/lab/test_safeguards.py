@@ -679,3 +679,24 @@ def test_a_baseline_reads_back_as_it_was_taken(legacy_lab):
     again = nft_ruleset.Snapshot.from_json(json.loads(json.dumps(snap.to_json())))
     assert again == snap
     assert nft_ruleset.revert_plan(nft_ruleset.snapshot(ns), again) == {}
+
+
+def test_a_restarted_worker_whose_keeper_is_killed_while_it_starts_says_so(ebpf_lab):
+    """The keeper killed the moment it has started a worker again: that worker, still on its
+    way to blocking, must not end silently (nobody would restart it)."""
+    _, topo = ebpf_lab
+    found = rule_guard.find(topo.lab)
+    keeper, worker = found.guard, found.details["worker"]
+    since = len(events.read(topo.lab))
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not (resumed := [pid for pid, cmd in _guard_children(keeper.pid).items()
+                           if "--resume" in cmd.split()]):
+        assert time.monotonic() < deadline, _guard_children(keeper.pid)
+        time.sleep(0.005)
+    os.kill(keeper.pid, signal.SIGKILL)
+    assert _worker_gone(resumed[0], 30)
+    failed = _events_once(topo.lab, since, "GuardFailed")
+    assert failed and f"worker pid {resumed[0]}" in failed[0]["message"] and \
+        "nothing blocks rule changes" in failed[0]["message"], failed
+    assert rule_guard.find(topo.lab).guard is None
