@@ -170,7 +170,10 @@ def summarise(result: dict) -> list[dict]:
                 if metric in TCP_COUNTS and (num, den) != ("ebpf", "legacy"):
                     continue
                 ratios = paired_ratios(by_rep, num, den)
-                if ratios:
+                pairs = sum(1 for modes in by_rep.values() if num in modes and den in modes)
+                # a ratio over the few repetitions whose denominator was not 0 (a count
+                # that is 0 in most, as retransmissions at 64 B) says nothing: none
+                if ratios and 2 * len(ratios) > pairs:
                     median, low, high = bootstrap_ci(ratios)
                     row["ratios"][ratio_name(num, den)] = {"median": median, "ci": [low, high],
                                                            "n": len(ratios), "each": ratios}

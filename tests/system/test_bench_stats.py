@@ -478,6 +478,23 @@ def test_a_stream_point_shows_each_modes_retransmits_and_reordering():
         " same-node TCP_STREAM 65536 B Mbit/s cross-cpu"]
 
 
+def test_a_count_that_is_zero_in_most_repetitions_gets_no_ratio():
+    """Retransmissions at 64 B: legacy's were 0 in all but one of ten repetitions; a ratio
+    over that one (a 64 B run printed 36.78x [36.78-36.78]) is none. Where the denominator
+    is nonzero in most repetitions the ratio stays."""
+    def stream(mode, rep, retrans, ofo):
+        return {**_sample(mode, rep, 0, test="TCP_STREAM", size=64), "pin": "cross-cpu",
+                "values": {"mbps": 200.0},
+                "tcp": {"sent_segs": 1_000_000, "retrans_segs": retrans, "ofo_queued": ofo}}
+    samples = [stream("legacy", rep, 1 if rep == 0 else 0, 2 if rep < 6 else 0)
+               for rep in range(10)]
+    samples += [stream("ebpf", rep, 37, 5) for rep in range(10)]
+    rows = {r["metric"]: r for r in report.summarise(_result(samples))}
+    assert rows["retrans_pct"]["ratios"] == {}
+    assert rows["ofo_per_mseg"]["ratios"]["ebpf/legacy"]["n"] == 6
+    assert rows["mbps"]["ratios"]["ebpf/legacy"]["median"] == pytest.approx(1.0)
+
+
 def test_the_rate_at_equal_reordering_takes_one_slope_within_the_modes():
     """Rate against reordering: the slope within the modes (a mode that reorders more and runs
     faster at equal reordering does not tilt it), each mode's rate at the point's median
