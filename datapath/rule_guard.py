@@ -123,13 +123,27 @@ class Found:
     orphans: list[procs.Process]         # other guards of the lab
 
     @property
+    def worker_runs(self) -> bool:
+        """The worker the pidfile names still runs (a keeper restarting it blocks nothing
+        until the next one writes the file)."""
+        worker = self.details.get("worker")
+        if worker is None or self.guard is None:
+            return self.guard is not None
+        started = self.details.get("worker_start")
+        return procs.Process(worker, started).alive() if started is not None else \
+            procs.parent_pid(worker) == self.guard.pid
+
+    @property
     def live(self) -> bool:
         return self.guard is not None and self.heartbeat_age is not None and \
-            self.heartbeat_age <= HEARTBEAT_STALE_S
+            self.heartbeat_age <= HEARTBEAT_STALE_S and self.worker_runs
 
     def describe(self) -> str:
         if self.guard is None:
             return "not running"
+        if not self.worker_runs:
+            return (f"starting a new worker (pid {self.guard.pid}; worker "
+                    f"{self.details.get('worker')} ended)")
         if not self.live:
             return f"stuck (pid {self.guard.pid}, no heartbeat for {self.heartbeat_age:.0f}s)"
         worker = self.details.get("worker")
@@ -645,7 +659,8 @@ class Guard:
         """The pidfile: who this guard is (its keeper, and this worker), what it does, when
         the NAT sweep last ran."""
         if self.pidfile:
-            procs.write_pidfile(self.pidfile, pid=self.keeper, worker=os.getpid(), lab=self.lab,
+            procs.write_pidfile(self.pidfile, pid=self.keeper, worker=os.getpid(),
+                                worker_start=procs.start_time(os.getpid()), lab=self.lab,
                                 backends=self.backends, nodes=self.nodes, nat=self.nat_progs,
                                 nat_swept_at=self.nat_swept_at)
 

@@ -596,6 +596,10 @@ def test_a_killed_worker_is_restarted_and_what_changed_meanwhile_reverted(ebpf_l
         deadline = time.monotonic() + 5     # the link goes with the worker's last fd, soon
         while refusal in libbpf.prog_ids() and time.monotonic() < deadline:
             time.sleep(0.05)
+        gap = rule_guard.find(topo.lab)      # blocking nothing, and said so
+        assert not gap.live and gap.describe().startswith("starting a new worker"), \
+            gap.describe()
+        assert switch.status(load_state(topo.lab), topo)["rule_blocking"]["active"] == "none"
         netns.run(ns, ["iptables-nft", "-I", "FORWARD", "-s", "198.18.9.14", "-j", "DROP"])
         assert netns.run(ns, ["iptables-legacy", "-I", "INPUT", "-s", "198.18.9.15", "-j",
                               "DROP"], check=False).returncode == 0     # the gap is real
