@@ -94,9 +94,9 @@ NFT_BACKENDS = ("iptables-nft", "ip6tables-nft", "nftables")
 SUBSCRIBE_WAIT_S = 5.0
 _NETLINK_NETFILTER = 12     # linux/netlink.h
 _NFNLGRP_NFTABLES = 7       # linux/netfilter/nfnetlink.h
-RESTARTS_MAX = 5               # worker restarts within RESTART_WINDOW_S before the keeper gives up
-RESTART_WINDOW_S = 60.0
 RESTART_WAITS_S = (0.0, 1.0, 2.0, 4.0, 8.0)     # before the 1st, 2nd, ... restart
+RESTARTS_MAX = len(RESTART_WAITS_S)  # restarts within RESTART_WINDOW_S before it gives up
+RESTART_WINDOW_S = 60.0
 READY_WAIT_S = 60.0
 RESTARTED = "the rule guard's worker was restarted"
 _PR_SET_CHILD_SUBREAPER = 36   # linux/prctl.h
@@ -126,12 +126,11 @@ class Found:
     def worker_runs(self) -> bool:
         """The worker the pidfile names still runs (a keeper restarting it blocks nothing
         until the next one writes the file)."""
-        worker = self.details.get("worker")
-        if worker is None or self.guard is None:
-            return self.guard is not None
-        started = self.details.get("worker_start")
-        return procs.Process(worker, started).alive() if started is not None else \
-            procs.parent_pid(worker) == self.guard.pid
+        if self.guard is None:
+            return False
+        if "worker" not in self.details:    # a guard from before keepers: one process
+            return True
+        return procs.Process(self.details["worker"], self.details["worker_start"]).alive()
 
     @property
     def live(self) -> bool:
@@ -164,9 +163,7 @@ def find(lab: str) -> Found:
     if recorded and recorded[0].alive() and is_guard(procs.cmdline(recorded[0].pid)):
         guard, details, age = recorded
     # a keeper's worker (its child) is part of that guard, not an orphan of its own
-    every = procs.find(where=is_guard)
-    keepers = {p.pid for p in every}
-    orphans = [p for p in every if p != guard and procs.parent_pid(p.pid) not in keepers]
+    orphans = [p for p in procs.outermost(procs.find(where=is_guard)) if p != guard]
     return Found(guard, details, age, orphans)
 
 
@@ -499,22 +496,21 @@ class Guard:
         """Every iptables-legacy table that differs from the baseline, named, not restored."""
         for node, ns, tool, baseline, current, changed in self.legacy_changes():
             for table in sorted(t for t in changed if (ns, tool, t) not in self.unrestored):
-                self.blocked(node, tool, f"table {table}: " + _table_diff(
-                    baseline.get(table) or _emptied(current.get(table, [])),
-                    current.get(table, [])), False, "reverted", detail=why)
+                self.blocked(node, tool, f"table {table}: " + _table_diff(baseline, current,
+                                                                          table),
+                             False, "reverted", detail=why)
 
     def restore_legacy(self, node: str, ns: str, tool: str, baseline: dict, current: dict,
                        changed: set[str], why: str = "") -> None:
-        script = "".join(_legacy_table_text(t, baseline.get(t) or _emptied(current[t]))
+        script = "".join(_legacy_table_text(t, _was(baseline, current, t))
                          for t in sorted(changed))
         rm = netns.run(ns, [tool.replace("-legacy", "-legacy-restore")], check=False,
                        input=script)
         if rm.returncode != 0:      # (each BlockedRule below says so already)
             self.unrestored |= {(ns, tool, t) for t in changed}
         for table in sorted(changed):
-            diff = _table_diff(baseline.get(table) or _emptied(current.get(table, [])),
-                               current.get(table, []))
-            self.blocked(node, tool, f"table {table}: " + diff, rm.returncode == 0,
+            self.blocked(node, tool, f"table {table}: " + _table_diff(baseline, current, table),
+                         rm.returncode == 0,
                          "reverted", detail="; ".join(filter(None, (why, rm.stderr.strip()))))
 
     def sweep_nat(self) -> None:
@@ -642,13 +638,16 @@ class Guard:
             return 1
         return self.keep_running()
 
+    def lab_lives(self) -> bool:
+        return all(netns.exists(ns) for ns in self.nodes.values())
+
     def keeper_gone(self) -> bool:
         """Whether the keeper this worker runs for has ended (then GuardFailed says so, while
         the lab lives, and the worker must end: nobody would restart it)."""
         if self.keeper == os.getpid() or os.getppid() == self.keeper:
             return False
         self.stopping.set()
-        if all(netns.exists(ns) for ns in self.nodes.values()):
+        if self.lab_lives():
             events.record(self.lab, events.WARNING, "GuardFailed", f"lab/{self.lab}",
                           f"rule guard pid {self.keeper} ended, and with it its worker "
                           f"pid {os.getpid()}: nothing blocks rule changes "
@@ -696,9 +695,9 @@ class Guard:
         while every worker thread runs (and makes progress: failed_workers) and the pidfile
         still names this process."""
         beat = time.monotonic()
-        while all(netns.exists(ns) for ns in self.nodes.values()):
+        while self.lab_lives():
             dead = self.failed_workers()
-            if dead and all(netns.exists(ns) for ns in self.nodes.values()):
+            if dead and self.lab_lives():
                 self.stopping.set()
                 events.record(self.lab, events.WARNING, "GuardFailed", f"lab/{self.lab}",
                               f"rule guard pid {self.keeper}: a thread of worker pid "
@@ -787,8 +786,15 @@ def _legacy_tables(ns: str, tool: str) -> dict[str, list[str]]:
     return {name: lines for name, lines in tables.items() if lines != _emptied(lines)}
 
 
-def _table_diff(was: list[str], now: list[str]) -> str:
-    return "; ".join(nft_ruleset.line_diff(was, now) or ["the same lines in another order"])
+def _was(baseline: dict, current: dict, table: str) -> list[str]:
+    """A legacy table as the baseline has it; one it lacks was there empty."""
+    return baseline.get(table) or _emptied(current.get(table, []))
+
+
+def _table_diff(baseline: dict, current: dict, table: str) -> str:
+    return "; ".join(nft_ruleset.line_diff(_was(baseline, current, table),
+                                           current.get(table, []))
+                     or ["the same lines in another order"])
 
 
 def _emptied(lines: list[str]) -> list[str]:

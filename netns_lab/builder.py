@@ -259,9 +259,7 @@ def lab_daemons(name: str) -> list[tuple[procs.Process, str]]:
         arg = guard_pidfile_arg(procs.cmdline(proc.pid), name)
         if ours(arg):
             found[proc] = arg
-    # a guard's worker goes with its keeper (stopped alone, it would be started again)
-    keepers = {p.pid for p in found}
-    return sorted(((p, arg) for p, arg in found.items() if procs.parent_pid(p.pid) not in keepers),
+    return sorted(((p, found[p]) for p in procs.outermost(list(found))),
                   key=lambda item: item[0].pid)
 
 

@@ -108,6 +108,13 @@ def find(*words: str, where=None) -> list[Process]:
     return found
 
 
+def outermost(found: list[Process]) -> list[Process]:
+    """Those of ``found`` whose parent is not among them (a daemon's own child process goes
+    with it: signalled alone, it would be started again)."""
+    pids = {p.pid for p in found}
+    return [p for p in found if parent_pid(p.pid) not in pids]
+
+
 def write_pidfile(path: Path, pid: int | None = None, **details) -> None:
     """This process's identity (or that of ``pid``, the process it works for) and details,
     replaced atomically (readers never see half)."""

@@ -216,17 +216,24 @@ def frozen_lab():
             lab_down(topo.lab)
 
 
-def _blocked_events(lab: str, since: int) -> list[dict]:
-    return [e for e in events.read(lab)[since:] if e["reason"] == "BlockedRule"]
+def _events_of(lab: str, since: int, reason: str) -> list[dict]:
+    return [e for e in events.read(lab)[since:] if e["reason"] == reason]
+
+
+def _events_once(lab: str, since: int, reason: str, done=bool, seconds: float = 10
+                 ) -> list[dict]:
+    """The events of this reason since `since`, once done(them) holds (by default: there are
+    some) or time is up."""
+    deadline = time.monotonic() + seconds
+    while not done(found := _events_of(lab, since, reason)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
 
 
 def _blocked_once(lab: str, since: int, done, seconds: float = REMOVED_WITHIN_S) -> list[dict]:
     """The BlockedRule events since `since`, once done(them) holds or time is up: the guard
     records each after its revert (or, for a refusal, after reading the kernel's report)."""
-    deadline = time.monotonic() + seconds
-    while not done(found := _blocked_events(lab, since)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return found
+    return _events_once(lab, since, "BlockedRule", done, seconds)
 
 
 def _back_to(ns: str, nft_before: str, seconds: float = REMOVED_WITHIN_S) -> str:
@@ -287,7 +294,7 @@ def test_every_nf_tables_change_is_reverted_with_an_event(frozen_lab, what, comm
     assert _back_to(ns, nft_before) == nft_before, f"{what}: not reverted"
     _blocked_once(topo.lab, since, lambda found: len(found) >= len(commands))
     time.sleep(0.2)     # and no more than one each
-    blocked = _blocked_events(topo.lab, since)
+    blocked = _events_of(topo.lab, since, "BlockedRule")
     assert len(blocked) == len(commands), blocked
     assert needle in blocked[0]["message"] and blocked[0]["details"]["blocked"] is True
     assert blocked[0]["message"].startswith("reverted ") and "[" in blocked[0]["details"]["writer"]
@@ -567,14 +574,6 @@ def _worker_gone(pid: int, seconds: float = 5) -> bool:
     while proc is not None and proc.alive() and time.monotonic() < deadline:
         time.sleep(0.02)
     return proc is None or not proc.alive()
-
-
-def _events_once(lab: str, since: int, reason: str, seconds: float = 10) -> list[dict]:
-    deadline = time.monotonic() + seconds
-    while not (found := [e for e in events.read(lab)[since:] if e["reason"] == reason]) and \
-            time.monotonic() < deadline:
-        time.sleep(0.05)
-    return found
 
 
 def test_a_killed_worker_is_restarted_and_what_changed_meanwhile_reverted(ebpf_lab):
