@@ -35,6 +35,16 @@ The workloads (``WORKLOADS``):
   summed over the window in which all N ran: each instance reports its rate
   every DEMO_INTERVAL_S with a timestamp (netperf's demo mode), and only the
   part of each report inside the common window counts.
+
+Every TCP test names its congestion control (test option ``-K``, both ends; the bench's
+``--tcp-cc``, cubic unless told). A namespace takes its default from the host's when it is
+created, so without ``-K`` the labs measure whatever the machine runs: this VM kind's is bbr,
+whose pacing sends part of a bulk flow from a timer's softirq on the idle CPU. That part
+waits in the CPU's backlog until the timer softirq ends, the other CPU's later segments
+overtake it, and the receiver's SACKs make the sender retransmit what was not lost: a
+same-node 64 KiB stream ran at half cubic's rate, reordered more on the paths without
+conntrack than on legacy's (docs/benchmarks.md, "The reordering was pacing"). netperf
+ignores a ``-K`` name the kernel does not have, so ``check_congestion`` comes first.
 """
 
 from __future__ import annotations
@@ -68,6 +78,12 @@ THROUGHPUT_NAME = {"TCP_STREAM": "mbps", "TCP_RR": "tps", "TCP_CRR": "cps", "UDP
                    "UDP_STREAM": "mbps"}
 # test-specific options of every run of a test (sizes come on top)
 OPTIONS = {"TCP_STREAM": ("-D",), "UDP_STREAM": ("-R", "1")}   # -R 1: UDP_STREAM may be routed
+TCP_TESTS = ("TCP_STREAM", "TCP_RR", "TCP_CRR")
+# the bench's TCP tests run cubic unless told: the kernel's own default, and the usual one of
+# Kubernetes nodes; INHERIT_CC: each namespace's default, which it took from the host's
+DEFAULT_CC = "cubic"
+INHERIT_CC = "inherit"
+AVAILABLE_CC = "/proc/sys/net/ipv4/tcp_available_congestion_control"
 FLOWS = (4, 16)                     # TCP_STREAMx4, TCP_STREAMx16
 WORKLOADS = (*SELECTORS, *(f"TCP_STREAMx{n}" for n in FLOWS))
 FIXED_SIZE = {"UDP_STREAM": 64, **{f"TCP_STREAMx{n}": 16384 for n in FLOWS}}
@@ -87,6 +103,25 @@ def require_netperf() -> None:
         if shutil.which(tool) is None:
             raise NetperfError(f"{tool} not found: install netperf (Debian non-free, Ubuntu "
                                "multiverse), e.g. by running scripts/provision.sh")
+
+
+def available_congestion() -> list[str]:
+    """The TCP congestion controls this kernel has loaded (built in or a module)."""
+    try:
+        with open(AVAILABLE_CC) as f:
+            return f.read().split()
+    except OSError:
+        return []
+
+
+def check_congestion(name: str) -> None:
+    """ValueError unless ``name`` is a congestion control the kernel has: netperf -K with
+    another name runs silently with the namespace's default."""
+    have = available_congestion()
+    if name not in have:
+        raise ValueError(f"TCP congestion control {name!r} is not available on this kernel "
+                         f"(available: {' '.join(have) or 'none listed'}; a module such as "
+                         f"tcp_{name} may load it)")
 
 
 def netserver_argv(port: int = PORT, family: int = 4) -> list[str]:
@@ -153,11 +188,14 @@ def ephemeral_ports(ns: str) -> tuple[int, int]:
 def argv_for(host: str, test: str, duration: float, size: int | None, port: int = PORT,
              cpus: str | None = None, demo: bool = False,
              transactions: int | None = None, family: int = 4,
-             client_ports: tuple[int, int] | None = None) -> list[str]:
+             client_ports: tuple[int, int] | None = None,
+             congestion: str | None = None) -> list[str]:
     """netperf's command line; with ``transactions`` the test runs that many (-l -N) instead
     of ``duration`` seconds; ``family`` 6: control and data connections over IPv6 (the global
     -6; ``host`` an IPv6 address). ``client_ports``: the range TCP_CRR binds its client
-    ports in (the client's ephemeral ports; netperf's own default is 5000-65535)."""
+    ports in (the client's ephemeral ports; netperf's own default is 5000-65535).
+    ``congestion``: a TCP test's congestion control at both ends (-K; None: the
+    namespaces' default)."""
     length = f"-{transactions}" if transactions else f"{duration:g}"
     argv = ["netperf", *(["-6"] if family == 6 else []), "-H", host, "-p", str(port), "-t",
             test, "-l", length, "-P", "0",
@@ -168,6 +206,8 @@ def argv_for(host: str, test: str, duration: float, size: int | None, port: int 
         argv += ["-m", str(size)] if test.endswith("_STREAM") else ["-r", f"{size},{size}"]
     if client_ports and test == "TCP_CRR":
         argv += ["-p", f"{client_ports[0]},{client_ports[1]}"]
+    if congestion and test in TCP_TESTS:
+        argv += ["-K", f"{congestion},{congestion}"]
     return argv
 
 
@@ -220,21 +260,23 @@ def common_window(flows: list[list[tuple[float, float, float]]]) -> tuple[float,
 
 def run_test(ns: str, host: str, test: str, duration: float, size: int | None = None,
              port: int = PORT, cpus: str | None = None,
-             transactions: int | None = None, family: int = 4) -> Result:
+             transactions: int | None = None, family: int = 4,
+             congestion: str | None = None) -> Result:
     """One workload (``WORKLOADS``); ``cpus`` ("local,remote") binds netperf and netserver
     to those CPUs (-T). ``transactions``: a counted run (``COUNTED`` tests), expected to
-    last about ``duration``."""
+    last about ``duration``. ``congestion``: see argv_for."""
     base, flows = split_workload(test)
     size = FIXED_SIZE.get(test) if size is None else size
     if flows > 1:
-        return _run_flows(ns, host, base, flows, duration, size, port, cpus, family)
+        return _run_flows(ns, host, base, flows, duration, size, port, cpus, family, congestion)
     started = time.monotonic()
     # a counted run that goes slower than its first run foretold still ends
     timeout = duration + 30 + (2 * duration if transactions else 0)
     ports = ephemeral_ports(ns) if base == "TCP_CRR" else None
     proc = netns.run(ns, argv_for(host, base, duration, size, port, cpus,
                                   transactions=transactions, family=family,
-                                  client_ports=ports), check=False, timeout=timeout)
+                                  client_ports=ports, congestion=congestion),
+                    check=False, timeout=timeout)
     seconds = time.monotonic() - started
     if proc.returncode != 0:
         raise NetperfError(f"netperf {test} {ns} -> {host}: exit {proc.returncode}: "
@@ -259,9 +301,11 @@ def counted_elapsed(values: dict[str, float], transactions: int) -> float:
 
 
 def _run_flows(ns: str, host: str, test: str, flows: int, duration: float, size: int | None,
-               port: int, cpus: str | None, family: int = 4) -> Result:
+               port: int, cpus: str | None, family: int = 4,
+               congestion: str | None = None) -> Result:
     argv = ["ip", "netns", "exec", ns, *argv_for(host, test, duration, size, port, cpus,
-                                                  demo=True, family=family)]
+                                                  demo=True, family=family,
+                                                  congestion=congestion)]
     started, started_at = time.monotonic(), time.time()
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(flows)]

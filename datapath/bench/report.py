@@ -23,6 +23,7 @@ from collections import defaultdict
 import numpy as np
 
 from . import tcp_counters
+from .netperf import INHERIT_CC
 
 # Azure CNI powered by Cilium (ACNS) eBPF host routing vs legacy, as published.
 PUBLISHED = {
@@ -414,6 +415,27 @@ def limits_outrun(rows: list[dict]) -> list[dict]:
             and (_above(r, "ebpf/limit") or _above(r, "floor/limit"))]
 
 
+def congestion(result: dict) -> str:
+    """The TCP tests' congestion control in words: the one named (netperf -K) or the
+    namespaces' default, which they took from the host's."""
+    cc = (result.get("lab_settings") or {}).get("tcp_congestion_control")
+    if not cc:
+        return "not recorded (each namespace's default, taken from the host's)"
+    default = cc.get("namespace_default") or "unknown"
+    if cc.get("tests") in (None, INHERIT_CC):
+        return f"the namespaces' default, {default} (--tcp-cc {INHERIT_CC})"
+    return f"{cc['tests']} (netperf -K; the namespaces' default: {default})"
+
+
+def compare_notes(a: dict, b: dict) -> list[str]:
+    """What makes two runs' TCP figures measure different things."""
+    ca, cb = congestion(a), congestion(b)
+    if ca == cb:
+        return []
+    return [f"A's TCP tests ran with {ca}, B's with {cb}: their TCP figures measure different "
+            "congestion controls (a bulk flow's rate and reordering depend on it)"]
+
+
 def print_tables(result: dict, console=None) -> None:
     from rich.table import Table
     console = console_for_output(console)
@@ -433,7 +455,8 @@ def print_tables(result: dict, console=None) -> None:
                       "repetition, which eBPF cannot beat.")
     if (profile := env.get("node_profile")) and profile["name"] != "bare":
         console.print(node_profile_line(profile))
-    console.print(f"netperf and netserver: {placement(cfg.get('cpu_pin'))}")
+    console.print(f"netperf and netserver: {placement(cfg.get('cpu_pin'))}; TCP congestion "
+                  f"control: {congestion(result)}")
     attach = sorted(set((result.get("lab_settings") or {}).get("attach", {}).values()))
     if attach:
         console.print(f"eBPF programs attached with: {', '.join(attach)}")

@@ -65,6 +65,8 @@ TESTS = netperf.WORKLOADS
 SIZES = (64, 256, 1024, 4096, 16384, 65536)
 QUICK = {"duration": 1.0, "repeat": 3, "sizes": (16384,),
          "tests": ("TCP_STREAM", "TCP_RR", "TCP_CRR")}
+# bench --tcp-cc: every TCP test's congestion control (netperf -K, both ends; netperf.py)
+DEFAULT_TCP_CC, INHERIT_CC = netperf.DEFAULT_CC, netperf.INHERIT_CC
 PINS = {"same-cpu": "0,0", "cross-cpu": "0,1"}   # netperf -T local,remote
 # bench --cpu-pin: a PINS key, both of them, or none (the scheduler places them). Unpinned, the
 # 2-core VMs this runs on put netperf and netserver on one CPU in some runs and on two in
@@ -116,6 +118,12 @@ class BenchConfig:
     cpu_pin: str = field(default_factory=default_pin)    # a PIN_CHOICES value
     profile_dir: str | None = None  # bench --profile: a recording per point and mode there
     ip_family: int = 4              # 6: every lab dual stack, netperf over IPv6
+    tcp_cc: str = DEFAULT_TCP_CC    # a congestion control, or INHERIT_CC
+
+    @property
+    def congestion(self) -> str | None:
+        """What netperf's -K gets: None leaves the namespaces' default."""
+        return None if self.tcp_cc == INHERIT_CC else self.tcp_cc
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -438,7 +446,11 @@ class Bench:
             defaults = namespace_sysctls(fresh)
         finally:
             netns.remove(fresh)
-        out = {"sysctls": {}, "offloads": {}}
+        # a namespace's default congestion control is the host's, so a fresh one has it too:
+        # recorded here, beside what the TCP tests ran with
+        out = {"sysctls": {}, "offloads": {}, "tcp_congestion_control": {
+            "tests": self.cfg.congestion or INHERIT_CC,
+            "namespace_default": defaults.get("net.ipv4.tcp_congestion_control")}}
         for ns in sorted({n for topo in self.topos.values() for n in topo.namespaces}
                          | set(self.limit_ns or ())):
             diff = sysctl_differences(namespace_sysctls(ns), defaults)
@@ -468,7 +480,8 @@ class Bench:
             first = netperf.run_test(ns, host, point.test, self.cfg.duration, point.size,
                                      cpus=PINS.get(point.pin),
                                      transactions=netperf.CALIBRATION_TRANSACTIONS,
-                                     family=self.cfg.ip_family)
+                                     family=self.cfg.ip_family,
+                                     congestion=self.cfg.congestion)
             self.counts[point, mode] = netperf.transactions_for(
                 netperf.CALIBRATION_TRANSACTIONS / first.measured_s, self.cfg.duration)
         return self.counts[point, mode]
@@ -547,7 +560,8 @@ class Bench:
             started = time.monotonic()
             result = netperf.run_test(ns, host, point.test, duration, point.size,
                                       cpus=PINS.get(point.pin), transactions=count,
-                                      family=self.cfg.ip_family)
+                                      family=self.cfg.ip_family,
+                                      congestion=self.cfg.congestion)
         if tcp:
             tcp.after()
         # netperf measures for `duration` (a counted run: its elapsed time) once its control
@@ -565,7 +579,10 @@ class Bench:
 
 def run_bench(cfg: BenchConfig, on_sample=None, progress=None) -> dict:
     """Run the whole matrix; returns {"environment", "lab_settings", "samples"} (the summary
-    is added by the report)."""
+    is added by the report). A congestion control the kernel lacks is a ValueError before
+    any lab is built."""
+    if cfg.congestion:
+        netperf.check_congestion(cfg.congestion)
     bench = Bench(cfg)
     samples: list[Sample] = []
     profiles: list[dict] = []

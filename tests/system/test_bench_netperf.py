@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from datapath.bench import netperf
+from datapath.bench import netperf, runner
 
 
 def test_workloads_and_their_command_lines():
@@ -23,6 +23,32 @@ def test_workloads_and_their_command_lines():
     flows = netperf.argv_for("10.0.0.2", "TCP_STREAM", 5, 16384, demo=True)
     assert flows[flows.index("-D"):flows.index("-D") + 2] == ["-D", "-0.2"]
     assert flows.index("-D") < flows.index("--")                   # the global -D: demo mode
+
+
+def test_every_tcp_test_names_its_congestion_control_at_both_ends():
+    for test in ("TCP_STREAM", "TCP_RR", "TCP_CRR"):
+        argv = netperf.argv_for("10.0.0.2", test, 5, 1024, congestion="cubic")
+        assert argv[argv.index("--"):][-2:] == ["-K", "cubic,cubic"], argv
+    # a UDP socket has none, and None leaves the namespace's default
+    assert "-K" not in netperf.argv_for("10.0.0.2", "UDP_RR", 5, 1, congestion="cubic")
+    assert "-K" not in netperf.argv_for("10.0.0.2", "TCP_STREAM", 5, 1024)
+    flows = netperf.argv_for("10.0.0.2", "TCP_STREAM", 5, 16384, demo=True, congestion="reno")
+    assert flows[-2:] == ["-K", "reno,reno"]
+    assert runner.BenchConfig().congestion == "cubic"             # the bench's default
+    assert runner.BenchConfig(tcp_cc="inherit").congestion is None
+
+
+def test_a_congestion_control_the_kernel_lacks_is_refused_with_those_it_has(tmp_path,
+                                                                           monkeypatch):
+    # netperf -K with an unknown name runs the namespace's default without a word
+    listing = tmp_path / "available"
+    listing.write_text("reno cubic\n")
+    monkeypatch.setattr(netperf, "AVAILABLE_CC", str(listing))
+    netperf.check_congestion("cubic")
+    with pytest.raises(ValueError, match=r"'bbr' is not available .*available: reno cubic"):
+        netperf.check_congestion("bbr")
+    with pytest.raises(ValueError, match="'bbr' is not available"):
+        runner.run_bench(runner.BenchConfig(tcp_cc="bbr"))      # before any lab is built
 
 
 def test_udp_stream_reports_packets_per_second_received_and_sent():
@@ -115,12 +141,11 @@ def test_the_count_lasts_the_duration_at_the_first_runs_rate(rate, seconds, coun
 
 
 def test_the_bench_sizes_a_counted_test_once_per_point_and_mode(monkeypatch):
-    from datapath.bench import runner
     runs = []
 
     def run_test(ns, host, test, duration, size=None, port=None, cpus=None, transactions=None,
-                 family=4):
-        runs.append((ns, test, transactions))
+                 family=4, congestion=None):
+        runs.append((ns, test, transactions, congestion))
         rate = {"a": 20000.0, "b": 30000.0}[ns]
         return netperf.Result({"cps": rate}, 0.2, transactions / rate)
 
@@ -130,15 +155,15 @@ def test_the_bench_sizes_a_counted_test_once_per_point_and_mode(monkeypatch):
     assert bench.transactions(crr, "legacy", "a", "h") == 40000
     assert bench.transactions(crr, "ebpf", "b", "h") == 60000       # each mode its own count
     assert bench.transactions(crr, "legacy", "a", "h") == 40000     # the first run, once
-    assert runs == [("a", "TCP_CRR", netperf.CALIBRATION_TRANSACTIONS),
-                    ("b", "TCP_CRR", netperf.CALIBRATION_TRANSACTIONS)]
+    # the first run too with the bench's congestion control
+    assert runs == [("a", "TCP_CRR", netperf.CALIBRATION_TRANSACTIONS, "cubic"),
+                    ("b", "TCP_CRR", netperf.CALIBRATION_TRANSACTIONS, "cubic")]
     assert bench.transactions(runner.Point(0, "same-node", "TCP_RR"), "legacy", "a", "h") is None
     assert len(runs) == 2                                           # timed tests need none
 
 
 def test_the_cpu_time_of_n_flows_is_read_over_the_window_all_of_them_ran(monkeypatch,
                                                                          no_tcp_counters):
-    from datapath.bench import runner
     windows = []
 
     class Cpu:

@@ -154,6 +154,27 @@ def test_cpu_pin_on_the_command_line(argv, pin):
     assert args.cpu_pin == pin
 
 
+def test_the_report_says_which_congestion_control_the_tcp_tests_ran():
+    def result(cc):
+        return {"lab_settings": {"tcp_congestion_control": cc} if cc else {}}
+    named = result({"tests": "cubic", "namespace_default": "bbr"})
+    inherited = result({"tests": "inherit", "namespace_default": "bbr"})
+    assert report.congestion(named) == "cubic (netperf -K; the namespaces' default: bbr)"
+    assert report.congestion(inherited) == "the namespaces' default, bbr (--tcp-cc inherit)"
+    assert report.congestion(result(None)).startswith("not recorded")
+    assert report.compare_notes(named, result({"tests": "cubic", "namespace_default": "bbr"})) \
+        == []
+    note, = report.compare_notes(result(None), named)
+    assert "B's with cubic" in note and "not recorded" in note
+    from rich.console import Console
+    samples = [_sample(m, rep, 100) for rep in range(3) for m in runner.MODES]
+    out = io.StringIO()
+    report.print_tables(report.with_summary({**_result(samples), **named}),
+                        Console(file=out, width=200))
+    assert "TCP congestion control: cubic (netperf -K; the namespaces' default: bbr)" \
+        in out.getvalue()
+
+
 def test_compare_says_noise_when_intervals_overlap():
     def run(ebpf_tps):
         samples = [_sample(m, rep, v) for rep, e in enumerate(ebpf_tps)
@@ -313,7 +334,7 @@ def test_bpf_stats_are_on_for_the_program_cost_run_only(monkeypatch, no_tcp_coun
     stats_on_during_runs = []
 
     def run_test(ns, host, test, duration, size=None, port=None, cpus=None,
-                 transactions=None, family=4):
+                 transactions=None, family=4, congestion=None):
         stats_on_during_runs.append(bool(held))
         return netperf.Result({"tps": 100.0}, 2.0, 2.0)
 

@@ -298,6 +298,7 @@ def test_missing_kernel_headers_is_one_line_and_leaves_no_lab(tmp_path):
 @pytest.mark.parametrize("argv", [
     ["lab", "up", "--nodes", "0"], ["lab", "up", "--nodes", "x"], ["lab", "up", "--lab", "BAD!"],
     ["bench", "--sizes", "a,b"], ["bench", "--duration", "-1"], ["bench", "--duration", "0.5"],
+    ["bench", "--tcp-cc", "nosuch"],
     ["enable", "--lab", "nosuch"],
     ["nat", "list", "--lab", "nosuch"], ["monitor", "--lab", "nosuch"],
 ])
