@@ -44,7 +44,9 @@ waits in the CPU's backlog until the timer softirq ends, the other CPU's later s
 overtake it, and the receiver's SACKs make the sender retransmit what was not lost: a
 same-node 64 KiB stream ran at half cubic's rate, reordered more on the paths without
 conntrack than on legacy's (docs/benchmarks.md, "The reordering was pacing"). netperf
-ignores a ``-K`` name the kernel does not have, so ``check_congestion`` comes first.
+ignores a ``-K`` name the kernel does not have (and sets a name under three letters at
+the client only), so ``check_congestion`` comes first, and TCP_STREAM and TCP_RR read back what
+each end ran (``ran_congestion``): a run that ran another is an error.
 """
 
 from __future__ import annotations
@@ -60,9 +62,13 @@ from netns_lab import netns
 PORT = 12865
 RR_SELECTORS = ("THROUGHPUT", "P50_LATENCY", "P90_LATENCY", "P99_LATENCY", "MEAN_LATENCY",
                 "MAX_LATENCY")
+# text, not numbers: the congestion control each end of the data connection ran, read back from
+# its socket (a -K name either end could not set is not what it reports). Not for TCP_CRR:
+# netperf reads its sockets after closing them and prints nothing for either end
+CC_SELECTORS = ("LOCAL_CONG_CONTROL", "REMOTE_CONG_CONTROL")
 SELECTORS = {
-    "TCP_STREAM": ("THROUGHPUT", "LOCAL_BYTES_SENT"),
-    "TCP_RR": RR_SELECTORS,
+    "TCP_STREAM": ("THROUGHPUT", "LOCAL_BYTES_SENT", *CC_SELECTORS),
+    "TCP_RR": (*RR_SELECTORS, *CC_SELECTORS),
     "TCP_CRR": ("THROUGHPUT", "P50_LATENCY", "P99_LATENCY"),
     "UDP_RR": RR_SELECTORS,
     "UDP_STREAM": ("THROUGHPUT", "LOCAL_SEND_CALLS", "REMOTE_RECV_CALLS", "ELAPSED_TIME"),
@@ -117,6 +123,9 @@ def available_congestion() -> list[str]:
 def check_congestion(name: str) -> None:
     """ValueError unless ``name`` is a congestion control the kernel has: netperf -K with
     another name runs silently with the namespace's default."""
+    if len(name) < 3:       # netperf 2.7's -K sets a shorter remote name nowhere
+        raise ValueError(f"TCP congestion control {name!r}: netperf sets a name under three "
+                         "letters at the client only")
     have = available_congestion()
     if name not in have:
         raise ValueError(f"TCP congestion control {name!r} is not available on this kernel "
@@ -164,6 +173,7 @@ class Result:
     measured_s: float   # netperf's measurement: the duration, or a counted run's elapsed time
     measured_from: float = 0.0  # seconds after the run's start that measurement began (N flows:
                                 # the start of the window in which all of them ran)
+    congestion: str | None = None   # the TCP congestion control both ends ran (TCP tests)
 
 
 def transactions_for(rate: float, seconds: float) -> int:
@@ -211,24 +221,45 @@ def argv_for(host: str, test: str, duration: float, size: int | None, port: int 
     return argv
 
 
-def parse_result(test: str, stdout: str) -> dict[str, float]:
-    """The values of netperf's omni output line (the last line) for ``test``; ValueError when
-    it is not one."""
+def _fields(test: str, stdout: str) -> dict[str, str]:
+    """{selector: field} of netperf's omni output line (the last line) for ``test``;
+    ValueError when it is not one."""
     lines = stdout.strip().splitlines()
     fields = lines[-1].split(",") if lines else []
     selectors = SELECTORS[test]
     if len(fields) != len(selectors):
         raise ValueError(f"expected {len(selectors)} fields ({','.join(selectors)}), got "
                          f"{lines[-1] if lines else 'nothing'!r}")
+    return {sel: f.strip() for sel, f in zip(selectors, fields)}
+
+
+def parse_result(test: str, stdout: str) -> dict[str, float]:
+    """The values of netperf's omni output line (the last line) for ``test``; ValueError when
+    it is not one."""
+    fields = {sel: f for sel, f in _fields(test, stdout).items() if sel not in CC_SELECTORS}
     try:
-        numbers = [float(f) for f in fields]
+        values = {FIELD_NAMES[sel] or THROUGHPUT_NAME[test]: float(f)
+                  for sel, f in fields.items()}
     except ValueError:
-        raise ValueError(f"unexpected output {lines[-1]!r}") from None
-    values = {FIELD_NAMES[sel] or THROUGHPUT_NAME[test]: n for sel, n in zip(selectors, numbers)}
+        raise ValueError(f"unexpected output {stdout.strip().splitlines()[-1]!r}") from None
     if test == "UDP_STREAM" and values["elapsed_s"] > 0:
         values["pps"] = values["received"] / values["elapsed_s"]
         values["sent_pps"] = values["sent"] / values["elapsed_s"]
     return values
+
+
+def ran_congestion(test: str, stdout: str, wanted: str | None = None) -> str | None:
+    """The congestion control both ends of a TCP test's data connection ran, from its output
+    (None for a test whose output has none: UDP, TCP_CRR); ValueError when the ends differ
+    or, with ``wanted``, it is not that one."""
+    if not set(CC_SELECTORS) <= set(SELECTORS[test]):
+        return None
+    fields = _fields(test, stdout)
+    local, remote = (fields[sel] for sel in CC_SELECTORS)
+    if local != remote or (wanted and local != wanted):
+        raise ValueError(f"the data connection ran {local} at netperf and {remote} at "
+                         f"netserver{f', not {wanted}' if wanted else ''}")
+    return local
 
 
 def parse_interim(stdout: str) -> list[tuple[float, float, float]]:
@@ -283,10 +314,11 @@ def run_test(ns: str, host: str, test: str, duration: float, size: int | None = 
                            f"{(proc.stderr or proc.stdout).strip()[-300:]}")
     try:
         values = parse_result(base, proc.stdout)
+        ran = ran_congestion(base, proc.stdout, congestion)
         measured = counted_elapsed(values, transactions) if transactions else duration
     except ValueError as e:
         raise NetperfError(f"netperf {test} {ns} -> {host}: {e}") from None
-    return Result(values, seconds, measured)
+    return Result(values, seconds, measured, congestion=ran)
 
 
 def counted_elapsed(values: dict[str, float], transactions: int) -> float:
@@ -330,9 +362,12 @@ def _run_flows(ns: str, host: str, test: str, flows: int, duration: float, size:
     try:
         mbps, start, end = common_window([parse_interim(out) for _, out, _ in outputs])
         each = [parse_result(test, out) for _, out, _ in outputs]
+        ran = {ran_congestion(test, out, congestion) for _, out, _ in outputs}
+        if len(ran) > 1:
+            raise ValueError(f"the flows ran different congestion controls: {sorted(ran)}")
     except ValueError as e:
         raise NetperfError(f"netperf {test}x{flows} {ns} -> {host}: {e}") from None
     # the CPU time is read over the same window
     return Result({"mbps": mbps, "window_s": end - start, "flows": flows,
                    "mbps_whole_runs": sum(v["mbps"] for v in each)}, seconds, end - start,
-                  max(0.0, start - started_at))
+                  max(0.0, start - started_at), congestion=ran.pop())

@@ -415,10 +415,14 @@ def limits_outrun(rows: list[dict]) -> list[dict]:
             and (_above(r, "ebpf/limit") or _above(r, "floor/limit"))]
 
 
+def _congestion_record(result: dict) -> dict | None:
+    return (result.get("lab_settings") or {}).get("tcp_congestion_control") or None
+
+
 def congestion(result: dict) -> str:
     """The TCP tests' congestion control in words: the one named (netperf -K) or the
     namespaces' default, which they took from the host's."""
-    cc = (result.get("lab_settings") or {}).get("tcp_congestion_control")
+    cc = _congestion_record(result)
     if not cc:
         return "not recorded (each namespace's default, taken from the host's)"
     default = cc.get("namespace_default") or "unknown"
@@ -427,13 +431,23 @@ def congestion(result: dict) -> str:
     return f"{cc['tests']} (netperf -K; the namespaces' default: {default})"
 
 
+def ran_congestion(result: dict) -> str | None:
+    """The congestion control the TCP tests ran (None: not recorded)."""
+    cc = _congestion_record(result)
+    if not cc:
+        return None
+    return cc.get("namespace_default") if cc.get("tests") in (None, INHERIT_CC) else cc["tests"]
+
+
 def compare_notes(a: dict, b: dict) -> list[str]:
     """What makes two runs' TCP figures measure different things."""
-    ca, cb = congestion(a), congestion(b)
+    ca, cb = ran_congestion(a), ran_congestion(b)
     if ca == cb:
         return []
-    return [f"A's TCP tests ran with {ca}, B's with {cb}: their TCP figures measure different "
-            "congestion controls (a bulk flow's rate and reordering depend on it)"]
+    def said(cc):
+        return cc or "an unrecorded congestion control (each namespace's default)"
+    return [f"A's TCP tests ran {said(ca)}, B's {said(cb)}: their TCP figures measure "
+            "different congestion controls (a bulk flow's rate and reordering depend on it)"]
 
 
 def print_tables(result: dict, console=None) -> None:
@@ -455,8 +469,9 @@ def print_tables(result: dict, console=None) -> None:
                       "repetition, which eBPF cannot beat.")
     if (profile := env.get("node_profile")) and profile["name"] != "bare":
         console.print(node_profile_line(profile))
-    console.print(f"netperf and netserver: {placement(cfg.get('cpu_pin'))}; TCP congestion "
-                  f"control: {congestion(result)}")
+    tcp = any(t.startswith("TCP_") for t in cfg.get("tests", ("TCP_",)))
+    console.print(f"netperf and netserver: {placement(cfg.get('cpu_pin'))}"
+                  + (f"; TCP congestion control: {congestion(result)}" if tcp else ""))
     attach = sorted(set((result.get("lab_settings") or {}).get("attach", {}).values()))
     if attach:
         console.print(f"eBPF programs attached with: {', '.join(attach)}")

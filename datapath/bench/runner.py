@@ -187,6 +187,7 @@ class Sample:
     # TCP_STREAM (xN): the change of the client's sent and retransmitted segments and of
     # the server's out-of-order queued skbs over the run (tcp_counters)
     tcp: dict = field(default_factory=dict)
+    congestion: str | None = None       # TCP tests: what both ends ran (netperf read it back)
 
 
 # -- the machine -----------------------------------------------------------------------------
@@ -574,7 +575,7 @@ class Bench:
                       result.values, result.seconds, sum(by_cpu), window, by_cpu, steal,
                       point.pin, started_at,
                       prog_stats.figures(progs, prog_stats.read_programs(progs), runs_before),
-                      count, tcp.delta if tcp else {})
+                      count, tcp.delta if tcp else {}, result.congestion)
 
 
 def run_bench(cfg: BenchConfig, on_sample=None, progress=None) -> dict:

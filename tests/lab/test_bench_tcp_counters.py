@@ -43,32 +43,50 @@ def test_a_lossy_path_shows_in_the_counters_of_each_end(legacy_lab):
     assert 0 <= delta["dsack_segs"] < delta["retrans_segs"] / 4, delta
 
 
+
 def _data_connection_ccs(ns: str, port: int) -> set[str]:
     """The congestion controls ss shows for a namespace's TCP connections other than
     netperf's control connection (its -i line names the algorithm: "cubic wscale:...")."""
-    out = netns.run(ns, ["ss", "-Htin", f"( sport != :{port} and dport != :{port} )"]).stdout
+    out = netns.run(ns, ["ss", "-Htin", f"( sport != :{port} and dport != :{port} )"],
+                    changes=False).stdout
     algorithms = ("reno", "cubic", "bbr", "bic", "dctcp", "htcp", "vegas", "westwood")
     return {word for word in out.split() if word in algorithms}
 
 
 def test_the_tcp_tests_run_the_congestion_control_they_name_at_both_ends(legacy_lab):
-    """netperf -K reaches both sockets of the data connection: the namespaces' default
-    (taken from the host's) is not what runs."""
+    """netperf -K reaches both sockets of the data connection, as the kernel shows them and
+    as netperf reads them back: the namespaces' default (taken from the host's) is not what
+    runs."""
     import threading
+    import time
     _, topo = legacy_lab
     client, server = topo.nodes[0].pods[:2]
     default = netns.read_sysctl(client.netns, "net.ipv4.tcp_congestion_control")
     wanted = next(cc for cc in ("reno", "cubic") if cc != default)   # reno is always built in
     netserver = netperf.Netserver(server.netns)
     seen: dict[str, set[str]] = {client.netns: set(), server.netns: set()}
+    outcome: list = []
+
+    def stream():
+        try:
+            outcome.append(netperf.run_test(client.netns, server.ip, "TCP_STREAM", 2, 16384,
+                                            congestion=wanted))
+        except Exception as e:      # re-raised below, in the test's thread
+            outcome.append(e)
     try:
-        run = threading.Thread(target=netperf.run_test, args=(
-            client.netns, server.ip, "TCP_STREAM", 2, 16384), kwargs={"congestion": wanted})
+        run = threading.Thread(target=stream)
         run.start()
         while run.is_alive():
             for ns in seen:
                 seen[ns] |= _data_connection_ccs(ns, netperf.PORT)
+            time.sleep(0.02)
         run.join()
+        rr = netperf.run_test(client.netns, server.ip, "TCP_RR", 1, congestion=wanted)
+        inherited = netperf.run_test(client.netns, server.ip, "TCP_RR", 1)  # --tcp-cc inherit
     finally:
         netserver.close()
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
     assert seen == {client.netns: {wanted}, server.netns: {wanted}}, (default, seen)
+    assert (outcome[0].congestion, rr.congestion, inherited.congestion) == \
+        (wanted, wanted, default)

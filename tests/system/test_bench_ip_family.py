@@ -45,7 +45,8 @@ def test_run_test_hands_the_family_to_every_netperf_it_starts(monkeypatch):
 
     def run(ns, argv, check=True, timeout=None):
         seen.append(argv)
-        return subprocess.CompletedProcess(argv, 0, "12591.92,63,96,300,79.32,129528\n", "")
+        return subprocess.CompletedProcess(argv, 0, "12591.92,63,96,300,79.32,129528,bbr,bbr\n",
+                                           "")
 
     monkeypatch.setattr(netperf.netns, "run", run)
     result = netperf.run_test("hrbe-node1-pod1", "2001:db8:0:2::a", "TCP_RR", 1, family=6)

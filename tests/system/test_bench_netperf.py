@@ -47,8 +47,27 @@ def test_a_congestion_control_the_kernel_lacks_is_refused_with_those_it_has(tmp_
     netperf.check_congestion("cubic")
     with pytest.raises(ValueError, match=r"'bbr' is not available .*available: reno cubic"):
         netperf.check_congestion("bbr")
+    with pytest.raises(ValueError, match="under three letters"):
+        netperf.check_congestion("lp")      # netperf 2.7 would set it at the client only
+
+    def build(self, *a, **k):
+        raise AssertionError("a lab was built")
+    monkeypatch.setattr(runner.Bench, "setup", build)
     with pytest.raises(ValueError, match="'bbr' is not available"):
         runner.run_bench(runner.BenchConfig(tcp_cc="bbr"))      # before any lab is built
+
+
+def test_stream_and_rr_runs_read_back_the_congestion_control_of_both_ends():
+    assert netperf.ran_congestion("TCP_STREAM", "9000.1,1000,cubic,cubic\n", "cubic") == "cubic"
+    assert netperf.ran_congestion("TCP_RR", "1,2,3,4,5,6,bbr,bbr\n") == "bbr"    # inherit
+    assert netperf.ran_congestion("UDP_RR", "1,2,3,4,5,6\n", "cubic") is None
+    # netperf prints none for TCP_CRR (its sockets are closed when it reads them)
+    assert netperf.ran_congestion("TCP_CRR", "1,2,3\n", "cubic") is None
+    # an end that did not take the name runs its namespace's default
+    with pytest.raises(ValueError, match="ran cubic at netperf and bbr at netserver"):
+        netperf.ran_congestion("TCP_RR", "1,2,3,4,5,6,cubic,bbr\n", "cubic")
+    with pytest.raises(ValueError, match="ran bbr at netperf and bbr at netserver, not cubic"):
+        netperf.ran_congestion("TCP_STREAM", "9000.1,1000,bbr,bbr\n", "cubic")
 
 
 def test_udp_stream_reports_packets_per_second_received_and_sent():
@@ -57,16 +76,18 @@ def test_udp_stream_reports_packets_per_second_received_and_sent():
     assert values["pps"] == 129455 and values["sent_pps"] == 265917
 
 
-@pytest.mark.parametrize("test", ["TCP_RR", "UDP_RR"])
-def test_request_response_reports_percentiles_and_the_maximum(test):
-    values = netperf.parse_result(test, "12591.92,63,96,300,79.32,129528\n")
+@pytest.mark.parametrize("test, line", [("TCP_RR", "12591.92,63,96,300,79.32,129528,cubic,cubic"),
+                                        ("UDP_RR", "12591.92,63,96,300,79.32,129528")])
+def test_request_response_reports_percentiles_and_the_maximum(test, line):
+    values = netperf.parse_result(test, line + "\n")
     assert values == {"tps": 12591.92, "p50_us": 63, "p90_us": 96, "p99_us": 300,
                       "mean_us": 79.32, "max_us": 129528}
     assert "p999_us" not in values   # netperf 2.7.0 has no selector for it
 
 
 @pytest.mark.parametrize("out", ["", "establish_control could not establish the control "
-                                 "connection\n", "12591.92,63,96\n", "a,b,c,d,e,f\n"])
+                                 "connection\n", "12591.92,63,96\n", "12591.92,63,96,300,79.32,129528\n",
+                                 "a,b,c,d,e,f,cubic,cubic\n"])
 def test_what_is_not_a_result_is_an_error(out):
     with pytest.raises(ValueError):
         netperf.parse_result("TCP_RR", out)

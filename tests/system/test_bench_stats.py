@@ -164,8 +164,11 @@ def test_the_report_says_which_congestion_control_the_tcp_tests_ran():
     assert report.congestion(result(None)).startswith("not recorded")
     assert report.compare_notes(named, result({"tests": "cubic", "namespace_default": "bbr"})) \
         == []
+    # what ran is what counts: cubic named on a bbr host is cubic inherited on a cubic one
+    assert report.compare_notes(named, result({"tests": "inherit",
+                                               "namespace_default": "cubic"})) == []
     note, = report.compare_notes(result(None), named)
-    assert "B's with cubic" in note and "not recorded" in note
+    assert "B's cubic" in note and "unrecorded" in note
     from rich.console import Console
     samples = [_sample(m, rep, 100) for rep in range(3) for m in runner.MODES]
     out = io.StringIO()
@@ -332,10 +335,12 @@ def test_bpf_stats_are_on_for_the_program_cost_run_only(monkeypatch, no_tcp_coun
             held.remove(self)
 
     stats_on_during_runs = []
+    congestions = []
 
     def run_test(ns, host, test, duration, size=None, port=None, cpus=None,
                  transactions=None, family=4, congestion=None):
         stats_on_during_runs.append(bool(held))
+        congestions.append(congestion)
         return netperf.Result({"tps": 100.0}, 2.0, 2.0)
 
     readings = iter([{"node1/from_pod": (1_000, 10)}, {"node1/from_pod": (4_000, 30)}])
@@ -352,6 +357,7 @@ def test_bpf_stats_are_on_for_the_program_cost_run_only(monkeypatch, no_tcp_coun
     samples = [bench.measure(point, mode, 0) for mode in ("legacy", "ebpf")]
     cost = bench.record_program_costs(point)
     assert stats_on_during_runs == [False, False, True] and not held
+    assert congestions == ["cubic"] * 3         # the samples and the program-cost run alike
     assert [s.bpf_programs for s in samples] == [{}, {}]
     assert cost["bpf_programs"] == {"node1/from_pod": {"id": 7, "run_cnt": 20,
                                                        "run_time_ns": 3_000, "ns_per_run": 150.0}}
