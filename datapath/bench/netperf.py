@@ -46,7 +46,7 @@ same-node 64 KiB stream ran at half cubic's rate, reordered more on the paths wi
 conntrack than on legacy's (docs/benchmarks.md, "The reordering was pacing"). netperf
 ignores a ``-K`` name the kernel does not have (and sets a name under three letters at
 the client only), so ``check_congestion`` comes first, and TCP_STREAM and TCP_RR read back what
-each end ran (``ran_congestion``): a run that ran another is an error.
+each end ran where netperf prints it (``ran_congestion``): a run that ran another is an error.
 """
 
 from __future__ import annotations
@@ -250,12 +250,15 @@ def parse_result(test: str, stdout: str) -> dict[str, float]:
 
 def ran_congestion(test: str, stdout: str, wanted: str | None = None) -> str | None:
     """The congestion control both ends of a TCP test's data connection ran, from its output
-    (None for a test whose output has none: UDP, TCP_CRR); ValueError when the ends differ
-    or, with ``wanted``, it is not that one."""
+    (None for a test whose output has none: UDP, TCP_CRR; and where netperf printed none, as
+    it did once for a short run through a lossy path); ValueError when the ends differ or,
+    with ``wanted``, it is not that one."""
     if not set(CC_SELECTORS) <= set(SELECTORS[test]):
         return None
     fields = _fields(test, stdout)
     local, remote = (fields[sel] for sel in CC_SELECTORS)
+    if not local and not remote:
+        return None
     if local != remote or (wanted and local != wanted):
         raise ValueError(f"the data connection ran {local} at netperf and {remote} at "
                          f"netserver{f', not {wanted}' if wanted else ''}")
@@ -362,7 +365,7 @@ def _run_flows(ns: str, host: str, test: str, flows: int, duration: float, size:
     try:
         mbps, start, end = common_window([parse_interim(out) for _, out, _ in outputs])
         each = [parse_result(test, out) for _, out, _ in outputs]
-        ran = {ran_congestion(test, out, congestion) for _, out, _ in outputs}
+        ran = {ran_congestion(test, out, congestion) for _, out, _ in outputs} - {None}
         if len(ran) > 1:
             raise ValueError(f"the flows ran different congestion controls: {sorted(ran)}")
     except ValueError as e:
@@ -370,4 +373,4 @@ def _run_flows(ns: str, host: str, test: str, flows: int, duration: float, size:
     # the CPU time is read over the same window
     return Result({"mbps": mbps, "window_s": end - start, "flows": flows,
                    "mbps_whole_runs": sum(v["mbps"] for v in each)}, seconds, end - start,
-                  max(0.0, start - started_at), congestion=ran.pop())
+                  max(0.0, start - started_at), congestion=ran.pop() if ran else None)

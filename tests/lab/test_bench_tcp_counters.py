@@ -90,5 +90,6 @@ def test_the_tcp_tests_run_the_congestion_control_they_name_at_both_ends(legacy_
     if isinstance(outcome[0], Exception):
         raise outcome[0]
     assert seen == {client.netns: {wanted}, server.netns: {wanted}}, (default, seen)
-    assert (outcome[0].congestion, rr.congestion, inherited.congestion) == \
-        (wanted, wanted, default)
+    # netperf's own reading, where it prints one (it did not once, for a lossy path)
+    assert {outcome[0].congestion, rr.congestion} <= {wanted, None}
+    assert inherited.congestion in (default, None)

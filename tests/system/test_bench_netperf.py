@@ -61,8 +61,10 @@ def test_stream_and_rr_runs_read_back_the_congestion_control_of_both_ends():
     assert netperf.ran_congestion("TCP_STREAM", "9000.1,1000,cubic,cubic\n", "cubic") == "cubic"
     assert netperf.ran_congestion("TCP_RR", "1,2,3,4,5,6,bbr,bbr\n") == "bbr"    # inherit
     assert netperf.ran_congestion("UDP_RR", "1,2,3,4,5,6\n", "cubic") is None
-    # netperf prints none for TCP_CRR (its sockets are closed when it reads them)
+    # netperf prints none for TCP_CRR (its sockets are closed when it reads them), and
+    # printed none once for a short TCP_STREAM through a lossy path: not known, not wrong
     assert netperf.ran_congestion("TCP_CRR", "1,2,3\n", "cubic") is None
+    assert netperf.ran_congestion("TCP_STREAM", "9000.1,1000,,\n", "cubic") is None
     # an end that did not take the name runs its namespace's default
     with pytest.raises(ValueError, match="ran cubic at netperf and bbr at netserver"):
         netperf.ran_congestion("TCP_RR", "1,2,3,4,5,6,cubic,bbr\n", "cubic")
