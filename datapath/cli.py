@@ -296,13 +296,13 @@ def cmd_bench(args) -> int:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
     from datapath.bench import netperf, node_profiles
-    from datapath.bench.runner import INHERIT_CC, QUICK, BenchConfig, run_bench
+    from datapath.bench.runner import QUICK, BenchConfig, run_bench
     try:
         node_profiles.parse(args.node_profile)
     except ValueError as e:
         raise CliError(f"--node-profile {e}") from None
-    if args.tcp_cc != INHERIT_CC:
-        try:
+    if args.tcp_cc != netperf.INHERIT_CC:     # here, before the progress display (run_bench
+        try:                                  # checks again for callers of its own)
             netperf.check_congestion(args.tcp_cc)
         except ValueError as e:
             raise CliError(f"--tcp-cc: {e}") from None
@@ -468,8 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "any free one")
         p.set_defaults(func=cmd_metrics)
 
-    from datapath.bench.runner import AA_MODES, DEFAULT_TCP_CC, INHERIT_CC, LAB_SUFFIX, MODES, \
-        QUICK, SCENARIOS, TESTS
+    from datapath.bench.netperf import DEFAULT_CC, INHERIT_CC
+    from datapath.bench.runner import AA_MODES, LAB_SUFFIX, MODES, QUICK, SCENARIOS, TESTS
     from datapath.bench.runner import IP_FAMILIES as BENCH_FAMILIES, PIN_CHOICES
     p = sub.add_parser("bench", help="legacy vs eBPF vs the limit, with netperf",
                        description="Builds a lab per mode (legacy, eBPF, the limit: no "
@@ -496,9 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="4 (default): IPv4-only labs; 6: every lab dual stack and "
                    "the same matrix over IPv6 (netperf -6 to the pods', nodes' and external "
                    "host's IPv6 addresses); a node profile's rules are IPv4 rules either way")
-    p.add_argument("--tcp-cc", default=DEFAULT_TCP_CC, metavar=f"NAME|{INHERIT_CC}",
+    p.add_argument("--tcp-cc", default=DEFAULT_CC, metavar=f"NAME|{INHERIT_CC}",
                    help="TCP congestion control of every TCP test, at both ends (netperf -K): "
-                   f"{DEFAULT_TCP_CC} (default), any other the kernel has, or {INHERIT_CC}: "
+                   f"{DEFAULT_CC} (default), any other the kernel has, or {INHERIT_CC}: "
                    "each namespace's default, which it takes from the host's (bbr on some "
                    "VMs, whose pacing reorders a bulk flow on two CPUs: docs/benchmarks.md)")
     p.add_argument("--aa", action="store_true", help="two identical legacy labs against each "

@@ -419,6 +419,11 @@ def _congestion_record(result: dict) -> dict | None:
     return (result.get("lab_settings") or {}).get("tcp_congestion_control") or None
 
 
+def _inherited(cc: dict) -> bool:
+    """The TCP tests ran the namespaces' default (--tcp-cc inherit)."""
+    return cc.get("tests") in (None, INHERIT_CC)
+
+
 def congestion(result: dict) -> str:
     """The TCP tests' congestion control in words: the one named (netperf -K) or the
     namespaces' default, which they took from the host's."""
@@ -426,22 +431,22 @@ def congestion(result: dict) -> str:
     if not cc:
         return "not recorded (each namespace's default, taken from the host's)"
     default = cc.get("namespace_default") or "unknown"
-    if cc.get("tests") in (None, INHERIT_CC):
+    if _inherited(cc):
         return f"the namespaces' default, {default} (--tcp-cc {INHERIT_CC})"
     return f"{cc['tests']} (netperf -K; the namespaces' default: {default})"
 
 
-def ran_congestion(result: dict) -> str | None:
+def congestion_that_ran(result: dict) -> str | None:
     """The congestion control the TCP tests ran (None: not recorded)."""
     cc = _congestion_record(result)
     if not cc:
         return None
-    return cc.get("namespace_default") if cc.get("tests") in (None, INHERIT_CC) else cc["tests"]
+    return cc.get("namespace_default") if _inherited(cc) else cc["tests"]
 
 
 def compare_notes(a: dict, b: dict) -> list[str]:
     """What makes two runs' TCP figures measure different things."""
-    ca, cb = ran_congestion(a), ran_congestion(b)
+    ca, cb = congestion_that_ran(a), congestion_that_ran(b)
     if ca == cb:
         return []
     def said(cc):

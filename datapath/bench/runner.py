@@ -65,8 +65,6 @@ TESTS = netperf.WORKLOADS
 SIZES = (64, 256, 1024, 4096, 16384, 65536)
 QUICK = {"duration": 1.0, "repeat": 3, "sizes": (16384,),
          "tests": ("TCP_STREAM", "TCP_RR", "TCP_CRR")}
-# bench --tcp-cc: every TCP test's congestion control (netperf -K, both ends; netperf.py)
-DEFAULT_TCP_CC, INHERIT_CC = netperf.DEFAULT_CC, netperf.INHERIT_CC
 PINS = {"same-cpu": "0,0", "cross-cpu": "0,1"}   # netperf -T local,remote
 # bench --cpu-pin: a PINS key, both of them, or none (the scheduler places them). Unpinned, the
 # 2-core VMs this runs on put netperf and netserver on one CPU in some runs and on two in
@@ -118,12 +116,14 @@ class BenchConfig:
     cpu_pin: str = field(default_factory=default_pin)    # a PIN_CHOICES value
     profile_dir: str | None = None  # bench --profile: a recording per point and mode there
     ip_family: int = 4              # 6: every lab dual stack, netperf over IPv6
-    tcp_cc: str = DEFAULT_TCP_CC    # a congestion control, or INHERIT_CC
+    # bench --tcp-cc: every TCP test's congestion control (netperf -K, both ends), or
+    # netperf.INHERIT_CC
+    tcp_cc: str = netperf.DEFAULT_CC
 
     @property
     def congestion(self) -> str | None:
         """What netperf's -K gets: None leaves the namespaces' default."""
-        return None if self.tcp_cc == INHERIT_CC else self.tcp_cc
+        return None if self.tcp_cc == netperf.INHERIT_CC else self.tcp_cc
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -450,7 +450,7 @@ class Bench:
         # a namespace's default congestion control is the host's, so a fresh one has it too:
         # recorded here, beside what the TCP tests ran with
         out = {"sysctls": {}, "offloads": {}, "tcp_congestion_control": {
-            "tests": self.cfg.congestion or INHERIT_CC,
+            "tests": self.cfg.tcp_cc,
             "namespace_default": defaults.get("net.ipv4.tcp_congestion_control")}}
         for ns in sorted({n for topo in self.topos.values() for n in topo.namespaces}
                          | set(self.limit_ns or ())):

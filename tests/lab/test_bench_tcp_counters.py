@@ -4,6 +4,9 @@ arrivals, each read in its own namespace."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from datapath.bench import netperf, tcp_counters
@@ -46,21 +49,18 @@ def test_a_lossy_path_shows_in_the_counters_of_each_end(legacy_lab):
     assert 0 <= delta["dsack_segs"] < delta["retrans_segs"] / 4, delta
 
 
-def _data_connection_ccs(ns: str, port: int) -> set[str]:
-    """The congestion controls ss shows for a namespace's TCP connections other than
+def _data_connection_ccs(ns: str, port: int, algorithms: set[str]) -> set[str]:
+    """Which of ``algorithms`` ss shows for a namespace's TCP connections other than
     netperf's control connection (its -i line names the algorithm: "cubic wscale:...")."""
     out = netns.run(ns, ["ss", "-Htin", f"( sport != :{port} and dport != :{port} )"],
                     changes=False).stdout
-    algorithms = ("reno", "cubic", "bbr", "bic", "dctcp", "htcp", "vegas", "westwood")
-    return {word for word in out.split() if word in algorithms}
+    return set(out.split()) & algorithms
 
 
 def test_the_tcp_tests_run_the_congestion_control_they_name_at_both_ends(legacy_lab):
     """netperf -K reaches both sockets of the data connection, as the kernel shows them and
     as netperf reads them back: the namespaces' default (taken from the host's) is not what
     runs."""
-    import threading
-    import time
     _, topo = legacy_lab
     client, server = topo.nodes[0].pods[:2]
     default = netns.read_sysctl(client.netns, "net.ipv4.tcp_congestion_control")
@@ -68,6 +68,7 @@ def test_the_tcp_tests_run_the_congestion_control_they_name_at_both_ends(legacy_
     netserver = netperf.Netserver(server.netns)
     seen: dict[str, set[str]] = {client.netns: set(), server.netns: set()}
     outcome: list = []
+    loaded = set(netperf.available_congestion())
 
     def stream():
         try:
@@ -80,7 +81,7 @@ def test_the_tcp_tests_run_the_congestion_control_they_name_at_both_ends(legacy_
         run.start()
         while run.is_alive():
             for ns in seen:
-                seen[ns] |= _data_connection_ccs(ns, netperf.PORT)
+                seen[ns] |= _data_connection_ccs(ns, netperf.PORT, loaded)
             time.sleep(0.02)
         run.join()
         rr = netperf.run_test(client.netns, server.ip, "TCP_RR", 1, congestion=wanted)
